@@ -1,7 +1,5 @@
-"""The GPUs ``llamafactory-hera plan`` knows: dense bf16 tensor peak (no sparsity), from the vendor's datasheet (named
-beside the row), and the memory a process can allocate on it: the total ``nvidia-smi`` reports (MiB / 1024), below
-the datasheet's GB (an H100's 80 GB is 81,559 MiB, 79.65 GiB); and the link between a node's GPUs and its datasheet
-rate. The share of the peak a step reaches is measured, not the datasheet's: llamafactory_hera/plan/measured.py."""
+"""The GPUs plan knows: dense bf16 peak (no sparsity) from the datasheet named beside each row; allocatable memory,
+``nvidia-smi``'s total (MiB / 1024: an H100's 80 GB is 81,559 MiB, 79.65 GiB); the link between a node's GPUs."""
 
 from __future__ import annotations
 
@@ -17,7 +15,7 @@ class Card:
     link_gbs: float = 64.0  # its datasheet rate per GPU, GB/s, both directions together
 
     def holds(self, needed: float) -> bool:
-        """Whether ``needed`` bytes fit the card's allocatable memory (GiB: 2**30 bytes each)."""
+        """Whether ``needed`` bytes fit the allocatable memory."""
         return needed <= self.memory_gib * 2**30
 
 
@@ -26,19 +24,15 @@ CARDS = {
     for card in (
         # NVIDIA H100 Tensor Core GPU datasheet (SXM): 1,979 TFLOPs with sparsity; NVLink 900 GB/s
         Card("H100-SXM", 989.4, 79.65, "NVLink 4", 900.0),
-        # same datasheet, H100 PCIe: 1,513 with sparsity; PCIe Gen5 128 GB/s (its NVLink bridge joins pairs only)
+        # same datasheet, PCIe: 1,513 with sparsity; PCIe Gen5 128 GB/s (its NVLink bridge joins pairs only)
         Card("H100-PCIe", 756.0, 79.65, "PCIe Gen5", 128.0),
         Card("H200", 989.4, 140.4, "NVLink 4", 900.0),  # NVIDIA H200 datasheet (SXM): 1,979 with sparsity; 900 GB/s
         Card("A100-80GB", 312.0, 80.0, "NVLink 3", 600.0),  # NVIDIA A100 datasheet (SXM, 80 GB): NVLink 600 GB/s
         Card("A100-40GB", 312.0, 40.0, "NVLink 3", 600.0),  # same datasheet (40 GB)
         Card("L40S", 362.05, 44.99),  # NVIDIA L40S datasheet: 733 with sparsity; PCIe Gen4 x16 64 GB/s, no NVLink
-        Card(
-            "RTX-4090", 165.2, 23.99
-        ),  # NVIDIA Ada Lovelace GPU architecture whitepaper, RTX 4090, FP32 accum.; PCIe 4
-        Card("RTX-3090", 71.0, 24.0),  # NVIDIA Ampere GA102 whitepaper, GeForce RTX 3090, FP32 accumulate; PCIe Gen4
-        Card(
-            "A10G", 125.0, 22.49
-        ),  # AWS's A10 variant: NVIDIA publishes none for it; the NVIDIA A10 datasheet's figures
+        Card("RTX-4090", 165.2, 23.99),  # NVIDIA Ada GPU architecture whitepaper, FP32 accumulate; PCIe 4
+        Card("RTX-3090", 71.0, 24.0),  # NVIDIA Ampere GA102 whitepaper, FP32 accumulate; PCIe Gen4
+        Card("A10G", 125.0, 22.49),  # AWS's A10 variant, unpublished: the NVIDIA A10 datasheet's figures
     )
 }
 DEFAULT_CARD = "H100-SXM"

@@ -1,5 +1,5 @@
-"""``llamafactory-hera plan RECIPE``: a run's memory per GPU, whether it fits a card (and what would), its FLOPs, time
-and GPU-hours, before renting one. Reads the model's config.json only (no weights, no network)."""
+"""``llamafactory-hera plan RECIPE``: a run's memory per GPU, fit (and what would fit), FLOPs, time and GPU-hours,
+before renting. Reads the model's config.json only (no weights, no network)."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ LAUNCH_LINE = re.compile(r"accelerate launch --config_file (\S+)")  # a recipe h
 
 
 def add_verbs(commands: Any) -> dict[str, Callable[[argparse.Namespace], None]]:
-    """Add ``plan`` to the ``llamafactory-hera`` sub-command parsers; verb -> handler."""
+    """Add ``plan`` to ``llamafactory-hera``'s sub-commands; verb -> handler."""
     parser = commands.add_parser(
         "plan",
         help="a recipe's memory per GPU, fit, FLOPs, time and GPU-hours, before renting (docs/cost.md)",
@@ -37,8 +37,7 @@ def add_verbs(commands: Any) -> dict[str, Callable[[argparse.Namespace], None]]:
         "KEY=VALUE overrides and the options may stand anywhere after the recipe.",
     )
     parser.add_argument("recipe", type=Path, help="the training recipe (YAML)")
-    # the rest of the line, options included: argparse reads positionals in their first run only, so that
-    # ``plan R --gpu X key=value`` would refuse the key; :func:`_line` reads them wherever they stand
+    # argparse reads positionals in their first run only (``plan R --gpu X k=v`` would refuse k): see _line
     parser.add_argument(
         "rest", nargs=argparse.REMAINDER, metavar="KEY=VALUE", help="recipe keys as on the training line"
     )
@@ -47,7 +46,7 @@ def add_verbs(commands: Any) -> dict[str, Callable[[argparse.Namespace], None]]:
 
 
 def _options(parser: argparse.ArgumentParser, suppress: bool = False) -> None:
-    """The options of ``plan``, at their defaults (``suppress``: absent unless given, for the rest of the line)."""
+    """``plan``'s options (``suppress``: absent unless given, for the rest of the line)."""
     network = Network()
 
     def default(value: Any) -> Any:
@@ -82,7 +81,7 @@ def _options(parser: argparse.ArgumentParser, suppress: bool = False) -> None:
 
 
 def _line(args: argparse.Namespace) -> tuple:
-    """``plan``'s arguments from ``args``, the options after the recipe read wherever they stand among the keys."""
+    """``plan``'s arguments, options read wherever they stand among the keys."""
     rest = argparse.ArgumentParser(prog="llamafactory-hera plan", argument_default=argparse.SUPPRESS)
     rest.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     _options(rest, suppress=True)
@@ -109,13 +108,13 @@ def _node_link(text: str) -> tuple[int, float]:
 
 
 def _model_config(name: str, recipe_text: str) -> Any:
-    from transformers import AutoConfig  # lazy: transformers' import takes seconds, needed only once a recipe is read
+    from transformers import AutoConfig  # lazy: seconds, needed only once a recipe is read
 
     try:
         return AutoConfig.from_pretrained(name, local_files_only=True)
     except (OSError, ValueError) as err:
         missing = str(err).splitlines()[0]
-    with contextlib.suppress(OSError, ValueError):  # a LLaVA-1.5 model compose has not built yet: from its parts
+    with contextlib.suppress(OSError, ValueError):  # a LLaVA-1.5 model compose has not built: from its parts
         if (composed := families.composed_config(recipe_text)) is not None:
             return composed
     raise RecipeError(
@@ -133,7 +132,7 @@ def plan(
     accelerate_config: Path | None,
     network: Network | None = None,
 ) -> str:
-    """The report ``llamafactory-hera plan`` prints: the recipe and its overrides read as training reads them."""
+    """plan's report: the recipe and its overrides read as training reads them."""
     from llamafactory_hera_patches.recipe.recipe_file import (
         launch_recipe,  # lazy: the patches read recipes as LLaMA-Factory
     )
@@ -159,8 +158,7 @@ def plan_recipe(
     recipe_text: str = "",
     network: Network | None = None,
 ) -> str:
-    """The report for ``recipe`` (read from ``recipe_path``, whose text ``recipe_text`` may name a compose command, or
-    a LlamaBoard panel's arguments), its GPUs in the nodes of ``network``."""
+    """The report for ``recipe`` (or a LlamaBoard panel's arguments); ``recipe_text`` may name a compose command."""
     started = time.time()
     network = network or Network()
     card = CARDS.get(gpu)
@@ -178,7 +176,7 @@ def plan_recipe(
             "reference model and paired rows are not modelled)."
         )
     setup = estimate.setup_of(keys, recipe_path.parent, gpus, accelerate_config)
-    with _quiet():  # transformers' info lines as it reads the config (LLaMA-Factory's import turns them on)
+    with _quiet():  # transformers' info lines, which LLaMA-Factory's import turns on
         config = _model_config(str(keys["model_name_or_path"]), recipe_text)
     if accelerate_config is None and (launch := LAUNCH_LINE.search(recipe_text)):
         setup = replace(
@@ -278,8 +276,7 @@ def plan_recipe(
 
 
 def board_report(args: dict) -> str:
-    """The report for LlamaBoard's run arguments ``args`` (the run Start would launch) on this machine's GPUs; where
-    the run cannot be counted, the one line saying why."""
+    """The report for LlamaBoard's run arguments on this machine's GPUs, or the line why it cannot be counted."""
     import torch  # lazy: seconds, which --help needs not
 
     try:
@@ -289,8 +286,8 @@ def board_report(args: dict) -> str:
 
 
 def card_here() -> str:
-    """The card of this machine's first GPU among :data:`CARDS` (its model in the device's name, the nearest memory);
-    none or unknown: the default card, which the report's first line names."""
+    """This machine's first GPU among :data:`CARDS` (by name, then memory); else the default card, which the report
+    names."""
     import torch  # lazy: seconds, which --help needs not
 
     if not torch.cuda.is_available():
@@ -305,8 +302,7 @@ def card_here() -> str:
     return min(known, key=lambda card: abs(card.memory_gib - device.total_memory / GiB)).name if known else DEFAULT_CARD
 
 
-class _quiet:  # noqa: N801  transformers' and torch's warnings about the fake step, LLaMA-Factory's info lines while
-    # it reads the rows (it sets transformers' verbosity itself): silenced
+class _quiet:  # noqa: N801  warnings on the fake step, LLaMA-Factory's info lines (it sets transformers' verbosity)
     def __enter__(self) -> None:
         self.level = logging.root.manager.disable
         logging.disable(logging.WARNING)

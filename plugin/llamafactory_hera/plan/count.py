@@ -1,6 +1,5 @@
-"""A recipe's training micro-step counted at its model's full size: the model built from its config under fake tensors
-with a few layers, each arm (SFT, HeRA, HeRA with Liger) counted, and every figure scaled linearly to the full depth
-from one more decoder layer and one more vision block (every further layer costs what the added one does)."""
+"""A recipe's micro-step at full model size: each arm (SFT, HeRA, with Liger) counted on a few-layer fake-tensor model,
+every figure scaled linearly to full depth by what one more decoder layer and vision block add."""
 
 from __future__ import annotations
 
@@ -35,8 +34,8 @@ FIGURES = (
 
 @dataclass(frozen=True)
 class Shape:
-    """What the micro-step is: rows, their length and image, the adapters (or a full fine-tune's trained parts), 4-bit
-    or not, Liger, checkpointing; HARC's reference rows, RAH-LoRA's probe (``step.step``)."""
+    """The micro-step: rows, length, image, adapters (or a full fine-tune's parts), 4-bit, Liger, checkpointing;
+    HARC's reference rows, RAH-LoRA's probe (``step.step``)."""
 
     batch: int
     seq: int
@@ -53,21 +52,20 @@ class Shape:
 
 
 def depths(config: Any) -> tuple[str, int, int]:
-    """The vision config's depth key, the text depth and the vision depth of ``config`` (0: a text model)."""
+    """The vision depth key, text depth and vision depth (0: a text model)."""
     vision = getattr(config, "vision_config", None)
     key = "depth" if hasattr(vision, "depth") else "num_hidden_layers"
     return key, config.get_text_config().num_hidden_layers, getattr(vision, key, 0)
 
 
 def layer_types(config: Any) -> list[str]:
-    """Each decoder layer's kind (``layer_types``: sliding or full attention, linear attention), one kind if none."""
+    """Each decoder layer's kind (``layer_types``: sliding, full or linear attention), one kind if none."""
     text = config.get_text_config()
     return list(getattr(text, "layer_types", None) or ["layer"] * text.num_hidden_layers)
 
 
 def reduced(config: Any, types: list[str], vision_depth: int, attention: str = "sdpa") -> Any:
-    """``config`` with decoder layers of ``types`` and ``vision_depth`` vision blocks (its DeepStack / full-attention
-    block indices moved into the reduced tower, as many as the full one has)."""
+    """``config`` with layers of ``types`` and ``vision_depth`` blocks (special block indices moved in)."""
     config = copy.deepcopy(config)
     text = config.get_text_config()
     vision = getattr(config, "vision_config", None)
@@ -95,9 +93,8 @@ def _attention_flops(flops: counter.StepFlops) -> int:
 
 
 def count(config: Any, shape: Shape) -> dict[str, float]:
-    """One micro-step of ``shape`` on ``config`` as it is (no scaling): FLOPs (attention's apart), parameters, and
-    the storages the step makes, alive at the forward's end (activations) and the rest of its peak (temporaries).
-    Remembered for the process: plan's second look (what would fit) counts only what it has not."""
+    """One unscaled micro-step: FLOPs (attention's apart), parameters, activations (alive at the forward's end) and
+    temporaries (the rest of the peak). Cached for plan's second look."""
     key = (config.to_json_string(), repr(shape))
     if key not in _COUNTED:
         _COUNTED[key] = _count(config, shape)
@@ -124,7 +121,7 @@ def _count(config: Any, shape: Shape) -> dict[str, float]:
         hera = step.hera_parts(model, shape.hera["heads"], shape.hera) if shape.hera else None
         params = list(model.parameters())
         trainable = [p for p in params if p.requires_grad]
-        for param in trainable:  # steady state of gradient accumulation: the gradients exist before the step
+        for param in trainable:  # gradient accumulation's steady state: gradients exist before the step
             param.grad = torch.zeros_like(param)
         steps = counter.StepCounter(exclude=params + [p.grad for p in trainable])
         with counter.RealIndexMode(), counter.StepFlops() as flops, steps:
@@ -148,13 +145,10 @@ def _count(config: Any, shape: Shape) -> dict[str, float]:
 
 
 def scaled(config: Any, shapes: dict[str, Shape], head_layers: int) -> dict[str, dict[str, float]]:
-    """Each arm of ``shapes`` counted on a reduced model: HeRA's head layers (at least one; of the softmax kind where
-    the layers are of several), one more layer of the commonest kind (from there on each layer adds the same: HeRA's
-    non-reentrant head layers change the backward's peak until one reentrant layer follows them) and the vision
-    tower's special blocks; then one more layer of each kind and one more vision block, whose increments times the
-    layers of that kind left out are added, counted on the last arm: a layer without heads and the frozen tower run
-    alike in every arm (Liger and 4 bits change the output layer, the loss and each layer's passing temporaries, not
-    what a layer adds). RAH-LoRA's I-SAL probe runs eager attention (its attention weights)."""
+    """Each arm on a reduced model: HeRA's head layers (at least one, softmax-kind), one of the commonest kind
+    (HeRA's non-reentrant layers change the backward's peak until a reentrant one follows) and the tower's special
+    blocks; plus, counted on the last arm, one more layer of each kind and one more block, times those left out (a
+    headless layer and the frozen tower cost the same in every arm). I-SAL runs eager attention (for its weights)."""
     kinds = layer_types(config)
     full_v = depths(config)[2]  # the vision tower's blocks
     vision = getattr(config, "vision_config", None)
@@ -186,9 +180,8 @@ def scaled(config: Any, shapes: dict[str, Shape], head_layers: int) -> dict[str,
 
 
 def head_layers(heads: Any, num_heads: int, per_layer: int = 1) -> tuple[list[str], int]:
-    """HeRA's heads (a list; else ``auto``) moved into layers 0, 1, ... of the reduced model, and their layers'
-    count; ``auto``: the selection's ``num_heads`` heads, taken as packed into the fewest layers of ``per_layer``
-    heads (which layers it picks is known only after it ran)."""
+    """HeRA's heads moved into layers 0, 1, ..., and their layer count; ``auto``: ``num_heads`` heads packed into
+    the fewest layers (its picks are known only after it ran)."""
     if not isinstance(heads, list):
         return [f"L{i // per_layer}H{i % per_layer}" for i in range(num_heads)], -(-num_heads // per_layer)
     refs = [parse_head(h) for h in heads]

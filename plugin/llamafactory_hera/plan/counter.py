@@ -1,14 +1,7 @@
-"""Counting one training step without weights or a GPU: FLOPs and peak tensor memory by category of a model built
-under ``FakeTensorMode`` (shapes and dtypes, no data). Used by ``llamafactory-hera plan``; bench/cost_count.py adds
-the bytes each collective moves on a fake process group.
-
-- :class:`RealIndexMode`: ops on real tensors only (token ids, image grids, position ids and what is computed from
-  them) run for real, so the models' data-dependent index arithmetic works; everything that touches a weight stays fake.
-- :class:`StepCounter`: every storage an op creates (gone when its last tensor dies) and the peak of their sum.
-- :class:`StepFlops`: torch's ``FlopCounterMode`` for the whole step, without the module tracking that inflated a
-  checkpointed backward's peak counted under it.
-- :func:`count_attention`: torch's GPU-kernel FLOP formulas for the CPU attention kernel and its backward, which
-  ``FlopCounterMode`` scores as 0 (docs/cost.md, "What it counts").
+"""One training step counted without weights or a GPU: FLOPs and peak tensor memory by category of a model under
+``FakeTensorMode`` (shapes and dtypes, no data), for plan; bench/cost_count.py adds each collective's bytes on a fake
+process group. Ops on real tensors only (token ids, image grids, position ids) run for real, so data-dependent index
+arithmetic works; whatever touches a weight stays fake.
 """
 
 from __future__ import annotations
@@ -31,9 +24,9 @@ def tensors_of(tree: object) -> list[torch.Tensor]:
 
 
 class RealIndexMode(TorchDispatchMode):
-    """Runs an op for real when none of its tensor arguments is fake and it is a view or small, as do ``arange`` /
-    ``linspace`` and small integer tensors made from nothing (a floating one, a weight, stays fake); a real boolean
-    mask selects a fake tensor by its true count."""
+    """Runs an op for real when no argument is fake and it is a view or small, as ``arange`` / ``linspace`` and
+    small integer tensors made from nothing (a floating one, a weight, stays fake); a real boolean mask selects a fake
+    tensor by its true count."""
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         kwargs = kwargs or {}
@@ -67,14 +60,13 @@ class RealIndexMode(TorchDispatchMode):
 
 
 class StepCounter(TorchDispatchMode):
-    """Counts storages created by ops: ``peak``, the most bytes alive at once, and ``at_mark``, those alive at
-    :meth:`mark` (the forward's end: what backward will read); ``exclude`` storages (the parameters, their gradients)
-    are never counted as created."""
+    """Storages ops create (freed when their last tensor dies): ``peak``, the most bytes alive at once, and
+    ``at_mark``, those alive at :meth:`mark`; ``exclude`` (parameters, gradients) is never counted."""
 
     def __init__(self, exclude: list[torch.Tensor] = ()) -> None:
         super().__init__()
         self.peak = self.at_mark = 0
-        self.ops = 0  # aten ops dispatched: the host's work per step (each an eager kernel launch and its Python)
+        self.ops = 0  # aten ops dispatched: the host's work (each an eager kernel launch and its Python)
         self._live: dict[int, tuple[weakref.ref, int]] = {}  # storage -> (weak reference, bytes)
         self._total = 0
         self._skip = {t.untyped_storage()._cdata for t in exclude}
@@ -85,11 +77,11 @@ class StepCounter(TorchDispatchMode):
             self._total -= entry[1]
 
     def mark(self) -> None:
-        """The forward's end: the storages alive now are the activations backward reads."""
+        """The forward's end: what is alive now, backward reads."""
         self.at_mark = self._total
 
     def record(self, out: object) -> None:
-        """Count the storages of ``out`` not counted yet, and the peak."""
+        """Count ``out``'s new storages, and the peak."""
         for tensor in tensors_of(out):
             storage = tensor.untyped_storage()
             key = storage._cdata
@@ -114,7 +106,8 @@ def _heads(q: list[int], *kv: list[int]) -> list[list[int]]:  # grouped-query at
 
 
 def count_attention() -> None:
-    """Give the CPU attention kernels their FLOPs in ``FlopCounterMode`` (module doc); idempotent."""
+    """Torch's GPU-kernel FLOP formulas for the CPU attention kernel and its backward, which ``FlopCounterMode``
+    scores 0 (docs/cost.md, "What it counts"); idempotent."""
     aten = torch.ops.aten
     flop_counter.flop_registry[aten._scaled_dot_product_flash_attention_for_cpu] = flop_counter.shape_wrapper(
         lambda q, k, v, *_, **__: flop_counter.sdpa_flop_count(*_heads(q, k, v))
@@ -125,10 +118,9 @@ def count_attention() -> None:
 
 
 class StepFlops(flop_counter.FlopCounterMode):
-    """``FlopCounterMode`` counting the step as a whole (``get_total_flops``): torch's module tracker registers a
-    gradient hook on each module's inputs and outputs at every forward, the recomputed ones of a checkpointed backward
-    included, which keeps tensors alive until the backward ends, so a peak counted under it grew with the depth (by
-    about a layer's hidden states a layer); this one tracks no module (every count is ``Global``'s)."""
+    """``FlopCounterMode`` tracking no module: torch's module tracker hooks every forward's inputs and outputs, a
+    checkpointed recompute's too, keeping them alive to the backward's end: a peak inflated by a layer's hidden
+    states per layer."""
 
     def __init__(self) -> None:
         super().__init__(display=False)

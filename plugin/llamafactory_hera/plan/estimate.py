@@ -1,8 +1,6 @@
-"""A recipe's run before renting: what it asks for (:func:`setup_of`), its memory per GPU by category for an engine
-and a number of GPUs (:func:`memory`), what single change would make it fit (:func:`fixes`) and the bytes its engine
-exchanges (:func:`communicated`; its time: :mod:`llamafactory_hera.plan.timing`). The step's FLOPs and tensors come
-from :mod:`llamafactory_hera.plan.count`; the rest is arithmetic on them, written here: the bytes per parameter each
-engine holds are docs/cost.md's ("What it counts").
+"""A recipe's run before renting: its setup (:func:`setup_of`), memory per GPU by category (:func:`memory`), changes
+that would fit (:func:`fixes`), bytes exchanged (:func:`communicated`). Arithmetic on :mod:`.count`'s FLOPs and
+tensors; each engine's bytes per parameter: docs/cost.md ("What it counts").
 """
 
 from __future__ import annotations
@@ -27,7 +25,7 @@ CAPTION_TOKENS = 64  # a selection caption's assumed length (hera_select_mode: t
 DEFAULT_MAX_PIXELS = 768 * 768  # LLaMA-Factory's image_max_pixels
 ENGINES = {"ddp": "DDP", "zero2": "DeepSpeed ZeRO-2", "zero3": "DeepSpeed ZeRO-3", "fsdp2": "FSDP2"}
 MIN_TEXT = 64  # tokens a shorter cutoff_len must leave beside the image: a question and a short answer
-# what a fix that moves to more GPUs adds to the plan command: the shipped configs of each engine
+# what a more-GPUs fix adds to the plan command: each engine's shipped config
 ENGINE_OPTIONS = {
     "fsdp2": "--accelerate-config recipes/accelerate/fsdp2_config.yaml",
     "fsdp2+bits": "--accelerate-config recipes/accelerate/fsdp2_qlora_config.yaml",
@@ -57,8 +55,8 @@ class Setup:
 
 
 def found(path: str | Path, recipe_dir: Path) -> Path:
-    """A path a recipe names, as LLaMA-Factory reads it (from the working folder), else from the recipe's folder or
-    the first folder above it that holds it (a shipped recipe's paths are from the repository root)."""
+    """A recipe's path from the working folder (as LLaMA-Factory reads it), else from the recipe's folder or the
+    first one above holding it (shipped recipes' paths are from the repository root)."""
     path = Path(path)
     if path.is_absolute() or path.exists():
         return path
@@ -68,7 +66,7 @@ def found(path: str | Path, recipe_dir: Path) -> Path:
 
 
 def number(recipe: dict, key: str, default: float, kind: type = int) -> Any:
-    """``recipe[key]`` (or ``default``) as ``kind``; a value that is not one is a one-line RecipeError."""
+    """``recipe[key]`` (or ``default``) as ``kind``; else a one-line RecipeError."""
     value = recipe.get(key, default)
     try:
         return kind(value if value is not None else default)
@@ -91,9 +89,8 @@ def _engine_of(zero: dict, where: str, notes: list[str]) -> str:
 
 
 def setup_of(recipe: dict, recipe_dir: Path, gpus: int | None, accelerate_config: Path | None) -> Setup:
-    """The recipe's method, engine (its ``deepspeed`` key, else the accelerate config's: DeepSpeed, FSDP, else DDP),
-    GPUs (``gpus``, else the accelerate config's ``num_processes``, else 1), quantization, batch, accumulation, cutoff,
-    Liger and checkpointing; what is planned as something else is said in :attr:`Setup.notes`."""
+    """The recipe's setup: engine from ``deepspeed``, else the accelerate config, else DDP; GPUs from ``gpus``,
+    else ``num_processes``, else 1; what is planned as something else goes into :attr:`Setup.notes`."""
     engine = "ddp"
     default_gpus = 1
     live = 1e9
@@ -149,9 +146,7 @@ def setup_of(recipe: dict, recipe_dir: Path, gpus: int | None, accelerate_config
 
 
 def memory(counts: dict[str, float], setup: Setup) -> dict[str, float]:
-    """Bytes per GPU by category (module doc) for ``counts`` (one arm, scaled) under ``setup``'s engine and GPUs;
-    activations and temporaries as counted (temporaries: the rest of the step's peak: logits' gradients, the layer
-    being recomputed, dequantized 4-bit weights)."""
+    """Bytes per GPU by category for one scaled arm under ``setup`` (activations and temporaries as counted)."""
     n = setup.gpus
     total = counts["params"]
     trainable = counts["trainable"]
@@ -197,10 +192,8 @@ def memory(counts: dict[str, float], setup: Setup) -> dict[str, float]:
 def fixes(
     counts: dict[str, dict[str, float]], setup: Setup, card: Card, arm: str, image_tokens: int = 0
 ) -> list[tuple[tuple[str, ...], float]]:
-    """What ``arm`` would need per GPU (bytes) after each single change, and after each pair of changes that fits
-    where neither change alone does, cheapest first (:func:`_changes`' order: Liger, a smaller micro-batch, 4-bit
-    QLoRA, more GPUs, a shorter cutoff): (the changes, bytes), each change as it is added to the plan command
-    (``key=value`` and options), so that the changes joined by spaces are what plans them."""
+    """(changes, bytes per GPU) for each single change and each pair that fits where neither alone does, cheapest
+    first; a change as added to the plan command."""
     changes = _changes(counts, setup, card, arm, image_tokens)
 
     def needed(*chosen: tuple) -> float:
@@ -223,12 +216,9 @@ def fixes(
 
 
 def _changes(counts: dict[str, dict[str, float]], setup: Setup, card: Card, arm: str, image_tokens: int) -> list[tuple]:
-    """Each change: (cost rank, what to add to the command, the counted arm's suffix, setup changes, activations'
-    divisor, shown alone, kind). Liger and 4-bit QLoRA from their own counts; the micro-batch (accumulation raised
-    to keep the samples per step) and the cutoff divide the activations and temporaries, a cutoff only where it keeps
-    the image whole and :data:`MIN_TEXT` tokens of text (a shorter one cuts the image's tokens, and the row fails);
-    more GPUs under FSDP2 (a DDP LoRA run) or ZeRO-3 (a DDP full fine-tune), from the run's own number when the engine
-    changes, alone only the fewest that fit."""
+    """Each change: (cost rank, command addition, arm suffix, setup changes, activations' divisor, shown alone,
+    kind). A cutoff only where the image and :data:`MIN_TEXT` text tokens stay whole (else the row fails); more GPUs
+    under FSDP2 (DDP LoRA) or ZeRO-3 (DDP full), alone only the fewest that fit."""
     out = []
     if f"{arm}+liger" in counts:
         out.append((1, "enable_liger_kernel=true", "+liger", {}, 1, True, "liger"))
@@ -272,9 +262,9 @@ def _changes(counts: dict[str, dict[str, float]], setup: Setup, card: Card, arm:
 
 
 def communicated(counts: dict[str, float], setup: Setup) -> tuple[float, float]:
-    """Bytes each GPU receives per micro-step and per optimizer step (a ring: ``(N - 1) / N`` of each whole), each
-    engine's collectives as docs/cost.md lists them (the recompute under checkpointing uses the backward's gather; DDP's
-    all-reduce moves twice the bytes of a ring all-reduce). One GPU: none."""
+    """Bytes each GPU receives per micro-step and per optimizer step (a ring: ``(N - 1) / N`` of each whole), by
+    docs/cost.md's collectives (checkpointing's recompute reuses the backward's gather; DDP's all-reduce moves twice a
+    ring all-reduce's bytes)."""
     n = setup.gpus
     total = counts["params"]
     trained = counts["trainable"]
@@ -290,13 +280,13 @@ def communicated(counts: dict[str, float], setup: Setup) -> tuple[float, float]:
 
 
 def selection_flops(counts: dict[str, float], samples: int) -> float:
-    """``hera_heads: auto``: ``samples`` captions of :data:`CAPTION_TOKENS` through the language model (their images
-    through the teacher are timed apart, :func:`llamafactory_hera.plan.timing.teacher_pass`)."""
+    """``hera_heads: auto``: ``samples`` captions of :data:`CAPTION_TOKENS` through the language model (their images:
+    :func:`.timing.teacher_pass`)."""
     return samples * 2 * (counts["params"] - counts["vision"]) * CAPTION_TOKENS
 
 
 def dataset_rows(recipe: dict, recipe_dir: Path) -> int | None:
-    """The rows of the recipe's datasets when every one is a local JSON / JSONL file (``max_samples`` caps each)."""
+    """The datasets' rows when each is a local JSON / JSONL file (``max_samples`` caps each)."""
     names = as_names(recipe.get("dataset"))
     folder = found(recipe.get("dataset_dir", "data"), recipe_dir)
     try:

@@ -1,7 +1,5 @@
-"""What ``llamafactory-hera plan`` needs to know of a model family, from its config alone: which part a parameter is in
-(language model, vision tower, projector), how one row's image looks at ``image_max_pixels`` (its pixel tensor, its
-image tokens and the integer inputs beside them, as the family's processor makes them for a square image), and the
-config of a LLaVA-1.5 model ``llamafactory-hera compose`` has not built yet."""
+"""What plan needs of a model family, from its config alone: a parameter's part, one row's image as the family's
+processor makes it, the config of a LLaVA-1.5 model ``llamafactory-hera compose`` has not built yet."""
 
 from __future__ import annotations
 
@@ -15,12 +13,12 @@ from llamafactory_hera.llava.compose_plan import DEFAULT_VISION, ENCODER_OF_TYPE
 
 PROJECTOR = ("merger", "multi_modal_projector")
 VISION = ("visual", "vision_tower", "image_newline")
-TOWER_MERGERS = "deepstack_merger"  # Qwen3-VL's DeepStack mergers: LLaMA-Factory's vision_model_keys, frozen with it
+TOWER_MERGERS = "deepstack_merger"  # Qwen3-VL's: in LLaMA-Factory's vision_model_keys, frozen with the tower
 TOKEN_TYPES = {"qwen3_vl": "mm_token_type_ids", "qwen3_5": "mm_token_type_ids", "gemma3": "token_type_ids"}
 
 
 def part(name: str) -> str:
-    """``projector``, ``vision`` or ``language``: the part parameter or module ``name`` is in."""
+    """``name``'s part: ``projector``, ``vision`` or ``language``."""
     return (
         "projector"
         if any(k in name for k in PROJECTOR) and TOWER_MERGERS not in name
@@ -32,7 +30,7 @@ def part(name: str) -> str:
 
 @dataclass(frozen=True)
 class Images:
-    """One row's image: its tokens, its ``pixel_values`` (rows' joined on the first axis), its integer inputs."""
+    """One row's image: tokens, ``pixel_values`` shape (rows' joined on the first axis), integer inputs."""
 
     tokens: int
     pixels: tuple[int, ...]
@@ -40,15 +38,14 @@ class Images:
 
 
 def grid_side(config: Any, max_pixels: int) -> int:
-    """Qwen-VL: patches per side of the largest square image of ``max_pixels`` the processor keeps (merged patches
-    whole)."""
+    """Qwen-VL: patches per side of the largest square of ``max_pixels`` the processor keeps (merged patches whole)."""
     vision = config.vision_config
     unit = vision.patch_size * vision.spatial_merge_size
     return max(1, math.isqrt(max_pixels) // unit) * vision.spatial_merge_size
 
 
 def images(config: Any, max_pixels: int) -> Images | None:
-    """A square image of ``max_pixels`` as the family's processor gives it to the model; None: a text model."""
+    """A square image of ``max_pixels`` as the family's processor gives it; None: a text model."""
     vision = getattr(config, "vision_config", None)
     if vision is None:
         return None
@@ -61,7 +58,7 @@ def images(config: Any, max_pixels: int) -> Images | None:
             {"image_grid_thw": [1, grid, grid]},
         )
     size, patch = (value if isinstance(value, int) else value[0] for value in (vision.image_size, vision.patch_size))
-    if config.model_type == "llava_next":  # anyres: the best grid of tiles + the base image, LlavaNextProcessor's count
+    if config.model_type == "llava_next":  # anyres: best tile grid + base image, LlavaNextProcessor's count
         # lazy: transformers' LLaVA-NeXT processing, for this family only
         from transformers import LlavaNextProcessor
         from transformers.image_processing_utils import select_best_resolution
@@ -79,7 +76,7 @@ def images(config: Any, max_pixels: int) -> Images | None:
             (1, height // size * (width // size) + 1, 3, size, size),
             {"image_sizes": [side, side]},
         )
-    if config.model_type == "internvl":  # one tile: LLaMA-Factory's crop_to_patches: false (its tiling is not counted)
+    if config.model_type == "internvl":  # one tile: LLaMA-Factory's crop_to_patches: false (tiling not counted)
         return Images(int((size // patch) ** 2 * config.downsample_ratio**2), (1, 3, size, size), {})
     tokens = getattr(config, "mm_tokens_per_image", None) or config.image_seq_length  # Gemma 3, LLaVA: fixed size
     return Images(tokens, (1, 3, size, size), {})
@@ -89,9 +86,8 @@ COMPOSE_LINE = re.compile(r"llamafactory-hera compose --llm (\S+)(?: --vision (\
 
 
 def composed_config(recipe_text: str) -> Any | None:
-    """The config ``llamafactory-hera compose`` builds with the command the recipe's header names (a LLaVA-1.5 recipe
-    trains that model, or in stage 2 stage 1's output, whose config is the same), from the LLM's and the vision
-    tower's config.json (at hand, no network); None: the recipe names no compose command."""
+    """The config the compose command in the recipe's header builds (stage 2 trains stage 1's output, of the same
+    config), from local config.json files; None: no such command."""
     from transformers import AutoConfig, LlavaConfig  # lazy: transformers only once a recipe is read
 
     if (found := COMPOSE_LINE.search(recipe_text)) is None:

@@ -1,6 +1,5 @@
-"""A recipe read as training reads it, before anything is counted: through training's checks (:func:`checked`), and
-every key at training's default where the recipe leaves it (:func:`with_defaults`), so that a figure never rests on a
-default of plan's own."""
+"""A recipe read as training reads it: through its checks (:func:`checked`), each unset key at training's default
+(:func:`with_defaults`), so no figure rests on a default of plan's own."""
 
 from __future__ import annotations
 
@@ -9,11 +8,9 @@ from typing import Any
 
 
 def checked(recipe: dict) -> Any:
-    """``recipe`` through training's checks before LLaMA-Factory parses it, this machine's aside (its engines, model
-    paths, stack, bf16, the checkpoint it resumes from): the method's keys parsed and checked (heads named in a local
-    model), every LLaMA-Factory key known and of its type, ``lora_target``. The method's arguments (None: a
+    """``recipe`` through training's pre-parse checks but this machine's. Returns the method's arguments (None: a
     LLaMA-Factory stage)."""
-    # lazy: the patches' checks before the parse import LLaMA-Factory's and transformers' pieces
+    # lazy: these import LLaMA-Factory's and transformers' pieces
     from llamafactory_hera.recipe.raw_checks import check_raw_recipe
     from llamafactory_hera_patches.recipe.arguments import keys_of, split_args
     from llamafactory_hera_patches.recipe.raw_checks import check_host_stage, start_run
@@ -27,9 +24,7 @@ def checked(recipe: dict) -> Any:
 
 
 def with_defaults(recipe: dict, method_args: Any) -> dict:
-    """Every key of ``recipe`` as training reads it: LLaMA-Factory's keys at their argument classes' defaults where the
-    recipe leaves them (``lora_alpha``: twice ``lora_rank``, as LLaMA-Factory sets it), the method's keys as its
-    parser read them (``method_args``, its defaults included)."""
+    """Every key as training reads it (``lora_alpha``: twice ``lora_rank``, as LLaMA-Factory sets it)."""
     from llamafactory_hera_patches.recipe.host_arguments import host_keys  # lazy: LLaMA-Factory's arguments
 
     keys = {name: key.default for name, key in host_keys().items()} | dict(recipe)

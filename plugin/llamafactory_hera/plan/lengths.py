@@ -1,6 +1,5 @@
-"""The lengths plan counts a step at: a sample of the recipe's own rows tokenized as training tokenizes them, or, when
-the dataset, tokenizer or processor is not at hand offline, every row ``cutoff_len`` tokens with one image of
-``image_max_pixels`` (the worst case). Which length memory and time are counted at: docs/cost.md ("What it counts").
+"""The lengths plan counts a step at: a sample of the recipe's rows tokenized as training does; where that is not
+possible offline, the worst case, ``cutoff_len`` tokens with an image of ``image_max_pixels`` (docs/cost.md).
 """
 
 from __future__ import annotations
@@ -21,14 +20,14 @@ SEED = 0  # the sample's seed
 class Lengths:
     peak: int  # tokens of the row memory is counted at
     image_tokens: int  # its one image's tokens
-    padded: float  # a micro-batch's mean length, padded to its longest row (the step's time)
+    padded: float  # a micro-batch's mean length padded to its longest row (step time)
     mean: float  # a row's mean tokens (tokens per second)
-    rows: int | None  # the rows of an epoch (None: not known)
+    rows: int | None  # an epoch's rows (None: unknown)
     line: str  # what the report says about them
 
 
 def lengths_of(recipe: dict, recipe_dir: Path, batch: int, cutoff: int, worst_image_tokens: int) -> Lengths:
-    """The lengths of ``recipe``'s rows (module doc); ``worst_image_tokens``: an image of ``image_max_pixels``."""
+    """``recipe``'s row lengths; ``worst_image_tokens``: an image of ``image_max_pixels``'s tokens."""
     names = as_names(recipe.get("dataset"))
     folder = found(recipe.get("dataset_dir", "data"), recipe_dir)
     try:
@@ -39,7 +38,7 @@ def lengths_of(recipe: dict, recipe_dir: Path, batch: int, cutoff: int, worst_im
         )
         if not rows:
             raise ValueError(f"LLaMA-Factory's tokenization kept none of {', '.join(names)}'s rows")
-    except Exception as err:  # noqa: BLE001  whatever keeps the rows from being read offline: the worst case, named
+    except Exception as err:  # noqa: BLE001  rows unreadable offline, for any reason: the worst case, named
         why = " ".join((str(e).strip() or type(e).__name__).splitlines()[0] for e in (err, err.__cause__) if e)
         image = f"one image of {worst_image_tokens} tokens" if worst_image_tokens else "no image"
         return Lengths(

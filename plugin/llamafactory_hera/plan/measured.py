@@ -1,19 +1,15 @@
-"""This project's own GPU measurements, the figures ``llamafactory-hera plan`` times a run from. Each row names its
-lease: the card, the date and the commit it ran (docs/cost.md lists them, "Time: what the GPU leases measured").
+"""The GPU leases' measurements plan times a run from (docs/cost.md, "Time: what the GPU leases measured").
 
-Every step row is bench/overhead.py's recipe on the Qwen3-VL-8B architecture: bf16, LoRA r 8 on every linear layer of
-the language model (QLoRA: the same in 4 bits), micro-batch 8 of 230-token rows with one 448 px image each (196 image
-tokens), accumulation 1, reentrant gradient checkpointing, ``dataloader_num_workers: 0`` and a log every step (the
-collator and a host sync in every step). What plan draws from them:
+Every step row is bench/overhead.py's recipe on Qwen3-VL-8B: bf16, LoRA r 8 on every language-model linear layer
+(QLoRA: in 4 bits), micro-batch 8 of 230-token rows with one 448 px image each (196 image tokens), accumulation 1,
+reentrant checkpointing, ``dataloader_num_workers: 0``, a log (so a host sync) every step. Drawn from them:
 
-- the host's cost of an aten op (:func:`per_op`): each run's median step over the aten ops plan's counter counts for
-  that step (:data:`COUNTED`). Their FLOPs over the step are under a quarter of the card's peak, so the step is
-  taken as the host's work;
-- the share of the card's peak the compute reaches (:func:`efficiency`): no lease has measured the GPU's busy time in
-  a step yet, so a floor: the FLOPs over the fastest step recorded (the GPU cannot have been busy longer than the
-  step). A time from a floor is an upper bound;
-- the teacher's pass before step 1 (:func:`teacher_start`, :func:`teacher_rate`): a start and images per second,
-  the DINOv2 processor and forward together (the processor on the CPU sets the rate, not the GPU).
+- an aten op's host cost (:func:`per_op`): the median step over its counted ops; their FLOPs are under a quarter of
+  the peak, so the step is taken as host work;
+- the share of the peak (:func:`efficiency`): the GPU's busy time was not measured, so a floor, the FLOPs over the
+  fastest step; a time from it is an upper bound;
+- the teacher's pass (:func:`teacher_start`, :func:`teacher_rate`), DINOv2's processor and forward together (the CPU
+  processor sets the rate).
 """
 
 from __future__ import annotations
@@ -54,16 +50,14 @@ class Step:
         return self.median_ms / 1e3 / COUNTED[self.kind, self.arm][1]
 
 
-# FLOPs and aten ops of one micro-step of the measured recipe, counted by plan's counter (llamafactory_hera.plan.count
-# at the full depth; bench/cost_measured.py recounts them): (kind, arm) -> (FLOPs, aten ops)
+# (kind, arm) -> (FLOPs, aten ops) of a micro-step as plan counts it (bench/cost_measured.py recounts)
 COUNTED = {
     ("lora", "sft"): (89.00e12, 27_607),
     ("lora", "hera"): (89.00e12, 28_456),
     ("qlora", "sft"): (89.00e12, 28_227),
     ("qlora", "hera"): (89.00e12, 29_084),
 }
-# HeRA's runs on the H100 leases ran every layer under non-reentrant checkpointing, a step plan no longer counts:
-# their SFT twins only
+# H100 leases: SFT only (their HeRA runs checkpointed every layer non-reentrant, which plan does not count)
 STEPS = (
     Step(H100_FIRST, "2b8278c", "lora", "sft", 660.6),
     Step(H100_SECOND, "a532ffc", "lora", "sft", 725.8),
@@ -74,8 +68,7 @@ STEPS = (
     *(Step(H200, "f4a1da3", "lora", "sft", ms) for ms in (511.1, 481.8, 483.3, 425.7)),
     *(Step(H200, "f4a1da3", "lora", "hera", ms) for ms in (427.7, 567.8, 548.9, 571.0)),
 )
-# The fastest step recorded of each kind (either arm: their FLOPs are equal), ms, and what it is: the GPU's busy time
-# in a step is at most this
+# each kind's fastest step, ms (either arm: equal FLOPs): a step's GPU busy time is at most this
 FASTEST = {
     "lora": (H200, "f4a1da3", 380.0, "the fastest step of its runs"),
     "qlora": (H200_QLORA, "0db5f87", 611.9, "the fastest run's median step"),
@@ -84,7 +77,7 @@ FASTEST = {
 
 @dataclass(frozen=True)
 class Spread:
-    """The low, median and high of a figure over the rows it rests on, and what they are."""
+    """A figure's low, median and high over its rows, and what they are."""
 
     low: float
     median: float
@@ -93,8 +86,8 @@ class Spread:
 
 
 def measured_kind(lora: bool, bits: int | None) -> str:
-    """The measured kind a run is timed as: ``qlora`` (LoRA in 4 or 8 bits), else ``lora``; a full fine-tune is timed as
-    LoRA (no lease measured one: its extra FLOPs are the weights' gradients, its ops about LoRA's)."""
+    """``qlora`` (LoRA in 4 or 8 bits), else ``lora``; a full fine-tune is timed as LoRA (none measured; extra FLOPs
+    for the weights' gradients, ops about LoRA's)."""
     return "qlora" if lora and bits else "lora"
 
 
@@ -113,7 +106,7 @@ def per_op(kind: str) -> Spread:
 
 
 def efficiency(kind: str) -> tuple[float, str]:
-    """The floor of the compute's share of the card's peak for ``kind`` and where it comes from."""
+    """The floor of ``kind``'s share of the card's peak, and its source."""
     lease = FASTEST[kind][0]
     ms = FASTEST[kind][2]
     flops = COUNTED[kind, "sft"][0]
@@ -130,11 +123,11 @@ class TeacherPass:
     commit: str
     images: int
     seconds: float
-    warm: bool = False  # after a pass of the same images in the process (bench/selection.py): no start, the rate
+    warm: bool = False  # after a pass of the same images (bench/selection.py): no start, the rate
 
 
-# DINOv2-L (304 M parameters, 224 px crops of 448 px images), bf16: the pass before step 1 (128 images, batches of 32)
-# and bench/selection.py's teacher (1,000 images, batches of 128, after a warm-up pass)
+# DINOv2-L (304 M parameters, 224 px crops of 448 px images), bf16: the pass before step 1 (128 images, batches
+# of 32) and bench/selection.py's (1,000 images, batches of 128, warm)
 TEACHER = (
     TeacherPass(H100_FIRST, "2b8278c", 1000, 4.237, warm=True),
     TeacherPass(H100_FIRST, "2b8278c", 128, 1.53),
@@ -145,7 +138,7 @@ TEACHER = (
 
 
 def teacher_rate() -> float:
-    """Images per second of the teacher's pass once started (the warm row's)."""
+    """The teacher's images per second once started (the warm row's)."""
     warm = [row for row in TEACHER if row.warm]
     return sum(row.images for row in warm) / sum(row.seconds for row in warm)
 

@@ -1,6 +1,5 @@
-"""``llamafactory-hera plan`` for the stages that are not an SFT step: HARC's optimizer step (its passes over the
-harmful, harmless and pseudo-harmful rows, the KL reference pass and the directions' extractions) and RAH-LoRA's
-calibration (no training: the model loaded, its probe passes over the calibration rows)."""
+"""plan for stages that are not an SFT step: HARC's optimizer step (passes over harmful, harmless and pseudo-harmful
+rows, the KL reference pass, the directions' extractions) and RAH-LoRA's calibration (no training: probe passes)."""
 
 from __future__ import annotations
 
@@ -20,7 +19,7 @@ STREAMS = {"harmful": 6, "harmless": 4, "pseudo": 2}  # HARC's micro-batch rows 
 
 
 def trained_parts(recipe: dict) -> tuple[str, ...]:
-    """A full fine-tune's trained parts under LLaMA-Factory's freeze_* keys (their defaults: the language model)."""
+    """A full fine-tune's trained parts under the freeze_* keys (default: the language model)."""
     keys = {
         "vision": ("freeze_vision_tower", True),
         "projector": ("freeze_multi_modal_projector", True),
@@ -30,7 +29,7 @@ def trained_parts(recipe: dict) -> tuple[str, ...]:
 
 
 def _seconds(flops: float, ops: float, card: Card, bits: int | None) -> str:
-    """One GPU's passes outside the step, as a step of LoRA (in ``bits``) is timed (:func:`timing.seconds`)."""
+    """One GPU's passes outside the step, timed as a LoRA step in ``bits``."""
     return duration(timing.seconds(flops, ops, measured_kind(True, bits), card))
 
 
@@ -44,7 +43,7 @@ def _head(config: Any, counts: dict[str, float], what: str) -> str:
 def harc(
     recipe: dict, path: Path, config: Any, setup: estimate.Setup, card: Card, started: float, network: Network
 ) -> str:
-    """One HARC optimizer step and its directions' extractions, as docs/cost.md ("HARC") lists its passes."""
+    """One HARC optimizer step and its directions' extractions (docs/cost.md, "HARC")."""
     rows = {name: int(recipe.get(f"harc_batch_{name}", default)) for name, default in STREAMS.items()}
     length = int(recipe.get("harc_max_length", 256))
     setup = replace(setup, batch=sum(rows.values()), cutoff=length)
@@ -104,8 +103,7 @@ def harc(
 def rah(
     recipe: dict, path: Path, config: Any, setup: estimate.Setup, card: Card, started: float, network: Network
 ) -> str:
-    """RAH-LoRA's calibration, no training: the model placed as ``llamafactory_hera.placement`` places it, and its
-    passes as docs/cost.md ("RAH-LoRA") lists them."""
+    """RAH-LoRA's calibration, placed as ``llamafactory_hera.placement`` does (docs/cost.md, "RAH-LoRA")."""
     size = int(recipe.get("rah_batch_size", 1))
     max_pixels = int(recipe.get("image_max_pixels", estimate.DEFAULT_MAX_PIXELS))
     shapes = {

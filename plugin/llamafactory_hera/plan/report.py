@@ -1,5 +1,5 @@
-"""The text ``llamafactory-hera plan`` prints: memory per GPU by category, a band of two figures, and the time of a
-step, a run and HeRA's passes before step 1 (:mod:`llamafactory_hera.plan.timing`)."""
+"""plan's text: memory per GPU by category, two-figure bands, and the time of a step, a run and HeRA's passes before
+step 1."""
 
 from __future__ import annotations
 
@@ -46,20 +46,20 @@ def memory_table(parts: dict[str, dict[str, float]], arm: str) -> list[str]:
 
 
 def span(values: tuple, unit: str, per: float = 1) -> str:
-    """``low-high unit`` of ``values`` / ``per``: whole above 100, two decimals above 0.1, else three."""
+    """``low-high unit`` of ``values / per``: whole above 100, two decimals above 0.1, else three."""
     low, high = sorted(v / per for v in values)
     form = ",.0f" if high >= 100 else ".2f" if high >= 0.1 else ".3f"
     return f"{low:{form}}-{high:{form}}" + (f" {unit}" if unit else "")
 
 
 def duration(seconds: tuple) -> str:
-    """A band of ``seconds`` in seconds, minutes or hours, whichever its longer end reads best in."""
+    """A band of ``seconds`` in s, min or h, whichever its longer end reads best in."""
     high = max(seconds)
     return span(seconds, *(("s", 1) if high < 120 else ("min", 60) if high < 7200 else ("h", 3600)))
 
 
 def fit_line(needed: float, card: Card) -> str:
-    """The report's verdict on ``needed`` bytes per GPU."""
+    """The verdict on ``needed`` bytes per GPU."""
     verdict = "fits" if card.holds(needed) else "does NOT fit"
     return f"  {verdict}: {needed / GiB:.2f} GiB needed of {card.memory_gib:g} GiB"
 
@@ -73,7 +73,7 @@ def time_lines(
     sizes: Any,
     network: Network,
 ) -> list[str]:
-    """Each arm's step, its parts and the run's time (:func:`timing.times`); HeRA's teacher pass and selection."""
+    """Each arm's step and run time; HeRA's teacher pass and selection."""
     hera = "hera" in counts
     known = rows is not None
     rows = rows or 1000
@@ -82,7 +82,7 @@ def time_lines(
     cost = per_op(kind)
     lines = []
     for name in ("sft", "hera") if hera else ("sft",):
-        ratio = sizes.padded / sizes.peak  # counted at the peak; at the mean: attention quadratic in the length
+        ratio = sizes.padded / sizes.peak  # counted at the peak; at the mean, attention is quadratic in length
         attention = counts[name]["attention"] * ratio**2
         flops = (counts[name]["flops"] - counts[name]["attention"]) * ratio + attention
         comm = estimate.communicated(counts[name], setup)
@@ -120,7 +120,7 @@ def time_lines(
 
 
 def _unlike(setup: estimate.Setup, sizes: Any) -> str:
-    """How the run differs from the measured steps, whose floor it is timed at."""
+    """How the run differs from the measured steps it is timed by."""
     tokens = setup.batch * sizes.padded
     said = [] if setup.lora else ["a full fine-tune, timed as LoRA (none measured)"]
     if round(tokens) != ROWS * ROW_TOKENS:

@@ -1,10 +1,5 @@
-"""One training micro-step of a model built from its config under fake tensors (no weights): the recipe's adapters,
-SFT or HeRA through the plugin's own code (``HeadCapture``, ``LayerCheckpointing``, ``hera_loss_anchored``). Counted
-by :mod:`llamafactory_hera.plan.counter` for ``llamafactory-hera plan`` and bench/cost.py.
-
-What is not the run's own code, counted by its algorithm instead: bitsandbytes' 4-bit product (:class:`Dequantized`:
-bitsandbytes cannot run on fake tensors; HeRA's ``o_proj`` read dequantizes the whole weight, and the caller counts
-the weights' storage) and Liger's fused linear cross-entropy (:class:`ChunkedLinearCrossEntropy`: Triton, GPU only).
+"""One training micro-step of a weightless model under fake tensors, SFT or HeRA through the plugin's own code; only
+bitsandbytes (no fake tensors) and Liger (Triton, GPU only) are stood in for by their algorithm.
 """
 
 from __future__ import annotations
@@ -32,7 +27,7 @@ from llamafactory_hera.training.layer_checkpointing import LayerCheckpointing
 
 
 def build(config: Any) -> nn.Module:
-    """The model of ``config`` in bf16, an MLLM or a text LLM (call under ``FakeTensorMode``: no memory, no data)."""
+    """``config``'s model in bf16, MLLM or text LLM (call under ``FakeTensorMode``)."""
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
     try:
@@ -43,8 +38,7 @@ def build(config: Any) -> nn.Module:
 
 
 def add_lora(model: nn.Module, rank: int, alpha: int) -> nn.Module:
-    """LLaMA-Factory's LoRA on every linear layer of the language model (``lora_target: all``), trainable weights
-    upcast to float32."""
+    """LLaMA-Factory's LoRA on every language-model linear layer (``lora_target: all``), trained weights in float32."""
     names = [
         name
         for name, m in model.named_modules()
@@ -63,7 +57,7 @@ def add_lora(model: nn.Module, rank: int, alpha: int) -> nn.Module:
 
 
 def set_trainable(model: nn.Module, parts: tuple[str, ...]) -> None:
-    """A full fine-tune under the recipe's freeze_* keys: the parameters of ``parts`` (:func:`families.part`) train."""
+    """A full fine-tune under freeze_* keys: ``parts``' parameters (:func:`families.part`) train."""
     for name, param in model.named_parameters():
         param.requires_grad_(part(name) in parts)
 
@@ -78,9 +72,8 @@ class Batch:
 
 
 def batch(config: Any, size: int, seq: int, max_pixels: int) -> Batch:
-    """``size`` rows of ``seq`` tokens, each with one square image of ``max_pixels`` (:func:`families.images`; its
-    tokens at the front, text after) or none (a text model); the second half of the text is the answer, pooled by
-    ``hera_pooling: assistant``. Integer inputs real, made outside the fake mode."""
+    """``size`` rows of ``seq`` tokens, each with one square image of ``max_pixels`` (its tokens first) or none; the
+    text's second half is the answer. Integer inputs are real, made outside the fake mode."""
     image = images(config, max_pixels)
     ids = torch.full((size, seq), 100, dtype=torch.long)
     tokens = image.tokens if image else 0
@@ -96,8 +89,8 @@ def batch(config: Any, size: int, seq: int, max_pixels: int) -> Batch:
 
 
 class Dequantized(torch.autograd.Function):
-    """bitsandbytes' 4-bit product: the weight dequantized to bf16 for the product, in forward and again in backward
-    (a clone stands for ``dequantize_4bit``'s output); nothing but the stored weight is kept for backward."""
+    """bitsandbytes' 4-bit product: the weight dequantized (a clone) in forward and again in backward; only the
+    stored weight is kept (the caller counts its storage)."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -114,8 +107,8 @@ UNQUANTIZED_COLUMNS = projection.base_weight_columns
 
 
 def four_bit_columns(base: nn.Module, columns: torch.Tensor | None = None) -> torch.Tensor:
-    """``base_weight_columns``' 4-bit branch for a layer :func:`quantize_in_place` marked: the whole weight
-    dequantized in bf16, the heads' columns cast to float32; any other layer read as the plugin reads it."""
+    """``base_weight_columns`` for a 4-bit layer: the whole weight dequantized in bf16, the heads' columns cast to
+    float32; any other layer read as the plugin reads it."""
     if not getattr(base, "four_bit", False):
         return UNQUANTIZED_COLUMNS(base, columns)
     full = base.weight.detach().clone()  # dequantize_4bit's [out, in] output, in the compute dtype
@@ -123,9 +116,8 @@ def four_bit_columns(base: nn.Module, columns: torch.Tensor | None = None) -> to
 
 
 def quantize_in_place(model: nn.Module) -> list[nn.Linear]:
-    """Every base ``nn.Linear`` but the output layer runs through :class:`Dequantized` and is marked 4-bit for
-    HeRA's read of ``o_proj`` (:func:`four_bit_columns`, in place of ``projection.base_weight_columns``). Returns the
-    quantized layers."""
+    """Every base ``nn.Linear`` but the output layer through :class:`Dequantized`, marked for
+    :func:`four_bit_columns` (which replaces ``projection.base_weight_columns``). Returns those layers."""
     layers = [
         m for name, m in model.named_modules() if type(m) is nn.Linear and "lm_head" not in name and "lora_" not in name
     ]
@@ -137,9 +129,9 @@ def quantize_in_place(model: nn.Module) -> list[nn.Linear]:
 
 
 class ChunkedLinearCrossEntropy(torch.autograd.Function):
-    """Liger's fused linear cross-entropy, by its algorithm: rows in chunks of Liger's size, each chunk's logits, their
-    softmax gradient and its product back to the hidden states made in forward and dropped; only the hidden states'
-    gradient ``[N, d]`` is kept for backward (the output layer is frozen under LoRA)."""
+    """Liger's fused linear cross-entropy: per chunk, logits, softmax gradient and its product with the weight made
+    in forward and dropped; only the hidden states' gradient ``[N, d]`` is kept (the output layer is frozen under
+    LoRA)."""
 
     @staticmethod
     def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -163,14 +155,14 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
 
 
 def output_layer(model: nn.Module) -> nn.Module:
-    """The MLLM's output layer (``lm_head``), PEFT-wrapped or not."""
+    """The output layer (``lm_head``), PEFT-wrapped or not."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     return inner.lm_head
 
 
 @dataclass
 class HeraParts:
-    """The plugin's own step parts for one model (built once, before sharding)."""
+    """HeRA's step parts for one model (built once, before sharding)."""
 
     capture: Any
     checkpointing: Any
@@ -181,7 +173,7 @@ class HeraParts:
 
 
 def hera_parts(model: nn.Module, heads: list[str], recipe: dict) -> HeraParts:
-    """``HeadCapture`` and ``LayerCheckpointing`` on ``model`` for ``heads``, with the recipe's hera_* settings."""
+    """``HeadCapture`` and ``LayerCheckpointing`` for ``heads``, with the recipe's hera_* settings."""
     refs = [parse_head(h) for h in heads]
     capture = HeadCapture(model, refs, attention_geometry(model.config))
     checkpointing = LayerCheckpointing(model, [ref.layer for ref in refs])
@@ -197,8 +189,8 @@ def hera_parts(model: nn.Module, heads: list[str], recipe: dict) -> HeraParts:
 
 
 def hera_term(parts: HeraParts, reps: torch.Tensor, teacher_dim: int = 1024) -> torch.Tensor:
-    """HeraTrainer.hera_term at one rank, for a micro-batch whose samples are all anchors, against the teacher's cached
-    features (bench/cost_models.py gathers the global batch over a fake process group)."""
+    """HeraTrainer.hera_term at one rank, every sample an anchor, against cached teacher features
+    (bench/cost_models.py gathers the global batch over a fake process group)."""
     size = reps.shape[1]
     teacher = torch.empty(size, teacher_dim)
     return hera_loss_anchored(
@@ -223,11 +215,9 @@ def step(
     reference_rows: int = 0,
     probe: str | None = None,
 ) -> int:
-    """One micro-step: forward (with HeRA's capture, projection and loss ``term`` when ``hera``; with
-    ``reference_rows``, HARC's KL to the adapter-disabled model on those first rows, run without grad),
-    ``counter.mark()`` at the forward's end, backward. ``probe``: RAH-LoRA's passes instead, ``isal`` a forward
-    without grad keeping every layer's attention weights, ``caf`` a forward and the backward of the last token's
-    logits. bf16 autocast, as the Trainer runs ``bf16: true``. Returns the FLOPs of HARC's reference forward."""
+    """One bf16-autocast micro-step: forward (with HeRA's ``term``; ``reference_rows``: HARC's no-grad KL to the
+    adapter-disabled model), ``counter.mark()``, backward. ``probe``: RAH-LoRA's passes instead (``isal``: no-grad,
+    keeping attention weights; ``caf``: the last token's logits' backward). Returns HARC's reference FLOPs."""
     inputs = dict(data.inputs)
     if data.pixels:
         inputs["pixel_values"] = torch.empty(data.pixels, dtype=torch.bfloat16)
@@ -238,7 +228,7 @@ def step(
             hera.capture.arm()
         if probe:
             loss = model(**inputs, output_attentions=probe == "isal").logits[:, -1].float().logsumexp(-1).sum()
-        elif liger:  # the output layer's call computes the loss, inside the root's call (FSDP2 gathers its weight)
+        elif liger:  # the output layer computes the loss, inside the root's call (FSDP2 gathers its weight)
             head = output_layer(model)
             head.forward = lambda hidden: ChunkedLinearCrossEntropy.apply(
                 hidden[:, :-1].flatten(0, 1), head.weight, labels[:, 1:].flatten()
@@ -268,10 +258,8 @@ def step(
 
 
 def train_mode(model: nn.Module, checkpointing: bool) -> None:
-    """The model in training mode, inputs requiring grad (LoRA); with ``checkpointing``, LLaMA-Factory's default:
-    reentrant gradient checkpointing of the layers with a trainable parameter, a frozen layer called plainly (its
-    activations kept where a gradient passes through it, e.g. LLaVA-1.5's stage 1 training the projector alone);
-    ``disable_gradient_checkpointing: true``: none."""
+    """Training mode, inputs requiring grad; ``checkpointing``: reentrant, of layers with a trainable parameter, as
+    LLaMA-Factory does (a frozen one keeps its activations where a gradient passes, e.g. LLaVA-1.5's stage 1)."""
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
         for module in model.modules():

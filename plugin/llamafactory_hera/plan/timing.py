@@ -1,13 +1,8 @@
-"""A run's time from this project's GPU measurements (:mod:`llamafactory_hera.plan.measured`) and the links its
-GPUs talk over. A micro-step takes the longest of three figures, which overlap (the GPU runs the kernels the host
-queued while the host queues the next; the engines gather the next layer while one computes):
-
-- compute: its FLOPs from the card's dense bf16 peak (the fast end) to the measured floor of the share a step of its
-  kind reaches (the slow end: a floor, so that end is an upper bound);
-- host: its aten ops (counted) times the measured cost of an op, from the lowest to the highest run;
-- communication: the bytes each GPU receives over the slowest link its ring crosses, at the datasheet rate.
-
-The optimizer step adds what is exchanged once a step (DDP's all-reduce, ZeRO-2's gather)."""
+"""A run's time from :mod:`.measured` and its links. A micro-step takes the longest of three overlapping figures (the
+GPU runs queued kernels while the host queues more; engines gather the next layer while one computes): compute
+(FLOPs from the bf16 peak to the measured floor's share), host (counted ops times an op's measured cost) and
+communication (received bytes over the slowest link at the datasheet rate). The optimizer step adds what is
+exchanged once a step (DDP's all-reduce, ZeRO-2's gather)."""
 
 from __future__ import annotations
 
@@ -21,8 +16,8 @@ from llamafactory_hera.plan.measured import efficiency, measured_kind, per_op, t
 
 @dataclass(frozen=True)
 class Network:
-    """The nodes a run's GPUs sit in and the link between nodes: ``cards`` network cards per node of ``gbits`` Gb/s
-    each way (a ring between nodes passes through them all at once, one NCCL channel a card)."""
+    """GPUs per node and ``cards`` network cards per node of ``gbits`` Gb/s each way (a ring uses them all at
+    once, one NCCL channel a card)."""
 
     gpus_per_node: int = 8
     cards: int = 1
@@ -36,8 +31,8 @@ class Network:
 
 
 def link(card: Card, gpus: int, network: Network) -> tuple[str, float]:
-    """The slowest link a ring over ``gpus`` crosses, said, and its bytes per second each way: the card's link
-    within a node (half its datasheet rate, both directions together), and between nodes the network's cards."""
+    """The slowest link a ring over ``gpus`` crosses, described, and its bytes/s each way (in a node, half the
+    card's two-way datasheet rate; between nodes, the network's)."""
     within = card.link_gbs / 2 * 1e9
     said = f"{card.link} ({card.link_gbs:g} GB/s datasheet, half each way)"
     nodes = network.nodes(gpus)
@@ -50,8 +45,7 @@ def link(card: Card, gpus: int, network: Network) -> tuple[str, float]:
 
 
 def seconds(flops: float, ops: float, kind: str, card: Card) -> tuple[float, float]:
-    """(fast, slow) seconds of work of ``flops`` and ``ops`` aten ops on ``card``: the longer of compute and host at
-    each end of their bands."""
+    """(fast, slow) seconds of ``flops`` and ``ops``: the longer of compute and host at each band end."""
     peak = card.bf16_tflops * 1e12
     cost = per_op(kind)
     return max(flops / peak, ops * cost.low), max(flops / (peak * efficiency(kind)[0]), ops * cost.high)
@@ -67,10 +61,9 @@ def times(
     comm: tuple[float, float] = (0.0, 0.0),
     network: Network | None = None,
 ) -> dict[str, Any]:
-    """A run's figures, each (fast, slow): the optimizer step (``setup.accumulation`` micro-steps of ``flops_micro``
-    and ``ops_micro``, each at least its ``comm[0]`` bytes over the slowest link, then ``comm[1]`` bytes), an epoch
-    of ``rows``, the run (``num_train_epochs`` or ``max_steps``) and its GPU-hours, tokens per second of the job;
-    the parts: compute and host per step (host also at its median), the communication's seconds and its link."""
+    """A run's figures, each (fast, slow): the step (``accumulation`` micro-steps, each at least ``comm[0]`` bytes'
+    time, then ``comm[1]`` bytes'), an epoch of ``rows``, the run, GPU-hours, tokens/s; compute and host per step
+    (host at its median too), communication time, link."""
     kind = measured_kind(setup.lora, setup.bits)
     peak = card.bf16_tflops * 1e12
     cost = per_op(kind)
@@ -101,9 +94,8 @@ def times(
 
 
 def teacher_pass(images: int, nodes: int = 1) -> tuple[float, float]:
-    """(fast, slow) seconds of the teacher's pass over ``images`` before step 1: the measured start, then the
-    images at the measured rate on each node (the ranks split the images; a node's ranks share its CPUs, which run
-    the processor)."""
+    """(fast, slow) seconds of the teacher's pass: the measured start, then ``images`` at the measured rate per
+    node (a node's ranks share the CPUs running the processor)."""
     start = teacher_start()
     spread = images / (teacher_rate() * nodes)
     return start.low + spread, start.high + spread

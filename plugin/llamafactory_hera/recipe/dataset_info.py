@@ -1,11 +1,7 @@
-"""A recipe's datasets as LLaMA-Factory registers them: their names (:func:`as_names`), the ``dataset_info.json`` of
-``dataset_dir`` (:func:`dataset_info`) and a run's data named for an error about one of its rows
-(:func:`describe_data`). Read by the checks and by the runs' image checks.
-
-The image files of a dataset's rows, checked before a model loads (HeRA's training rows, RAH-LoRA's calibration
-rows): a missing file, a file PIL cannot decode (:func:`image_problem`) and a row whose ``<image>`` marks differ in
-number from its images are one line naming the file or the row, where the host's preprocessing would end in a bare
-``FileNotFoundError``, ``OSError: Truncated File Read`` or ``ValueError`` naming neither.
+"""A recipe's datasets as LLaMA-Factory registers them, and their rows' images, checked before a model loads (HeRA's
+training rows, RAH-LoRA's calibration rows): a missing or undecodable file, or a row whose ``<image>`` marks differ in
+number from its images, is one line naming the file or row, where the host would raise a bare ``FileNotFoundError``,
+``OSError: Truncated File Read`` or ``ValueError`` naming neither.
 """
 
 from __future__ import annotations
@@ -34,7 +30,7 @@ def as_names(value: Any) -> list[str]:
 
 
 def dataset_info(dataset_dir: str, key: str, names: list[str]) -> dict[str, Any]:
-    """``dataset_dir``'s ``dataset_info.json`` (errors name ``key`` and ``names``, which need it)."""
+    """``dataset_dir``'s ``dataset_info.json`` (errors name ``key`` and ``names``)."""
     path = Path(dataset_dir) / DATA_CONFIG
     if not path.is_file():
         raise RecipeError(
@@ -51,7 +47,7 @@ def dataset_info(dataset_dir: str, key: str, names: list[str]) -> dict[str, Any]
 
 
 def describe_data(data_args: Any) -> str:
-    """``NAME: FILE`` for errors naming a row: the training datasets, the file of a single local one."""
+    """The training datasets as errors about a row name them (``NAME: FILE`` for one local dataset)."""
     names = as_names(getattr(data_args, "dataset", None))
     if len(names) == 1:
         try:
@@ -64,8 +60,8 @@ def describe_data(data_args: Any) -> str:
 
 
 def image_problem(path: str, decode: bool) -> str | None:
-    """None when the image at ``path`` reads, else :data:`MISSING` or :data:`UNREADABLE` (an empty file; with
-    ``decode``, one PIL cannot open, verify or decode: a truncated file opens and fails on its pixels)."""
+    """None if ``path`` reads, else :data:`MISSING` or :data:`UNREADABLE` (empty, or with ``decode`` undecodable: a
+    truncated file opens and fails on its pixels)."""
     try:
         info = os.stat(path)
     except OSError:
@@ -88,12 +84,12 @@ def image_problem(path: str, decode: bool) -> str | None:
 
 
 def image_marks(messages: Iterable[dict[str, Any]], placeholder: str) -> int:
-    """How many ``placeholder`` marks (LLaMA-Factory's ``<image>``) the messages' contents hold."""
+    """How many ``placeholder`` marks (``<image>``) the messages hold."""
     return sum(str(message.get("content") or "").count(placeholder) for message in messages)
 
 
 def _rows(dataset: Any, columns: list[str], only: Iterable[int] | None) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(row index, the row's ``columns``) of a map-style dataset, read in batches."""
+    """(row index, ``columns``' values) of a map-style dataset, read in batches."""
     table = dataset.select_columns(columns)
     if only is not None:
         for row in only:
@@ -116,12 +112,9 @@ def image_rows(
     decode: bool = False,
     data: str | None = None,
 ) -> dict[str, int]:
-    """Map every image path of a (map-style) dataset's image column to its first row index; with ``check_files``,
-    also check that each file exists (the main process only), with ``decode`` that PIL decodes it. ``only``: the rows
-    to read (default: every row). ``placeholder``: also check that each row of LLaMA-Factory's aligned dataset holds
-    one such mark per image (rows the host's preprocessing drops are left to it). ``data``: what the errors name the
-    rows of (:func:`describe_data`). RecipeError naming the first missing or unreadable file and its row, or the
-    first row whose marks and images differ in number."""
+    """Image path -> first row. Checks (RecipeError on the first failure): ``check_files``, each file exists (main
+    process only); ``decode``, PIL decodes it; ``placeholder``, each aligned row holds one mark per image (rows the
+    host drops are left to it). ``only``: the rows to read (default all); ``data``: what errors name the rows of."""
     rows: dict[str, int] = {}
     if dataset is None or not hasattr(dataset, "column_names") or column not in dataset.column_names:
         return rows
@@ -152,8 +145,8 @@ def image_rows(
 
 
 def first_unreadable(rows: dict[str, int], data: str | None = None) -> str | None:
-    """The refusal naming the first image of ``rows`` (path -> row, in row order) that PIL cannot decode, or None:
-    for an image error whose message names no file (PIL's ``Truncated File Read``)."""
+    """The refusal naming the first of ``rows``' images PIL cannot decode, else None: for PIL's ``Truncated File
+    Read``, which names no file."""
     of = f" ({data})" if data else ""
     for path, row in rows.items():
         if image_problem(path, decode=True) is not None:

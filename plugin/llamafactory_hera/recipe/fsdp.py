@@ -1,12 +1,7 @@
-"""FSDP for the methods: FSDP2 from ``accelerate launch`` runs HeRA and HARC; what does not run is refused before
-anything loads, naming the key, the value and the fix.
-
-FSDP is turned on by ``accelerate launch`` with an FSDP config (it sets ``ACCELERATE_USE_FSDP``, ``FSDP_VERSION``,
-``FSDP_STATE_DICT_TYPE``), by the recipe (``fsdp``, with ``fsdp_config``'s ``fsdp_version`` / ``version``: 1 by
-default) or by any front end that sets the parsed ``fsdp`` option (LlamaBoard's extra arguments). :func:`check_fsdp`
-reads the first two before the parse (also in ``accelerate launch`` and ``llamafactory-cli train`` before any rank
-starts), :func:`check_fsdp_parsed` the parsed arguments. What runs and what is refused, with the test of each and
-why: docs/configurations.md (the FSDP rows and their notes).
+"""FSDP2 from ``accelerate launch`` runs HeRA and HARC; any other FSDP is refused before loading, naming the key, the
+value and the fix. FSDP is set by accelerate's FSDP config (environment), by the recipe (``fsdp``; ``fsdp_config``'s
+version, default 1) or by a front end's parsed ``fsdp`` option: :func:`check_fsdp` reads the first two before the
+parse, :func:`check_fsdp_parsed` the third. Whys and tests: docs/configurations.md (FSDP rows).
 """
 
 from __future__ import annotations
@@ -30,8 +25,8 @@ _LAUNCH = (
     "accelerate launch --config_file with fsdp_version: 2 and fsdp_state_dict_type: FULL_STATE_DICT (as "
     "LLaMA-Factory's examples/accelerate/fsdp2_config.yaml)"
 )
-# FSDP1 on two CPU ranks with the shim: without sync_module_states (its default needs an accelerator) torch 2.11's
-# FullyShardedDataParallel refuses a CPU-only process ("FSDP needs a non-CPU accelerator device")
+# FSDP1 on two CPU ranks: without sync_module_states (its default needs an accelerator) torch 2.11's FSDP1 refuses
+# a CPU-only process ("FSDP needs a non-CPU accelerator device")
 _FSDP1_UNTESTED = "no CPU run can reach FSDP1's training here (accelerate 1.11's FSDP1 setup needs an accelerator)"
 _FSDP1 = {  # why a method is not run under FSDP1 (FullyShardedDataParallel)
     "hera": f"{_FSDP1_UNTESTED}, and outside a wrapped module's forward FSDP1 leaves each parameter a view of this "
@@ -41,15 +36,14 @@ _FSDP1 = {  # why a method is not run under FSDP1 (FullyShardedDataParallel)
 
 
 def _set(value: Any) -> bool:
-    """A recipe value that turns something on (not absent, empty, ``false`` or an empty list / dict)."""
+    """A value that turns something on (not absent, empty, ``false``, an empty list / dict)."""
     if isinstance(value, bool):
         return value
     return bool(value) and str(value).strip().lower() not in {"", "false", "0", "no", "off", "none", "[]", "{}"}
 
 
 def _config_version(config: Any) -> str:
-    """``fsdp_config``'s FSDP version as transformers reads it (a dict or a JSON file; ``fsdp_`` prefixes dropped),
-    "1" when it names none."""
+    """``fsdp_config``'s FSDP version as transformers reads it (dict or JSON file); "1" when unnamed."""
     if isinstance(config, str) and Path(config).expanduser().is_file():
         config = read_record(Path(config).expanduser())  # {} when not a JSON object
     if not isinstance(config, Mapping):
@@ -98,7 +92,7 @@ def check_fsdp(stage: str, host_args: dict[str, Any] | list[str], environ: Mappi
 
 
 def check_fsdp_parsed(stage: str, training_args: Any) -> None:
-    """The parsed ``fsdp`` option (set by any front end, e.g. LlamaBoard's extra arguments) is empty."""
+    """The parsed ``fsdp`` option (e.g. LlamaBoard's extra arguments) is empty."""
     value = getattr(training_args, "fsdp", None)
     if value:
         shown = (

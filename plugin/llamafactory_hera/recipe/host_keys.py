@@ -1,7 +1,5 @@
-"""Checks of a plugin stage's recipe keys that LLaMA-Factory reads, before it parses them (nothing is loaded yet), run
-once for every stage by :func:`.raw_checks.check_raw_recipe` (:func:`check_host_keys`). Each raises
-one :class:`RecipeError` naming the key, the value, why and the fix, where LLaMA-Factory would stop with a traceback
-that names neither, or only after the tokenizer or the model loaded.
+"""Checks of the keys LLaMA-Factory reads, before its parse. Each raises one :class:`RecipeError` naming the key, the
+value, why and the fix, where LLaMA-Factory would stop in a traceback naming neither, or after the model loaded.
 """
 
 from __future__ import annotations
@@ -17,11 +15,11 @@ from llamafactory_hera.runtime.registry import registered_methods
 from llamafactory_hera_patches.recipe.arguments import method_fields
 from llamafactory_hera_patches.recipe.host_arguments import host_keys, template_names, unknown_keys_pass
 
-_SHOWN = 12  # at most this many allowed values are listed in a message; more: the nearest ones only
+_SHOWN = 12  # most allowed values a message lists; more: the nearest only
 _NULLS = {"none", "null", "~"}
 _YAML_BOOLS = {False: ("no", "off", "false"), True: ("yes", "on", "true")}  # unquoted words YAML reads as booleans
-# key -> (lowest allowed, whether the lowest itself is allowed, highest allowed or None, why): numbers that end a run
-# with a traceback (or an endless or empty run) later, some after the model loaded
+# key -> (lowest, whether the lowest is allowed, highest or None, why): values that later end a run in a traceback
+# or make it endless or empty
 BOUNDS: dict[str, tuple[float, bool, float | None, str]] = {
     "cutoff_len": (1, True, None, "the longest tokenized row, in tokens"),
     "learning_rate": (0, True, None, "the optimizer's step size"),
@@ -37,12 +35,12 @@ BOUNDS: dict[str, tuple[float, bool, float | None, str]] = {
     "max_grad_norm": (0, True, None, "the gradient clipping norm (0: no clipping)"),
     "val_size": (0, True, None, "the evaluation split, a fraction below 1 or a number of rows"),
 }
-# a bound of BOUNDS that holds only under a strategy: key -> (strategy key, its value then; the default)
+# BOUNDS held only under a strategy: key -> (strategy key, that value, also its default)
 _UNDER = {"logging_steps": ("logging_strategy", "steps"), "save_steps": ("save_strategy", "steps")}
 
 
 def nearest(value: str, names: Iterable[str], count: int = 1, cutoff: float = 0.6) -> list[str]:
-    """The ``count`` names closest to ``value`` (difflib's ratio at least ``cutoff``), closest first."""
+    """The ``count`` names closest to ``value`` (difflib ratio >= ``cutoff``), closest first."""
     return difflib.get_close_matches(value, list(names), n=count, cutoff=cutoff)
 
 
@@ -52,7 +50,7 @@ def _mean(value: str, names: Iterable[str]) -> str:
 
 
 def method_keys() -> list[str]:
-    """Every registered method's recipe keys (the fields of the dataclass its ``parse_arguments`` returns)."""
+    """Every registered method's recipe keys (its ``parse_arguments`` dataclass's fields)."""
     return [spec.name for method in registered_methods() for spec in method_fields(method)]
 
 
@@ -62,15 +60,15 @@ def _suggested(name: str, names: list[str]) -> str:
 
 
 def _is_host_key(name: str, known: dict[str, Any]) -> bool:
-    # HfArgumentParser also takes --no_<flag> for a flag that defaults to true (a --key list only)
+    # HfArgumentParser also takes --no_<flag> for a flag defaulting to true (a --key list only)
     return name in known or (
         name.startswith("no_") and known.get(name[3:]) is not None and known[name[3:]].default is True
     )
 
 
 def check_unknown_keys(given: dict[str, Any]) -> None:
-    """Every key is LLaMA-Factory's (a stage's own keys were taken out before); unknown ones are named with the
-    nearest key of LLaMA-Factory or of the plugin's stages. Not checked where LLaMA-Factory lets them pass."""
+    """Every key (a stage's own taken out) is LLaMA-Factory's; an unknown one is named with the nearest known key.
+    Skipped where LLaMA-Factory lets unknown keys pass."""
     known = host_keys()
     unknown = [name for name in given if not _is_host_key(str(name), known)]
     if not unknown or unknown_keys_pass():
@@ -96,8 +94,8 @@ def _allowed(choices: tuple[str, ...], value: str) -> str:
 
 
 def check_choices(given: dict[str, Any]) -> None:
-    """A key typed with a ``Literal`` or an ``Enum`` in LLaMA-Factory's (or transformers') arguments has one of its
-    values (``stage`` is checked by the stage patch)."""
+    """A key typed ``Literal`` or ``Enum`` in LLaMA-Factory's (or transformers') arguments has one of its values
+    (``stage``: the stage patch's check)."""
     known = host_keys()
     for name, value in given.items():
         key = known.get(str(name))
@@ -120,7 +118,7 @@ def check_choices(given: dict[str, Any]) -> None:
 
 
 def check_template_name(given: dict[str, Any]) -> None:
-    """``template`` names one of LLaMA-Factory's chat templates (it would fail only after loading the tokenizer)."""
+    """``template`` is a chat template of LLaMA-Factory's (which fails only after loading the tokenizer)."""
     value = given.get("template")
     if _is_null(value):
         return
@@ -143,8 +141,7 @@ def _number(name: str, value: Any) -> float:
 
 
 def check_numbers(given: dict[str, Any]) -> None:
-    """The keys of :data:`BOUNDS` within their bounds; ``num_train_epochs`` above 0 unless ``max_steps`` sets the
-    length."""
+    """:data:`BOUNDS`' keys in bounds; ``num_train_epochs`` above 0 unless ``max_steps`` sets the length."""
     for name, (low, inclusive, high, why) in BOUNDS.items():
         strategy, value = _UNDER.get(name, ("", ""))
         if name not in given or _is_null(given[name]) or str(given.get(strategy, value)).strip() != value:
@@ -176,9 +173,8 @@ def _reads_as(kind: type, value: Any) -> bool:
 
 
 def check_number_types(given: dict[str, Any]) -> None:
-    """A key LLaMA-Factory types as a number (``int`` / ``float``, :data:`BOUNDS`' keys aside: checked with their
-    range) is given one: LLaMA-Factory's parse passes a YAML string on as it is (``image_max_pixels: big``: a
-    ``TypeError`` in the dataclass's check), a ``--key value`` list stops in argparse after its whole usage."""
+    """A key LLaMA-Factory types ``int`` / ``float`` (but :data:`BOUNDS`') is a number: its parse passes a YAML
+    string on (``image_max_pixels: big``: a ``TypeError`` later), and a ``--key value`` list stops in argparse."""
     known = host_keys()
     for name, value in given.items():
         key = known.get(str(name))
@@ -210,7 +206,7 @@ def _flag(given: dict[str, Any], key: str) -> bool:
 
 def check_report_to(given: dict[str, Any]) -> None:
     """``report_to`` names transformers' loggers (or ``all`` / ``none``)."""
-    # lazy: transformers only when a recipe is checked (the other raw checks read LLaMA-Factory's arguments alone)
+    # lazy: transformers only when a recipe is checked
     from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
 
     value = given.get("report_to")
@@ -225,9 +221,9 @@ def check_report_to(given: dict[str, Any]) -> None:
 
 
 def check_bf16_device(host_args: dict[str, Any] | list[str]) -> None:
-    """``bf16`` / ``bf16_full_eval`` only where transformers finds a bf16 device, or with ``use_cpu: true`` (its own
-    test, in ``TrainingArguments``): a check of this machine, not of the recipe."""
-    # transformers only here, as above; the names TrainingArguments itself calls, read from its module at check time
+    """``bf16`` / ``bf16_full_eval`` only where transformers finds a bf16 device, or with ``use_cpu: true``, as
+    ``TrainingArguments`` tests: a check of this machine."""
+    # the functions TrainingArguments calls, read from its module at check time
     from transformers import training_args  # lazy: as above
 
     given = given_keys(host_args)
@@ -246,8 +242,7 @@ def check_bf16_device(host_args: dict[str, Any] | list[str]) -> None:
 
 
 def check_host_keys(host_args: dict[str, Any] | list[str]) -> None:
-    """Every check of this module of the recipe's keys for LLaMA-Factory (a stage's own taken out), whatever the
-    machine (:func:`check_bf16_device` is the one of the machine)."""
+    """This module's checks but the machine's (:func:`check_bf16_device`)."""
     given = given_keys(host_args)
     check_unknown_keys(given)
     check_choices(given)

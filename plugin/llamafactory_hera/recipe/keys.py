@@ -1,6 +1,5 @@
 """The one recipe-key parser: a method's raw ``<prefix>_*`` keys (typed from YAML, strings from the command line)
-into its arguments dataclass (:func:`parse_keys`), with errors that name the key, the value and what is allowed;
-declaring such a key (:func:`recipe_key`). Shared by every method's ``config.py``; imports nothing heavy.
+into its arguments dataclass, errors naming the key, the value and what is allowed. Imports nothing heavy.
 """
 
 from __future__ import annotations
@@ -19,7 +18,7 @@ if TYPE_CHECKING:  # the type checker's name for "a dataclass"
 
 T = TypeVar("T", bound="DataclassInstance")
 NULLS = {"none", "null", ""}
-# a recipe key's bound (its field's metadata) -> (how an error states it, whether a value keeps it)
+# a key's bound (field metadata) -> (how an error states it, whether a value keeps it)
 BOUNDS = {
     "min": (">=", operator.ge),
     "max": ("<=", operator.le),
@@ -29,15 +28,13 @@ BOUNDS = {
 
 
 def recipe_key(default: Any, help_text: str, **checks: Any) -> Any:
-    """A method-arguments dataclass field for one recipe key: its ``default``, its ``help_text`` (LlamaBoard's
-    descriptions, ``llamafactory-hera`` help, the docs' keys tables) and the ``checks`` its value gets: ``min``,
-    ``max``, ``min_exclusive``, ``max_exclusive``, ``choices`` (read by :func:`coerce_field`), ``dataset`` (HARC's
-    role keys), all kept in the field's metadata beside ``help``."""
+    """A dataclass field for one recipe key; ``help_text`` feeds LlamaBoard, CLI help and the docs' key tables;
+    ``checks`` (:data:`BOUNDS`' keys, ``choices``; ``dataset``: HARC's role keys) go into its metadata."""
     return field(default=default, metadata={"help": help_text, **checks})
 
 
 def save_on_signal_key() -> Any:
-    """``<prefix>_save_on_signal`` of a method whose runs save checkpoints (``training/checkpoints.py``)."""
+    """``<prefix>_save_on_signal`` (``training/checkpoints.py``)."""
     return recipe_key(
         "sigterm",
         "On this signal (SLURM's preemption or time limit: SIGTERM, or --signal=USR1@90) "
@@ -48,7 +45,7 @@ def save_on_signal_key() -> Any:
 
 
 def watchdog_key() -> Any:
-    """``<prefix>_watchdog_timeout`` of a method whose runs take several ranks (``training/watchdog.py``)."""
+    """``<prefix>_watchdog_timeout`` (``training/watchdog.py``)."""
     return recipe_key(
         None,
         "Seconds a rank may go unheard (its process or host frozen or gone) or without progress (stuck) "
@@ -60,12 +57,12 @@ def watchdog_key() -> Any:
 
 
 def fail(key: str, value: Any, allowed: str) -> RecipeError:
-    """:class:`RecipeError` naming ``key``, the ``value`` given and what is ``allowed``."""
+    """:class:`RecipeError` naming ``key``, ``value`` and what is ``allowed``."""
     return RecipeError(f"{key}: got {value!r}; {allowed}")
 
 
 def coerce_bool(key: str, value: Any) -> bool:
-    """``true`` / ``false`` (also 1/0, yes/no, on/off, as strings or booleans)."""
+    """``true`` / ``false`` (also 1/0, yes/no, on/off)."""
     if isinstance(value, bool):
         return value
     text = str(value).strip().lower()
@@ -77,7 +74,7 @@ def coerce_bool(key: str, value: Any) -> bool:
 
 
 def coerce_number(key: str, value: Any, kind: type, meta: dict[str, Any]) -> int | float:
-    """An int or float within ``meta``'s ``min`` / ``max`` / ``min_exclusive`` / ``max_exclusive``; 10.0 is 10."""
+    """An int or float within ``meta``'s bounds; 10.0 is 10."""
     expected = "expected a whole number." if kind is int else "expected a number."
     if isinstance(value, bool):
         raise fail(key, value, expected)
@@ -99,16 +96,15 @@ def coerce_number(key: str, value: Any, kind: type, meta: dict[str, Any]) -> int
 
 
 def unknown_key(key: str, valid: list[str], method: str) -> RecipeError:
-    """Error for a key that does not exist, naming the closest valid key."""
+    """Error for an unknown key, naming the closest valid one."""
     close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
     hint = f" Did you mean '{close[0]}'?" if close else ""
     return RecipeError(f"Unknown {method} key '{key}'.{hint} Valid keys: {', '.join(valid)}.")
 
 
 def coerce_field(key: str, value: Any, spec: Any) -> Any:
-    """A value for a method-arguments dataclass field ``spec``: None (null) where the default is None, one of
-    ``metadata["choices"]`` (lower-cased), a bool, a number within the metadata's bounds, or a non-empty string, by the
-    field's type (errors name key, value and what is allowed)."""
+    """``value`` for field ``spec``, by its type: None (null) where the default is None, one of
+    ``metadata["choices"]`` (lower-cased), a bool, a number within the metadata's bounds, or a non-empty string."""
     meta = dict(spec.metadata)
     if value is None or (isinstance(value, str) and value.strip().lower() in NULLS):
         if spec.default is None or "None" in str(spec.type):
@@ -130,9 +126,8 @@ def coerce_field(key: str, value: Any, spec: Any) -> Any:
 def parse_keys(
     cls: type[T], raw: dict[str, Any], method: str, special: dict[str, Callable[[str, Any], Any]] | None = None
 ) -> T:
-    """``cls`` (a method's arguments dataclass) from its raw recipe keys: each value coerced by its field's
-    declaration (:func:`coerce_field`) or by the method's own coercer for the key in ``special``; an unknown key is
-    refused naming the closest valid one. Checks between keys are the method's, after this."""
+    """``cls`` from raw keys, each coerced by :func:`coerce_field` or its coercer in ``special``; an unknown key is
+    refused (:func:`unknown_key`). Checks between keys are the method's, after this."""
     valid = {spec.name: spec for spec in fields(cls)}
     values: dict[str, Any] = {}
     for key, value in raw.items():

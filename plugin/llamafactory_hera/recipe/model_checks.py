@@ -1,7 +1,5 @@
-"""``lora_target`` against the model's own module names (read from its config on the meta device: no weight is loaded),
-before LLaMA-Factory parses the recipe, where PEFT would fail after the model loaded, or, when another name of the
-list matches, the run would silently train fewer modules than the recipe names. Run once for every stage by
-:func:`llamafactory_hera.recipe.raw_checks.check_raw_recipe`; the model and adapter paths are :mod:`.model_paths`'.
+"""``lora_target`` against the model's module names (built on the meta device), before the parse: PEFT would fail
+after the model loaded, or, where another listed name matches, silently train fewer modules than named.
 """
 
 from __future__ import annotations
@@ -22,10 +20,9 @@ def _given(given: dict[str, Any], key: str) -> Any:
 
 
 def _model_on_meta_device(source: str, trust: bool) -> Any:
-    """The model LLaMA-Factory would load (its loader's class choice), built from the config with no weight, or None
-    when the config cannot be read here (LLaMA-Factory then reports it itself) or the model cannot be built from it
-    (one note line: the check is skipped)."""
-    # lazy: accelerate and transformers only when a recipe is checked (every other raw check runs without them)
+    """The model LLaMA-Factory would load, built weightless; None when the config cannot be read (LLaMA-Factory
+    reports it) or the model cannot be built (a note line: check skipped)."""
+    # lazy: accelerate and transformers only when a recipe is checked
     from accelerate import init_empty_weights
     from transformers import (
         AutoConfig,
@@ -57,7 +54,7 @@ def _model_on_meta_device(source: str, trust: bool) -> Any:
 
 
 def _linear_names(model: Any) -> list[str]:
-    """The last parts of the names of the model's linear modules (what ``lora_target: all`` takes, lm_head aside)."""
+    """Last name parts of the model's linear modules (what ``lora_target: all`` takes, lm_head aside)."""
     return sorted(
         {
             name.rsplit(".", 1)[-1]
@@ -71,9 +68,8 @@ def _linear_names(model: Any) -> list[str]:
 
 
 def check_lora_target(given: dict[str, Any]) -> None:
-    """With ``finetuning_type: lora``, every name of ``lora_target`` (other than ``all``) matches a module of the
-    model: as PEFT matches it (the name or its last parts), or, for the multimodal models LLaMA-Factory knows, as a
-    part of a module's name (LLaMA-Factory expands it so)."""
+    """With ``finetuning_type: lora``, each ``lora_target`` name but ``all`` matches a module as PEFT matches (the
+    name or its last parts), or, for multimodal models LLaMA-Factory knows, as part of a name (as it expands them)."""
     target = _given(given, "lora_target")
     if str(_given(given, "finetuning_type")).strip() != "lora" or target is None:
         return

@@ -1,6 +1,5 @@
-"""The one check of a model's and its adapters' paths, for every plugin stage's raw recipe, ``select`` and ``eval``:
-a local path with a typo would be taken for a hub id. Imports nothing heavy (``eval``'s one-line errors load no
-library).
+"""The one check of model and adapter paths (every plugin stage's raw recipe, ``select``, ``eval``): a local path
+with a typo would be taken for a hub id. Imports nothing heavy (``eval``'s errors load no library).
 """
 
 from __future__ import annotations
@@ -16,14 +15,14 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")  # name or organisation
 
 
 def value_or_none(value: Any) -> Any:
-    """``value``, or None where the recipe leaves the key unset (empty, ``none``, ``null``)."""
+    """``value``, or None where unset (empty, ``none``, ``null``)."""
     return None if value is None or str(value).strip().lower() in {"", "none", "null"} else value
 
 
 def is_local_path(value: str) -> bool:
-    """Whether a model value means a folder on this machine: it exists, or it cannot be a hub id (``name`` or
-    ``organisation/name``: an absolute path, ``./``, ``~``, two slashes or more). ``models/qwen`` that does not
-    exist is left to the hub (a local ``Qwen/`` folder beside a recipe naming ``Qwen/Qwen2.5-7B`` is common)."""
+    """Whether a model value means a local folder: it exists, or cannot be a hub id (absolute, ``./``, ``~``, two
+    slashes or more). A missing ``models/qwen`` is left to the hub (a local ``Qwen/`` folder beside a recipe naming
+    ``Qwen/Qwen2.5-7B`` is common)."""
     return Path(value).expanduser().exists() or not _HUB_ID.match(value) or value.startswith((".", "~"))
 
 
@@ -43,12 +42,9 @@ def _missing_path(key: str, value: str, started: str) -> str:
 def check_model_paths(
     given: dict[str, Any], *, started: str = "the run", where: str = "", fix: str | None = None
 ) -> None:
-    """``model_name_or_path`` is given; it and every ``adapter_name_or_path`` that is a local path is a folder, the
-    model's holding its ``config.json``. The one check of the model paths: every plugin stage's raw recipe, ``select``
-    (its parsed recipe), ``eval`` (each run's recorded keys). ``started``: what runs (a relative path is read from the
-    folder it starts in); ``where``: put before the message (``eval``: the record the keys came from); ``fix``: the
-    message's last sentence instead of the stage's (``eval``: mend the record). Reads no host default (``eval``'s
-    errors load no library): both keys default to None."""
+    """``model_name_or_path`` is set; it and every local ``adapter_name_or_path`` is a folder, the model's holding
+    ``config.json``. ``started``: what runs (relative paths are from its start folder); ``where``: a message prefix;
+    ``fix``: the last sentence in place of the stage's. Reads no host default (``eval`` loads no library)."""
     model = value_or_none(given.get("model_name_or_path"))
     if model is None:
         raise RecipeError(

@@ -1,7 +1,5 @@
-"""The checks every plugin stage runs right after LLaMA-Factory parsed the recipe, before any model or dataset loads
-(:func:`check_run_inputs`): dataset names and files, ``max_samples``, ``output_dir``, the ``template`` against the
-tokenizer, FSDP set by a front end; each one line naming the key, the value and the fix. Before the parse:
-:mod:`.raw_checks`.
+"""The checks every plugin stage runs after LLaMA-Factory's parse, before any model or dataset loads
+(:func:`check_run_inputs`), each one line naming the key, the value and the fix. Before the parse: :mod:`.raw_checks`.
 """
 
 from __future__ import annotations
@@ -22,11 +20,9 @@ NOT_LOCAL = ("REMOTE:", "ONLINE")  # LLaMA-Factory's dataset_dir values that are
 _EMPTY_TEXTS = ("", "[]", "{}")  # a JSON / JSONL dataset file with no row
 
 
-_NOT_FROM_FILE = ("hf_hub_url", "ms_hub_url", "om_hub_url", "script_url", "cloud_file_name")  # LLaMA-Factory reads
-
-
-# an entry with any of these from there, not from file_name (data/parser.py)
-_SMALL_FILE = 64  # bytes: only files this small are read to tell whether they hold a row
+# LLaMA-Factory reads an entry with any of these from there, not file_name (data/parser.py)
+_NOT_FROM_FILE = ("hf_hub_url", "ms_hub_url", "om_hub_url", "script_url", "cloud_file_name")
+_SMALL_FILE = 64  # bytes: only a file this small is read for rows
 
 
 def _file_without_rows(path: Path) -> bool:
@@ -39,11 +35,8 @@ def _file_without_rows(path: Path) -> bool:
 
 
 def check_dataset_names(key: str, names: list[str], dataset_dir: str, fix: str = "") -> None:
-    """Every name is listed in ``dataset_dir/dataset_info.json`` and its local file (if any) has rows.
-
-    ``key`` names the recipe key the names come from (``dataset``, ``harc_pseudo``, ...); ``fix`` replaces the
-    default advice for a name that is not listed.
-    """
+    """Every name is in ``dataset_info.json`` and its local file, if any, has rows; ``fix``: the advice for an
+    unlisted name."""
     if not names or str(dataset_dir).startswith(NOT_LOCAL):
         return
     info = dataset_info(dataset_dir, key, names)
@@ -74,12 +67,8 @@ def check_dataset_names(key: str, names: list[str], dataset_dir: str, fix: str =
 
 
 def check_output_dir(output_dir: Any, key: str = "output_dir") -> None:
-    """``output_dir`` can be created (its nearest existing ancestor is a writable folder) or written (it exists);
-    ``key`` names it in the errors (``--output`` for a command's option).
-
-    Probed by creating and removing a temporary file, which is exact for every user (root included); nothing is
-    created otherwise.
-    """
+    """``output_dir`` can be created or written, probed with a temporary file (exact for every user, root too;
+    nothing else is created); ``key`` names it in errors (``--output``: a command's option)."""
     if not output_dir:
         return
     path = Path(str(output_dir)).expanduser().absolute()
@@ -108,8 +97,8 @@ def check_output_dir(output_dir: Any, key: str = "output_dir") -> None:
 
 
 def _suggested_templates(vocab: set[str], multimodal: bool, model_type: str) -> list[str]:
-    """Templates whose special tokens are all in ``vocab``, the most specific first (most such tokens, then the
-    name closest to ``model_type``), of the model's kind (multimodal or text)."""
+    """Templates of the model's kind whose special tokens are all in ``vocab``, most specific first (most tokens,
+    then the name nearest ``model_type``)."""
     fitting = [t for t in template_tokens().values() if t.needed and t.needed <= vocab and t.multimodal == multimodal]
     if not fitting:
         return []
@@ -119,20 +108,16 @@ def _suggested_templates(vocab: set[str], multimodal: bool, model_type: str) -> 
 
 
 def check_template(model_args: Any, data_args: Any) -> None:
-    """The recipe's ``template`` fits the model's tokenizer: its stop words and ``<|...|>`` markup are tokens of the
-    vocabulary (else LLaMA-Factory adds them as new ids the embeddings lack, or splits them into pieces).
-
-    Skipped without a template, with ``resize_vocab: true`` (new tokens wanted), or when the tokenizer or the
-    template registry cannot be read here (LLaMA-Factory then reports it itself).
-    """
+    """``template``'s stop words and ``<|...|>`` markup are vocabulary tokens (else LLaMA-Factory adds ids the
+    embeddings lack, or splits them). Skipped with ``resize_vocab: true`` or an unreadable tokenizer."""
     name = getattr(data_args, "template", None)
     if not name or getattr(model_args, "resize_vocab", False):
         return
 
     template = template_tokens().get(name)
     if template is None or not template.needed:
-        return  # an unknown name: LLaMA-Factory's "Template ... does not exist" is one line already
-    # lazy: transformers only when a recipe is checked, not when the declarations are imported
+        return  # unknown: LLaMA-Factory's "Template ... does not exist" is one line already
+    # lazy: transformers only when a recipe is checked
     from transformers import AutoConfig, AutoTokenizer
 
     source = str(model_args.model_name_or_path)
@@ -162,8 +147,7 @@ def check_template(model_args: Any, data_args: Any) -> None:
 
 
 def check_max_samples(data_args: Any) -> None:
-    """``max_samples`` keeps at least one row (LLaMA-Factory keeps the first ``max_samples`` rows of each dataset; with
-    none left its aligning ends in a bare ``StopIteration``)."""
+    """``max_samples`` keeps a row (with none, LLaMA-Factory's aligning ends in a bare ``StopIteration``)."""
     value = getattr(data_args, "max_samples", None)
     if value is not None and value < 1:
         raise RecipeError(
@@ -175,9 +159,8 @@ def check_max_samples(data_args: Any) -> None:
 def check_run_inputs(
     model_args: Any, data_args: Any, training_args: Any, datasets_used: bool = True, *, stage: str
 ) -> None:
-    """The checks every plugin stage runs right after LLaMA-Factory parsed the recipe: dataset names and files,
-    ``max_samples``, ``output_dir``, the ``template`` against the tokenizer, FSDP set by a front end.
-    ``datasets_used=False``: the stage reads its rows from its own keys (``dataset`` is checked when given, said so)."""
+    """Datasets, ``max_samples``, ``output_dir``, ``template``, FSDP set by a front end. ``datasets_used=False``:
+    rows come from the stage's own keys (an unlisted ``dataset``'s refusal says so)."""
     fix = (
         ""
         if datasets_used

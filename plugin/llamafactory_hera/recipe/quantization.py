@@ -1,8 +1,7 @@
-"""Which quantizations a stage runs on, checked before the model loads, from the recipe (``quantization_bit`` /
-``quantization_method``) and the model's own ``config.json`` (``quantization_config``, which LLaMA-Factory honours
-without ``quantization_bit``): bitsandbytes 4-bit (nf4, fp4, double quantization) and 8-bit, which HeRA and RAH-LoRA
-read exactly (:func:`llamafactory_hera.hera.projection.base_weight_columns`). Every other method is refused by name,
-and DoRA with quantization too (HeRA, HARC); why each: docs/configurations.md (N3, N9, N10).
+"""Quantizations a stage runs on, checked before loading (``quantization_bit``, or the model's saved
+``quantization_config``): bitsandbytes 4-bit (nf4, fp4, double quantization) and 8-bit, which HeRA and RAH-LoRA read
+exactly. Others are refused by name, as is DoRA with quantization (HeRA, HARC); whys: docs/configurations.md (N3, N9,
+N10).
 """
 
 from __future__ import annotations
@@ -15,7 +14,7 @@ BITSANDBYTES = "bitsandbytes"  # transformers' quant_method; LLaMA-Factory's qua
 
 
 def saved_quantization(config: Any) -> dict[str, Any] | None:
-    """The ``quantization_config`` a model was saved with (a dict), or None for an unquantized model."""
+    """The model's saved ``quantization_config`` as a dict; None: unquantized."""
     quantization = getattr(config, "quantization_config", None)
     if quantization is None:
         return None
@@ -23,9 +22,7 @@ def saved_quantization(config: Any) -> dict[str, Any] | None:
 
 
 def quantization_in_use(model_args: Any, config: Any) -> tuple[str, int | None, str] | None:
-    """(method as transformers names it, bits or None, where it comes from) of the model a run loads, or None.
-
-    The model's own ``quantization_config`` wins over ``quantization_bit`` (LLaMA-Factory's order)."""
+    """(transformers' method name, bits or None, source), or None; the saved config wins (LLaMA-Factory's order)."""
     saved = saved_quantization(config)
     if saved is not None:
         method = saved.get("quant_method", "?")
@@ -47,8 +44,8 @@ def quantization_in_use(model_args: Any, config: Any) -> tuple[str, int | None, 
 
 
 def width_refusal(bits: Any) -> str | None:
-    """Why ``quantization_bit: bits`` with bitsandbytes (``quantization_method: bnb``, the default) does not run, None
-    for 4 or 8: said from the recipe, before bitsandbytes is asked for (installing it would not make 3 bits run)."""
+    """Why bitsandbytes does not run ``bits`` (None for 4 or 8), said before it is asked for (installing it would
+    not make 3 bits run)."""
     if str(bits).strip() in ("4", "8"):
         return None
     return (
@@ -58,7 +55,7 @@ def width_refusal(bits: Any) -> str | None:
 
 
 def dora_refusal(bits: Any) -> str:
-    """Why ``use_dora`` with ``bits``-bit bitsandbytes weights does not run (checked before and after the parse)."""
+    """Why ``use_dora`` on ``bits``-bit bitsandbytes weights does not run (checked before and after the parse)."""
     return (
         f"use_dora: true with {bits}-bit bitsandbytes weights: LLaMA-Factory 0.9.5 refuses DoRA on every "
         "quantized model after loading it (model/adapter.py compares transformers' quant_method 'bitsandbytes' "
@@ -70,9 +67,8 @@ def dora_refusal(bits: Any) -> str:
 def check_quantization(
     model_args: Any, config: Any, stage: str, reads: str | None = None, dora: bool = False
 ) -> tuple[str, int | None] | None:
-    """Refuse a quantization ``stage`` has not been run with (anything but bitsandbytes 4-/8-bit), naming where it comes
-    from, and ``dora`` (the recipe's ``use_dora``) with any. ``reads``: the weights the stage reads exactly (for the
-    message), None for a stage that reads none (HARC). Returns (method, bits) or None."""
+    """Refuse any quantization but bitsandbytes 4-/8-bit, and ``dora`` with any; ``reads``: what the stage reads
+    exactly (None: nothing, HARC). Returns (method, bits) or None."""
     quantization = quantization_in_use(model_args, config)
     if quantization is None:
         return None
@@ -109,9 +105,9 @@ NESTED_BLOCK = 256  # absmax values per second-level scale
 
 
 def quantized_bytes_per_weight(bits: int, double_quant: bool = True, row_width: int | None = None) -> float:
-    """Bytes bitsandbytes stores per linear weight: 4-bit (nf4 / fp4) with one absmax per block of 64 weights, a
-    float32 or, with double quantization, 1 byte plus a float32 per 256 blocks; 8-bit (LLM.int8) 1 byte plus a
-    float32 scale per output row (``4 / row_width`` per weight; no ``row_width``: not counted)."""
+    """Bytes bitsandbytes stores per linear weight. 4-bit (nf4 / fp4): an absmax per 64 weights, a float32, or with
+    double quantization 1 byte plus a float32 per 256 blocks. 8-bit (LLM.int8): 1 byte plus a float32 scale per
+    output row (``4 / row_width`` per weight; no ``row_width``: not counted)."""
     if bits == 4:
         return 0.5 + ((1 + 4 / NESTED_BLOCK) if double_quant else 4) / NF4_BLOCK
     if bits == 8:

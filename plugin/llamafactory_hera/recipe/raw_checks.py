@@ -1,8 +1,6 @@
-"""The checks every plugin stage runs before LLaMA-Factory parses the recipe (nothing loaded), each one line naming the
-key, the value and the fix where the run would otherwise end later, or with a traceback: by the stage patch, and by
-``llamafactory-cli train`` and ``accelerate launch`` before any rank starts, :func:`check_raw_launch`, then the method's
-own raw checks, then :func:`check_raw_recipe`. The checkpoint a run resumes from: :mod:`.resume`; after the parse:
-:mod:`.parsed_checks`; a ``stage`` that is nobody's: the stage patch.
+"""The checks every plugin stage runs before LLaMA-Factory's parse (also in the launchers, before any rank starts),
+each one line naming the key, the value and the fix where the run would end later or in a traceback. Resumed
+checkpoint: :mod:`.resume`; after the parse: :mod:`.parsed_checks`.
 """
 
 from __future__ import annotations
@@ -37,7 +35,7 @@ _STREAMING = {
 
 
 def _deepspeed_config_readable(value: str) -> bool:
-    """A JSON file, or what accelerate also accepts in its place: inline JSON or base64-encoded JSON."""
+    """A JSON file, or what accelerate also takes: inline or base64-encoded JSON."""
     text = value.strip()
     if Path(text).expanduser().is_file():
         return True
@@ -53,24 +51,21 @@ def _deepspeed_config_readable(value: str) -> bool:
         return False
 
 
-QLORA = "bitsandbytes>=0.50"  # pyproject.toml's qlora extra: the bitsandbytes the tests run; LLaMA-Factory asks 0.39
+QLORA = "bitsandbytes>=0.50"  # pyproject.toml's qlora extra (tested); LLaMA-Factory asks 0.39
 LIGER = "liger-kernel>=0.5.5"  # LLaMA-Factory 0.9.5's liger-kernel extra
 
 
 def check_engines_installed(host_args: dict[str, Any] | list[str], stage: str) -> None:
-    """The engines a recipe names are installed (else a traceback at the parse or the load, 60 to 558 lines): DeepSpeed
-    for a ``deepspeed`` config (what transformers requires of it), bitsandbytes for ``quantization_bit`` (method
-    ``bnb``), liger-kernel for ``enable_liger_kernel`` / ``use_liger_kernel``. After the method's own checks: RAH-LoRA
-    refuses DeepSpeed and Liger, and says so instead."""
+    """The engines a recipe names are installed (else a 60-558 line traceback at the parse or load). After the
+    method's checks: RAH-LoRA refuses DeepSpeed and Liger in its own words."""
     bits = raw_value(host_args, "quantization_bit")
     bnb = str(raw_value(host_args, "quantization_method") or "bnb").strip().lower() == "bnb"
-    # refused whatever is installed: said before asking for bitsandbytes
+    # refused whatever is installed: said first
     if bnb and bits not in (None, "") and (refused := width_refusal(bits)):
         raise RecipeError(refused)
     if bnb and bits not in (None, "") and truthy(raw_value(host_args, "use_dora")):
         raise RecipeError(dora_refusal(bits))
-    # whatever the model type: LLaMA-Factory's parse requires liger-kernel for enable_liger_kernel (hparams/parser.py),
-    # also where its patch list has no kernel for the type (it then warns and trains without)
+    # any model type: LLaMA-Factory's parse requires liger-kernel (hparams/parser.py), even with no kernel for the type
     liger = next((key for key in ("enable_liger_kernel", "use_liger_kernel") if truthy(raw_value(host_args, key))), "")
     for key, value, package, module, requirement, without in (
         (
@@ -129,7 +124,7 @@ def check_precision_and_deepspeed(host_args: dict[str, Any] | list[str]) -> None
 
 
 def check_streaming(stage: str, host_args: dict[str, Any] | list[str]) -> None:
-    """``streaming`` is off: every stage reads its rows as a map-style dataset."""
+    """``streaming`` is off: every stage reads a map-style dataset."""
     if truthy(value := raw_value(host_args, "streaming")):
         reason = _STREAMING.get(stage, "the stage reads its rows by index")
         raise RecipeError(
@@ -141,18 +136,16 @@ def check_streaming(stage: str, host_args: dict[str, Any] | list[str]) -> None:
 def check_raw_launch(
     stage: str, host_args: dict[str, Any] | list[str], environ: Mapping[str, str] | None = None
 ) -> None:
-    """Every check of this module, for a ``stage`` of the plugin, before LLaMA-Factory parses ``host_args``."""
+    """The launch's checks (precision, DeepSpeed path, FSDP, streaming) before the parse."""
     check_precision_and_deepspeed(host_args)
     check_fsdp(stage, host_args, os.environ if environ is None else environ)
     check_streaming(stage, host_args)
 
 
 def check_raw_recipe(host_args: dict[str, Any] | list[str], stage: str, machine: bool = True) -> None:
-    """What every plugin stage checks of the recipe's LLaMA-Factory keys before LLaMA-Factory parses them, after
-    :func:`check_raw_launch` and the method's own raw checks (whose messages are the more specific); ``lora_target``
-    last, the one that reads the model's config. ``machine=False`` (``llamafactory-hera plan``, before renting): the
-    recipe's own checks only, not this machine's. The keys' values before the engines they need: installing one
-    would not make a wrong value run."""
+    """The LLaMA-Factory keys, after the method's checks (more specific), ``lora_target`` last (it reads the config);
+    values before their engines (installing one would not fix a wrong value). ``machine=False`` (``plan``): not
+    this machine's checks."""
     given = given_keys(host_args)
     check_host_keys(host_args)
     if machine:

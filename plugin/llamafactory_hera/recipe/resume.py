@@ -1,13 +1,8 @@
-"""The checkpoint a plugin stage resumes from, checked before LLaMA-Factory parses the recipe (no model loads): the host
-would fail on a mismatched checkpoint only after the model loads, or silently resume a finished run's folder (no
-optimizer state). Which checkpoint is resumed: docs/hera.md ("Killed, preempted, disk full", resume).
-
-That folder must be a checkpoint (a Trainer's ``trainer_state.json``; not a run's output folder) of the kind of run
-the recipe asks for: LoRA (its ``adapter_config.json``: rank, DoRA) or whole-model weights (full or freeze: the run
-record says which), of a model with the same architecture and sizes (``config.json``: the checkpoint's own, or a LoRA
-checkpoint's base model's), written by the same stage (the run record,
-:mod:`llamafactory_hera.runtime.run_record`, in the checkpoint's run folder). Only small files are read;
-what a file does not say is not checked.
+"""The checkpoint a plugin stage resumes from, checked before the parse: the host would fail on a mismatch only after
+the model loads, or silently resume a finished run's folder (no optimizer state). Which one: docs/hera.md ("Killed,
+preempted, disk full"). It must be a Trainer checkpoint of the run the recipe asks for (LoRA rank and DoRA, or full or
+freeze), of the same architecture and sizes, by the same stage. Only small files are read; what they do not say is
+not checked.
 """
 
 from __future__ import annotations
@@ -26,9 +21,8 @@ from llamafactory_hera.runtime.shared_output import PROBE_PREFIX
 from llamafactory_hera.runtime.whole_checkpoints import MARKER, newest_since, newest_whole, whole_checkpoints
 from llamafactory_hera_patches.recipe.host_arguments import host_keys
 
-# what a job's processes write into output_dir before its run starts: its ranks' claim, and the heartbeat folder of
-# plugin versions whose watchdog kept its heartbeats there (a start of one killed before its end leaves it behind; the
-# watchdog's heartbeats now live in the job's store)
+# what a job writes into output_dir before its run starts: its claim, and the heartbeat folder an older plugin's
+# watchdog left when killed
 WATCHDOG_FOLDER = "llamafactory_hera_watchdog"
 JOB_FILES = (CLAIM, WATCHDOG_FOLDER)
 
@@ -37,10 +31,9 @@ TRAINER_STATE = "trainer_state.json"
 ADAPTER_CONFIG = "adapter_config.json"
 MODEL_CONFIG = "config.json"
 WHOLE_MODEL_FILES = tuple(name for name in SAVED_MODEL_FILES if not name.startswith("adapter_"))
-# never in a checkpoint: the run record and the Trainer's end-of-run results (LLaMA-Factory's save_metrics)
+# never in a checkpoint: the run record, the end-of-run results (LLaMA-Factory's save_metrics)
 RUN_FOLDER_FILES = (RUN_RECORD, "train_results.json", "all_results.json")
-# the sizes that decide every weight's shape, at the config's top level and in its sub-configs (vocab_size left out:
-# resize_vocab and added tokens change it)
+# sizes that set every weight's shape (not vocab_size: resize_vocab and added tokens change it)
 SIZE_KEYS = (
     "hidden_size",
     "intermediate_size",
@@ -65,16 +58,16 @@ _SHOWN = 3
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """What a checkpoint folder holds, as far as its small files say (None: not said)."""
+    """A checkpoint folder as its small files say (None: not said)."""
 
     folder: Path
-    kind: str | None  # "lora" / "oft" (an adapter's PEFT type), "whole" (full or freeze weights), None: unknown
+    kind: str | None  # "lora" / "oft" (PEFT type), "whole" (full or freeze), None: unknown
     finetuning_type: str | None  # from its run's record
     stage: str | None  # from its run's record
     rank: int | None
     dora: bool | None
-    config: dict[str, Any] | None  # the model's config.json (a LoRA checkpoint's: its base model's)
-    model: str  # what the model is called in messages: its class, else its path
+    config: dict[str, Any] | None  # config.json (LoRA: the base model's)
+    model: str  # its name in messages: class, else path
     source: str | None  # the model_name_or_path it was trained from
 
     def described(self) -> str:
@@ -89,18 +82,18 @@ class Checkpoint:
 
 
 def last_checkpoint(folder: Path) -> Path | None:
-    """``folder``'s newest whole ``checkpoint-N`` (``runtime.whole_checkpoints``: what trainers resume), or None."""
+    """``folder``'s newest whole ``checkpoint-N`` (what trainers resume), or None."""
     return newest_whole(folder)[0]
 
 
 def model_config(source: Any) -> dict[str, Any] | None:
-    """A model's ``config.json`` (a local folder, or a hub id already in the local cache), None when not here."""
+    """A model's ``config.json`` (local folder, or hub id in the local cache), else None."""
     if not source:
         return None
     folder = Path(str(source)).expanduser()
     if folder.is_dir():
         return read_record(folder / MODEL_CONFIG) or None
-    # lazy: huggingface_hub only for a hub id (the checks of a local recipe read files only)
+    # lazy: only a hub id needs huggingface_hub
     from huggingface_hub import try_to_load_from_cache
 
     try:
@@ -117,7 +110,7 @@ def architecture(config: dict[str, Any] | None, fallback: Any) -> str:
 
 
 def sizes(config: dict[str, Any]) -> dict[str, Any]:
-    """``{key: value}`` of :data:`SIZE_KEYS`, top level and one level of sub-configs (``text_config.hidden_size``)."""
+    """:data:`SIZE_KEYS` at the top and one sub-config level down (``text_config.hidden_size``)."""
     found = {key: config[key] for key in SIZE_KEYS if key in config}
     for name, sub in config.items():
         if isinstance(sub, dict):
@@ -126,8 +119,7 @@ def sizes(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def read_checkpoint(folder: Path) -> Checkpoint:
-    """What ``folder`` (a checkpoint) holds: its adapter's config or its weights, and its run's record (in the run's
-    folder, the checkpoint's parent; a folder not named ``checkpoint-N``: its own, if any)."""
+    """A checkpoint's adapter config or weights, and its run's record (a ``checkpoint-N``'s parent's, else its own)."""
     record_folder = folder.parent if CHECKPOINT_NAME.match(folder.name) else folder
     record = read_record(record_folder / RUN_RECORD)
     loading = record.get("loading") if isinstance(record.get("loading"), dict) else {}
@@ -164,7 +156,7 @@ def read_checkpoint(folder: Path) -> Checkpoint:
 
 
 def _value(given: dict[str, Any], key: str) -> Any:
-    """The recipe's value of a LLaMA-Factory key, else LLaMA-Factory's default."""
+    """The recipe's value of ``key``, else LLaMA-Factory's default."""
     value = given.get(key)
     if value is None or (isinstance(value, str) and value.strip().lower() in {"", "none", "null"}):
         return host_keys()[key].default if key in host_keys() else None
@@ -192,7 +184,7 @@ def _differences(
     elif adapter and held.dora is not None and held.dora != truthy(_value(given, "use_dora")):
         matching.append(f"use_dora: {str(held.dora).lower()}")
     if held.config is not None and wanted_config is not None:
-        # by model_type, not by class: the class a loader chose may differ from the one a config names
+        # by model_type: a loader's class may differ from the config's
         if (held.config.get("model_type") or architecture(held.config, "")) != (
             wanted_config.get("model_type") or architecture(wanted_config, "")
         ):
@@ -221,8 +213,8 @@ def _wanted(stage: str, given: dict[str, Any], config: dict[str, Any] | None) ->
 
 
 def check_checkpoint(stage: str, given: dict[str, Any], folder: Path, named: str, afresh: str) -> None:
-    """``folder`` is a checkpoint of the run ``given`` asks for; ``named`` starts a refusal (the key and value that
-    lead to ``folder``), ``afresh`` ends it (how to train without it)."""
+    """``folder`` is a checkpoint of the run ``given`` asks for; a refusal starts with ``named`` (the key leading
+    there), ends with ``afresh`` (how to train without it)."""
     afresh = afresh[0].lower() + afresh[1:]
     fix = f"Name a checkpoint of an earlier run (its OUTPUT_DIR/checkpoint-N), or {afresh}."
     if not (folder / TRAINER_STATE).is_file():
@@ -246,21 +238,19 @@ def check_checkpoint(stage: str, given: dict[str, Any], folder: Path, named: str
 
 
 def _run_folder(folder: Path) -> bool:
-    """Whether ``folder`` is a run's output folder (its record, end-of-run results or checkpoints), not a checkpoint."""
+    """Whether ``folder`` is a run's output folder (record, results or checkpoints), not a checkpoint."""
     return not CHECKPOINT_NAME.match(folder.name) and (
         any((folder / name).is_file() for name in RUN_FOLDER_FILES) or last_checkpoint(folder) is not None
     )
 
 
 def _job_file(name: str) -> bool:
-    """Whether ``name`` is a file a job writes into output_dir before its run starts (a node's probe of a start that
-    ended in it included: :mod:`llamafactory_hera.runtime.shared_output`)."""
+    """Whether a job writes ``name`` into output_dir before its run starts (a probe a failed start left too)."""
     return name in JOB_FILES or name.startswith(PROBE_PREFIX)
 
 
 def check_resume(stage: str, host_args: dict[str, Any] | list[str]) -> None:
-    """The checkpoint the recipe resumes from, if any, fits it (see the module doc); called by every plugin stage
-    before LLaMA-Factory parses ``host_args`` (after the model paths are checked)."""
+    """The checkpoint the recipe resumes from, if any, fits it (module doc); after the model paths' check."""
     given = given_keys(host_args)
     value = given.get("resume_from_checkpoint")
     output_dir = given.get("output_dir")
@@ -293,7 +283,7 @@ def check_resume(stage: str, host_args: dict[str, Any] | list[str]) -> None:
             )
         last = last_checkpoint(out) if out is not None else None
         if last is None:
-            # this run's claim (taken before the checks) may have made the folder: to the user it did not exist
+            # this run's claim (before the checks) may have made the folder: to the user it did not exist
             held = out is not None and out.is_dir() and not made_by_claim(out)
             if held and read_record(out / RUN_RECORD).get("stage") == stage:  # stopped before its first checkpoint
                 say(

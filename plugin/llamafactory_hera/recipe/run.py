@@ -1,9 +1,6 @@
-"""A method's run (:class:`MethodRun`): its arguments and its phases, in the order the stage patch runs them
-(docs/development.md, "Architecture").
-
-A run class is light to import: the declaration that names it (:mod:`llamafactory_hera.methods`) is imported at every
-start of LLaMA-Factory and by ``llamafactory-hera``'s one-line errors, which load no torch. So each phase imports the
-module that does its work when it runs; that is why every ``# lazy`` import of a run class is lazy.
+"""A method's run (:class:`MethodRun`): arguments and phases (docs/development.md, "Architecture"). Its declaration is
+imported at every LLaMA-Factory start and by one-line errors that load no torch, so each phase imports its working
+module when it runs (every ``# lazy`` import here).
 """
 
 from __future__ import annotations
@@ -20,8 +17,7 @@ Arguments = TypeVar("Arguments")
 
 
 class Declared(Protocol):
-    """What a run reads of the declaration that names its class (``recipe.declaration.Method``, which imports this
-    module: a protocol here, so that the two do not import each other)."""
+    """What a run reads of ``recipe.declaration.Method`` (a protocol: that module imports this one)."""
 
     @property
     def stage(self) -> str: ...
@@ -31,19 +27,16 @@ class Declared(Protocol):
 
 
 class MethodRun(Generic[Arguments]):
-    """One run of a method: a subclass per method, which its declaration names.
+    """One run of a method (a subclass per method). The stage patch parses the keys (:meth:`parse`), then runs:
 
-    The stage patch parses the method's keys (:meth:`parse`, into :attr:`arguments`), then runs the phases in order:
+    1. :meth:`check_raw`: before LLaMA-Factory's parse, nothing loaded (also before torchrun starts ranks);
+    2. :meth:`check_parsed`: after the parse, before any model or dataset loads;
+    3. :meth:`prepare`: before step 1, outside the trainer (head selection, data checks);
+    4. :meth:`train`: LLaMA-Factory's SFT workflow (``host``: ``llamafactory_hera_patches.stage.SFTWorkflow``) with
+       the method's collator and trainer;
+    5. :meth:`finish`: after the steps (plots).
 
-    1. :meth:`check_raw`: before LLaMA-Factory parses the recipe, nothing loaded (also before torchrun starts ranks);
-    2. :meth:`check_parsed`: after its parse, before any model or dataset loads;
-    3. :meth:`prepare`: what runs before step 1 outside the trainer (head selection, the data's checks);
-    4. :meth:`train`: LLaMA-Factory's SFT workflow with the method's collator and trainer (``host``: what the stage
-       patch offers of it, ``llamafactory_hera_patches.stage.SFTWorkflow``);
-    5. :meth:`finish`: what follows the steps (plots).
-
-    3 to 5 run in place of LLaMA-Factory's ``run_sft`` (:meth:`run`), watched across the ranks where :attr:`controls`
-    says so.
+    3 to 5 replace ``run_sft`` (:meth:`run`), watched across ranks where :attr:`controls` says so.
     """
 
     arguments: ClassVar[type]  # the dataclass of the method's recipe keys
@@ -54,29 +47,27 @@ class MethodRun(Generic[Arguments]):
 
     @property
     def stage(self) -> str:
-        """The recipe's ``stage:`` value that selects the method."""
+        """The method's ``stage:`` value."""
         return self.method.stage
 
     @staticmethod
     def parse(keys: dict[str, Any]) -> Any:
-        """The method's arguments from its prefixed recipe keys (values possibly strings); errors name the key."""
+        """The arguments from the prefixed keys (values may be strings); errors name the key."""
         raise NotImplementedError
 
     @property
     def controls(self) -> RunControls:
-        """The run-wide controls its keys set: none unless the method has them."""
+        """The run-wide controls its keys set (default none)."""
         return RunControls()
 
     def check_raw(self, host_args: RawRecipe, machine: bool = True) -> None:
-        """Phase 1: the launch's checks every method runs (precision, DeepSpeed path, FSDP, streaming), the method's
-        own (:meth:`check_method_raw`), then the checks every method runs of the keys LLaMA-Factory reads and of the
-        checkpoint it resumes from; ``machine=False`` (``llamafactory-hera plan``): not this machine's, nor the
-        checkpoint's."""
+        """Phase 1: the launch's checks, :meth:`check_method_raw`, LLaMA-Factory's keys, the resumed checkpoint;
+        ``machine=False`` (``plan``): not this machine's nor the checkpoint's."""
         # lazy (the module doc)
         from llamafactory_hera.recipe.raw_checks import check_raw_launch, check_raw_recipe
         from llamafactory_hera.recipe.resume import check_resume
 
-        watch()  # a rank of a method's job ends when another refuses (a stock stage's rank is left as stock runs)
+        watch()  # a rank of a method's job ends when another refuses (stock stages left as they run)
         check_raw_launch(self.stage, host_args)
         self.check_method_raw(host_args)
         check_raw_recipe(host_args, self.stage, machine)
@@ -84,31 +75,31 @@ class MethodRun(Generic[Arguments]):
             check_resume(self.stage, host_args)
 
     def check_method_raw(self, host_args: RawRecipe) -> None:
-        """The method's own checks of the raw recipe (its keys are :attr:`args`)."""
+        """The method's checks of the raw recipe (its keys: :attr:`args`)."""
 
     def check_parsed(self, parsed: HostArguments) -> None:
-        """Phase 2: the method's checks of LLaMA-Factory's parsed arguments."""
+        """Phase 2: the method's checks of the parsed arguments."""
 
     def run(self, host: Any, parsed: HostArguments, callbacks: list[Any]) -> None:
-        """Phases 3 to 5, in place of ``run_sft``."""
+        """Phases 3 to 5."""
         with self._watched(parsed.training):
             self.prepare(host, parsed)
             self.train(host, parsed, callbacks)
             self.finish(host, parsed)
 
     def prepare(self, host: Any, parsed: HostArguments) -> None:
-        """Phase 3: what runs before step 1 outside the trainer."""
+        """Phase 3."""
 
     def train(self, host: Any, parsed: HostArguments, callbacks: list[Any]) -> None:
-        """Phase 4: the method's steps."""
+        """Phase 4."""
         raise NotImplementedError
 
     def finish(self, host: Any, parsed: HostArguments) -> None:
-        """Phase 5: what follows the steps."""
+        """Phase 5."""
 
     @contextlib.contextmanager
     def _watched(self, training_args: Any) -> Iterator[None]:
-        """The ranks watched for the block, with the run's timeout, where the method's runs take several ranks."""
+        """Ranks watched with the run's timeout, for a method with several ranks."""
         if not self.controls.watched:
             yield
             return

@@ -1,8 +1,5 @@
-"""Checks of a recipe against the installed host stack, before LLaMA-Factory parses it (nothing loaded): a model family
-whose transformers class the installed release lacks (LLaMA-Factory's loader would end in transformers' "does not
-recognize this architecture" traceback) or that the plugin's stages do not run on, and a ``flash_attn`` value a known
-host bug breaks on this release; a ``quantization_bit`` measured wrong on this release is warned of. The releases,
-families and bugs are :mod:`llamafactory_hera_patches.stacks`'."""
+"""A recipe against the installed host stack, before the parse (releases, families, bugs:
+:mod:`llamafactory_hera_patches.stacks`)."""
 
 from __future__ import annotations
 
@@ -27,12 +24,12 @@ WARNED = "LLAMAFACTORY_HERA_HOST_WARNED"  # set once the launch said its host wa
 
 
 def config_of(source: str) -> dict[str, Any]:
-    """A model folder's ``config.json`` (or a hub id's cached config) as a dict, empty when unread."""
+    """A model folder's (or hub id's cached) ``config.json``; empty when unread."""
     config = Path(source).expanduser() / "config.json"
     try:
         if config.is_file():
             return json.loads(config.read_text(encoding="utf-8"))
-        # lazy: transformers only for a hub id (its cached config.json; no class needed for an unknown model_type)
+        # lazy: transformers only for a hub id (no class needed for an unknown model_type)
         from transformers import PretrainedConfig
 
         return PretrainedConfig.get_config_dict(source)[0]
@@ -41,8 +38,8 @@ def config_of(source: str) -> dict[str, Any]:
 
 
 def host_warning_line(given: dict[str, Any]) -> str | None:
-    """The line warning of a bitsandbytes quantization measured wrong on the installed transformers (from
-    ``quantization_bit``, or a model saved quantized), None when nothing is known."""
+    """The warning for a bitsandbytes quantization (``quantization_bit`` or saved) measured wrong on the installed
+    transformers; None when none is known."""
     found = installed()
     bits = value_or_none(given.get("quantization_bit"))
     method = str(value_or_none(given.get("quantization_method")) or "bnb").strip().lower()
@@ -58,9 +55,9 @@ def host_warning_line(given: dict[str, Any]) -> str | None:
 
 
 def check_stack(given: dict[str, Any]) -> None:
-    """``model_name_or_path``'s family is in the installed transformers; ``flash_attn`` is not broken on it; a
-    bitsandbytes quantization measured wrong on it is said once a launch (rank 0 of torchrun or srun, or the
-    launcher before torchrun starts ranks)."""
+    """The model's family is in the installed transformers (else a "does not recognize this architecture"
+    traceback) and run by the plugin; ``flash_attn`` is not broken on it; a quantization measured wrong is said once
+    a launch (rank 0, or the launcher before the ranks start)."""
     found = installed()
     attention = value_or_none(given.get("flash_attn"))
     bug = host_bug(str(attention), found) if attention is not None else None
@@ -70,7 +67,7 @@ def check_stack(given: dict[str, Any]) -> None:
     rank = os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or "0"
     if line and rank == "0" and not os.environ.get(WARNED):
         os.environ[WARNED] = "1"
-        say_before_callbacks(line)  # LlamaBoard's log box: said again once the run's callbacks exist
+        say_before_callbacks(line)  # said again once the run's callbacks exist (LlamaBoard's log box)
     model = value_or_none(given.get("model_name_or_path"))
     model_type = config_of(str(model).strip()).get("model_type") if model is not None else None
     if model_type in FAMILY_REFUSED:
