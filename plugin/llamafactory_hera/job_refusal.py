@@ -1,14 +1,14 @@
-"""The plugin's errors end a training process with their one line, and a refusal on any rank of a multi-process job
-ends every rank within seconds, printed once per node (:func:`install`, set by the start-up hook).
+"""The plugin's errors end a training process with their one line; a refusal on any rank of a multi-process job ends
+every rank within seconds, printed once per node (:func:`install`, set by the start-up hook).
 
-A :class:`~llamafactory_hera.runtime.errors.RecipeError` that ends the process prints only its message
-(:func:`short_report`, with a line saying how to get the traceback); every other exception keeps Python's full report.
+A :class:`~llamafactory_hera.runtime.errors.RecipeError` that ends the process prints only its message and how to get
+the traceback (:func:`short_report`); any other exception keeps Python's full report.
 
 The ranks of a torchrun job (torchrun, ``accelerate launch``) share a flag in the job's c10d store at
-``MASTER_ADDR:MASTER_PORT``, which torchrun's agent hosts from the start: every rank of a method's job watches it
-(:func:`watch`) and ends with exit code 1 when it is set; a refusing rank sets it (:func:`announce`) with its report
-and its node, and the first one prints the refusal, local rank 0 of every other node too. Without a store to reach (a
-single process, no ``MASTER_ADDR``, ``srun`` tasks without a launcher), a refusal is printed by its own rank.
+``MASTER_ADDR:MASTER_PORT``, hosted by torchrun's agent from the start. Every rank of a method's job watches it
+(:func:`watch`) and exits 1 when it is set; a refusing rank sets it with its report and node (:func:`announce`). The
+first prints the refusal, and so does local rank 0 of every other node. With no store to reach (one process, no
+``MASTER_ADDR``, ``srun`` tasks without a launcher), a rank prints its own refusal.
 """
 
 from __future__ import annotations
@@ -40,13 +40,12 @@ NODES_S = 5.0  # how long the first refusing rank waits for each other node to t
 
 
 def raised_by_plugin(error: BaseException) -> bool:
-    """True if ``error`` is one of the plugin's user errors (a :class:`RecipeError`), printed alone."""
+    """Whether ``error`` is a plugin user error (:class:`RecipeError`), printed alone."""
     return isinstance(error, RecipeError)
 
 
 def short_report(error: BaseException) -> str:
-    """How to see the whole traceback, then the plugin's ``error: <message>`` line: the message is the last line
-    the run prints."""
+    """How to get the traceback, then ``error: <message>``, the run's last line."""
     return (
         line(f"(raised by the plugin's checks; {TRACEBACK_ENV}=1 prints the full traceback)")
         + "\n"
@@ -56,7 +55,7 @@ def short_report(error: BaseException) -> str:
 
 
 def waits_for_rank_0(environ: Mapping[str, str]) -> bool:
-    """Whether this process is a rank other than 0 of a torchrun job (whose agent stops every rank when one fails)."""
+    """Whether this is a rank other than 0 of a torchrun job (whose agent stops every rank when one fails)."""
     return bool(environ.get("TORCHELASTIC_RUN_ID")) and environ.get("RANK", "0").strip() not in {"", "0"}
 
 
@@ -75,9 +74,8 @@ class Job:
 
 
 def job_of(env: Mapping[str, str] | None = None) -> Job | None:
-    """This process's torchrun job (its ``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``, ``GROUP_RANK``, ``MASTER_ADDR``,
-    ``MASTER_PORT``), or None: a single process, or ranks without torchrun's agent, whose store alone outlives every
-    rank (where rank 0's process group hosts it, as for srun tasks, a rank 0 ending at a refusal takes it along)."""
+    """This process's torchrun job, or None: one process, or ranks without torchrun's agent, whose store alone
+    outlives every rank (where rank 0's process group hosts it, as for srun tasks, rank 0 ending takes it along)."""
     # os.environ read at the call: datasets' map(num_proc=N) rebinds it to a copy, which a default keeps
     env = os.environ if env is None else env
     try:
@@ -101,8 +99,8 @@ def job_of(env: Mapping[str, str] | None = None) -> Job | None:
 
 
 def several_nodes(env: Mapping[str, str] | None = None) -> str | None:
-    """What says this process runs on one of several nodes (``NNODES`` above 1, which LLaMA-Factory's launcher passes
-    to torchrun; a launched rank's ``WORLD_SIZE`` above its node's ``LOCAL_WORLD_SIZE``), else None."""
+    """What shows this process runs on one of several nodes (``NNODES`` > 1, which LLaMA-Factory's launcher passes to
+    torchrun; a rank's ``WORLD_SIZE`` > ``LOCAL_WORLD_SIZE``), else None."""
     env = os.environ if env is None else env
     with contextlib.suppress(ValueError):  # an elastic range (1:2) or no number: the launcher decides
         if int(env.get("NNODES") or 1) > 1:
@@ -114,9 +112,8 @@ def several_nodes(env: Mapping[str, str] | None = None) -> str | None:
 
 
 def tell_torchrun(environ: Mapping[str, str] | None = None) -> None:
-    """In a torchrun rank, the error file its agent reads (``TORCHELASTIC_ERROR_FILE``): its report of the failed job
-    then points at the refusal's line instead of saying how to get a traceback (every rank a refusal ends writes it:
-    the report names whichever failed first)."""
+    """Write the error file torchrun's agent reads (``TORCHELASTIC_ERROR_FILE``), so its report points at the
+    refusal's line, not at how to get a traceback. Every rank a refusal ends writes it; the report names the first."""
     environ = os.environ if environ is None else environ
     path = environ.get("TORCHELASTIC_ERROR_FILE")
     if not path:
@@ -128,7 +125,7 @@ def tell_torchrun(environ: Mapping[str, str] | None = None) -> None:
 
 
 def _listening(job: Job) -> bool:
-    """Whether the store's port takes connections (a plain socket: c10d logs every failed try of its own)."""
+    """Whether the store's port takes connections (a plain socket: c10d logs each failed try of its own)."""
     try:
         with socket.create_connection((job.host, job.port), timeout=CONNECT_S):
             return True
@@ -153,8 +150,8 @@ _refusing = threading.Event()  # this rank refused: its own flag must not end it
 
 
 def _node_report(store: Any, job: Job) -> str | None:
-    """The refusal's report where this rank prints it for its node (local rank 0 of a node other than the one where
-    the first refusing rank printed it; counted, so that the first waits for it), else None."""
+    """The report, if this rank prints it for its node (local rank 0 of a node other than the first refuser's;
+    counted in ``told``, which the first waits for), else None."""
     if job.local_rank != 0:
         return None
     try:
@@ -212,10 +209,9 @@ def watch(env: Mapping[str, str] | None = None) -> None:
 
 
 def announce(report: str, env: Mapping[str, str] | None = None) -> tuple[bool, bool]:
-    """Tell the other ranks that this one refused with ``report``: (whether this rank is still to print it, whether the
-    store was reached). The first to refuse prints it before they are told (they end at once, then torchrun stops it);
-    local rank 0 of each other node prints it too (:func:`_node_report`). No store (one process, none up within
-    :data:`TELL_S`): (True, False)."""
+    """Tell the other ranks this one refused: (whether this rank still prints ``report``, whether the store was
+    reached). The first to refuse prints it before the flag (the others end at once, then torchrun stops it); local
+    rank 0 of each other node prints it too. No store (one process, none up within :data:`TELL_S`): (True, False)."""
     env = os.environ if env is None else env
     _refusing.set()
     job = job_of(env)
@@ -243,7 +239,7 @@ def announce(report: str, env: Mapping[str, str] | None = None) -> tuple[bool, b
 
 
 def install() -> None:
-    """Route uncaught plugin errors to :func:`short_report`, printed once per node of the job (idempotent; off with
+    """Route uncaught plugin errors to :func:`short_report`, printed once per node (idempotent; off with
     LLAMAFACTORY_HERA_TRACEBACK=1)."""
     previous = sys.excepthook
     if getattr(previous, "__module__", None) == __name__ or os.environ.get(TRACEBACK_ENV, "") not in {"", "0"}:
