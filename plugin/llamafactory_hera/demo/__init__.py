@@ -1,4 +1,4 @@
-"""The offline demos of the three methods on tiny random-weight models, with the stock ``llamafactory-cli``
-(``python -m llamafactory_hera.demo``, what ``python3 dev.py demo`` runs): what the demos share, and a module per method
-(``hera.py``, ``rah.py``, ``harc.py``) that declares only what is its own. Importing this is cheap (no torch).
+"""Offline demos of the three methods on tiny random-weight models with the stock ``llamafactory-cli`` (``python -m
+llamafactory_hera.demo``, run by ``python3 dev.py demo``): the shared parts, and a module per method with only its own.
+Cheap to import (no torch).
 """
