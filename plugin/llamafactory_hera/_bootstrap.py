@@ -1,16 +1,14 @@
 """Start-up hook installed by ``llamafactory_hera.pth`` in every Python process.
 
 A meta-path finder watches a few module names; when one finishes executing, its patch in ``llamafactory_hera_patches``
-runs (after the installed transformers is checked and :func:`register_methods` hands the declared methods to
-``llamafactory_hera.runtime``'s registry, which the patches read). ``LLAMAFACTORY_HERA_DISABLE=1`` skips everything.
-
-It acts in LLaMA-Factory's processes only (accelerate's modules once ``llamafactory`` is imported; ``accelerate launch``
-when it runs LLaMA-Factory's training). Once the finder is registered this module leaves ``sys.modules``; later work
-goes through a fresh import of it.
+runs, after the transformers version is checked and :func:`register_methods` ran. ``LLAMAFACTORY_HERA_DISABLE=1``
+skips everything. It acts in LLaMA-Factory's processes only (accelerate's modules once ``llamafactory`` is imported;
+``accelerate launch`` when it runs LLaMA-Factory's training). Once the finder is registered this module leaves
+``sys.modules``; later work imports it afresh.
 
 Start-up cost: a process that never imports LLaMA-Factory pays one dict lookup per import. This module imports only
 what ``site`` has loaded (``os``, ``sys``), ``importlib`` only when patching; the finder and loader duck-type the
-import protocols instead of subclassing ``importlib.abc`` (which pulls in ``typing`` and more).
+import protocols (``importlib.abc`` pulls in ``typing`` and more).
 """
 
 import os
@@ -26,12 +24,12 @@ _TARGETS = {
     **_ACCELERATE,
     # accelerate launch of LLaMA-Factory's training: the recipe checked before the ranks, in their environment
     "accelerate.commands.launch": "accelerate_launch",
-    "llamafactory.data.template": "data.llava_templates",  # LLaVA-1.5 templates of the families compose builds from
+    "llamafactory.data.template": "data.llava_templates",  # LLaVA-1.5 templates of compose's families
     "llamafactory.extras.constants": "webui.stage_list",
     # llamafactory-cli train under torchrun: the recipe checked before the ranks
     "llamafactory.launcher": "launch",
     "llamafactory.train.tuner": "stage",
-    # LLaMA-Factory's v1 (USE_V1=1, a v1 trainer run itself): a plugin stage refused before v1 reads the recipe
+    # LLaMA-Factory's v1 (USE_V1=1, a v1 trainer): a plugin stage refused before v1 reads the recipe
     "llamafactory.v1.config": "v1",
     "llamafactory.v1.launcher": "v1",
     "llamafactory.webui.interface": "webui.board",  # LlamaBoard: the methods' panels, args, saved config, loss plot
@@ -41,9 +39,8 @@ _patched: set[str] = set()  # the modules patched in this process
 
 
 def runs_llamafactory(argv: list[str]) -> bool:
-    """Whether an ``accelerate launch`` command line runs LLaMA-Factory's training: ``-m llamafactory.launcher``, its
-    CLI, or a script (the first ``.py`` named) that calls ``run_exp()``; not a user's own script, whatever lies beside
-    it."""
+    """Whether an ``accelerate launch`` command line runs LLaMA-Factory's training: its launcher, its CLI, or a script
+    (the first ``.py`` named) that calls ``run_exp()``; not a user's own script, whatever lies beside it."""
     for token in argv[1:]:
         name = token.replace("\\", "/").rsplit("/", 1)[-1]
         if token == "llamafactory.launcher" or name in ("llamafactory-cli", "lmf"):
@@ -64,7 +61,7 @@ def _patch_for(name: str):
 
 
 class _PatchingLoader:
-    """Delegates to the real loader, then applies the patch to the executed module."""
+    """The real loader, then the patch on the executed module."""
 
     def __init__(self, loader, patch: str) -> None:
         self._loader = loader
@@ -84,7 +81,7 @@ class _PatchingLoader:
 
 
 class _PostImportFinder:
-    """Finds target modules with the other finders and wraps their loader."""
+    """Finds targets with the other finders and wraps their loader."""
 
     def find_spec(self, fullname: str, path, target=None):
         patch = _patch_for(fullname)
@@ -119,8 +116,7 @@ def _apply(patch, module) -> None:
         for pending in _ACCELERATE.keys() - _patched:
             if pending in sys.modules:
                 _apply(_ACCELERATE[pending], sys.modules[pending])
-    if patch in ("stage", "launch", "accelerate_launch", "v1"):  # training or its launcher: plugin errors end it
-        # with their message alone
+    if patch in ("stage", "launch", "accelerate_launch", "v1"):  # training or its launcher: job_refusal's module doc
         from llamafactory_hera import job_refusal
 
         job_refusal.install()

@@ -1,9 +1,7 @@
-"""The one log helper: what the plugin tells the terminal and, in a run LlamaBoard launched, LlamaBoard's monitor.
-
-``stage: rah`` has no Trainer to write the files LlamaBoard polls: ``running_log.txt`` (the log box) and
-``trainer_log.jsonl`` (the progress bar: LLaMA-Factory 0.9.5 reads its last line, :func:`progress_line`). LlamaBoard
-sets ``LLAMABOARD_ENABLED=1`` and ``LLAMABOARD_WORKDIR`` for its runs. Inside :func:`host_output_to`, fds 1 and 2
-write to a log file while the plugin's own lines (:func:`show`) and bars (:func:`progress_file`) keep the terminal.
+"""The one log helper: what the plugin tells the terminal and, in a run LlamaBoard launched (``LLAMABOARD_ENABLED=1``,
+``LLAMABOARD_WORKDIR``), LlamaBoard's monitor: ``stage: rah`` has no Trainer to write ``running_log.txt`` (the log box)
+and ``trainer_log.jsonl`` (the progress bar; LLaMA-Factory 0.9.5 reads its last line). Inside :func:`host_output_to`,
+fds 1 and 2 go to a log file while the plugin's lines (:func:`show`) and bars (:func:`progress_file`) keep the terminal.
 """
 
 from __future__ import annotations
@@ -17,10 +15,10 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
-PREFIX = "[llamafactory-hera]"  # what every line the plugin says starts with (demo/console.py picks them out by it)
+PREFIX = "[llamafactory-hera]"  # starts every plugin line (demo/console.py picks them out by it)
 RUNNING_LOG = "running_log.txt"
 TRAINER_LOG = "trainer_log.jsonl"
-PHASE_KEY = "rah_phase"  # marks a trainer_log line as RAH-LoRA progress (the panel draws it instead of a loss)
+PHASE_KEY = "rah_phase"  # marks a trainer_log line as RAH-LoRA progress (the panel draws it, not a loss)
 
 
 def board_dir() -> Path | None:
@@ -56,8 +54,8 @@ def say_apart(message: str) -> None:
 
 
 def _another_rank() -> bool:
-    """Whether this is a rank other than 0 of a running torch.distributed group (torch looked up, not imported: a
-    process without it runs no group)."""
+    """Whether this is a rank > 0 of a running torch.distributed group (torch looked up, not imported: no torch, no
+    group)."""
     torch = sys.modules.get("torch")
     distributed = getattr(torch, "distributed", None)
     return bool(
@@ -74,7 +72,7 @@ def say_once(message: str) -> None:
         say(message)
 
 
-SAY_AGAIN = "LLAMAFACTORY_HERA_SAY_AGAIN"  # lines said before LLaMA-Factory's LogCallback emptied running_log.txt
+SAY_AGAIN = "LLAMAFACTORY_HERA_SAY_AGAIN"  # lines said before LogCallback emptied running_log.txt
 
 
 def say_before_callbacks(message: str) -> None:
@@ -157,8 +155,8 @@ def _reopened(fd: int) -> TextIO:
 
 @contextlib.contextmanager
 def host_output_to(log_path: Path | None) -> Iterator[None]:
-    """Send stdout/stderr to ``log_path`` (created or replaced) for the block; ``None``: leave them. On leaving, also
-    on an error, they are restored and one line names the log: an error printed next reaches the terminal."""
+    """Send stdout/stderr to ``log_path`` (replaced) for the block; ``None``: leave them. On leaving, also on an
+    error, they are restored and one line names the log: an error printed next reaches the terminal."""
     if log_path is None:
         yield
         return

@@ -24,37 +24,37 @@ from llamafactory_hera.recipe.declaration import Method
 
 def plan(args: dict[str, Any]) -> str:
     """Every method's run planned alike (:func:`llamafactory_hera.plan.cli.board_report`)."""
-    from llamafactory_hera.plan.cli import board_report  # lazy (the module doc)
+    from llamafactory_hera.plan.cli import board_report  # lazy
 
     return board_report(args)
 
 
 def hera_panel() -> Any:
-    from llamafactory_hera.hera.webui_panel import PANEL  # lazy (the module doc)
+    from llamafactory_hera.hera.webui_panel import PANEL  # lazy
 
     return PANEL
 
 
 def rah_panel() -> Any:
-    from llamafactory_hera.rah.webui_panel import PANEL  # lazy (the module doc)
+    from llamafactory_hera.rah.webui_panel import PANEL  # lazy
 
     return PANEL
 
 
 def harc_panel() -> Any:
-    from llamafactory_hera.harc.webui_panel import PANEL  # lazy (the module doc)
+    from llamafactory_hera.harc.webui_panel import PANEL  # lazy
 
     return PANEL
 
 
 def hera_verbs(commands: Any) -> dict[str, Callable[[Any], None]]:
-    from llamafactory_hera.hera.cli import add_verbs  # lazy (the module doc)
+    from llamafactory_hera.hera.cli import add_verbs  # lazy
 
     return add_verbs(commands)
 
 
 def harc_verbs(commands: Any) -> dict[str, Callable[[Any], None]]:
-    from llamafactory_hera.harc.convert import add_verbs  # lazy (the module doc)
+    from llamafactory_hera.harc.convert import add_verbs  # lazy
 
     return add_verbs(commands)
 

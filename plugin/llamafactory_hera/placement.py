@@ -1,9 +1,9 @@
 """Where a forward-only job (head selection, RAH-LoRA's calibration) holds its model in one process: whole on its
-device when it fits; else over every visible GPU, balanced by accelerate, then CPU RAM for the rest (an offloaded layer
-is copied to its GPU for its forward, every batch); refused before any weight loads when all together cannot hold it.
-Under a multi-process launch each process keeps to its own GPU and the CPU (the others' GPUs are theirs). Sizes come
-from the config alone (a meta-device model), so a 70B model is judged without reading its weights. A bitsandbytes
-model (``quantization_bit``) is judged whole on the job's device in its codes, as LLaMA-Factory loads it.
+device if it fits; else over the visible GPUs, balanced by accelerate, then CPU RAM (an offloaded layer is copied to
+its GPU for its forward, every batch); refused before any weight loads if all together cannot hold it. Under a
+multi-process launch a process uses only its own GPU and the CPU (the others' GPUs are theirs). Sizes come from the
+config (a meta-device model): a 70B model is judged without reading its weights. A ``quantization_bit`` model is
+judged whole on the job's device, in its codes, as LLaMA-Factory loads it.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from llamafactory_hera.log import show
 from llamafactory_hera.recipe.quantization import quantized_bytes_per_weight
 from llamafactory_hera.runtime.errors import RecipeError
 
-HEADROOM = 0.9  # of what is free: the batch's activations, the allocator's blocks, the loader's transient copies
+HEADROOM = 0.9  # of what is free: the rest for activations, allocator blocks, the loader's transient copies
 FIX = "Free memory or run on a machine with more GPU memory or RAM"
 
 
@@ -41,10 +41,9 @@ def stored_bytes(meta: torch.nn.Module, dtype: str, bits: int | None = None, dou
 
 
 def plan_memory(model_bytes: int, reserve: int, free: dict[Any, int]) -> dict[Any, int] | None:
-    """accelerate's ``max_memory``: None when ``model_bytes`` fits the first place of ``free`` (the job's device:
-    loaded whole) and the CPU keeps ``reserve``; else each place's budget, in order: ``HEADROOM`` of its free bytes,
-    less ``reserve`` (what the job holds besides the model) on the CPU. Budgets that cannot hold the model, or a
-    negative CPU budget, are the caller's to refuse."""
+    """accelerate's ``max_memory``: None when ``model_bytes`` fits the first place of ``free`` (the job's device) and
+    the CPU keeps ``reserve``; else each place's budget: ``HEADROOM`` of its free bytes, less ``reserve`` on the CPU.
+    The caller refuses budgets too small, or a negative CPU one."""
     budgets = {place: int(size * HEADROOM) - (reserve if place == "cpu" else 0) for place, size in free.items()}
     first, *_ = budgets
     return None if model_bytes <= budgets[first] and budgets.get("cpu", 0) >= 0 else budgets
@@ -77,11 +76,10 @@ def device_map_for(
     bits: int | None = None,
     double_quant: bool = True,
 ) -> dict[str, Any] | None:
-    """The ``device_map`` for ``job`` to load ``meta``'s model in ``dtype`` (``bits`` where set), said in one line;
-    None: whole on ``device``, also on a device other than CPU or CUDA or for a model saved quantized (its sizes are
-    not the config dtype's), as LLaMA-Factory loads it. Raises a RecipeError where the GPUs and RAM cannot hold it,
-    naming the bytes needed (the model's, and ``reserve``: CPU RAM the job holds besides, and what for), ``fix`` and
-    each ``quantization_bit`` that would fit."""
+    """The ``device_map`` for ``job`` to load ``meta``'s model, said in one line; None: whole on ``device`` (also off
+    CPU/CUDA, or saved quantized: sizes not the config dtype's). A RecipeError if it does not fit, naming the bytes
+    needed (the model's, and ``reserve``: CPU RAM held besides, and what for), ``fix`` and each ``quantization_bit``
+    that would fit."""
     if torch.device(device).type not in ("cpu", "cuda") or getattr(meta.config, "quantization_config", None):
         show(f"{job}: {model_name} loads whole on {device}, as LLaMA-Factory loads it.")
         return None
@@ -96,7 +94,7 @@ def device_map_for(
             f"({gb(next(iter(free.values())))} free)."
         )
         return None
-    device_map = {"": "disk"}  # accelerate's last resort, which no job here takes (nor a quantized model: whole)
+    device_map = {"": "disk"}  # accelerate's last resort, which no job here takes (a quantized model: whole)
     no_split = list(getattr(meta, "_no_split_modules", None) or [])
     if not bits and sum(budgets.values()) >= size and min(budgets.values()) >= 0:
         balanced = (
