@@ -1,14 +1,13 @@
-"""Start-up hook installed by ``llamafactory_hera.pth`` in every Python process.
+"""Start-up hook, run by ``llamafactory_hera.pth`` in every Python process (``LLAMAFACTORY_HERA_DISABLE=1``: off).
 
-A meta-path finder watches a few module names; when one finishes executing, its patch in ``llamafactory_hera_patches``
-runs, after the transformers version is checked and :func:`register_methods` ran. ``LLAMAFACTORY_HERA_DISABLE=1``
-skips everything. It acts in LLaMA-Factory's processes only (accelerate's modules once ``llamafactory`` is imported;
-``accelerate launch`` when it runs LLaMA-Factory's training). Once the finder is registered this module leaves
-``sys.modules``; later work imports it afresh.
+A meta-path finder watches a few modules; when one has executed, its patch in ``llamafactory_hera_patches`` runs, after
+the transformers check and :func:`register_methods`. Only LLaMA-Factory's processes are touched (accelerate's modules
+once ``llamafactory`` is imported; ``accelerate launch`` of its training). Then this module leaves ``sys.modules``;
+later calls import it afresh.
 
-Start-up cost: a process that never imports LLaMA-Factory pays one dict lookup per import. This module imports only
-what ``site`` has loaded (``os``, ``sys``), ``importlib`` only when patching; the finder and loader duck-type the
-import protocols (``importlib.abc`` pulls in ``typing`` and more).
+Cheap start-up: a process that never imports LLaMA-Factory pays one dict lookup per import. Only ``os`` and ``sys``
+(loaded by ``site``) at import, ``importlib`` when patching; the finder and loader duck-type the import protocols
+(``importlib.abc`` pulls in ``typing`` and more).
 """
 
 import os

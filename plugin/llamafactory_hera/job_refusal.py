@@ -1,11 +1,10 @@
 """A :class:`~llamafactory_hera.runtime.errors.RecipeError` ends a training process with its one line (other errors
 keep Python's report); a refusal on any rank ends every rank within seconds, printed once per node (:func:`install`).
 
-The ranks of a torchrun job (torchrun, ``accelerate launch``) share a flag in the c10d store at
-``MASTER_ADDR:MASTER_PORT``, which torchrun's agent hosts from the start. Every rank watches it (:func:`watch`) and
-exits 1 once it is set; a refusing rank sets it with its report and node (:func:`announce`). The first refuser prints
-the report, and so does local rank 0 of every other node. With no store (one process, no ``MASTER_ADDR``, ``srun``
-tasks without a launcher), each rank prints its own.
+A torchrun job's ranks (torchrun, ``accelerate launch``) share a flag in the c10d store torchrun's agent hosts at
+``MASTER_ADDR:MASTER_PORT``. Each rank watches it (:func:`watch`) and exits 1 once set; a refusing rank sets it with
+its report and node (:func:`announce`). The first refuser prints the report, as does local rank 0 of every other node.
+With no store (one process, no ``MASTER_ADDR``, ``srun`` without a launcher), each rank prints its own.
 """
 
 from __future__ import annotations

@@ -1,11 +1,10 @@
 """The plugin's methods: the registry, above the methods' packages (none imports it). The start-up hook registers
-:func:`declared_methods` with :mod:`llamafactory_hera.runtime.registry`; the patches make each declaration
-(:class:`~llamafactory_hera.recipe.declaration.Method`) a stage, an argument set and a LlamaBoard panel, and
-``llamafactory-hera`` takes its verbs from it: adding a method touches no patch.
+:func:`declared_methods` with :mod:`llamafactory_hera.runtime.registry`; the patches make each
+:class:`~llamafactory_hera.recipe.declaration.Method` a stage, arguments and a LlamaBoard panel, and
+``llamafactory-hera`` takes its verbs: a new method touches no patch.
 
-A declaration names its run class (light: :mod:`llamafactory_hera.recipe.run`); its panel, verbs and plan are the
-functions below, each importing what it builds only when called (gradio, torch, the verbs' and plan's modules: a
-training run or a one-line error needs none).
+A declaration names its (light) run class; its panel, verbs and plan are the functions below, each importing what it
+builds only when called (gradio, torch, the verbs' and plan's modules: a training run or a one-line error needs none).
 """
 
 from __future__ import annotations

@@ -1,4 +1,3 @@
-"""Offline demos of the three methods on tiny random-weight models with the stock ``llamafactory-cli`` (``python -m
-llamafactory_hera.demo``, run by ``python3 dev.py demo``): the shared parts, and a module per method with only its own.
-Cheap to import (no torch).
+"""Offline demos of the three methods on tiny random-weight models with the stock ``llamafactory-cli`` (``python3 dev.py
+demo``): shared parts, and one module per method. Cheap to import (no torch).
 """

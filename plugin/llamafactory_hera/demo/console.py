@@ -1,5 +1,5 @@
-"""What the demo shows while ``llamafactory-cli train`` runs: the host's hundreds of lines go to a log file; the
-terminal gets the plugin's lines (``log.PREFIX``) and a line per logged step, from the Trainer's ``{'loss': ...}``.
+"""What the demo shows while ``llamafactory-cli train`` runs: the host's lines go to a log file; the terminal gets the
+plugin's lines (``log.PREFIX``) and a line per logged step (the Trainer's ``{'loss': ...}``).
 """
 
 from __future__ import annotations

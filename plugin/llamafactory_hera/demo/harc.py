@@ -1,6 +1,6 @@
 """HARC's demo (``--method harc``): safety fine-tuning of a tiny Llama-3. Tiny copies of the public sources go through
-``llamafactory-hera harc-data`` (as real files would), the stock ``llamafactory-cli train`` runs ``stage: harc``, then
-the summary gives the base and trained models' refusal rates (``harc_eval.json``), the outputs and next steps.
+``harc-data``, ``llamafactory-cli train`` runs ``stage: harc``, then the summary shows the base and trained models'
+refusal rates (``harc_eval.json``).
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """RAH-LoRA's demo (``--method rah``): a ``stage: rah`` calibration of the HeRA demo's tiny MLLMs, into ``DIR/rah/``.
 
-At 4 heads per layer the paper's percentiles (I-SAL below the 15th, CAF above the 70th) keep at most one head, usually
-none; the demo loosens them (50th / 0th, anchors from every other head) and says so, so that the run shows targets,
-anchors, a trust region and an adapter.
+At 4 heads per layer the paper's percentiles (I-SAL below the 15th, CAF above the 70th) keep one head at most: the
+demo loosens them (50th / 0th, anchors from every other head), and says so, to show targets, anchors, a trust region
+and an adapter.
 """
 
 from __future__ import annotations
