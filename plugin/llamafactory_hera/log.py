@@ -54,8 +54,7 @@ def say_apart(message: str) -> None:
 
 
 def _another_rank() -> bool:
-    """Whether this is a rank > 0 of a running torch.distributed group (torch looked up, not imported: no torch, no
-    group)."""
+    """Whether this is a rank > 0 of a running torch.distributed group (torch not imported: no torch, no group)."""
     torch = sys.modules.get("torch")
     distributed = getattr(torch, "distributed", None)
     return bool(

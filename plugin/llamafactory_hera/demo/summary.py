@@ -42,8 +42,7 @@ def command(*parts: str | Path) -> str:
 
 
 def eval_extra_lines() -> list[str]:
-    """The line installing the ``eval`` extra's libraries when missing (the demo installs only its own needs;
-    ``eval`` needs lmms-eval / lm-eval too)."""
+    """The line installing the ``eval`` extra (lmms-eval, lm-eval) if missing: the demo installs only its own."""
     import importlib.util
 
     from llamafactory_hera.evaluation.cli import EXTRA_PACKAGES
@@ -58,8 +57,7 @@ def eval_extra_lines() -> list[str]:
 
 
 def chat_command(ctx: DemoContext, model: str | Path, template: str, *extra: str) -> str:
-    """``llamafactory-cli chat`` with the run's adapter on ``model``, greedy (sampling a tiny random model prints
-    noise), then ``extra``."""
+    """``llamafactory-cli chat`` with the run's adapter on ``model``, greedy (sampling prints noise), then ``extra``."""
     return command(
         ctx.cli,
         "chat",
