@@ -42,7 +42,7 @@ def command(*parts: str | Path) -> str:
 
 
 def eval_extra_lines() -> list[str]:
-    """The line installing the ``eval`` extra (lmms-eval, lm-eval) if missing: the demo installs only its own."""
+    """The line installing the ``eval`` extra when lmms-eval or lm-eval is missing (the demo installs only its own)."""
     import importlib.util
 
     from llamafactory_hera.evaluation.cli import EXTRA_PACKAGES
