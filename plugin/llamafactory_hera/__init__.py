@@ -1,7 +1,7 @@
 """llamafactory-hera: HeRA, RAH-LoRA and HARC, head- and residual-level methods, as stages of LLaMA-Factory.
 
-This module is imported by the ``llamafactory_hera.pth`` start-up hook of every Python
-process, so it must stay free of heavy imports (no torch, no transformers).
+The ``llamafactory_hera.pth`` start-up hook imports this in every Python process: no heavy imports (torch,
+transformers).
 """
 
 __version__ = "0.1.0"

@@ -1,18 +1,13 @@
-"""Start-up hook installed by ``llamafactory_hera.pth`` in every Python process.
+"""Start-up hook, run by ``llamafactory_hera.pth`` in every Python process (``LLAMAFACTORY_HERA_DISABLE=1``: off).
 
-It registers a meta-path finder that reacts only to a handful of module names; when one of them finishes executing,
-the matching patch in ``llamafactory_hera_patches`` runs (after the installed transformers was checked and
-:func:`register_methods` handed the declared methods to the registry the patches read, ``llamafactory_hera.runtime``'s).
-``LLAMAFACTORY_HERA_DISABLE=1`` skips everything.
+A meta-path finder watches a few modules; when one has executed, its patch in ``llamafactory_hera_patches`` runs, after
+the transformers check and :func:`register_methods`. Only LLaMA-Factory's processes are touched (accelerate's modules
+once ``llamafactory`` is imported; ``accelerate launch`` of its training). Then this module leaves ``sys.modules``;
+later calls import it afresh.
 
-It acts in LLaMA-Factory's processes only (accelerate's modules once the process imports ``llamafactory``, ``accelerate
-launch`` when it runs LLaMA-Factory's training): no patch, version check or plugin module elsewhere (this module
-leaves ``sys.modules`` once the finder is registered; later work goes through a fresh import of it).
-
-Start-up cost matters here: processes that never import LLaMA-Factory pay one dict lookup per imported module. This
-module imports only what ``site`` has already loaded (``os``, ``sys``); ``importlib`` is imported only when a module is
-being patched, and the finder and loader follow the import protocols by duck typing instead of subclassing
-``importlib.abc`` (which would pull in ``typing`` and more).
+Cheap start-up: a process that never imports LLaMA-Factory pays one dict lookup per import. Only ``os`` and ``sys``
+(loaded by ``site``) at import, ``importlib`` when patching; the finder and loader duck-type the import protocols
+(``importlib.abc`` pulls in ``typing`` and more).
 """
 
 import os
@@ -20,20 +15,20 @@ import sys
 
 DISABLE_ENV = "LLAMAFACTORY_HERA_DISABLE"
 
-# host module -> patch module(s) (in llamafactory_hera_patches) whose ``apply(module)`` adapts it, in order
-# for every stage: FSDP2 LoRA checkpoints saved and loaded whole (accelerate before PR 4206 kept rank 0's shard);
-# 4-bit weights kept out of FSDP2's mixed-precision upcast (their packed codes lost the bytes that form a NaN)
+# host module -> patch module(s) whose ``apply(module)`` adapts it, in order
+# every stage: FSDP2 LoRA checkpoints saved and loaded whole (accelerate before PR 4206 kept rank 0's shard); 4-bit
+# weights kept out of FSDP2's mixed-precision upcast (it lost the packed codes' bytes that form a NaN)
 _ACCELERATE = {"accelerate.utils.fsdp_utils": ("engines.fsdp_adapter", "engines.fsdp_qlora")}
 _TARGETS = {
     **_ACCELERATE,
-    # accelerate launch of LLaMA-Factory's training: the recipe checked before the ranks, with the ranks' environment
+    # accelerate launch of LLaMA-Factory's training: the recipe checked before the ranks, in their environment
     "accelerate.commands.launch": "accelerate_launch",
-    "llamafactory.data.template": "data.llava_templates",  # LLaVA-1.5 templates of the families compose builds from
+    "llamafactory.data.template": "data.llava_templates",  # LLaVA-1.5 templates of compose's families
     "llamafactory.extras.constants": "webui.stage_list",
     # llamafactory-cli train under torchrun: the recipe checked before the ranks
     "llamafactory.launcher": "launch",
     "llamafactory.train.tuner": "stage",
-    # LLaMA-Factory's v1: a plugin stage refused before v1 reads the recipe (USE_V1=1, a v1 trainer run itself)
+    # LLaMA-Factory's v1 (USE_V1=1, a v1 trainer): a plugin stage refused before v1 reads the recipe
     "llamafactory.v1.config": "v1",
     "llamafactory.v1.launcher": "v1",
     "llamafactory.webui.interface": "webui.board",  # LlamaBoard: the methods' panels, args, saved config, loss plot
@@ -43,9 +38,8 @@ _patched: set[str] = set()  # the modules patched in this process
 
 
 def runs_llamafactory(argv: list[str]) -> bool:
-    """Whether an ``accelerate launch`` command line runs LLaMA-Factory's training: ``-m llamafactory.launcher``, its
-    CLI, or a training script (the first ``.py`` file named) that calls LLaMA-Factory's ``run_exp()`` on its command
-    line; a user's own script is not, whatever folders lie beside it."""
+    """Whether an ``accelerate launch`` command line runs LLaMA-Factory's training: its launcher, its CLI, or a script
+    (the first ``.py`` named) that calls ``run_exp()``; not a user's own script, whatever lies beside it."""
     for token in argv[1:]:
         name = token.replace("\\", "/").rsplit("/", 1)[-1]
         if token == "llamafactory.launcher" or name in ("llamafactory-cli", "lmf"):
@@ -66,7 +60,7 @@ def _patch_for(name: str):
 
 
 class _PatchingLoader:
-    """Delegates to the real loader, then applies the patch to the executed module."""
+    """The real loader, then the patch on the executed module."""
 
     def __init__(self, loader, patch: str) -> None:
         self._loader = loader
@@ -76,7 +70,7 @@ class _PatchingLoader:
         return self._loader.create_module(spec)
 
     def exec_module(self, module) -> None:
-        module.__spec__.loader = self._loader  # restore the real loader for introspection (inspect, resources)
+        module.__spec__.loader = self._loader  # the real loader back, for introspection (inspect, resources)
         module.__loader__ = self._loader
         self._loader.exec_module(module)
         _apply(self._patch, module)
@@ -86,7 +80,7 @@ class _PatchingLoader:
 
 
 class _PostImportFinder:
-    """Finds target modules with the other finders and wraps their loader."""
+    """Finds targets with the other finders and wraps their loader."""
 
     def find_spec(self, fullname: str, path, target=None):
         patch = _patch_for(fullname)
@@ -104,13 +98,13 @@ class _PostImportFinder:
 
 
 def _apply(patch, module) -> None:
-    # lazy, as every import of this module's functions: the module doc
+    # lazy: the module doc
     import importlib
 
     from llamafactory_hera_patches.stacks import unsupported_transformers
 
     refusal = unsupported_transformers()
-    if refusal:  # a transformers outside what the plugin supports: one line, before anything is patched
+    if refusal:  # an unsupported transformers: one line, before anything is patched
         raise SystemExit(refusal)
     importlib.import_module(__name__).register_methods()  # the copy in sys.modules: one source registered
     for name in (patch,) if isinstance(patch, str) else patch:
@@ -121,8 +115,7 @@ def _apply(patch, module) -> None:
         for pending in _ACCELERATE.keys() - _patched:
             if pending in sys.modules:
                 _apply(_ACCELERATE[pending], sys.modules[pending])
-    if patch in ("stage", "launch", "accelerate_launch", "v1"):  # a training process or its launcher: the plugin's
-        # errors end it with their message alone
+    if patch in ("stage", "launch", "accelerate_launch", "v1"):  # training or its launcher: job_refusal's module doc
         from llamafactory_hera import job_refusal
 
         job_refusal.install()
@@ -135,16 +128,15 @@ def _declared_methods():
 
 
 def register_methods() -> None:
-    """Register the plugin's declared methods with the patches (idempotent; the declarations are imported at the
-    patches' first lookup)."""
+    """Register the declared methods with the patches (idempotent; imported at the patches' first lookup)."""
     from llamafactory_hera.runtime.registry import register_methods as register  # lazy: the module doc
 
     register(_declared_methods)
 
 
 def install() -> None:
-    """Register the finder once (idempotent) and patch the targets already imported; then this module (and its
-    package, holding nothing else yet) leaves ``sys.modules``."""
+    """Register the finder (once) and patch the targets already imported; then this module and its package, if it
+    holds nothing else yet, leave ``sys.modules``."""
     disabled = os.environ.get(DISABLE_ENV, "").strip().lower() in {"1", "true", "yes", "y"}
     if not disabled and not any(type(f).__name__ == "_PostImportFinder" for f in sys.meta_path):
         sys.meta_path.insert(0, _PostImportFinder())

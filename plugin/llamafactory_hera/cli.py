@@ -1,6 +1,5 @@
-"""``llamafactory-hera``: the plugin's command line (``llamafactory-hera --help`` lists the verbs): each method's verbs
-from its declaration (``add_cli_verbs``), ``eval`` and ``plan`` for every stage, ``compose`` and ``data`` for the
-LLaVA-1.5 experiment.
+"""``llamafactory-hera``, the plugin's command line: each method's verbs (its declaration's ``add_cli_verbs``),
+``eval`` and ``plan`` for every stage, ``compose`` and ``data`` for the LLaVA-1.5 experiment.
 """
 
 from __future__ import annotations
@@ -38,7 +37,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argparse.Nam
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``llamafactory-hera`` console script."""
-    register_methods()  # the patches it uses read recipes by the methods' stages and keys, even with the hook off
+    register_methods()  # its patches read recipes by the methods' stages and keys, even with the hook off
     parser, handlers = _parser()
     args = parser.parse_args(argv)
     try:

@@ -1,14 +1,10 @@
-"""The plugin's errors end a training process with their one line, and a refusal on any rank of a multi-process job
-ends every rank within seconds, printed once per node (:func:`install`, set by the start-up hook).
+"""A :class:`~llamafactory_hera.runtime.errors.RecipeError` ends a training process with its one line (other errors
+keep Python's report); a refusal on any rank ends every rank within seconds, printed once per node (:func:`install`).
 
-A :class:`~llamafactory_hera.runtime.errors.RecipeError` that ends the process prints only its message
-(:func:`short_report`, with a line saying how to get the traceback); every other exception keeps Python's full report.
-
-The ranks of a torchrun job (torchrun, ``accelerate launch``) share a flag in the job's c10d store at
-``MASTER_ADDR:MASTER_PORT``, which torchrun's agent hosts from the start: every rank of a method's job watches it
-(:func:`watch`) and ends with exit code 1 when it is set; a refusing rank sets it (:func:`announce`) with its report
-and its node, and the first one prints the refusal, local rank 0 of every other node too. Without a store to reach (a
-single process, no ``MASTER_ADDR``, ``srun`` tasks without a launcher), a refusal is printed by its own rank.
+A torchrun job's ranks (torchrun, ``accelerate launch``) share a flag in the c10d store torchrun's agent hosts at
+``MASTER_ADDR:MASTER_PORT``. Each rank watches it (:func:`watch`) and exits 1 once set; a refusing rank sets it with
+its report and node (:func:`announce`). The first refuser prints the report, as does local rank 0 of every other node.
+With no store (one process, no ``MASTER_ADDR``, ``srun`` without a launcher), each rank prints its own.
 """
 
 from __future__ import annotations
@@ -31,22 +27,21 @@ from llamafactory_hera.log import PREFIX, line
 from llamafactory_hera.runtime.errors import RecipeError
 
 TRACEBACK_ENV = "LLAMAFACTORY_HERA_TRACEBACK"
-RANK_WAIT_S = 30.0  # how long a rank other than 0 waits for torchrun to stop it before printing its own refusal
+RANK_WAIT_S = 30.0  # a rank > 0 waits this long for torchrun to stop it before printing its refusal
 REFUSED = "refused"
 POLL_S = 0.2  # how often a rank looks at the flag
 CONNECT_S = 2.0  # one try to reach the store
-TELL_S = 30.0  # how long a refusing rank tries to reach the store
-NODES_S = 5.0  # how long the first refusing rank waits for each other node to take the line to print
+TELL_S = 30.0  # a refusing rank tries this long to reach the store
+NODES_S = 5.0  # the first refuser waits this long for the other nodes to take the line
 
 
 def raised_by_plugin(error: BaseException) -> bool:
-    """True if ``error`` is one of the plugin's user errors (a :class:`RecipeError`), printed alone."""
+    """Whether ``error`` is a plugin user error (:class:`RecipeError`), printed alone."""
     return isinstance(error, RecipeError)
 
 
 def short_report(error: BaseException) -> str:
-    """How to see the whole traceback, then the plugin's ``error: <message>`` line: the message is the last line
-    the run prints."""
+    """How to get the traceback, then ``error: <message>``, the run's last line."""
     return (
         line(f"(raised by the plugin's checks; {TRACEBACK_ENV}=1 prints the full traceback)")
         + "\n"
@@ -56,13 +51,13 @@ def short_report(error: BaseException) -> str:
 
 
 def waits_for_rank_0(environ: Mapping[str, str]) -> bool:
-    """Whether this process is a rank other than 0 of a torchrun job (whose agent stops every rank when one fails)."""
+    """Whether this is a rank > 0 of a torchrun job (whose agent stops every rank when one fails)."""
     return bool(environ.get("TORCHELASTIC_RUN_ID")) and environ.get("RANK", "0").strip() not in {"", "0"}
 
 
 @dataclass(frozen=True)
 class Job:
-    """Where a multi-process job's store is, and this rank's place in it."""
+    """A multi-process job's store, and this rank's place in it."""
 
     host: str
     port: int
@@ -75,9 +70,8 @@ class Job:
 
 
 def job_of(env: Mapping[str, str] | None = None) -> Job | None:
-    """This process's torchrun job (its ``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``, ``GROUP_RANK``, ``MASTER_ADDR``,
-    ``MASTER_PORT``), or None: a single process, or ranks without torchrun's agent, whose store alone outlives every
-    rank (where rank 0's process group hosts it, as for srun tasks, a rank 0 ending at a refusal takes it along)."""
+    """This process's torchrun job, or None: one process, or ranks without torchrun's agent (only the agent's store
+    outlives every rank; one in rank 0's process group, as for srun tasks, ends with rank 0)."""
     # os.environ read at the call: datasets' map(num_proc=N) rebinds it to a copy, which a default keeps
     env = os.environ if env is None else env
     try:
@@ -101,8 +95,8 @@ def job_of(env: Mapping[str, str] | None = None) -> Job | None:
 
 
 def several_nodes(env: Mapping[str, str] | None = None) -> str | None:
-    """What says this process runs on one of several nodes (``NNODES`` above 1, which LLaMA-Factory's launcher passes
-    to torchrun; a launched rank's ``WORLD_SIZE`` above its node's ``LOCAL_WORLD_SIZE``), else None."""
+    """What shows this process runs on one of several nodes (``NNODES`` > 1, as LLaMA-Factory's launcher passes it;
+    ``WORLD_SIZE`` > ``LOCAL_WORLD_SIZE``), else None."""
     env = os.environ if env is None else env
     with contextlib.suppress(ValueError):  # an elastic range (1:2) or no number: the launcher decides
         if int(env.get("NNODES") or 1) > 1:
@@ -114,21 +108,20 @@ def several_nodes(env: Mapping[str, str] | None = None) -> str | None:
 
 
 def tell_torchrun(environ: Mapping[str, str] | None = None) -> None:
-    """In a torchrun rank, the error file its agent reads (``TORCHELASTIC_ERROR_FILE``): its report of the failed job
-    then points at the refusal's line instead of saying how to get a traceback (every rank a refusal ends writes it:
-    the report names whichever failed first)."""
+    """Write the error file torchrun's agent reads, so its report points at the refusal's line (every rank a refusal
+    ends writes it; the report names the first)."""
     environ = os.environ if environ is None else environ
     path = environ.get("TORCHELASTIC_ERROR_FILE")
     if not path:
         return
     note = f"refused by llamafactory-hera's checks: see the {PREFIX} error line above"
     with contextlib.suppress(OSError), open(path, "w", encoding="utf-8") as file:
-        # the form torch's own @record writes (a bare string message makes the agent warn twice)
+        # as torch's @record writes it (a bare string makes the agent warn twice)
         json.dump({"message": {"message": note, "extraInfo": {"timestamp": str(int(time.time()))}}}, file)
 
 
 def _listening(job: Job) -> bool:
-    """Whether the store's port takes connections (a plain socket: c10d logs every failed try of its own)."""
+    """Whether the store's port takes connections (a plain socket: c10d logs each failed try)."""
     try:
         with socket.create_connection((job.host, job.port), timeout=CONNECT_S):
             return True
@@ -140,7 +133,7 @@ def _store(job: Job) -> Any | None:
     """A client of the job's store, None if unreachable."""
     if not _listening(job):
         return None
-    # lazy: torch only in a rank of a multi-process job, which loads it anyway
+    # lazy: only in a job's rank, which loads torch anyway
     from torch.distributed import TCPStore
 
     try:
@@ -149,12 +142,12 @@ def _store(job: Job) -> Any | None:
         return None
 
 
-_refusing = threading.Event()  # this rank refused: its own flag must not end it before it has printed
+_refusing = threading.Event()  # this rank refused: its own flag must not end it before it prints
 
 
 def _node_report(store: Any, job: Job) -> str | None:
-    """The refusal's report where this rank prints it for its node (local rank 0 of a node other than the one where
-    the first refusing rank printed it; counted, so that the first waits for it), else None."""
+    """The report if this rank prints it for its node (local rank 0 of a node but the first refuser's; counted in
+    ``told``), else None."""
     if job.local_rank != 0:
         return None
     try:
@@ -177,7 +170,7 @@ def _watch(job: Job) -> None:
         try:
             refused = store.check([job.prefix + REFUSED])
         except RuntimeError:
-            return  # the store's host has ended (the job is ending): nothing more to watch
+            return  # the store's host has ended: the job is ending
         if refused and not _refusing.is_set():
             report = _node_report(store, job)
             if report:
@@ -191,7 +184,7 @@ _watching: list[threading.Thread] = []
 
 
 def _stop_watching() -> None:
-    """End the watch before the interpreter does (a thread inside a store call at exit aborts the process)."""
+    """End the watch before the interpreter (a thread in a store call at exit aborts the process)."""
     _refusing.set()
     for thread in _watching:
         thread.join(timeout=CONNECT_S + 2 * POLL_S)
@@ -201,7 +194,7 @@ atexit.register(_stop_watching)
 
 
 def watch(env: Mapping[str, str] | None = None) -> None:
-    """In a rank of a multi-process job, end this process when another rank refuses (once per process)."""
+    """In a job's rank, end this process when another rank refuses (idempotent)."""
     env = os.environ if env is None else env
     job = job_of(env)
     if job is None or _watching:
@@ -212,10 +205,8 @@ def watch(env: Mapping[str, str] | None = None) -> None:
 
 
 def announce(report: str, env: Mapping[str, str] | None = None) -> tuple[bool, bool]:
-    """Tell the other ranks that this one refused with ``report``: (whether this rank is still to print it, whether the
-    store was reached). The first to refuse prints it before they are told (they end at once, then torchrun stops it);
-    local rank 0 of each other node prints it too (:func:`_node_report`). No store (one process, none up within
-    :data:`TELL_S`): (True, False)."""
+    """Tell the other ranks this one refused: (whether this rank still prints ``report``, whether the store was
+    reached); (True, False) with no store up within :data:`TELL_S`."""
     env = os.environ if env is None else env
     _refusing.set()
     job = job_of(env)
@@ -230,7 +221,7 @@ def announce(report: str, env: Mapping[str, str] | None = None) -> tuple[bool, b
     printed = False
     try:
         if store.add(job.prefix + "refusals", 1) == 1:
-            printed = True  # before the flag below
+            printed = True  # before the flag: the others end at once, then torchrun stops this rank
             print(report, end="", file=sys.stderr, flush=True)
             store.set(job.prefix + REFUSED, json.dumps({"node": job.node, "report": report}))
             deadline = time.monotonic() + NODES_S
@@ -243,8 +234,7 @@ def announce(report: str, env: Mapping[str, str] | None = None) -> tuple[bool, b
 
 
 def install() -> None:
-    """Route uncaught plugin errors to :func:`short_report`, printed once per node of the job (idempotent; off with
-    LLAMAFACTORY_HERA_TRACEBACK=1)."""
+    """Route uncaught plugin errors to :func:`short_report` (idempotent; off with LLAMAFACTORY_HERA_TRACEBACK=1)."""
     previous = sys.excepthook
     if getattr(previous, "__module__", None) == __name__ or os.environ.get(TRACEBACK_ENV, "") not in {"", "0"}:
         return

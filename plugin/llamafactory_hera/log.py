@@ -1,10 +1,7 @@
-"""The one log helper: what the plugin tells the terminal and, when LlamaBoard launched the run, LlamaBoard's monitor.
-
-``stage: rah`` has no Trainer, so nothing else would write the files LlamaBoard polls: ``running_log.txt`` (the log
-box) and ``trainer_log.jsonl`` (the progress bar; LLaMA-Factory 0.9.5 reads ``current_steps``, ``total_steps``,
-``percentage``, ``elapsed_time`` and ``remaining_time`` from its last line). LlamaBoard sets ``LLAMABOARD_ENABLED=1``
-and ``LLAMABOARD_WORKDIR`` for the runs it starts. Inside :func:`host_output_to`, file descriptors 1 and 2 write to a
-log file, while the plugin's own lines (:func:`show`) and bars (:func:`progress_file`) keep the terminal.
+"""The one log helper: what the plugin tells the terminal and, in a run LlamaBoard launched (``LLAMABOARD_ENABLED=1``,
+``LLAMABOARD_WORKDIR``), LlamaBoard's monitor: ``stage: rah`` has no Trainer to write ``running_log.txt`` (the log box)
+and ``trainer_log.jsonl`` (the progress bar; LLaMA-Factory 0.9.5 reads its last line). Inside :func:`host_output_to`,
+fds 1 and 2 go to a log file while the plugin's lines (:func:`show`) and bars (:func:`progress_file`) keep the terminal.
 """
 
 from __future__ import annotations
@@ -18,20 +15,20 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
-PREFIX = "[llamafactory-hera]"  # what every line the plugin says starts with (demo/console.py picks them out by it)
+PREFIX = "[llamafactory-hera]"  # starts every plugin line (demo/console.py picks them out by it)
 RUNNING_LOG = "running_log.txt"
 TRAINER_LOG = "trainer_log.jsonl"
-PHASE_KEY = "rah_phase"  # marks a trainer_log line as RAH-LoRA progress (the panel draws it instead of a loss)
+PHASE_KEY = "rah_phase"  # marks a trainer_log line as RAH-LoRA progress (the panel draws it, not a loss)
 
 
 def board_dir() -> Path | None:
-    """The folder LlamaBoard monitors, when LlamaBoard started this run; else None."""
+    """The folder LlamaBoard monitors if it started this run, else None."""
     workdir = os.environ.get("LLAMABOARD_WORKDIR")
     return Path(workdir) if os.environ.get("LLAMABOARD_ENABLED") == "1" and workdir else None
 
 
 def _append(name: str, line: str) -> None:
-    """``line`` appended to the file ``name`` LlamaBoard polls, when LlamaBoard runs this."""
+    """Append ``line`` to LlamaBoard's file ``name`` when LlamaBoard runs this."""
     folder = board_dir()
     if folder is not None:
         folder.mkdir(parents=True, exist_ok=True)
@@ -40,26 +37,24 @@ def _append(name: str, line: str) -> None:
 
 
 def line(message: str) -> str:
-    """``message`` as a line of the plugin's (its prefix first), for a caller that prints it itself."""
+    """``message`` after the plugin's prefix, for a caller that prints it itself."""
     return f"{PREFIX} {message}"
 
 
 def say(message: str) -> None:
-    """One line on the terminal, and in LlamaBoard's log box when LlamaBoard runs it."""
+    """One line on the terminal, and in LlamaBoard's log box under LlamaBoard."""
     print(line(message), flush=True)
     _append(RUNNING_LOG, line(message))
 
 
 def say_apart(message: str) -> None:
-    """:func:`say` on a line of its own: a newline first, for a progress bar's ``\\r`` that left the line open (a
-    log that holds both streams would otherwise join the line to the bar)."""
+    """:func:`say` after a newline: a bar's ``\\r`` left the line open (a log of both streams would join them)."""
     print(f"\n{line(message)}", flush=True)
     _append(RUNNING_LOG, line(message))
 
 
 def _another_rank() -> bool:
-    """Whether this process is a rank other than 0 of a running torch.distributed group (torch is looked up, not
-    imported: a process that has not imported it runs no group)."""
+    """Whether this is a rank > 0 of a running torch.distributed group (torch not imported: no torch, no group)."""
     torch = sys.modules.get("torch")
     distributed = getattr(torch, "distributed", None)
     return bool(
@@ -71,32 +66,31 @@ def _another_rank() -> bool:
 
 
 def say_once(message: str) -> None:
-    """:func:`say` on rank 0 only (a line every rank would print the same)."""
+    """:func:`say` on rank 0 only."""
     if not _another_rank():
         say(message)
 
 
-SAY_AGAIN = "LLAMAFACTORY_HERA_SAY_AGAIN"  # lines said before LLaMA-Factory's LogCallback emptied running_log.txt
+SAY_AGAIN = "LLAMAFACTORY_HERA_SAY_AGAIN"  # lines said before LogCallback emptied running_log.txt
 
 
 def say_before_callbacks(message: str) -> None:
-    """:func:`say`, kept to be said again in LlamaBoard's log box by :func:`say_again_on_board`: LLaMA-Factory's
-    LogCallback empties running_log.txt when the run builds it, after the recipe checks (the ranks a launcher starts
-    inherit the kept lines)."""
+    """:func:`say`, kept for :func:`say_again_on_board`: LLaMA-Factory's LogCallback empties running_log.txt when
+    the run builds it, after the recipe checks (a launcher's ranks inherit the kept lines)."""
     say(message)
     if board_dir() is not None:
         os.environ[SAY_AGAIN] = "\n".join(filter(None, [os.environ.get(SAY_AGAIN), message]))
 
 
 def say_again_on_board() -> None:
-    """The lines :func:`say_before_callbacks` kept, said again (rank 0) once the run's callbacks exist."""
+    """Say the kept lines again (rank 0) once the run's callbacks exist."""
     for line in os.environ.pop(SAY_AGAIN, "").splitlines():
         say_once(line)
 
 
 def progress_once(items: Iterable[Any], label: str) -> Iterable[Any]:
-    """``items`` with a progress bar on rank 0 only (no LlamaBoard progress lines: a Trainer writes those)."""
-    from tqdm.auto import tqdm  # lazy: tqdm only when a bar is drawn, not for every line said
+    """``items`` with a bar on rank 0 only (no LlamaBoard progress lines: a Trainer writes those)."""
+    from tqdm.auto import tqdm  # lazy: only when a bar is drawn
 
     return tqdm(list(items), desc=label, disable=_another_rank(), leave=False)
 
@@ -107,7 +101,7 @@ def _clock(seconds: float) -> str:
 
 
 def progress_line(phase: str, done: int, total: int, elapsed: float) -> dict[str, Any]:
-    """A trainer_log.jsonl line LlamaBoard's progress bar reads, for ``done`` of ``total`` items of a phase."""
+    """A trainer_log.jsonl line for LlamaBoard's progress bar: ``done`` of ``total`` items of ``phase``."""
     remaining = elapsed / done * (total - done) if done else 0.0
     return {
         "current_steps": done,
@@ -120,8 +114,8 @@ def progress_line(phase: str, done: int, total: int, elapsed: float) -> dict[str
 
 
 def progress(items: Iterable[Any], label: str) -> Iterator[Any]:
-    """``items`` with a tqdm bar, and LlamaBoard's progress bar when LlamaBoard runs it."""
-    from tqdm.auto import tqdm  # lazy: tqdm only when a bar is drawn, not for every line said
+    """``items`` with a tqdm bar, and LlamaBoard's progress bar under LlamaBoard."""
+    from tqdm.auto import tqdm  # lazy: only when a bar is drawn
 
     listed = list(items)
     started = time.perf_counter()
@@ -131,7 +125,7 @@ def progress(items: Iterable[Any], label: str) -> Iterator[Any]:
 
 
 def start_board_files() -> None:
-    """A fresh progress file for this run (an earlier run's lines in the same folder would move the bar)."""
+    """Remove an earlier run's progress file from the folder (its lines would move the bar)."""
     folder = board_dir()
     if folder is not None and (folder / TRAINER_LOG).is_file():
         (folder / TRAINER_LOG).unlink()
@@ -150,8 +144,7 @@ def show(*values: object) -> None:
 
 
 def progress_file() -> TextIO | None:
-    """The stream for the plugin's own progress bars (tqdm's ``file``): the terminal's stderr while host output is
-    redirected, else None (tqdm's default, ``sys.stderr``)."""
+    """tqdm's ``file`` for the plugin's bars: the terminal's stderr while host output is redirected, else None."""
     return _terminals[-1][1] if _terminals else None
 
 
@@ -161,11 +154,8 @@ def _reopened(fd: int) -> TextIO:
 
 @contextlib.contextmanager
 def host_output_to(log_path: Path | None) -> Iterator[None]:
-    """Send the process's stdout/stderr to ``log_path`` (created or replaced) for the block; ``None``: leave them.
-
-    On leaving (also on an error), the streams are restored and one line names the log, so an error printed next
-    is on the terminal and the host's lines before it are in the file.
-    """
+    """Send stdout/stderr to ``log_path`` (replaced) for the block; ``None``: leave them. On leaving, also on an
+    error, they are restored and one line names the log: an error printed next reaches the terminal."""
     if log_path is None:
         yield
         return

@@ -1,11 +1,10 @@
-"""The methods this plugin brings to LLaMA-Factory: the registry, above the methods' packages (none of which imports
-it). The start-up hook registers :func:`declared_methods` with :mod:`llamafactory_hera.runtime.registry`; the patches
-make each declaration (:class:`~llamafactory_hera.recipe.declaration.Method`) a stage, an argument set and a LlamaBoard
-panel, and ``llamafactory-hera`` takes its verbs from it, so adding a method touches no patch.
+"""The plugin's methods: the registry, above the methods' packages (none imports it). The start-up hook registers
+:func:`declared_methods` with :mod:`llamafactory_hera.runtime.registry`; the patches make each
+:class:`~llamafactory_hera.recipe.declaration.Method` a stage, arguments and a LlamaBoard panel, and
+``llamafactory-hera`` takes its verbs: a new method touches no patch.
 
-A declaration names its run class (light: :mod:`llamafactory_hera.recipe.run`); its panel, verbs and plan are the
-functions below, each importing what it builds when called (lazy: LlamaBoard's gradio and torch, the verbs' and the
-plan's modules, none of which a training run or a one-line error needs).
+A declaration names its (light) run class; its panel, verbs and plan are the functions below, each importing what it
+builds only when called (gradio, torch, the verbs' and plan's modules: a training run or a one-line error needs none).
 """
 
 from __future__ import annotations
@@ -24,37 +23,37 @@ from llamafactory_hera.recipe.declaration import Method
 
 def plan(args: dict[str, Any]) -> str:
     """Every method's run planned alike (:func:`llamafactory_hera.plan.cli.board_report`)."""
-    from llamafactory_hera.plan.cli import board_report  # lazy (the module doc)
+    from llamafactory_hera.plan.cli import board_report  # lazy
 
     return board_report(args)
 
 
 def hera_panel() -> Any:
-    from llamafactory_hera.hera.webui_panel import PANEL  # lazy (the module doc)
+    from llamafactory_hera.hera.webui_panel import PANEL  # lazy
 
     return PANEL
 
 
 def rah_panel() -> Any:
-    from llamafactory_hera.rah.webui_panel import PANEL  # lazy (the module doc)
+    from llamafactory_hera.rah.webui_panel import PANEL  # lazy
 
     return PANEL
 
 
 def harc_panel() -> Any:
-    from llamafactory_hera.harc.webui_panel import PANEL  # lazy (the module doc)
+    from llamafactory_hera.harc.webui_panel import PANEL  # lazy
 
     return PANEL
 
 
 def hera_verbs(commands: Any) -> dict[str, Callable[[Any], None]]:
-    from llamafactory_hera.hera.cli import add_verbs  # lazy (the module doc)
+    from llamafactory_hera.hera.cli import add_verbs  # lazy
 
     return add_verbs(commands)
 
 
 def harc_verbs(commands: Any) -> dict[str, Callable[[Any], None]]:
-    from llamafactory_hera.harc.convert import add_verbs  # lazy (the module doc)
+    from llamafactory_hera.harc.convert import add_verbs  # lazy
 
     return add_verbs(commands)
 

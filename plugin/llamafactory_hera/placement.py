@@ -1,10 +1,9 @@
-"""Where a job that runs forward passes only (head selection, RAH-LoRA's calibration) holds its model in one process:
-whole on its device when it fits there; else over every visible GPU, balanced by accelerate, then the CPU's RAM for
-what the GPUs cannot hold (an offloaded layer is copied to its GPU for its forward, every batch); refused before any
-weight loads when all of them together cannot hold it. Under a launch of several processes on the node each keeps to
-its own GPU and the CPU: the others' GPUs are theirs. Sizes from the config alone (a meta-device model), so a 70B
-model is judged without reading its weights (:func:`check_model_structure` builds it and checks its heads). A
-bitsandbytes model (``quantization_bit``) is judged whole on the job's device in its codes, as LLaMA-Factory loads it.
+"""Where a forward-only job (head selection, RAH-LoRA's calibration) holds its model in one process: whole on its
+device if it fits; else over the visible GPUs, balanced by accelerate, then CPU RAM (an offloaded layer is copied to
+its GPU for its forward, every batch); refused before any weight loads if all together cannot hold it. Under a
+multi-process launch a process uses only its own GPU and the CPU (the others' GPUs are theirs). Sizes come from the
+config (a meta-device model): a 70B model is judged without reading its weights. A ``quantization_bit`` model is
+judged whole on the job's device, in its codes, as LLaMA-Factory loads it.
 """
 
 from __future__ import annotations
@@ -21,7 +20,7 @@ from llamafactory_hera.log import show
 from llamafactory_hera.recipe.quantization import quantized_bytes_per_weight
 from llamafactory_hera.runtime.errors import RecipeError
 
-HEADROOM = 0.9  # of what is free: the batch's activations, the allocator's blocks, the loader's transient copies
+HEADROOM = 0.9  # of what is free: the rest for activations, allocator blocks, the loader's transient copies
 FIX = "Free memory or run on a machine with more GPU memory or RAM"
 
 
@@ -31,8 +30,8 @@ def gb(size: float) -> str:
 
 
 def stored_bytes(meta: torch.nn.Module, dtype: str, bits: int | None = None, double_quant: bool = True) -> int:
-    """Bytes of ``meta``'s weights in ``dtype``; with ``bits``, its linear layers but the output layer in bitsandbytes'
-    codes (:func:`quantized_bytes_per_weight`), as LLaMA-Factory's ``quantization_bit`` stores them."""
+    """Bytes of ``meta``'s weights in ``dtype``; with ``bits``, its linear layers but ``lm_head`` in bitsandbytes'
+    codes, as LLaMA-Factory's ``quantization_bit`` stores them."""
     linears = [m for name, m in meta.named_modules() if bits and type(m) is torch.nn.Linear and "lm_head" not in name]
     return compute_module_sizes(meta, dtype=getattr(torch, dtype))[""] + sum(
         math.ceil(m.weight.numel() * quantized_bytes_per_weight(bits, double_quant, m.in_features))
@@ -42,18 +41,17 @@ def stored_bytes(meta: torch.nn.Module, dtype: str, bits: int | None = None, dou
 
 
 def plan_memory(model_bytes: int, reserve: int, free: dict[Any, int]) -> dict[Any, int] | None:
-    """accelerate's ``max_memory`` for the model: None when ``model_bytes`` fits the first place of ``free`` (the
-    job's device: loaded whole) and the CPU keeps ``reserve``, else every place's budget in order: ``HEADROOM`` of its
-    free bytes, less ``reserve`` on the CPU (bytes the job holds there besides the model). The budgets may hold less
-    than the model, or the CPU less than nothing: the caller refuses it."""
+    """accelerate's ``max_memory``: None when ``model_bytes`` fits the first place of ``free`` (the job's device) and
+    the CPU keeps ``reserve``; else each place's budget: ``HEADROOM`` of its free bytes, less ``reserve`` on the CPU.
+    The caller refuses budgets too small, or a negative CPU one."""
     budgets = {place: int(size * HEADROOM) - (reserve if place == "cpu" else 0) for place, size in free.items()}
     first, *_ = budgets
     return None if model_bytes <= budgets[first] and budgets.get("cpu", 0) >= 0 else budgets
 
 
 def free_memory(device: str) -> dict[Any, int]:
-    """Free bytes of the job's device (a CUDA index, as accelerate names it), of the node's other visible GPUs where
-    this process is the node's only one, and of the CPU's RAM, in that order."""
+    """Free bytes of the job's device (a CUDA index, as accelerate names it), of the other visible GPUs when this is
+    the node's only process, and of CPU RAM, in that order."""
     import psutil  # lazy: an accelerate dependency, only when a model is placed
 
     ram = psutil.virtual_memory().available
@@ -78,11 +76,10 @@ def device_map_for(
     bits: int | None = None,
     double_quant: bool = True,
 ) -> dict[str, Any] | None:
-    """The ``device_map`` ``job`` loads ``meta``'s model with in ``dtype``, in ``bits`` (``quantization_bit``)
-    where set (None: whole on ``device``), said in one line; a RecipeError naming the bytes needed (the model's, and
-    ``reserve``: bytes of CPU RAM the job holds besides, and what for), ``fix`` and each ``quantization_bit`` that
-    would fit where the GPUs and the RAM cannot hold it. On a device other than the CPU or CUDA, or saved quantized
-    (its sizes are not the config's dtype's), it loads whole, as LLaMA-Factory loads it."""
+    """The ``device_map`` for ``job`` to load ``meta``'s model, said in one line; None: whole on ``device`` (also off
+    CPU/CUDA, or saved quantized: sizes not the config dtype's). A RecipeError if it does not fit, naming the bytes
+    needed (the model's, and ``reserve``: CPU RAM held besides, and what for), ``fix`` and each ``quantization_bit``
+    that would fit."""
     if torch.device(device).type not in ("cpu", "cuda") or getattr(meta.config, "quantization_config", None):
         show(f"{job}: {model_name} loads whole on {device}, as LLaMA-Factory loads it.")
         return None
@@ -97,7 +94,7 @@ def device_map_for(
             f"({gb(next(iter(free.values())))} free)."
         )
         return None
-    device_map = {"": "disk"}  # accelerate's last resort, which no job here takes (nor a quantized model: whole)
+    device_map = {"": "disk"}  # accelerate's last resort, which no job here takes (a quantized model: whole)
     no_split = list(getattr(meta, "_no_split_modules", None) or [])
     if not bits and sum(budgets.values()) >= size and min(budgets.values()) >= 0:
         balanced = (
@@ -144,9 +141,9 @@ def _name(place: Any) -> str:
 
 
 def check_model_structure(model_name_or_path: str, trust_remote_code: bool) -> torch.nn.Module | None:
-    """Build an empty (meta-device) model from the config and check every decoder layer has ``o_proj`` (unknown
-    architectures are left to the load); returns it (None: an architecture the auto classes do not build)."""
-    from transformers import AutoConfig  # lazy: transformers only when a config is read (see below)
+    """Build an empty (meta-device) model from the config and check every decoder layer has ``o_proj``; return it
+    (None: an architecture the auto classes do not build, left to the load)."""
+    from transformers import AutoConfig  # lazy: see below
 
     try:
         config = AutoConfig.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
@@ -156,8 +153,8 @@ def check_model_structure(model_name_or_path: str, trust_remote_code: bool) -> t
             f"({str(err).splitlines()[0]}). Give the folder of a local model (holding its config.json) "
             "or a Hugging Face model id that is cached or reachable."
         ) from None
-    # lazy: transformers and its model classes (its generation code, scikit-learn) only once a model is read, so that
-    # `select`'s one-line errors (--device, the recipe) come at once
+    # lazy: the model classes (generation code, scikit-learn) only once a model is read: `select`'s one-line errors
+    # (--device, the recipe) come at once
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     model = None

@@ -1,4 +1,4 @@
-"""``python -m llamafactory_hera.demo``: see :mod:`llamafactory_hera.demo.cli`."""
+"""``python -m llamafactory_hera.demo`` (:mod:`llamafactory_hera.demo.cli`)."""
 
 import sys
 

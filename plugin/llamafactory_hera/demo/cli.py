@@ -1,7 +1,5 @@
-"""The demos' dispatcher (what ``python3 dev.py demo`` runs): ``python -m llamafactory_hera.demo --method hera|rah|harc
-...``. Each method's demo writes into its own folder ``DIR/<method>/`` (layout in
-:mod:`llamafactory_hera.demo.folders`), so the demos keep each other's outputs; its module (:data:`DEMOS`) declares what
-it needs and runs.
+"""The demos' dispatcher: ``python -m llamafactory_hera.demo --method hera|rah|harc ...``. Each method's demo writes
+into its own ``DIR/<method>/`` (:mod:`llamafactory_hera.demo.folders`), so the demos keep each other's outputs.
 """
 
 from __future__ import annotations
@@ -18,13 +16,13 @@ from llamafactory_hera.demo.folders import DemoError, mark, prepare_folder
 from llamafactory_hera.demo.runner import DemoContext, find_cli, offline_env, say
 from llamafactory_hera_patches.stacks import family_too_new, installed
 
-# method -> its demo module: TITLE, FAMILIES (the first is the default), DEFAULT_STEPS (None: takes no step),
-# ASSETS_NAME (folder under DIR), OWN_OUTPUTS (names in DIR/<method> it replaces), run(ctx) -> int
+# method -> module: TITLE, FAMILIES (first: default), DEFAULT_STEPS (None: no step), ASSETS_NAME (under DIR),
+# OWN_OUTPUTS (names in DIR/<method> it replaces), run(ctx) -> exit code
 DEMOS: dict[str, ModuleType] = {"hera": hera_demo, "rah": rah_demo, "harc": harc_demo}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    """Command-line options, checked against the chosen method (a family or ``--steps`` it cannot take is an error)."""
+    """Command-line options; a family or ``--steps`` the method cannot take is an error."""
     families = sorted({family for module in DEMOS.values() for family in module.FAMILIES})
     parser = argparse.ArgumentParser(
         prog="python -m llamafactory_hera.demo",
@@ -103,7 +101,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point; returns the process exit code."""
+    """Entry point; returns the exit code."""
     args = parse_args(argv)
     module = DEMOS[args.method]
     output = args.output.resolve()

@@ -1,6 +1,5 @@
-"""What the demo shows while ``llamafactory-cli train`` runs: the host's several hundred lines go to a log file, and
-the terminal gets this plugin's own lines (``log.PREFIX`` first) and one progress line per logged step, read
-from the Trainer's ``{'loss': ...}`` dictionaries.
+"""What the demo shows while ``llamafactory-cli train`` runs: the host's lines go to a log file; the terminal gets the
+plugin's lines (``log.PREFIX``) and a line per logged step (the Trainer's ``{'loss': ...}``).
 """
 
 from __future__ import annotations
@@ -12,7 +11,7 @@ from collections.abc import Callable
 from llamafactory_hera.log import PREFIX
 
 _STEP_DICT = re.compile(r"\{'loss': [^{}]*\}")
-# (key in the Trainer's log dictionary, label shown): HeRA's and HARC's terms; a key a run does not log is left out
+# (Trainer log key, label): HeRA's and HARC's terms; a key the run does not log is left out
 _SHOWN_METRICS = (
     ("loss", "loss"),
     ("lm_loss", "lm_loss"),
@@ -34,9 +33,8 @@ def step_line(step: int, total: int, metrics: dict[str, object]) -> str:
 
 
 class ProgressFilter:
-    """Feed raw output chunks; ``emit`` receives the lines worth showing (without newline). Lines are split on
-    ``\\n`` and ``\\r`` (tqdm redraws its bar with ``\\r`` and the Trainer's log dict lands on the same physical
-    line)."""
+    """Fed raw output; ``emit`` gets the lines worth showing. Split on ``\\n`` and ``\\r``: tqdm redraws with
+    ``\\r``, and the Trainer's log dict lands on the bar's physical line."""
 
     def __init__(self, total_steps: int, emit: Callable[[str], None], logging_steps: int = 1) -> None:
         self.total_steps = total_steps
@@ -46,7 +44,7 @@ class ProgressFilter:
         self._pending = ""
 
     def feed(self, chunk: str) -> None:
-        """Consume a chunk of the child's output (any split, any size)."""
+        """Consume a chunk of output, split anywhere."""
         text = self._pending + chunk
         *complete, self._pending = re.split(r"[\r\n]", text)
         for line in complete:

@@ -1,9 +1,5 @@
-"""The demos' output folders: one per method under the demos' root (``--output``, default ``./demo_output``; its
-layout: docs/development.md), each replaced only by its own demo.
-
-The root and each method folder carry a marker file (:data:`MARKER_NAME`); a rerun removes, and names, the outputs
-its method lists (:func:`prepare_folder`); a folder without the marker whose ``run/`` holds files is refused unless
-``--overwrite``.
+"""The demos' output folders: one per method under the root (``--output``; layout: docs/development.md), each marked
+(:data:`MARKER_NAME`) and replaced only by its own demo (:func:`prepare_folder`).
 """
 
 from __future__ import annotations
@@ -22,7 +18,7 @@ class DemoError(RuntimeError):
 
 
 def _remove(folder: Path, names: tuple[str, ...]) -> list[str]:
-    """Remove each of ``names`` that exists in ``folder`` (file, link or folder); return the names removed."""
+    """Remove each of ``names`` in ``folder`` (file, link or folder); return those removed."""
     removed = []
     for name in names:
         path = folder / name
@@ -37,9 +33,9 @@ def _remove(folder: Path, names: tuple[str, ...]) -> list[str]:
 
 
 def prepare_folder(folder: Path, own_outputs: tuple[str, ...], overwrite: bool) -> list[str]:
-    """Make room for a new demo run in ``folder`` (one method's folder); return the names of earlier outputs removed.
-    A folder the demo made (its marker file) loses ``own_outputs`` only; in any other a ``run/`` holding files is
-    refused (:class:`DemoError`) unless ``overwrite``, which removes ``run/`` alone."""
+    """Make room for a new run in a method's ``folder``; return the earlier outputs removed. A folder the demo made
+    (its marker) loses ``own_outputs`` only; in any other, a ``run/`` holding files is refused (:class:`DemoError`)
+    unless ``overwrite``, which removes ``run/`` alone."""
     run_dir = folder / RUN_DIR_NAME
     mine = (folder / MARKER_NAME).is_file()
     if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())) and not (overwrite or mine):
@@ -51,6 +47,6 @@ def prepare_folder(folder: Path, own_outputs: tuple[str, ...], overwrite: bool) 
 
 
 def mark(folder: Path, what: str) -> None:
-    """Create ``folder`` and write the marker saying what the demo keeps there."""
+    """Create ``folder`` with the marker saying what the demo keeps there."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / MARKER_NAME).write_text(f"made by python -m llamafactory_hera.demo; {what}\n", encoding="utf-8")

@@ -1,7 +1,6 @@
-"""HARC's demo (``python3 dev.py demo --method harc``): safety fine-tuning of a tiny Llama-3, refusals before/after:
-tiny copies of the public sources converted with ``llamafactory-hera harc-data`` (the command a user runs on the real
-files), ``stage: harc`` trained with the stock ``llamafactory-cli train``, then the end-of-run refusal rates of the
-base model and the trained one (``harc_eval.json``), the outputs and the next steps.
+"""HARC's demo (``--method harc``): safety fine-tuning of a tiny Llama-3. Tiny copies of the public sources go through
+``harc-data``, ``llamafactory-cli train`` runs ``stage: harc``, then the summary shows the base and trained models'
+refusal rates (``harc_eval.json``).
 """
 
 from __future__ import annotations
@@ -26,7 +25,7 @@ OWN_OUTPUTS = (RUN_DIR_NAME, SOURCES_NAME, DATA_NAME, RECIPE_NAME, LOG_NAME)
 SOURCE_ROWS = 48  # rows per source file (harmful, harmless); 12 pseudo-harmful
 LOGGING_STEPS = 5
 ROLES = ("harc_harmful", "harc_harmless", "harc_pseudo", "harc_harmful_completions")
-# (file in the run's folder, what it is), as the summary lists them
+# (file in the run's folder, what it is) for the summary
 OUTPUTS = (
     ("adapter_model.safetensors", "LoRA adapter"),
     ("harc_eval.json", "refusal rates, validation cosines"),
@@ -39,9 +38,8 @@ OUTPUTS = (
 def build_harc_recipe(
     model: Path, template: str, data_dir: Path, run_dir: Path, steps: int, logging_steps: int = LOGGING_STEPS
 ) -> dict[str, Any]:
-    """A ``stage: harc`` recipe for a tiny text model (paths absolute), scaled down from the reference so that a
-    short run shows the base extraction, refreshes and the ramp: 16 + 8 held-out rows, band 1 of 6 layers, a refresh
-    every 20 steps and the ramp to 4 layers at step 40."""
+    """A ``stage: harc`` recipe for a tiny text model (paths absolute), scaled down so that a short run shows the base
+    extraction, refreshes and the ramp (to 4 layers at step 40)."""
     return demo_recipe(
         "harc",
         model,
@@ -64,7 +62,7 @@ def build_harc_recipe(
 
 
 def convert_sources(ctx: DemoContext) -> int:
-    """Write the tiny source files and run ``llamafactory-hera harc-data`` on them (its lines shown); exit code."""
+    """Write the tiny sources and run ``harc-data`` on them, its lines shown; return its exit code."""
     from llamafactory_hera.fixtures.harc_assets import write_source_files
 
     sources = write_source_files(ctx.folder / SOURCES_NAME, count=SOURCE_ROWS)
@@ -107,7 +105,7 @@ def _example(record: dict[str, Any], group: str) -> str:
 
 
 def refusal_lines(run_dir: Path) -> list[str]:
-    """The refusal rates before (the base model: the adapter disabled) and after, with one answer each."""
+    """Refusal rates before (the base model: adapter disabled) and after, with one answer each."""
     path = run_dir / "harc_eval.json"
     refusal = json.loads(path.read_text(encoding="utf-8")).get("refusal") if path.is_file() else None
     if not refusal:
@@ -124,7 +122,7 @@ def refusal_lines(run_dir: Path) -> list[str]:
 
 
 def harc_summary(ctx: DemoContext, elapsed: float, model: Path, template: str) -> str:
-    """Refusal rates, outputs, plots and the next steps of a finished HARC demo."""
+    """Refusal rates, outputs, plots and next steps of a finished HARC demo."""
     paths = {"datasets (harc-data output)": ctx.folder / DATA_NAME, "full training output": ctx.log}
     return summary_text(
         ctx,
@@ -150,7 +148,7 @@ def harc_summary(ctx: DemoContext, elapsed: float, model: Path, template: str) -
 
 
 def run(ctx: DemoContext) -> int:
-    """Build the tiny model, convert the tiny sources, train, print the refusal rates and the summary; exit code."""
+    """Build the tiny model, convert the sources, train, print the summary; return the exit code."""
     from llamafactory_hera.fixtures.harc_assets import build_harc_assets
 
     assets = prepare_assets(ctx, "tiny text models", build_harc_assets)

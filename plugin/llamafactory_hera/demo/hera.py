@@ -1,6 +1,5 @@
-"""HeRA's demo (``python3 dev.py demo``, ``--method hera``): a 20-step ``stage: hera`` LoRA run on a tiny offline
-MLLM (:func:`llamafactory_hera.fixtures.build_tiny_assets`) with the stock ``llamafactory-cli train``, then where the
-outputs are, the first/last losses and the next steps. Nothing here is needed to use HeRA.
+"""HeRA's demo (the default method): a 20-step ``stage: hera`` LoRA run on a tiny offline MLLM with the stock
+``llamafactory-cli train``, then the outputs, first/last losses and next steps. HeRA itself needs none of it.
 """
 
 from __future__ import annotations
@@ -18,7 +17,7 @@ FAMILIES = ("qwen3_vl", "qwen2_5_vl", "llava")
 DEFAULT_STEPS = 20
 ASSETS_NAME = "assets"  # shared with the RAH-LoRA demo (same tiny models)
 DEMO_HEADS = ["L1H0", "L1H2"]  # the tiny models have >= 2 layers and 4 heads
-# what the demo and the next steps it prints create in its folder (replaced on the next HeRA demo run)
+# what the demo and its printed next steps create in its folder (the next HeRA demo replaces them)
 OWN_OUTPUTS = (
     RUN_DIR_NAME,
     "run_sft",
@@ -30,7 +29,7 @@ OWN_OUTPUTS = (
     "recipe_selected.hera_selection.png",
     "recipe_selected.hera_selection.log",
 )
-# (file in the run's folder, what it is), as the summary lists them
+# (file in the run's folder, what it is) for the summary
 OUTPUTS = (
     ("adapter_model.safetensors", "LoRA adapter"),
     ("trainer_log.jsonl", "per-step log (trainer_log.jsonl)"),
@@ -41,7 +40,7 @@ OUTPUTS = (
 
 
 def build_recipe(assets: TinyAssets, family: str, run_dir: Path, steps: int) -> dict[str, Any]:
-    """A small LoRA recipe with ``stage: hera`` for one tiny model family (paths absolute)."""
+    """A small ``stage: hera`` LoRA recipe for one tiny family (paths absolute)."""
     return demo_recipe(
         "hera",
         assets.models[family],
@@ -65,7 +64,7 @@ def build_recipe(assets: TinyAssets, family: str, run_dir: Path, steps: int) -> 
 
 
 def summary(ctx: DemoContext, elapsed: float) -> str:
-    """Human-readable report of a finished demo run: outputs, every plot, losses, next steps."""
+    """Outputs, plots, losses and next steps of a finished HeRA demo."""
     run_dir = ctx.run_dir
     folder = ctx.folder
     cli = ctx.cli
@@ -100,7 +99,7 @@ def summary(ctx: DemoContext, elapsed: float) -> str:
 
 
 def run(ctx: DemoContext) -> int:
-    """Build the assets, write the recipe, train, print the summary; the exit code."""
+    """Build the assets, write the recipe, train, print the summary; return the exit code."""
     assets = prepare_assets(ctx, "tiny assets", build_tiny_assets)
     recipe = build_recipe(assets, ctx.family, ctx.run_dir, ctx.steps or DEFAULT_STEPS)
     return train_and_report(ctx, recipe, lambda elapsed: summary(ctx, elapsed))

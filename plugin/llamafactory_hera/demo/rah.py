@@ -1,9 +1,8 @@
-"""RAH-LoRA's demo (``python3 dev.py demo --method rah``): a ``stage: rah`` calibration of a tiny MLLM.
+"""RAH-LoRA's demo (``--method rah``): a ``stage: rah`` calibration of the HeRA demo's tiny MLLMs, into ``DIR/rah/``.
 
-The tiny models have 4 heads per layer, where the paper's percentiles (I-SAL below the 15th, CAF above the
-70th) keep at most one head and usually none; the demo loosens them (50th / 0th, anchors from every other
-head) and says so, so that the run shows targets, anchors, a trust region and an adapter. It uses the HeRA demo's
-tiny models (the same ``assets/`` folder) and writes into its own folder, ``DIR/rah/``.
+At 4 heads per layer the paper's percentiles (I-SAL below the 15th, CAF above the 70th) keep one head at most: the
+demo loosens them (50th / 0th, anchors from every other head), and says so, to show targets, anchors, a trust region
+and an adapter.
 """
 
 from __future__ import annotations
@@ -22,7 +21,7 @@ FAMILIES = ("qwen3_vl", "qwen2_5_vl", "llava")
 DEFAULT_STEPS = None  # training-free: no optimizer step
 ASSETS_NAME = "assets"  # the HeRA demo's tiny models
 OWN_OUTPUTS = (RUN_DIR_NAME, RECIPE_NAME, LOG_NAME)
-# what the tiny 4-head layers need to have targets at all (the recipes keep the paper's values)
+# so that tiny 4-head layers have targets at all (the recipes keep the paper's values)
 DEMO_THRESHOLDS = {
     "rah_isal_percentile": 50,
     "rah_caf_percentile": 0,
@@ -30,7 +29,7 @@ DEMO_THRESHOLDS = {
     "rah_num_anchors": 2,
     "rah_rank": 2,
 }
-# (file in the run's folder, what it is), as the summary lists them
+# (file in the run's folder, what it is) for the summary
 OUTPUTS = (
     ("adapter_model.safetensors", "LoRA adapter (PEFT)"),
     ("adapter_config.json", "adapter config"),
@@ -40,7 +39,7 @@ OUTPUTS = (
 
 
 def build_rah_recipe(assets: TinyAssets, family: str, run_dir: Path) -> dict[str, Any]:
-    """A ``stage: rah`` recipe for one tiny model family (paths absolute)."""
+    """A ``stage: rah`` recipe for one tiny family (paths absolute)."""
     return demo_recipe(
         "rah",
         assets.models[family],
@@ -61,7 +60,7 @@ def build_rah_recipe(assets: TinyAssets, family: str, run_dir: Path) -> dict[str
 
 
 def rah_summary(ctx: DemoContext, elapsed: float, template: str, model: str) -> str:
-    """Outputs, the profile's figures and the next steps of a finished RAH-LoRA demo."""
+    """Outputs, profile figures and next steps of a finished RAH-LoRA demo."""
     profile_path = ctx.run_dir / "rah_profile.json"
     profile = json.loads(profile_path.read_text(encoding="utf-8")) if profile_path.is_file() else {}
     summary = profile.get("summary", {})
@@ -95,7 +94,7 @@ def rah_summary(ctx: DemoContext, elapsed: float, template: str, model: str) -> 
 
 
 def run(ctx: DemoContext) -> int:
-    """Build (or reuse) the tiny models, write the recipe, calibrate, print the summary; the exit code."""
+    """Build (or reuse) the tiny models, write the recipe, calibrate, print the summary; return the exit code."""
     assets = prepare_assets(ctx, "tiny assets", build_tiny_assets)
     template = assets.templates[ctx.family]
     model = str(assets.models[ctx.family])

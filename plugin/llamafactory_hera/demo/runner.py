@@ -1,5 +1,5 @@
-"""Running the stock ``llamafactory-cli train`` for a demo: the steps every method's demo takes (:class:`DemoContext`,
-:func:`prepare_assets`, then :func:`train_and_report`).
+"""Running the stock ``llamafactory-cli train`` for a demo: :class:`DemoContext`, :func:`prepare_assets`, then
+:func:`train_and_report`, as every method's demo does.
 """
 
 from __future__ import annotations
@@ -35,9 +35,9 @@ Assets = TypeVar("Assets")
 class DemoContext:
     """One demo run: ``folder`` (``output / method``) holds ``recipe.yaml``, ``train.log`` and ``run/``."""
 
-    output: Path  # the demos' root (--output), absolute
-    folder: Path  # this method's folder, absolute
-    assets: Path  # the tiny assets' folder (built on first use), absolute
+    output: Path  # the demos' root (--output); these three paths absolute
+    folder: Path  # this method's folder
+    assets: Path  # the tiny assets' folder (built on first use)
     family: str  # tiny model family
     steps: int | None  # optimizer steps (None: the method takes none)
     cli: Path  # llamafactory-cli
@@ -66,7 +66,7 @@ class DemoContext:
 
 
 def find_cli() -> Path:
-    """The ``llamafactory-cli`` installed next to this interpreter (falls back to ``PATH``)."""
+    """``llamafactory-cli`` next to this interpreter, else on ``PATH``."""
     beside = Path(sys.executable).with_name("llamafactory-cli")
     if beside.is_file():
         return beside
@@ -77,9 +77,9 @@ def find_cli() -> Path:
 
 
 def offline_env(cache_dir: Path) -> dict[str, str]:
-    """This process's environment with the network off, caches under ``cache_dir`` and, unless the user set it,
-    one OpenMP thread: the tiny models gain nothing from more, and on a busy machine spinning threads made a HARC
-    demo run 20x slower (refreshes 81.8 s against 3.8 s with one thread, same run)."""
+    """This environment with the network off, caches under ``cache_dir`` and, unless set, one OpenMP thread: tiny
+    models gain nothing from more, and on a busy machine spinning threads made a HARC demo 20x slower (refreshes
+    81.8 s against 3.8 s)."""
     env = dict(os.environ)
     env.update(OFFLINE_ENV)
     env.setdefault("OMP_NUM_THREADS", "1")
@@ -94,10 +94,9 @@ def say(message: str) -> None:
 
 
 def train(ctx: DemoContext, logging_steps: int = 1) -> int:
-    """Run ``llamafactory-cli train`` on the demo's recipe (saying what runs and where its output goes), all its output
-    to ``ctx.log`` and on stdout per ``ctx.show``: ``progress`` (the plugin's lines and one line per logged step, every
-    ``logging_steps``), ``all`` or ``none``. On failure print the log's last 40 lines (unless already shown) and the
-    exit code. Returns the exit code."""
+    """Run ``llamafactory-cli train`` on the recipe, all output to ``ctx.log`` and to stdout per ``ctx.show``:
+    ``progress`` (the plugin's lines, a line per logged step), ``all`` or ``none``. On failure print the log's last
+    40 lines (unless shown) and the exit code; return it."""
     say(f"running: {shlex.join([str(ctx.cli), 'train', str(ctx.recipe)])}")
     say(f"full output: {ctx.log}" + ("" if ctx.show == "all" else " (--verbose shows it here)"))
     progress = ProgressFilter(ctx.steps or 1, lambda line: print(line, flush=True), logging_steps)
@@ -140,8 +139,8 @@ def demo_recipe(
     logging_steps: int = 1,
     **keys: Any,
 ) -> dict[str, Any]:
-    """What every demo's recipe holds: a LoRA run of ``stage`` on ``model`` into ``run_dir`` (paths absolute, seed 0),
-    with ``steps`` optimizer steps at a constant learning rate and plotted when given, then the method's ``keys``."""
+    """A LoRA run of ``stage`` on ``model`` into ``run_dir`` (paths absolute, seed 0); with ``steps``, that many
+    optimizer steps at a constant learning rate, plotted; then the method's ``keys``."""
     recipe = {
         "model_name_or_path": str(model),
         "template": template,
@@ -168,8 +167,7 @@ def demo_recipe(
 
 
 def prepare_assets(ctx: DemoContext, what: str, build: Callable[[Path], Assets]) -> Assets:
-    """Build (or reuse) the demo's tiny assets in ``ctx.assets`` with ``build``, saying where and how long it took;
-    ``what`` names them (``tiny assets``)."""
+    """Build (or reuse) the assets (``what``) in ``ctx.assets``, saying where and how long it took."""
     start = time.perf_counter()
     say(f"{what} in {ctx.assets} (built on first use) ...")
     assets = build(ctx.assets)
@@ -180,8 +178,7 @@ def prepare_assets(ctx: DemoContext, what: str, build: Callable[[Path], Assets])
 def train_and_report(
     ctx: DemoContext, recipe: dict[str, Any], summary: Callable[[float], str], logging_steps: int = 1
 ) -> int:
-    """Write ``recipe``, train on it and, when training succeeded, print ``summary(seconds the training took)``;
-    returns the exit code."""
+    """Write ``recipe``, train, and on success print ``summary(training seconds)``; return the exit code."""
     ctx.recipe.write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")  # keys in the given order
     say(f"recipe {ctx.recipe}")
     train_start = time.perf_counter()

@@ -1,5 +1,5 @@
-"""The summary a demo prints after its run (:func:`summary_text`, the same frame for every demo): its outputs, what
-the run shows, and the next steps to paste, with the lines the demos' next steps share.
+"""The summary a demo prints after its run (:func:`summary_text`, one frame for every demo), and the lines the
+demos' next steps share.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from llamafactory_hera.demo.runner import DemoContext
 
 
 def read_log(run_dir: Path) -> list[dict[str, Any]]:
-    """Lines of ``trainer_log.jsonl`` (empty if missing)."""
+    """``trainer_log.jsonl``'s lines (empty if missing)."""
     path = run_dir / "trainer_log.jsonl"
     if not path.is_file():
         return []
@@ -23,7 +23,7 @@ def read_log(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def first_last(log: list[dict[str, Any]], key: str) -> str:
-    """``first -> last  (n logged steps)`` of ``key`` in ``trainer_log.jsonl`` lines, or ``not logged``."""
+    """``first -> last  (n logged steps)`` of ``key``, or ``not logged``."""
     values = [entry[key] for entry in log if key in entry]
     if not values:
         return "not logged"
@@ -31,19 +31,18 @@ def first_last(log: list[dict[str, Any]], key: str) -> str:
 
 
 def where(run_dir: Path, name: str, what: str) -> str:
-    """A summary line: what an output is and its path, marked ``(missing)`` if the run did not write it."""
+    """A summary line: what an output is and its path, ``(missing)`` if the run did not write it."""
     path = run_dir / name
     return f"  {what:<34} {path}{'' if path.exists() else '  (missing)'}"
 
 
 def command(*parts: str | Path) -> str:
-    """A command line to print, indented under its step, quoted so that it can be pasted."""
+    """A command line indented under its step, quoted to be pasted."""
     return "     " + shlex.join([str(part) for part in parts])
 
 
 def eval_extra_lines() -> list[str]:
-    """The line that installs the ``eval`` extra's libraries into this environment, when they are missing (the demo
-    installs what the demo needs; ``llamafactory-hera eval`` needs lmms-eval / lm-eval as well)."""
+    """The line installing the ``eval`` extra when lmms-eval or lm-eval is missing (the demo installs only its own)."""
     import importlib.util
 
     from llamafactory_hera.evaluation.cli import EXTRA_PACKAGES
@@ -58,8 +57,7 @@ def eval_extra_lines() -> list[str]:
 
 
 def chat_command(ctx: DemoContext, model: str | Path, template: str, *extra: str) -> str:
-    """``llamafactory-cli chat`` with the run's adapter on ``model``, greedy (sampling a tiny random model prints
-    noise), then ``extra`` arguments."""
+    """``llamafactory-cli chat`` with the run's adapter on ``model``, greedy (sampling prints noise), then ``extra``."""
     return command(
         ctx.cli,
         "chat",
@@ -76,8 +74,7 @@ def chat_command(ctx: DemoContext, model: str | Path, template: str, *extra: str
 
 
 def eval_base_lines(ctx: DemoContext, tasks: str = "demo") -> list[str]:
-    """``llamafactory-hera eval`` of the run against its base model on ``tasks``, and the line installing the eval
-    extra when this environment lacks it."""
+    """``llamafactory-hera eval`` of the run against its base model, and the eval extra's install line if missing."""
     return [command(ctx.hera_cli, "eval", ctx.run_dir, "--base", "--tasks", tasks), *eval_extra_lines()]
 
 
@@ -91,9 +88,8 @@ def summary_text(
     next_steps: Sequence[str],
     plots: bool = True,
 ) -> str:
-    """The summary of a finished demo run: ``outputs`` (file name in the run's folder, what it is), ``paths`` (what
-    it is -> a path outside the run's folder), ``plots`` (list the run's PNGs), ``figures`` (the lines of what the
-    run shows), ``next_steps`` (their heading and the numbered steps)."""
+    """A finished run's summary: ``outputs`` (name in the run's folder, what it is), ``paths`` (what it is -> a path
+    outside it), the run's PNGs if ``plots``, ``figures`` (what the run shows), ``next_steps`` (heading, steps)."""
     run_dir = ctx.run_dir
     pngs = sorted(run_dir.glob("*.png"))
     return "\n".join(
