@@ -1,3 +1,2 @@
-"""The plugin's runtime, beside the patches and below the methods: the output folder's claim and set-aside, the run's
-identity and record, its save signal and whole-checkpoint markers, the job's store and launch watch, the method
-registry, and the one error type. Imports no llamafactory."""
+"""The plugin's runtime, below the methods: output folder claim and set-aside, run identity and record, save signal,
+whole-checkpoint markers, job store, launch watch, method registry, the error type. Imports no llamafactory."""

@@ -10,6 +10,6 @@ made: set[Path] = set()  # resolved; run_claim.claimed adds them for the run
 
 
 def made_by_claim(folder: Path) -> bool:
-    """Whether ``folder`` exists only because this process's claim made it (a check before the parse then says it did
-    not exist)."""
+    """Whether ``folder`` exists only because this process's claim made it (checks before the parse then call it
+    missing)."""
     return folder.expanduser().resolve() in made

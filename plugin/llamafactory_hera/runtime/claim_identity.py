@@ -1,11 +1,10 @@
 """Who a run is, for its output_dir claim (:mod:`.run_claim`).
 
-- the job its ranks share: ``TORCHELASTIC_RUN_ID`` and ``MASTER_ADDR:MASTER_PORT`` (torchrun, ``FORCE_TORCHRUN``,
-  ``accelerate launch``; a loopback address gets the host name), else ``MASTER_ADDR:MASTER_PORT`` with ``WORLD_SIZE``
-  above 1, else an ``srun`` job step of several tasks (``SLURM_JOB_ID``, ``SLURM_STEP_ID``, ``SLURM_NTASKS`` above 1); a
-  single process has none;
-- its rank (``RANK``, else ``SLURM_PROCID``) and launch count (``SLURM_RESTART_COUNT``: a requeued job);
-- whether a process of this host still runs (``/proc``: not a zombie, not a later process with the same id).
+- its job: ``TORCHELASTIC_RUN_ID`` and ``MASTER_ADDR:MASTER_PORT`` (torchrun, ``accelerate launch``; a loopback address
+  gets the host name), else ``MASTER_ADDR:MASTER_PORT`` with ``WORLD_SIZE`` > 1, else an ``srun`` step
+  (``SLURM_JOB_ID``, ``SLURM_STEP_ID``, ``SLURM_NTASKS`` > 1); a single process has none;
+- its rank (``RANK``, else ``SLURM_PROCID``) and launch count (``SLURM_RESTART_COUNT``);
+- whether a process here still runs (``/proc``: no zombie, no reused id).
 
 Imports nothing heavy: it runs before the parse.
 """
@@ -24,7 +23,7 @@ _LOOPBACK = ("localhost", "::1")
 
 def job_identity(env: Mapping[str, str] | None = None) -> str | None:
     """What the ranks of one job share (module doc), or None for a single process."""
-    # not a default: datasets' map(num_proc=N) rebinds os.environ to a copy
+    # not a default: datasets' map(num_proc=N) rebinds os.environ
     env = os.environ if env is None else env
     run_id = env.get("TORCHELASTIC_RUN_ID")
     addr = env.get("MASTER_ADDR")
@@ -61,8 +60,7 @@ def process_stat(pid: int) -> tuple[str, str] | None:
 
 
 def is_alive_here(pid: Any, process_start: Any = None) -> bool:
-    """Whether process ``pid`` of this host runs: not a zombie, and not a later process with the same id (when
-    ``process_start`` is given)."""
+    """Whether process ``pid`` runs here: no zombie, and no later process with its id (given ``process_start``)."""
     if not isinstance(pid, int) or pid <= 0:
         return False
     try:

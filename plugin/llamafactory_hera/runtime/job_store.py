@@ -1,9 +1,9 @@
-"""The job's c10d TCPStore as the watchdog uses it (hosted by torchrun's agent at ``MASTER_ADDR:MASTER_PORT``, else by
-rank 0's process group), read by the launchers' start watch and the ranks' watchdogs.
+"""The job's c10d TCPStore (torchrun's agent hosts it at ``MASTER_ADDR:MASTER_PORT``, else rank 0's process group), read
+by the launchers' start watch and the ranks' watchdogs.
 
-Every key of a launch sits under a mark its first process draws (:func:`launch_mark`): a process of an earlier launch (a
-node thawed into the next start) keeps its own mark, so it is never heard and never changes this launch's keys. A
-restart of torchrun's workers (``--max-restarts``) keeps the store and draws its own mark.
+A launch's keys sit under a mark its first process draws (:func:`launch_mark`): a process of an earlier launch (a node
+thawed into the next start) keeps its own mark, so it never changes this launch's keys. A worker restart
+(``--max-restarts``) keeps the store and draws a new mark.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ START_S = 600.0
 
 def start_bound(env: Mapping[str, str] | None = None) -> float:
     """Seconds a launch's nodes have to join and its ranks to start (:data:`START_ENV`)."""
-    # not a default: datasets' map(num_proc=N) rebinds os.environ to a copy
+    # not a default: datasets' map(num_proc=N) rebinds os.environ
     env = os.environ if env is None else env
     with contextlib.suppress(ValueError):
         return float(env.get(START_ENV) or START_S)
@@ -69,9 +69,9 @@ def address(env: Mapping[str, str] | None = None) -> tuple[str, int] | None:
 
 
 def client(host: str, port: int, timeout: float) -> Any:
-    """A store client whose calls are bounded by ``timeout`` where the store answers at all (a frozen host leaves a call
-    waiting: the watchdog's guard bounds that). OSError when nothing listens: tried with a plain socket first, as c10d
-    logs each failed try with a C++ stack."""
+    """A store client, calls bounded by ``timeout`` where the store answers (a frozen host leaves a call waiting: the
+    watchdog's guard bounds it). OSError when nothing listens, tried by plain socket first: c10d logs each failed try
+    with a C++ stack."""
     from torch.distributed import TCPStore  # lazy: the launcher reaches here before it needs torch
 
     with socket.create_connection((host, port), timeout=timeout):

@@ -1,13 +1,11 @@
-"""A torchrun launch watched from ``llamafactory-cli``'s first line until every rank's watchdog runs: a ``MASTER_ADDR``
-that does not resolve is one line at once (:func:`check_master_address`); a node that never joins, ``NNODES`` above the
-nodes started, or ranks stuck before their run give one line within the start bound
-(``LLAMAFACTORY_HERA_START_TIMEOUT``, 600 s) naming what is missing, in every node's log that reaches the job's store
-(:class:`StartWatch`). Then the ranks' watchdogs take over.
+"""A torchrun launch watched from ``llamafactory-cli``'s start until every rank's watchdog runs: an unresolvable
+``MASTER_ADDR`` is one line at once; a node that never joins (or ``NNODES`` above the nodes started) or ranks stuck
+before their run give one line within ``LLAMAFACTORY_HERA_START_TIMEOUT`` (600 s), naming what is missing, in every
+node's log that reaches the job's store.
 
-Each node's launcher, once the job's store answers (hosted by torchrun's agent on the first node), marks its node and
-reads which nodes joined and how many ranks started; the first to see the bound pass sets the line for the others, says
-it, and ends its torchrun (SIGTERM: the agent ends its ranks). An elastic launch (``RDZV_ID``) keeps its store
-elsewhere: not watched.
+Each node's launcher, once the store answers, marks its node and reads which nodes joined and how many ranks started;
+the first to see the bound pass sets the line for all, says it and ends its torchrun (SIGTERM: the agent ends its
+ranks). An elastic launch (``RDZV_ID``) has its store elsewhere: unwatched.
 """
 
 from __future__ import annotations
@@ -25,15 +23,15 @@ from typing import Any
 from llamafactory_hera.runtime import job_store
 from llamafactory_hera.runtime.errors import RecipeError
 
-POLL_S = 1.0  # store read interval; retry interval of a temporary name-lookup failure
+POLL_S = 1.0  # store reads; name-lookup retries
 RESOLVE_S = 30.0
 KILL_AFTER_S = 40.0  # torchrun's agent ends its ranks within 30 s of SIGTERM
 
 
 def check_master_address(env: Mapping[str, str] | None = None, retry_s: float = RESOLVE_S) -> None:
-    """RecipeError naming ``MASTER_ADDR`` when it does not resolve here (a temporary failure is retried for ``retry_s``
-    first): c10d would retry for minutes, only warning."""
-    # not a default: datasets' map(num_proc=N) rebinds os.environ to a copy
+    """RecipeError naming ``MASTER_ADDR`` when it does not resolve here (a temporary failure retried for ``retry_s``):
+    c10d would retry for minutes, only warning."""
+    # not a default: datasets' map(num_proc=N) rebinds os.environ
     env = os.environ if env is None else env
     host = env.get("MASTER_ADDR") or "127.0.0.1"
     deadline = time.monotonic() + retry_s
@@ -52,7 +50,7 @@ def check_master_address(env: Mapping[str, str] | None = None, retry_s: float = 
 
 
 class StartWatch:
-    """One node's watch of its launch's start. ``ranks``: how many watchdogs must start (0 until :meth:`expect`)."""
+    """One node's watch of its launch's start; ``ranks`` watchdogs must start (0 until :meth:`expect`)."""
 
     def __init__(
         self,
@@ -153,8 +151,8 @@ class StartWatch:
 
 
 def end_launch(line: str) -> None:
-    """Say ``line`` and end this launcher: its torchrun ends its ranks on SIGTERM (SIGKILL after :data:`KILL_AFTER_S`);
-    with no child yet (checks still running), exit at once."""
+    """Say ``line`` and end this launcher: SIGTERM to its torchrun, which ends its ranks (SIGKILL after
+    :data:`KILL_AFTER_S`); with no child yet, exit at once."""
     print(f"\n[llamafactory-hera] {line}", file=sys.stderr, flush=True)
     children = _children()
     for pid in children:
@@ -185,9 +183,8 @@ def _children() -> list[int]:
 
 @contextlib.contextmanager
 def watching(free_port: Callable[[], int], nodes: int | None, node: int | None) -> Iterator[StartWatch | None]:
-    """This node's launch watched for the block (torchrun, static rendezvous at ``MASTER_ADDR:MASTER_PORT``; an unset
-    port drawn by ``free_port``, as LLaMA-Factory would, and set for the block). None: an elastic launch (``RDZV_ID``)
-    or node counts that are no numbers (``NNODES=1:2``)."""
+    """This node's launch watched for the block (torchrun, static rendezvous; an unset ``MASTER_PORT`` drawn by
+    ``free_port`` for the block, as LLaMA-Factory would). None: elastic (``RDZV_ID``) or ``NNODES=1:2``."""
     drawn = "MASTER_PORT" not in os.environ
     if drawn:
         os.environ["MASTER_PORT"] = str(free_port())

@@ -1,11 +1,9 @@
-"""A training run's ``output_dir`` before the model loads: a finished run refused, a recipe asking for more steps
-continuing it, ``overwrite_output_dir: true`` moving the earlier run aside. User view: docs/hera.md ("Running again:
-resume, refuse, overwrite").
+"""A training run's ``output_dir`` before the model loads: a finished run refused or continued for more steps;
+``overwrite_output_dir: true`` moves the earlier run aside. docs/hera.md ("Running again: resume, refuse, overwrite").
 
-Host shape relied on: LLaMA-Factory 0.9.5 resumes from the last ``checkpoint-N`` of an ``output_dir``, finished or not,
-and under ``overwrite_output_dir: true`` writes the new run among the earlier one's files. The refusal comes before the
-parse; the move after the parse and the method's checks (a refused recipe moves nothing), by the global main process
-(each node's under ``save_on_each_node``) while the other ranks wait.
+Host shape: LLaMA-Factory 0.9.5 resumes from the last ``checkpoint-N`` found, finished or not, and under
+``overwrite_output_dir`` writes among the earlier run's files. The refusal comes before the parse; the move after the
+parse and the method's checks, by the main process while the other ranks wait.
 """
 
 from __future__ import annotations
@@ -32,14 +30,13 @@ READ_KEYS = (
     "deepspeed",
     "resume_from_checkpoint",
 )
-# written by LlamaBoard before the run (webui_subprocess.log: the run's output, read when it fails)
+# LlamaBoard's, written before the run (webui_subprocess.log: its output, read on failure)
 BOARD_FILES = ("llamaboard_config.yaml", "training_args.yaml", "webui_subprocess.log")
 
 
 def finished_evidence(folder: Path) -> str | None:
-    """Why ``folder`` holds a finished run (a file and what it says), or None. Its run record decides where there is one
-    (a run killed in its final save left a model file and ``running``); else (a plain LLaMA-Factory run) a final model
-    or the Trainer's end-of-run files."""
+    """Why ``folder`` holds a finished run, or None. Its run record decides if there is one (a run killed in its final
+    save left a model file and ``running``); else a final model or end-of-run files."""
     if (folder / RUN_RECORD).is_file():
         return f"{RUN_RECORD} says finished" if read_record(folder / RUN_RECORD).get("status") == FINISHED else None
     for name in (*SAVED_MODEL_FILES, *END_FILES):
@@ -53,7 +50,7 @@ def _inside(path: Path, folder: Path) -> bool:
 
 
 def _kept(folder: Path) -> set[Path]:
-    """This run's own files in ``folder``: the recipe being run, LlamaBoard's files of the run it started."""
+    """This run's own files in ``folder``: its recipe, LlamaBoard's files of the run it started."""
     kept = {Path(arg).resolve() for arg in sys.argv[1:] if arg.endswith((".yaml", ".yml", ".json"))}
     if os.environ.get("LLAMABOARD_WORKDIR") and Path(os.environ["LLAMABOARD_WORKDIR"]).resolve() == folder:
         kept.update(folder / name for name in BOARD_FILES)
@@ -78,8 +75,8 @@ def _check_movable(folder: Path, host_args: Any) -> None:
 
 
 def movable_entries(folder: Path) -> list[Path]:
-    """What an overwrite moves aside: all but earlier ``previous_run_*`` folders and this run's own files (the recipe,
-    LlamaBoard's, its claim)."""
+    """What an overwrite moves: all but earlier ``previous_run_*`` folders and this run's own files (recipe,
+    LlamaBoard's, claim)."""
     kept = _kept(folder)
     return sorted(
         p for p in folder.iterdir() if not p.name.startswith((PREVIOUS_PREFIX, CLAIM)) and p.resolve() not in kept
@@ -87,8 +84,8 @@ def movable_entries(folder: Path) -> list[Path]:
 
 
 def move_aside(folder: Path, entries: list[Path]) -> Path | None:
-    """Move ``entries`` into a new ``previous_run_<time>/`` and return it (None when none was left). An entry gone
-    meanwhile counts as moved (another rank's LlamaBoard callback deletes ``running_log.txt`` after its parse)."""
+    """Move ``entries`` into a new ``previous_run_<time>/``; None when none was left. An entry gone meanwhile counts as
+    moved (another rank's LlamaBoard callback deletes ``running_log.txt``)."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
     target = folder / f"{PREVIOUS_PREFIX}{stamp}"
     number = 1
@@ -124,7 +121,7 @@ def _number(value: Any, default: float) -> float:
 
 def _asks_more(host_args: Any, state: dict[str, Any]) -> bool:
     """Whether the recipe asks for more than the finished run took: ``max_steps`` above its steps, or without
-    ``max_steps`` (unset or <= 0, the Trainer's rule) ``num_train_epochs`` (default 3) above its epochs."""
+    ``max_steps`` (<= 0 or unset, as the Trainer) ``num_train_epochs`` (default 3) above its epochs."""
     max_steps = _number(raw_value(host_args, "max_steps"), -1)
     if max_steps > 0:
         return max_steps > _number(state.get("global_step"), 0)
@@ -132,15 +129,15 @@ def _asks_more(host_args: Any, state: dict[str, Any]) -> bool:
 
 
 def continues_finished(folder: Path, host_args: Any) -> bool:
-    """Whether the recipe trains the finished run further from its last checkpoint: it left ``trainer_state.json`` and a
-    checkpoint, the recipe asks for more (:func:`_asks_more`) and names no other checkpoint."""
+    """Whether the recipe trains the finished run on: it left ``trainer_state.json`` and a checkpoint, the recipe asks
+    for more (:func:`_asks_more`) and names no other checkpoint."""
     state = read_record(folder / "trainer_state.json")
     checkpoints = checkpoint_folders(folder)
     if not state or not checkpoints:
         return False
     resume = raw_value(host_args, "resume_from_checkpoint")
     if resume is False or str(resume).strip().lower() in {"", "false"}:
-        return False  # the Trainer would start from step 0 and write over the finished model
+        return False  # the Trainer would start from step 0 over the finished model
     if resume not in (None, True) and Path(str(resume)).expanduser().resolve() != checkpoints[-1]:
         return False  # true: the last checkpoint, as LLaMA-Factory picks it without the key
     return _asks_more(host_args, state)
@@ -161,12 +158,9 @@ def _how_to_continue(folder: Path, resume: Any) -> str:
 
 
 def refuse_finished(host_args: Any) -> None:
-    """Before the parse: refuse a training run into a finished run's folder without ``overwrite_output_dir``, for every
-    stage.
-
-    A recipe asking for more (:func:`continues_finished`) goes on: LLaMA-Factory resumes from the last checkpoint, as
-    without the plugin. Otherwise LLaMA-Factory would resume, train one step past ``max_steps`` and write that model
-    over the finished one; the refusal keeps it."""
+    """Before the parse, any stage: refuse training into a finished run's folder without ``overwrite_output_dir`` unless
+    it asks for more (:func:`continues_finished`). Else LLaMA-Factory would resume, train a step past ``max_steps`` and
+    write over the finished model."""
     if (
         not truthy(raw_value(host_args, "do_train"))
         or not raw_value(host_args, "output_dir")
@@ -189,8 +183,8 @@ def refuse_finished(host_args: Any) -> None:
 
 
 def moves_here(training_args: Any) -> bool:
-    """Whether this process moves the files: each node's main process under ``save_on_each_node`` (each node's folder
-    has its own earlier run), else the global main process (the Trainer's ``should_save``)."""
+    """Whether this process moves the files: under ``save_on_each_node`` each node's main process (each node's folder
+    has its own earlier run), else the global one."""
     if getattr(training_args, "save_on_each_node", False):
         return getattr(training_args, "local_process_index", 0) == 0
     return getattr(training_args, "process_index", 0) == 0
@@ -205,9 +199,8 @@ def _wait_for_the_move() -> None:
 
 
 def clear_for_overwrite(host_args: Any, training_args: Any) -> None:
-    """After the parse and the method's checks, before the run record: move an earlier run's files aside under
-    ``overwrite_output_dir: true``. Every rank checks the folder may move (a refusal ends all alike), the mover
-    (:func:`moves_here`) moves, and every rank waits for it when a process group is up."""
+    """After the parse and checks, before the run record: under ``overwrite_output_dir: true`` move an earlier run
+    aside. Every rank checks it may (a refusal ends all alike); :func:`moves_here` moves; all wait for it."""
     if not (
         getattr(training_args, "do_train", False)
         and getattr(training_args, "overwrite_output_dir", False)

@@ -11,7 +11,7 @@ RawRecipe = dict[str, Any] | list[str]
 
 def option(args: list[str], index: int) -> tuple[str, str, int]:
     """(name, value, next index) of the option at ``index``: ``--key value``, ``--key=value`` or a bare ``--flag``
-    (value ``"true"``); name ``""`` for a non-option token."""
+    (``"true"``); name ``""`` for a non-option."""
     token = args[index]
     if not token.startswith("--"):
         return "", token, index + 1
@@ -37,11 +37,10 @@ def given_keys(host_args: RawRecipe) -> dict[str, Any]:
 
 
 def raw_value(host_args: RawRecipe, key: str) -> Any:
-    """A key's value, None if absent (in a list the last occurrence counts, as transformers' parser reads it)."""
+    """A key's value, None if absent (in a list the last one counts, as in transformers' parser)."""
     return host_args.get(key) if isinstance(host_args, dict) else given_keys(host_args).get(key)
 
 
 def truthy(value: Any) -> bool:
-    """A flag's value as a bool (``true``, ``t``, ``yes``, ``y``, ``1`` as transformers' ``string_to_bool``, and
-    ``on``)."""
+    """A flag as a bool (``true``, ``t``, ``yes``, ``y``, ``1`` as transformers' ``string_to_bool``, and ``on``)."""
     return str(value).strip().lower() in {"true", "t", "yes", "y", "1", "on"} if not isinstance(value, bool) else value

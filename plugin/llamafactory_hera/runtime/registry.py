@@ -1,9 +1,8 @@
 """The methods the patches serve, as the plugin registers them: the patches import no method.
 
-The start-up hook registers, before any patch, a source of the declared methods (called at each lookup: a process that
-never asks imports no declaration). The patches use a method through its declaration's fields
-(``llamafactory_hera.recipe.declaration``) and a run through its phases (``llamafactory_hera.recipe.run``). Imports
-nothing.
+The start-up hook registers, before any patch, a source of the declared methods, called at each lookup (a process that
+never asks imports no declaration). The patches use a method by its declaration's fields (``recipe.declaration``), a run
+by its phases (``recipe.run``). Imports nothing.
 """
 
 from __future__ import annotations

@@ -1,11 +1,10 @@
-"""One live run per ``output_dir``: ``llamafactory_hera_claim.json``, taken before LLaMA-Factory parses the recipe.
+"""One live run per ``output_dir``: ``llamafactory_hera_claim.json``, taken before the parse (imports nothing heavy).
+Policy: docs/hera.md ("Running again: resume, refuse, overwrite").
 
-Who claims, what a live claim refuses, staleness, ranks sharing one: docs/hera.md ("Running again: resume, refuse,
-overwrite"). A claim (pid, host, start time, stage, job identity) is written beside its place and hard-linked there
-(``O_CREAT | O_EXCL`` without hard links): of two runs started at once, one gets it. Only the holder of the takeover
-lock (``<claim>.takeover``) replaces a stale claim; one another rank made passes to global rank 0, which saves last. The
-holder removes it at the end (``atexit``, SIGTERM), with the folder if the claim made it and it is empty. Imports
-nothing heavy: it runs before the parse.
+A claim (pid, host, start, stage, job) is written aside and hard-linked in place (``O_CREAT | O_EXCL`` without hard
+links): of two runs started at once, one gets it. Only the takeover lock's holder replaces a stale claim; one another
+rank made passes to global rank 0, which saves last. The holder removes it at the end (``atexit``, SIGTERM), with the
+folder if the claim made it and it is empty.
 """
 
 from __future__ import annotations
@@ -36,15 +35,15 @@ from llamafactory_hera.runtime.stop_signal import RERUN
 _ATTEMPTS = 8
 LEASE_SECONDS = 600  # a claim not refreshed this long is a dead run's (any host)
 _REFRESH_SECONDS = 60  # how often a live run refreshes its claim's file time
-_LOCK_STALE_SECONDS = 10.0  # a takeover lock older than this was left by a run that ended while taking over
-JOB_WAIT_SECONDS = 20.0  # a rank waits this long for its job to take over another host's claim
+_LOCK_STALE_SECONDS = 10.0  # an older takeover lock is a dead run's
+JOB_WAIT_SECONDS = 20.0  # a rank's wait for its job to take over another host's claim
 _held: dict[Path, dict[str, Any]] = {}  # this process's claims by file; released at exit
 _guards: list[bool] = []  # refresher and SIGTERM release started (once)
 
 
 def new_claim(stage: str, env: Mapping[str, str] | None = None) -> dict[str, Any]:
     """This process's claim."""
-    # not a default: datasets' map(num_proc=N) rebinds os.environ to a copy
+    # not a default: datasets' map(num_proc=N) rebinds os.environ
     env = os.environ if env is None else env
     stat = process_stat(os.getpid())
     return {
@@ -105,8 +104,8 @@ def _read(path: Path) -> tuple[str, dict[str, Any]] | None:
 @contextlib.contextmanager
 def _takeover_lock(path: Path, mine: dict[str, Any]) -> Iterator[bool]:
     """Whether this run holds the takeover lock for the block; only its holder moves a claim it did not create. Of
-    several runs meeting one stale claim, one replaces it and the others find its claim (moving a claim aside and back
-    could drop a fresh one)."""
+    several runs meeting a stale claim, one replaces it, the others find its claim (moving a claim aside and back could
+    drop a fresh one)."""
     lock = path.with_name(f"{CLAIM}.takeover")
     if not _create(lock, mine):
         _clear_stale_lock(lock)
@@ -121,8 +120,8 @@ def _takeover_lock(path: Path, mine: dict[str, Any]) -> Iterator[bool]:
 
 
 def _take_over(path: Path, seen: str, mine: dict[str, Any], claim: dict[str, Any] | None = None) -> bool:
-    """Replace the claim whose text is ``seen`` (stale, or this job's from another rank) by ``claim`` (default
-    ``mine``); False when another run is taking it over or has replaced it."""
+    """Replace the claim whose text is ``seen`` by ``claim`` (default ``mine``); False when another run is taking it
+    over or replaced it."""
     with _takeover_lock(path, mine) as locked:
         if not locked:
             return False
@@ -200,8 +199,8 @@ def _release_on_sigterm(signum: int, frame: Any, previous: Any = signal.SIG_DFL)
 
 
 def _guard() -> None:
-    """Once per process: refresh the claims' time, and release them on SIGTERM (Python then runs no ``atexit``). An
-    earlier SIGTERM handler (torch's, a launcher's) still runs after the release."""
+    """Once per process: refresh the claims, and release them on SIGTERM (which skips ``atexit``), then run the earlier
+    handler (torch's, a launcher's)."""
     if _guards:
         return
     _guards.append(True)
@@ -213,9 +212,8 @@ def _guard() -> None:
 
 
 def _forget_in_child() -> None:
-    """In a forked child (a data or preprocessing worker): no claim, no guard, SIGTERM back to its handler before
-    :func:`_guard`. A worker that ``Pool.terminate()`` stops in a lock must die of SIGTERM at once: with the inherited
-    handler it lived on and the run hung in the pool's join."""
+    """In a forked worker: no claim, no guard, SIGTERM's earlier handler back: a worker that ``Pool.terminate()`` stops
+    in a lock must die at once, else the run hangs in the pool's join."""
     _held.clear()
     _guards.clear()
     handler = signal.getsignal(signal.SIGTERM)
@@ -225,8 +223,8 @@ def _forget_in_child() -> None:
 
 
 def _earlier_launch(other: dict[str, Any], mine: dict[str, Any]) -> bool:
-    """Whether ``other`` is from an earlier launch of this Slurm job (same ``SLURM_JOB_ID``, lower
-    ``SLURM_RESTART_COUNT``): stale wherever it was made."""
+    """Whether ``other`` is an earlier launch's of this Slurm job (same ``SLURM_JOB_ID``, lower
+    ``SLURM_RESTART_COUNT``): stale wherever made."""
     return (
         mine.get("scheduler_job") is not None
         and other.get("scheduler_job") == mine["scheduler_job"]
@@ -252,8 +250,8 @@ def _stale(other: dict[str, Any], mine: dict[str, Any], here: bool, age: float |
 
 
 def _adopt(path: Path, text: str, other: dict[str, Any], mine: dict[str, Any]) -> dict[str, Any] | None:
-    """Global rank 0 takes over its job's claim made by another rank (whose run may end while rank 0 still saves), so
-    the claim lives as long as rank 0. None: it changed."""
+    """Global rank 0 takes over its job's claim made by another rank, whose run may end while rank 0 still saves. None:
+    it changed."""
     adopted = {
         **other,
         "pid": mine["pid"],
@@ -265,8 +263,8 @@ def _adopt(path: Path, text: str, other: dict[str, Any], mine: dict[str, Any]) -
 
 
 def take(folder: Path, stage: str, env: Mapping[str, str] | None = None) -> dict[str, Any] | None:
-    """Claim ``folder``: the claim made or taken (to release), or None when this run's job holds it already. RecipeError
-    when a live run of another job holds it."""
+    """Claim ``folder``: the claim made or taken (to release), or None when this run's job holds it. RecipeError when a
+    live run of another job holds it."""
     env = os.environ if env is None else env
     path = folder / CLAIM
     mine = new_claim(stage, env)
@@ -297,7 +295,7 @@ def take(folder: Path, stage: str, env: Mapping[str, str] | None = None) -> dict
                 return _hold(path, adopted)
             return None  # another rank of this job holds it
         if mine["job"] is not None and not here and time.monotonic() < wait_until:
-            attempts -= 1  # no attempt: this job's rank on the claim's host may be taking it over
+            attempts -= 1  # uncounted: this job's rank on that host may be taking it over
             time.sleep(0.5)
             continue
         if _read(path) != found:  # replaced since read (the age was the new claim's)
@@ -346,8 +344,8 @@ def _missing_folders(folder: Path) -> list[Path]:
 
 @contextlib.contextmanager
 def claimed(host_args: Any, stage: str) -> Iterator[None]:
-    """The run's ``output_dir`` claimed for the block (nothing without one, or in a folder this process cannot write);
-    then released, and the folders the claim made removed if empty (a refused run leaves none behind)."""
+    """``output_dir`` claimed for the block (not without one, nor when unwritable), then released; the folders the claim
+    made are removed if empty (a refused run leaves none)."""
     value = raw_value(host_args, "output_dir")
     if not value:
         yield
@@ -357,7 +355,7 @@ def claimed(host_args: Any, stage: str) -> Iterator[None]:
     try:
         folder.mkdir(parents=True, exist_ok=True)
         mine = take(folder, stage)
-    except OSError:  # unwritable: no run's files to lose there; its checks name it
+    except OSError:  # unwritable: no files to lose; its checks name it
         mine = None
         _remove_empty(made)
         made = []

@@ -1,11 +1,10 @@
-"""``llamafactory_hera_run.json``: what a ``llamafactory-cli train`` run of a method loaded its model with, and how it
-ended. Which runs write it, its statuses: docs/eval.md ("What is loaded"); its ``chain``: "Scored as Table 2".
+"""``llamafactory_hera_run.json``: what a method's ``llamafactory-cli train`` run loaded its model with, and how it
+ended. Who writes it, statuses: docs/eval.md ("What is loaded"); ``chain``: "Scored as Table 2".
 
-The stage patch writes it into ``output_dir``: ``running`` right after the parse, then ``finished``, ``stopped`` (a save
-signal's stop) or ``failed`` (with the error's first line). A run failing after it saved its model (``do_predict``, a
-reporting backend, an interrupt at the end) is ``finished`` with ``error_after_save``. A failed run's own method records
-(:attr:`Method.records`) are marked failed too. ``llamafactory-hera eval`` reads the loading keys back (parsed:
-LLaMA-Factory's defaults filled in) and refuses a record not ``finished``. Imports nothing heavy.
+The stage patch writes it into ``output_dir``: ``running`` after the parse, then ``finished``, ``stopped`` (save signal)
+or ``failed`` (the error's first line, also in the method's own records). A failure after the model was saved
+(``do_predict``, a reporting backend, an interrupt) is ``finished`` with ``error_after_save``. ``llamafactory-hera
+eval`` reads the (parsed) loading keys back and refuses a record not ``finished``. Imports nothing heavy.
 """
 
 from __future__ import annotations
@@ -21,14 +20,14 @@ from typing import Any
 from llamafactory_hera import __version__
 
 RUN_RECORD = "llamafactory_hera_run.json"
-COMPOSE_RECORD = "llamafactory_hera_compose.json"  # written by ``llamafactory-hera compose`` beside the model
+COMPOSE_RECORD = "llamafactory_hera_compose.json"  # by ``llamafactory-hera compose``, beside the model
 RUNNING = "running"
 FINISHED = "finished"
 STOPPED = "stopped"
 FAILED = "failed"
 CHECKPOINTS_MARKED = "checkpoints_marked"  # true: a checkpoint is whole only with its marker
-PINNED_RESUME = "pinned_resume"  # the resume_from_checkpoint a start took, and its lineage
-# the keys deciding how the model, processor and prompts load, by argument object
+PINNED_RESUME = "pinned_resume"  # a start's resume_from_checkpoint and lineage
+# the keys deciding how model, processor and prompts load
 MODEL_KEYS = (
     "model_name_or_path",
     "adapter_name_or_path",
@@ -92,9 +91,8 @@ def loading_keys(model_args: Any, data_args: Any, finetuning_args: Any, training
 
 
 def write_started(output_dir: str | Path, stage: str, loading: dict[str, Any], marks: bool = False) -> Path:
-    """Write the record with ``status: running``, replacing a previous run's. ``marks``: the stage marks its
-    checkpoints; where checkpoints are kept the previous record's word stands (a run started before markers keeps its
-    checkpoints whole by trainer_state.json), as does its :data:`PINNED_RESUME`."""
+    """Write the record with ``status: running``. ``marks``: the stage marks its checkpoints; where checkpoints are
+    kept, the previous record's word and pin stand (a run begun before markers stays judged by trainer_state.json)."""
     path = Path(output_dir) / RUN_RECORD
     resumed = any(path.parent.glob("checkpoint-[0-9]*"))
     previous = read_record(path) if resumed else {}
@@ -113,9 +111,8 @@ def write_started(output_dir: str | Path, stage: str, loading: dict[str, Any], m
 
 
 def stage_chain(model_name_or_path: Any, stage: str, output_dir: Path) -> list[dict[str, Any]]:
-    """How the model came to be: the composed model's record (``compose``, ``llm``, ``vision``) and the earlier runs
-    (``stage``, ``output_dir``) whose output is the next one's model, then this run. A model without a record (a hub id)
-    starts at this run; a ``checkpoint-N`` folder counts as its run's."""
+    """How the model came to be: the composed model's record, the earlier runs whose output is the next one's model,
+    then this run. A model without a record (a hub id) starts at this run; ``checkpoint-N`` is its run's."""
     folder = Path(str(model_name_or_path or ""))
     if folder.name.startswith("checkpoint-") and not (folder / RUN_RECORD).is_file():
         folder = folder.parent
@@ -130,8 +127,8 @@ def stage_chain(model_name_or_path: Any, stage: str, output_dir: Path) -> list[d
 
 
 def write_ended(path: Path, error: BaseException | None, method_records: tuple[str, ...] = ()) -> None:
-    """Mark ``finished``; ``stopped`` on an exit with status 0 (the save signal's stop); else ``failed`` with the
-    error's first line (the method's own records too)."""
+    """Mark ``finished``; ``stopped`` on exit status 0 (the save signal's stop); else ``failed`` with the error's first
+    line (the method's own records too)."""
     record = read_record(path) if path.is_file() else {}
     if not record:
         return
@@ -172,8 +169,8 @@ SAVED_MODEL_FILES = (
 
 
 def _saved_since(folder: Path, started_ns: Any) -> bool:
-    """Whether a whole model (adapter or full) was saved into ``folder`` since the run started; a file torn amid the
-    final save (a full disk) does not count, so the same command writes it again."""
+    """Whether a whole model was saved into ``folder`` since the run started (a file torn by a full disk does not count:
+    the same command writes it again)."""
     if not isinstance(started_ns, int):
         return False
     return any(
@@ -185,8 +182,8 @@ def _saved_since(folder: Path, started_ns: Any) -> bool:
 
 
 def whole_model_file(path: Path) -> bool:
-    """Whether a saved model file is whole: safetensors as long as its header says; a ``torch.save`` zip (``.bin``) with
-    its central directory (written last) and every member inside; an index with every shard whole."""
+    """Whether a saved model file is whole: safetensors as long as its header says; a ``.bin`` zip with its central
+    directory (written last) and members inside; an index with every shard whole."""
     if path.name.endswith(".index.json"):
         shards = read_record(path).get("weight_map")
         return (

@@ -1,9 +1,8 @@
-"""A multi-node run needs one ``output_dir`` every node sees: each node's ranks write their own checkpoint files (RNG
-states, shards), and a requeue resumes every rank from there. On each node's own disk the run ends well but its requeue
-fails (one node resumes, the others start afresh: a collective mismatch). So after the parse (process group up, nothing
-loaded) local rank 0 of each node writes a probe file into ``output_dir`` and looks for the other nodes' (named through
-the job's store); one it does not see is a refusal. ``save_on_each_node: true`` is left alone. docs/multinode.md ("Where
-things live").
+"""A multi-node run needs one ``output_dir`` all nodes see: each node's ranks write checkpoint files there, and a
+requeue resumes every rank from them. On each node's own disk the requeue fails (one node resumes, the others start
+afresh: a collective mismatch). So after the parse, local rank 0 of each node writes a probe there and looks for the
+other nodes' (named in the job's store); one unseen is a refusal. ``save_on_each_node: true`` is left alone.
+docs/multinode.md ("Where things live").
 """
 
 from __future__ import annotations
@@ -80,9 +79,8 @@ def _seen(path: Path, seconds: float) -> bool:
 def check_shared(
     folder: Path, store: Any, prefix: str, node: int, nodes: int, wait: float = WAIT_S, seen: float = SEEN_S
 ) -> None:
-    """Node ``node`` of ``nodes`` writes its probe into ``folder``, names it in ``store`` (keys under ``prefix``), looks
-    for the others' probes, and removes its own once every node looked. RecipeError naming a probe this node does not
-    see."""
+    """Node ``node`` of ``nodes``: write a probe into ``folder``, name it in ``store`` (keys under ``prefix``), look for
+    the others', remove it once all looked. RecipeError naming a probe not seen."""
     host = socket.gethostname()
     folder.mkdir(parents=True, exist_ok=True)
     mine = folder / f"{PROBE_PREFIX}{uuid.uuid4().hex}"

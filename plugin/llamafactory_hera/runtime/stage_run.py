@@ -19,11 +19,8 @@ class HostArguments(NamedTuple):
 
 @dataclass(frozen=True)
 class RunControls:
-    """What a whole run obeys beside the method's maths (docs/multinode.md: preemption and the watchdog).
-
-    The stage patch notes ``save_signal`` (:mod:`.stop_signal`), the launcher leaves it to the ranks
-    (:mod:`.launch_signals`), and the trainer saves a whole checkpoint on it; ``watched`` runs' ranks are watched with
-    ``watchdog_timeout``.
+    """What a whole run obeys beside the method's maths (docs/multinode.md): the save signal (noted by the stage patch,
+    :mod:`.stop_signal`; left to the ranks by the launcher) and the watchdog.
     """
 
     save_signal: str | None = None  # sigterm, sigusr1, sigusr2 or none; None: the method saves no checkpoint

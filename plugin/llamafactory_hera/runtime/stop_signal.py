@@ -1,8 +1,7 @@
-"""A plugin stage's save signal (``<prefix>_save_on_signal``), noted from the stage's start (before the parse): through
-the load and the passes before step 1, each of which stops after a batch it kept (:func:`stop_before_step`: one line,
-exit 0), and the steps, where ``training/checkpoints.py`` saves a whole checkpoint. The scheduler's other warning signal
-(SIGUSR1/SIGUSR2: the job's ``--signal`` and the recipe disagree) is said in one line and taken for the save signal; its
-default would end every process unsaved. A forked child gets the default back. The launcher's side:
+"""A plugin stage's save signal (``<prefix>_save_on_signal``), noted from the stage's start: in the load and the passes
+before step 1, each stops after a batch it kept (:func:`stop_before_step`: one line, exit 0); in the steps,
+``training/checkpoints.py`` saves a whole checkpoint. The other warning signal (the job's ``--signal`` and the recipe
+disagree) is said once and taken for it: its default would end every process unsaved. Launcher side:
 :mod:`.launch_signals`. Imports nothing heavy.
 """
 
@@ -16,7 +15,7 @@ from collections.abc import Iterator
 from typing import Any
 
 RERUN = "run the same command again"  # every stop line's advice
-WARNINGS = ("SIGUSR1", "SIGUSR2")  # a scheduler's warning signals (SLURM's --signal=USR1@N); the host uses neither
+WARNINGS = ("SIGUSR1", "SIGUSR2")  # a scheduler's warnings (SLURM's --signal=USR1@N); the host uses neither
 _noted: dict[str, Any] = {
     "name": None,
     "received": False,
@@ -38,7 +37,7 @@ def received() -> bool:
 
 
 def noted_name() -> str | None:
-    """The save signal noted now (``SIGTERM`` ...); None where none is (``none``, or outside a plugin stage)."""
+    """The save signal noted now (``SIGTERM`` ...); None where none is (``none``, outside a plugin stage)."""
     return _noted["name"]
 
 
@@ -84,9 +83,8 @@ def others(name: str) -> list[int]:
 
 @contextlib.contextmanager
 def noting(name: str | None, steps: bool = False, key: str | None = None) -> Iterator[None]:
-    """Note signal ``name`` (None or ``none``: nothing) for the block, in the main thread, and take the other warning
-    signals for it (``key``: the recipe key, for their line). In the steps' block (``steps``) stopping is
-    ``training/checkpoints.py``'s."""
+    """Note ``name`` for the block (main thread only), taking the other warning signals for it (``key``: named in their
+    line). In the steps (``steps``) stopping is ``training/checkpoints.py``'s."""
     signum = signal_number(name)
     if signum is None or threading.current_thread() is not threading.main_thread():
         yield
@@ -106,8 +104,8 @@ def noting(name: str | None, steps: bool = False, key: str | None = None) -> Ite
 
 @contextlib.contextmanager
 def deferred() -> Iterator[None]:
-    """No stop in the block: the ranks of a distributed pass stop together after it (``agreed``); a rank that stopped
-    alone would leave the others waiting in the pass's gather."""
+    """No stop in the block: a distributed pass's ranks stop together after it (``agreed``); one stopping alone would
+    leave the others in the pass's gather."""
     before = _noted["deferred"]
     _noted["deferred"] = True
     try:
@@ -131,9 +129,8 @@ def stop_before_step(kept: str, agreed: bool | None = None) -> None:
 
 
 def _default_in_child() -> None:
-    """A forked child (a data or pool worker) leaves the save signal to its rank: the scheduler signals every process,
-    and a killed worker would end the rank before its save. SIGTERM before the steps gets its default back
-    (``Pool.terminate()`` ends workers with it); otherwise ignored, as are the other warning signals."""
+    """A forked worker leaves the save signal to its rank (a killed worker ends the rank unsaved): SIGTERM before the
+    steps gets its default back (``Pool.terminate()`` uses it); else ignored, as are the other warning signals."""
     name = _noted["name"]
     if name and signal.getsignal(getattr(signal, name)) is _note:
         default = name == "SIGTERM" and not _noted["steps"]

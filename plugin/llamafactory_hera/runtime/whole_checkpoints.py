@@ -1,18 +1,16 @@
 """Which ``checkpoint-N`` of a run is whole: what resume may take and rotation may delete. docs/hera.md ("Killed,
 preempted, disk full").
 
-The plugin's stages write :data:`MARKER` last, once every rank made its files durable, and remove it first from a folder
-saved again. Whole: a folder with the marker, in a run whose record says its checkpoints are marked; in a run whose
-record does not say so and with no marked folder, one with ``trainer_state.json`` (written last by the main process). A
-half-written folder is passed over, never deleted.
+The stages write :data:`MARKER` last, once every rank's files are durable, and remove it first from a folder saved
+again. Whole: a marked folder where the run record says checkpoints are marked or some folder is; else one with
+``trainer_state.json`` (the main process writes it last). Half-written folders are passed over, never deleted.
 
-A marker also holds the training settings of its save (:func:`settings`), which a resume names where they differ
-(:func:`differences`: the Trainer restores the optimizer and scheduler state as saved, so an edited learning rate goes
-unused and an edited batch size moves the data on in new-size batches, silently); and a pinned resume's lineage. A
-``resume_from_checkpoint: PATH`` the recipe keeps (a pin) is honoured once: the start taking it records it
-(:func:`take`), later checkpoints carry its lineage, and a requeue continues from the newest of those
-(:func:`newest_since`), not the pin; a pin the record lacks (a rollback) is taken afresh. Lineages, not times: a shared
-file system's file times are the server's.
+A marker also holds its save's settings, which a resume names where they differ (:func:`differences`: the Trainer
+restores optimizer and scheduler as saved, silently ignoring an edited learning rate, and an edited batch size moves the
+data on in new-size batches); and a pin's lineage. A kept ``resume_from_checkpoint: PATH`` (a pin) is honoured once: the
+start taking it records it (:func:`take`), later checkpoints carry its lineage, and a requeue continues from the newest
+(:func:`newest_since`); a pin the record lacks (a rollback) is taken afresh. Lineages, not times: a shared file system's
+times are the server's.
 """
 
 from __future__ import annotations
@@ -93,15 +91,15 @@ def _fsync(path: Path) -> None:
 
 
 def make_durable(folder: Path) -> None:
-    """Fsync every file under ``folder``, by each rank before the ranks agree (an fsync flushes only this host's writes
-    to a shared folder)."""
+    """Fsync every file under ``folder`` (each rank, before the ranks agree: an fsync flushes only this host's
+    writes)."""
     for path in sorted(folder.rglob("*")):
         _fsync(path)
 
 
 def write_marker(folder: Path, step: int, ranks: int, about: dict[str, Any] | None = None) -> None:
-    """Mark ``folder`` whole once every rank made its files durable: the step, the ranks, and ``about`` (settings,
-    lineage), fsynced under another name and renamed (a failed write leaves no marker), then the folder fsynced."""
+    """Mark ``folder`` whole once every rank's files are durable: step, ranks and ``about``, fsynced under another name
+    and renamed (a failed write leaves no marker), then the folder fsynced."""
     temporary = folder / f"{MARKER}.tmp"
     temporary.write_text(json.dumps({"step": step, "ranks": ranks, **(about or {})}), encoding="utf-8")
     _fsync(temporary)
@@ -115,17 +113,17 @@ def read_marker(folder: Path) -> dict[str, Any]:
 
 
 def unmark(folder: Path) -> None:
-    """Before a save into an existing ``folder`` (a resume from an earlier step saves it again): its marker goes first,
-    on disk before any new file, so a cut save leaves a half-written folder, never new files under the old marker."""
+    """Before a save into an existing ``folder``: drop its marker, on disk before any new file, so a cut save leaves a
+    half-written folder, never new files under the old marker."""
     if (folder / MARKER).is_file():
         (folder / MARKER).unlink(missing_ok=True)
         _fsync(folder)
 
 
 def rotate(run: Path, limit: int | None, keep: str | Path | tuple[str | Path | None, ...] | None) -> None:
-    """``save_total_limit`` after a whole save: the oldest whole checkpoints beyond ``limit`` go, never ``keep`` (the
-    best and the one just saved, which a resumed run may have saved below older ones); each unmarked first (a kill amid
-    deletion leaves it half-written). Half-written ones stay."""
+    """``save_total_limit`` after a whole save: the oldest whole checkpoints beyond ``limit`` go, each unmarked first,
+    never ``keep`` (the best, and the one just saved: a resumed run may save it below older ones). Half-written ones
+    stay."""
     kept = {Path(path) for path in (keep if isinstance(keep, tuple) else (keep,)) if path}
     for path in whole_checkpoints(run)[:-limit] if limit and limit > 0 else []:
         if path not in kept:
@@ -146,8 +144,8 @@ def settings(args: Any) -> dict[str, Any]:
 
 
 def differences(folder: Path, saved: dict[str, Any], now: dict[str, Any], step: Any) -> str | None:
-    """The line naming what differs between ``saved`` (checkpoint ``folder``'s) and ``now``; None when nothing does, or
-    the marker holds no settings."""
+    """The line naming what differs between ``saved`` (checkpoint ``folder``'s) and ``now``; None when nothing does or
+    the marker has no settings."""
     changed = [key for key in (*KEPT, *APPLIED) if key in saved and key in now and saved[key] != now[key]]
     if not changed:
         return None

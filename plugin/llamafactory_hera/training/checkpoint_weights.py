@@ -1,9 +1,8 @@
-"""A resumed run's weights, restored under the model's names (:class:`RestoresCheckpointWeights`, mixed in front of the
-host's trainer): ``Trainer._load_from_checkpoint`` loads a state dict as on disk, in the model's original format
-(``save_pretrained`` reverts ``from_pretrained``'s renaming: LLaVA's ``language_model.model.*``, Qwen2-VL's
-``model.*``), so such a model resumed with no weight restored. Keys are renamed with transformers' own functions; a
-checkpoint restoring fewer tensors than the run trains is an error. LoRA adapters load through PEFT, checked alike;
-DeepSpeed and FSDP keep the Trainer's path.
+"""A resumed run's weights restored under the model's names: ``Trainer._load_from_checkpoint`` loads a state dict as on
+disk, in the original format (``save_pretrained`` reverts ``from_pretrained``'s renaming: LLaVA's
+``language_model.model.*``, Qwen2-VL's ``model.*``), so such a model resumed with no weight restored. Keys are renamed
+with transformers' own functions; restoring fewer tensors than the run trains is an error. LoRA adapters load through
+PEFT, checked alike; DeepSpeed and FSDP keep the Trainer's path.
 """
 
 from __future__ import annotations
@@ -28,7 +27,7 @@ try:  # transformers >= 5: the conversion mapping from_pretrained applies
 except ImportError:  # transformers 4: ``_checkpoint_conversion_mapping`` (regex -> replacement)
     get_model_conversion_mapping = None
 
-# (single file, shard index), safetensors first, as from_pretrained looks
+# (file, shard index), safetensors first, as from_pretrained looks
 WEIGHT_FILES = (
     ("model.safetensors", "model.safetensors.index.json"),
     ("pytorch_model.bin", "pytorch_model.bin.index.json"),
@@ -50,9 +49,9 @@ def weight_files(folder: str) -> list[str]:
 
 
 def model_keys(model: nn.Module, keys: Iterable[str]) -> dict[str, str]:
-    """``{checkpoint key: model key}``, renamed as ``from_pretrained`` does (the conversion mapping's renamings, the
-    base-model prefix added or removed; idempotent on keys in the model's format). Weight converters (fused MoE experts)
-    change tensors too: their keys stay and restore nothing, which :func:`check_restored` reports."""
+    """``{checkpoint key: model key}``, renamed as ``from_pretrained`` does (mapping renamings, base-model prefix;
+    idempotent). Weight converters (fused MoE experts) change tensors: their keys restore nothing, which
+    :func:`check_restored` reports."""
     state = model.state_dict()
     if get_model_conversion_mapping is None:
         return _model_keys_v4(model, keys, state)
@@ -67,8 +66,8 @@ def model_keys(model: nn.Module, keys: Iterable[str]) -> dict[str, str]:
 
 
 def _model_keys_v4(model: nn.Module, keys: Iterable[str], state: dict[str, Any]) -> dict[str, str]:
-    """:func:`model_keys` on transformers 4: the first matching pattern of ``_checkpoint_conversion_mapping`` renames a
-    key, then the base-model prefix is added or removed where that names a parameter."""
+    """:func:`model_keys` on transformers 4: the first matching ``_checkpoint_conversion_mapping`` pattern renames, then
+    the base-model prefix is added or removed where that names a parameter."""
     mapping = getattr(model, "_checkpoint_conversion_mapping", None) or {}
     prefix = getattr(model, "base_model_prefix", None) or ""
     renamed = {}
@@ -138,12 +137,12 @@ def check_restored(model: nn.Module, folder: str, loaded: set[str], unplaced: li
 
 
 class RestoresCheckpointWeights(Trainer):
-    """A ``Trainer`` (mixed in front of the host's) whose resume and ``load_best_model_at_end`` restore the weights
-    under the model's names, or fail."""
+    """A ``Trainer`` (mixed in front of the host's) whose resume and ``load_best_model_at_end`` restore weights under
+    the model's names, or fail."""
 
     def _restores_itself(self, folder: str, model: nn.Module, adapters: bool) -> bool:
-        """Load ``folder`` here when the Trainer's path would not rename (whole-model files, adapters when
-        ``adapters``); False: the Trainer's path (DeepSpeed, FSDP, sharded adapters)."""
+        """Load ``folder`` here where the Trainer would not rename (whole-model files; adapters if ``adapters``); False:
+        the Trainer's path (DeepSpeed, FSDP, sharded adapters)."""
         if self.is_deepspeed_enabled or self.is_fsdp_enabled:
             return False
         if hasattr(model, "peft_config") and hasattr(model, "load_adapter"):

@@ -1,7 +1,6 @@
-"""A plugin run's checkpoints: the mixin every method's workflow puts in front of the host's trainer (around the step,
-not in it). Checkpoints a run can trust, and a signal stop that saves one (docs/hera.md, "Killed, preempted, disk
-full"); the marker is ``runtime.whole_checkpoints``'s; the ranks agree on a signal's stop step through the process
-group's store (host-side: no device sync).
+"""A plugin run's checkpoints: the mixin every method's workflow puts in front of the host's trainer. Checkpoints a run
+can trust, and a signal stop that saves one (docs/hera.md, "Killed, preempted, disk full"); the ranks agree on the stop
+step through the process group's store (host-side: no device sync).
 """
 
 from __future__ import annotations
@@ -64,12 +63,9 @@ class _StopOnSignal(TrainerCallback):
 
 
 class WholeCheckpoints(Trainer):
-    """A ``Trainer`` (mixed in front of the host's) whose checkpoints are whole or known half-written, which stops on
-    the save signal with one, and rotates only whole ones.
-
-    transformers rotates (``save_total_limit``) inside its own save, before the folder is marked, counting half-written
-    folders: the Trainer gets a copy of the arguments without the limit, which this class applies after each whole save
-    and at the run's end."""
+    """A ``Trainer`` whose checkpoints are whole or known half-written, which stops on the save signal with one, and
+    rotates only whole ones: transformers rotates in its own save, before the marker, counting half-written folders, so
+    its copy of the arguments lacks ``save_total_limit``, applied here after each whole save and at the end."""
 
     checkpoint_limit: int | None  # the recipe's
     resumed_from: str | None = None  # this start's checkpoint
@@ -93,7 +89,7 @@ class WholeCheckpoints(Trainer):
         self.add_callback(stop)
         with stop_signal.noting(stop.name, steps=True), sections.counting_forwards(self.model):
             result = super().train(self.resumed_from, *args, **kwargs)
-        # after the steps: the final training_args.bin and the callbacks see the recipe's limit
+        # the final training_args.bin and the callbacks see the recipe's limit
         self.args.save_total_limit = self.checkpoint_limit
         sections.enter("the end of the run (final save)", "final")
         if not stop.stopped:
@@ -114,8 +110,8 @@ class WholeCheckpoints(Trainer):
         raise SystemExit(0)
 
     def _keep_the_best_alone(self) -> None:
-        """transformers' end-of-run rule, which its copy of the arguments no longer triggers: under ``save_total_limit:
-        1`` with a best checkpoint, every other checkpoint goes (not after a signal stop)."""
+        """transformers' end-of-run rule its argument copy no longer triggers: under ``save_total_limit: 1`` with a best
+        checkpoint, every other one goes (not after a signal stop)."""
         best = self.state.best_model_checkpoint
         if not self.args.should_save or best is None or self.checkpoint_limit != 1:
             return
@@ -126,23 +122,22 @@ class WholeCheckpoints(Trainer):
 
     @override
     def compute_loss(self, model: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
-        """A micro-batch begun is progress for the watchdog, counted before the model's own collectives (DDP's buffer
-        broadcast): a rank stuck before it stays behind the ranks waiting there."""
+        """A micro-batch begun is progress, counted before the model's own collectives (DDP's buffer broadcast): a rank
+        stuck before them stays behind."""
         sections.progress()
         return super().compute_loss(model, inputs, *args, **kwargs)
 
     @override
     def _run_epoch(self, *args: Any, **kwargs: Any) -> Any:
-        """No steps once at ``max_steps`` (transformers 5): a run resumed from its last checkpoint (killed in its final
-        save) writes the final model from it, not one step past it."""
+        """No steps at ``max_steps`` (transformers 5): a run resumed from its last checkpoint (killed in its final save)
+        saves the final model from it, not a step past it."""
         if self.state.global_step >= self.state.max_steps > 0:
             return None
         return super()._run_epoch(*args, **kwargs)
 
     def _whole_resume(self, value: str | bool | None) -> str | None:
-        """The checkpoint to resume from: ``value``, or for ``true`` or a half-written ``checkpoint-N`` the newest whole
-        one of its run (saying what it passed over); for a pin an earlier start took, the newest whole checkpoint saved
-        since, if any."""
+        """The checkpoint to resume from: ``value``; for ``true`` or a half-written ``checkpoint-N``, its run's newest
+        whole one (saying what it skipped); for a pin taken before, the newest whole one saved since, if any."""
         if not value:
             return None
         if value is True:
@@ -164,7 +159,7 @@ class WholeCheckpoints(Trainer):
         return str(newest) if newest else None  # none whole: from the start (recipe.resume said so)
 
     def _since_pin(self, pin: str) -> str | None:
-        """The newest whole checkpoint saved since an earlier start took ``pin``, else None (the first start records the
+        """The newest whole checkpoint saved since an earlier start took ``pin``, else None (a first start records the
         pin)."""
         out = Path(self.args.output_dir)
         entry = whole.taken(out, pin)
@@ -190,7 +185,7 @@ class WholeCheckpoints(Trainer):
             say_once(line)
 
     def save_method_state(self, folder: str) -> None:
-        """A method's own state, written into ``folder`` inside the whole save (also under ``save_only_model``)."""
+        """A method's own state, saved into ``folder`` in the whole save (``save_only_model`` too)."""
 
     @override
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
@@ -222,8 +217,8 @@ class WholeCheckpoints(Trainer):
 
     @override
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
-        """transformers loads a DDP run's optimizer onto ``args.device``, ``cpu:0`` on CPU ranks, which torch refuses
-        ("don't know how to restore data location"): there, onto ``cpu``, as for one process."""
+        """On CPU DDP ranks transformers loads the optimizer onto ``cpu:0``, which torch refuses ("don't know how to
+        restore data location"): load onto ``cpu``, as for one process."""
         device = self.args.device
         files = [os.path.join(checkpoint or "", name) for name in (OPTIMIZER_NAME, SCHEDULER_NAME)]
         cpu_ranks = device.type == "cpu" and device.index is not None and self.args.world_size > 1
@@ -238,9 +233,8 @@ class WholeCheckpoints(Trainer):
 
 
 def _every_rank_saved(device: torch.device) -> None:
-    """Return once every rank's save returned (a rank whose save failed never arrives, and ends its job instead). The
-    host reads the sum: under NCCL the call only queues the all-reduce, and rank 0 would mark and rotate while another
-    rank still writes."""
+    """Return once every rank's save returned (a failed rank never arrives and ends its job). The sum is read on the
+    host: NCCL only queues the call, and rank 0 would mark and rotate while another rank writes."""
     if dist.is_initialized():
         saved = torch.ones(1, device=device)
         dist.all_reduce(saved)
@@ -248,12 +242,12 @@ def _every_rank_saved(device: torch.device) -> None:
             raise RuntimeError(f"checkpoint save: {saved.item():g} of {dist.get_world_size()} ranks saved")
 
 
-NEARLY_FULL = 64 * 2**20  # free bytes below which a failed save means a full disk (no whole checkpoint)
+NEARLY_FULL = 64 * 2**20  # free bytes below which a failed save means a full disk
 
 
 def _full_line(folder: Path, run: Path, error: BaseException) -> str | None:
-    """The disk-full line when a save failed for lack of space (docs/hera.md's "Disk full"), else None. Free space is
-    read too: torch.save says only ``unexpected pos`` or ``file write failed``."""
+    """The disk-full line when a save failed for lack of space, else None. Free space is read too: torch.save says only
+    ``unexpected pos`` or ``file write failed``."""
     newest = whole.newest_whole(run)[0]
     needed = sum(path.stat().st_size for path in newest.rglob("*") if path.is_file()) if newest else None
     free = shutil.disk_usage(run).free

@@ -1,8 +1,7 @@
-"""Gradient checkpointing where a method's gradient needs it: in the layers a method reads inside (HeRA: its heads'
-layers), the method's own reading of a reentrant layer where it has one (``hera/capture.py``), else non-reentrant;
-non-reentrant in every KV-sharing chain (a layer whose keys and values later layers read, and those: Gemma 3n, Gemma 4);
-the recipe's kind elsewhere. HARC (reading its layers' input residual) switches only the chains. Why reentrant
-checkpointing loses these gradients, the cost, measurements: docs/hera-design.md ("Gradient checkpointing").
+"""Gradient checkpointing where a method's gradient needs it: non-reentrant in the layers a method reads inside (HeRA's
+heads' layers) unless the method reads a reentrant layer itself (``hera/capture.py``), and in every KV-sharing chain (a
+layer whose keys and values later layers read, and its readers: Gemma 3n, Gemma 4); the recipe's kind elsewhere. HARC
+switches only the chains. Why, cost, measurements: docs/hera-design.md ("Gradient checkpointing").
 """
 
 from __future__ import annotations
@@ -24,9 +23,8 @@ NO_TRAINABLE = "off (no trainable parameters)"
 
 
 def checkpointing_kind(module: nn.Module) -> str:
-    """The gradient checkpointing ``module`` runs under in training: ``off``, :data:`NO_TRAINABLE` (LLaMA-Factory calls
-    a module with no trainable parameter plainly, e.g. every layer under ``freeze_language_model``), ``reentrant``,
-    ``non-reentrant`` or ``custom`` (not torch's checkpoint with ``use_reentrant`` given, e.g. Unsloth's)."""
+    """What ``module`` runs under in training: ``off``, :data:`NO_TRAINABLE` (LLaMA-Factory calls it plainly),
+    ``reentrant``, ``non-reentrant``, or ``custom`` (not torch's checkpoint with ``use_reentrant``: Unsloth's)."""
     if not getattr(module, "gradient_checkpointing", False):
         return "off"
     function = getattr(module, "_gradient_checkpointing_func", None)
@@ -41,11 +39,10 @@ def checkpointing_kind(module: nn.Module) -> str:
 
 
 class LayerCheckpointing:
-    """Switches the method's decoder ``layers`` (``owner`` names them in :meth:`line`) and every KV-sharing chain's from
-    reentrant to non-reentrant, with LLaMA-Factory's function as under ``use_reentrant_gc: false``; other layers keep
-    theirs. With ``reentrant(index, function)`` (the function a layer runs instead), the method's layers outside a chain
-    stay reentrant through it. :meth:`ensure` runs before every training forward: the Trainer re-enables reentrant
-    checkpointing when training starts."""
+    """Switches the method's ``layers`` (named by ``owner``) and every KV-sharing chain's from reentrant to
+    non-reentrant (LLaMA-Factory's ``use_reentrant_gc: false`` function). With ``reentrant(index, function)``, the
+    method's layers outside a chain stay reentrant through the function it returns. :meth:`ensure` runs before every
+    training forward: the Trainer re-enables reentrant checkpointing at the start."""
 
     def __init__(
         self,
@@ -71,7 +68,7 @@ class LayerCheckpointing:
         return sorted(set(self._heads) | set(self._shared))
 
     def ensure(self) -> None:
-        """Switch the wanted layers that checkpoint reentrantly (a few attribute reads when nothing changed)."""
+        """Switch the wanted layers that checkpoint reentrantly (cheap when nothing changed)."""
         for index in self._wanted():
             layer = self._decoder_layers[index]
             state = (
@@ -94,7 +91,7 @@ class LayerCheckpointing:
             self._seen[index] = state
 
     def switched(self) -> list[int]:
-        """The wanted layers made non-reentrant here."""
+        """The wanted layers switched here."""
         return [
             index
             for index in self._wanted()
@@ -103,10 +100,8 @@ class LayerCheckpointing:
         ]
 
     def line(self) -> str:
-        """What each decoder layer runs under after :meth:`ensure`, e.g. ``gradient checkpointing: reentrant (the
-        recipe's) in 31 of 36 decoder layers; non-reentrant in layers 3, 9, 17, 25, 33 (HeRA's heads)``; with
-        ``reentrant``, ``HeRA's heads read out of the reentrant checkpoint of layers 3, 9``. Call it when training
-        begins: the Trainer may re-enable checkpointing."""
+        """Each decoder layer's kind after :meth:`ensure`, e.g. ``gradient checkpointing: reentrant (the recipe's) in 31
+        of 36 decoder layers; non-reentrant in layers 3, 9 (HeRA's heads)``. Call it when training begins."""
         self.ensure()
         switched = self.switched()
         total = len(self._decoder_layers)

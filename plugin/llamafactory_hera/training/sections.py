@@ -1,9 +1,8 @@
-"""Where a rank is in its run, told to its watchdog by the trainers and workflows: its section and its progress there.
+"""Where a rank is in its run, told to its watchdog by the trainers and workflows: its section and progress.
 
-A section's kind sets its bound and how it is watched (``watch_judge.py``): ``loading``, ``selection``, ``directions``,
-``teacher`` (passes before step 1), ``step``, ``save``, ``final`` (the run's end), ``wait`` (on another rank's work
-alone). Progress only grows while the rank works: a micro-batch's forward begun and done, a save's stage done. Nothing
-here writes, syncs the device or runs a collective: the watchdog's thread publishes it.
+A section's kind sets its bound and watch (``watch_judge.py``): ``loading``, ``selection``, ``directions``, ``teacher``
+(before step 1), ``step``, ``save``, ``final``, ``wait`` (on another rank's work). Progress only grows while the rank
+works: forwards begun and done, save stages done. Nothing here writes, syncs or runs a collective.
 """
 
 from __future__ import annotations
@@ -30,7 +29,7 @@ _running: list[Watched] = []  # this process's watchdog (none or one)
 
 
 def enter(section: str, kind: str, step: int | None = None) -> None:
-    """This rank is now in ``section`` of ``kind`` (``step``: default the current); nothing when unwatched."""
+    """This rank is now in ``section`` of ``kind`` (``step``: default the current); no-op unwatched."""
     for dog in _running:
         dog.enter(section, kind, step)
 
@@ -43,8 +42,8 @@ def progress(*_: Any) -> None:
 
 @contextlib.contextmanager
 def section(name: str, kind: str | None = None, *, forwards: bool = False) -> Iterator[None]:
-    """``name`` (of ``kind``, default ``name``) for the block, then the section before it. ``forwards``: every module's
-    forward counts as progress (a pass before step 1 whose model the caller does not hold)."""
+    """``name`` (of ``kind``, default ``name``) for the block, then the previous section. ``forwards``: any module's
+    forward is progress (a pass whose model the caller does not hold)."""
     before = [(dog, dog.where()) for dog in _running]
     enter(name, kind or name)
     hook = nn_module.register_module_forward_pre_hook(progress) if forwards and _running else None
@@ -60,7 +59,7 @@ def section(name: str, kind: str | None = None, *, forwards: bool = False) -> It
 @contextlib.contextmanager
 def counting_forwards(model: torch.nn.Module) -> Iterator[None]:
     """Each forward of ``model`` counts twice, as it begins and returns: a rank stuck in its forward stays behind the
-    ranks waiting for it in a collective."""
+    ranks waiting in a collective."""
     handles = [model.register_forward_pre_hook(progress), model.register_forward_hook(progress)] if _running else []
     try:
         yield

@@ -28,9 +28,9 @@ def pulse_for(timeout: float | None) -> float:
 
 
 def bound(kind: str, last: dict[str, float], timeout: float | None) -> float:
-    """Seconds a rank in a ``kind`` section may go unheard or without progress: the recipe's ``timeout`` when set; else
-    for a step or save ``FACTOR`` x the last one's time (at least ``LATER_FLOOR``), the final save likewise from the
-    last save; else the kind's first bound."""
+    """Seconds a rank in a ``kind`` section may go unheard or still: the recipe's ``timeout`` if set; for a step or save
+    ``FACTOR`` x the last one's time (the final save: the last save's), at least ``LATER_FLOOR``; else the kind's first
+    bound."""
     if timeout:
         return float(timeout)
     timed = last.get("save" if kind == "final" else kind)
@@ -49,7 +49,7 @@ class Place:
     node: str  # GROUP_RANK, else the host name
     nodes: int
     host: str
-    store: str  # the store's address, for the lines
+    store: str  # its address, for the lines
 
     @property
     def says(self) -> bool:
@@ -58,7 +58,7 @@ class Place:
 
 
 class StorageProbe:
-    """Whether ``output_dir``'s file system answers: a ``statvfs`` in its own thread, asked only while the rank makes no
+    """Whether ``output_dir``'s file system answers: ``statvfs`` in a thread, asked only while the rank makes no
     progress (a step never touches the file system)."""
 
     def __init__(self, folder: str, clock: Callable[[], float]) -> None:
@@ -79,7 +79,7 @@ class StorageProbe:
         self.since = None
 
     def waiting(self, pulse: float) -> float:
-        """Seconds the probe in flight has waited; 0 under a pulse (an answer is not a stall)."""
+        """Seconds the probe in flight has waited; 0 under a pulse (not a stall)."""
         since = self.since
         waited = self.clock() - since if since is not None else 0.0
         return waited if waited >= pulse else 0.0
@@ -101,7 +101,7 @@ def place_of(training_args: Any, store: Any) -> Place:
 
 
 def job_client(timeout: float) -> Any:
-    """A store client of its own, calls bounded by ``timeout``: the process group's TCPStore where there is one, else
+    """Its own store client, calls bounded by ``timeout``: the process group's TCPStore, else
     ``MASTER_ADDR:MASTER_PORT``; None without either."""
     found = None
     if dist.is_available() and dist.is_initialized():

@@ -1,10 +1,9 @@
-"""What the watchdog's monitor concludes from the ranks' heartbeats (pure: beats and times are passed in). Whom it names
-and why: docs/multinode.md, "What it watches".
+"""What the watchdog's monitor concludes from the ranks' heartbeats (pure). Whom it names and why: docs/multinode.md,
+"What it watches".
 
-A beat (JSON) carries a pulse count (its watchdog thread is alive) and the rank's position ``[step, phase, progress]``
-(the section's step, the kind's place in a step, micro-batches or save stages done), which only grows while the rank
-works. The monitor keeps its own clock (none is compared across hosts). An unreadable beat (failed or timed-out read,
-missing key) changes nothing: only a rank's own last beat says it left.
+A beat (JSON) has a pulse count (the rank's watchdog lives) and a position ``[step, phase, progress]`` (:data:`PHASES`)
+that only grows while the rank works. The monitor uses only its own clock. An unreadable beat changes nothing: only a
+rank's own last beat says it left.
 """
 
 from __future__ import annotations
@@ -13,7 +12,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-# a kind's place within a step, so positions compare along the run (a save ends its step)
+# a kind's place in a step: positions compare along the run (a save ends its step)
 PHASES = {"loading": 0, "selection": 1, "directions": 2, "teacher": 3, "step": 4, "save": 5, "final": 6, "wait": 7}
 JUDGED = ("selection", "directions", "teacher", "step", "save", "final")  # watched for progress, not only life
 STORAGE_BOUND = 1800.0  # seconds an output_dir probe may go unanswered
@@ -34,7 +33,7 @@ class Seen:
 
 @dataclass(frozen=True)
 class Named:
-    """A rank the monitor names: why (``unheard``, ``stuck``, ``never``, ``storage``), for how long, its beat."""
+    """A named rank: why (``unheard``, ``stuck``, ``never``, ``storage``), how long, its beat."""
 
     rank: int
     why: str
@@ -105,8 +104,7 @@ class Judge:
         return found or self._stuck(judged, now)
 
     def _stuck(self, judged: dict[int, Seen], now: float) -> list[Named]:
-        """The stalled ranks at the lowest position among those that can hold the others up, when no rank there still
-        moves."""
+        """The stalled ranks at the lowest position of those that can hold the others up, if none there still moves."""
         stalled = {rank for rank, seen in judged.items() if _stalled(seen, now)}
         if not stalled:
             return []

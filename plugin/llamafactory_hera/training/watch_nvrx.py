@@ -1,10 +1,7 @@
-"""A plugin run's sections reported to nvidia-resiliency-ext's rank monitor where its ``ft_launcher`` runs the job (the
-optional ``ft`` extra): it times each section, ends a rank that overstays, and ``ft_launcher`` restarts or ends the job,
-so the plugin's own watchdog does not run.
-
-A section kind opens in the monitor by its name (``step``, ``save``, ...) when ``rank_section_timeouts`` lists it;
-otherwise it is out of section (``rank_out_of_section_timeout``). Each unit of progress is a heartbeat, at most one a
-second (each is a round trip).
+"""A plugin run's sections reported to nvidia-resiliency-ext's rank monitor when ``ft_launcher`` runs the job (the
+``ft`` extra): it times sections, ends an overstaying rank, and restarts or ends the job; the plugin's watchdog does not
+run. A kind listed in ``rank_section_timeouts`` opens a section by its name; others count against
+``rank_out_of_section_timeout``. Progress is a heartbeat, at most one a second (a round trip each).
 """
 
 from __future__ import annotations
@@ -58,7 +55,7 @@ def reporter() -> Reporter | None:
     """A reporter under ``ft_launcher`` with nvidia-resiliency-ext installed, else None."""
     if not os.environ.get(SOCKET_ENV):
         return None
-    try:  # the optional extra, by importlib: a run without it imports none of it
+    try:  # importlib: a run without the extra imports none of it
         tolerance = importlib.import_module("nvidia_resiliency_ext.fault_tolerance")
     except ImportError:
         return None

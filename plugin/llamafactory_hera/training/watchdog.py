@@ -1,14 +1,12 @@
-"""A plugin run's watchdog: a rank frozen, gone, or alive but stuck (a kernel, a collective, I/O) ends the job within
-its section's bound, with one line naming the rank, its host and the section in every node's log. docs/multinode.md ("A
-node that freezes, dies or hangs").
+"""A plugin run's watchdog: a rank frozen, gone or stuck (kernel, collective, I/O) ends the job within its section's
+bound, with one line naming rank, host and section in every node's log. docs/multinode.md ("A node that freezes, dies or
+hangs").
 
-Each rank's thread publishes a heartbeat every pulse in the job's c10d store (no file: a storage stall is no silence):
-its section and bound, a pulse count and its position in the run. Rank 0's thread is the monitor: one read of every beat
-a pulse (O(N)), judged by ``watch_judge``; the others read rank 0's beat, which carries its verdict. A rank finding rank
-0 unheard, or the store not answering (its host frozen), ends the job itself. A guard thread bounds a store call that
-never returns. Torch's process-group timeout is set per section (the steps' and saves' bound plus time for the line)
-instead of ``ddp_timeout``, as a backstop. Under nvidia-resiliency-ext's ``ft_launcher`` the sections go to its rank
-monitor instead (``watch_nvrx``).
+Each rank's thread writes a heartbeat every pulse to the job's c10d store (no file: a storage stall is no silence). Rank
+0's thread is the monitor: it reads every beat once a pulse (O(N)) and judges them; the others read rank 0's beat, which
+carries its verdict, and end the job themselves if rank 0 or the store falls silent. A guard thread bounds a store call
+that never returns. Torch's process-group timeout is set per section instead of ``ddp_timeout``, as a backstop. Under
+``ft_launcher``, ``watch_nvrx`` replaces it.
 """
 
 from __future__ import annotations
@@ -31,8 +29,8 @@ from llamafactory_hera.training import sections, watch_nvrx
 from llamafactory_hera.training.watch_bounds import Place, StorageProbe, bound, job_client, place_of, pulse_for
 from llamafactory_hera.training.watch_judge import PHASES, PLACEHOLDER, Judge, described
 
-PAUSED = 3  # pulses: a longer gap in this rank's own pulses means it was stopped (SIGSTOP, swap)
-MARGIN_S = 10.0  # a step's or save's collectives' timeout: the bound, 3 pulses and this
+PAUSED = 3  # pulses: a longer gap in its own pulses means this rank was stopped (SIGSTOP, swap)
+MARGIN_S = 10.0  # step/save collectives' timeout: the bound, 3 pulses and this
 NOTICE_S = 3.0  # the ending rank's wait for each node's log to hold the line
 BOUNDED = ("step", "save")  # collectives bounded by torch's timeout (no rank works alone before them)
 EXIT_CODE = 1
@@ -94,7 +92,7 @@ class Watchdog:
         self.state = (section, kind, previous[2] if step is None else step, now)
         self.count = 0
         self._bound_collectives(kind)
-        self.entered.set()  # published soon (a rank freezing next is named in this section)
+        self.entered.set()  # published soon: a rank freezing next is named here
 
     def progress(self) -> None:
         self.count += 1
@@ -107,8 +105,8 @@ class Watchdog:
         return bound(self.state[1], self.last, self.timeout)
 
     def _bound_collectives(self, kind: str) -> None:
-        """Torch's process-group timeout: in a step or save this section's bound plus time for the line; elsewhere the
-        job's own (a rank may work alone while the others wait in a collective)."""
+        """Torch's process-group timeout: in a step or save, the bound plus time for the line; elsewhere the job's (a
+        rank may work alone while others wait in a collective)."""
         wanted = self.bound() + 3 * self.pulse_s + MARGIN_S if kind in BOUNDED else self.job_timeout
         if wanted is None or (self.pg_timeout is None and kind not in BOUNDED):
             return
@@ -178,7 +176,7 @@ class Watchdog:
                 self.stopped.wait(max(0.0, published + self.pulse_s / 10 - self.clock()))
 
     def _publish(self) -> None:
-        """This rank's beat into the store (a new section kind at once: a rank freezing as a save begins is named in its
+        """This rank's beat into the store (a new kind at once: a rank freezing as a save begins is named in its
         save)."""
         self.published = self.state[1]
         self._call(lambda: self.store.set(self.keys.beat(self.place.rank), self.beat()))
@@ -236,7 +234,7 @@ class Watchdog:
             return
         limit = float(self.monitor["beat"].get("bound") or self.bound())
         if self.clock() - since > limit:
-            store = (  # rank 0's beat is as old as the last read: this rank's place says more
+            store = (  # rank 0's beat is as old as the last read: say where this rank is
                 f"; the job's store at {self.place.store} does not answer either (rank {self.place.rank} is in "
                 f"{self.state[0]})"
             )
@@ -249,8 +247,8 @@ class Watchdog:
                 self.end(self.line(f"the job's store at {self.place.store} has not answered for {limit:.0f} s"), False)
 
     def _guard(self) -> None:
-        """Notes this rank's own pause (its clock jumped between two ticks) and bounds a store call that never returns
-        (TCPStore waits on a frozen host): no store call holds this thread."""
+        """Note this rank's own pause (a clock jump between ticks) and bound a store call that never returns (TCPStore
+        waits on a frozen host); this thread calls no store."""
         while not self.stopped.wait(self.pulse_s / 2):
             now = self.clock()
             if now - self.guarded > PAUSED * self.pulse_s:
@@ -290,21 +288,20 @@ class Watchdog:
         )
 
     def end(self, line: str, store: bool = True) -> None:
-        """Say ``line`` in this node's log (one rank a node), wait briefly for the other nodes' logs to hold it, and end
-        this process. Once per process."""
+        """Say ``line`` (one rank a node), wait briefly for the other nodes' logs to hold it, and exit. Once per
+        process."""
         if not self.ending.acquire(blocking=False):
             return
         if self.place.says:
             say_apart(line)
-        if store:  # bounded: a store that stops answering must not keep this process
+        if store:  # bounded: a silent store must not keep this process
             waiting = threading.Thread(target=self._told, daemon=True)
             waiting.start()
             waiting.join(NOTICE_S + self.pulse_s)
         os._exit(EXIT_CODE)
 
     def _told(self) -> None:
-        """Mark the line as in this node's log (its sayer); rank 0 waits for every node's, the others for their node's
-        sayer."""
+        """Mark the line said (by each node's sayer); rank 0 waits for every node's, the others for their node's."""
         node = self.place.node
         deadline = time.monotonic() + NOTICE_S + self.pulse_s
         with contextlib.suppress(RuntimeError, ValueError, OSError):
@@ -319,8 +316,8 @@ class Watchdog:
                     time.sleep(0.1)
 
     def ended_meanwhile(self, error: BaseException) -> None:
-        """The run's collective failed in the main thread: if this rank was stopped itself meanwhile (thawed after the
-        job ended), say the job's end and end the process; else say which collective failed, and the error goes on."""
+        """A collective failed in the main thread: if this rank was itself stopped meanwhile (thawed after the job
+        ended), say the job's end and exit; else say which collective failed."""
         if not _distributed(error):
             return
         first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
@@ -334,8 +331,8 @@ class Watchdog:
         )
 
     def start(self) -> None:
-        """Write the first beat before anything else (rank 0's before its thread writes the others' placeholders: no
-        rank reads a placeholder of rank 0), count it started, then start the threads."""
+        """First beat first (rank 0's before its thread writes the placeholders, so no rank reads one of rank 0's),
+        count it started, start the threads."""
         self._publish()
         self._call(lambda: self.store.add(self.keys.started, 1))
         for thread in self.threads:
@@ -350,7 +347,7 @@ class Watchdog:
 
 
 def _distributed(error: BaseException) -> bool:
-    """Whether ``error`` is a failed collective or process-group call (gloo, NCCL, torch's distributed errors)."""
+    """Whether ``error`` is a failed collective or process-group call."""
     if isinstance(error, getattr(dist, "DistError", ())):
         return True
     text = str(error)
@@ -361,9 +358,9 @@ def _distributed(error: BaseException) -> bool:
 
 @contextlib.contextmanager
 def watching(training_args: Any, timeout: float | None) -> Iterator[None]:
-    """A plugin run watched for the block (several processes, ``timeout`` not 0), which the ranks leave together through
-    a barrier, still watched (a rank frozen in the final save, which rank 0 alone writes, is named, not waited for);
-    LLaMA-Factory's teardown then finds no rank in a collective."""
+    """A run watched for the block (several processes, ``timeout`` not 0), left by all ranks through a watched barrier
+    (a rank frozen in rank 0's final save is named, not waited for): LLaMA-Factory's teardown finds no rank in a
+    collective."""
     dog: Any = None
     if training_args.world_size > 1 and timeout != 0:
         dog = watch_nvrx.reporter() or _started(training_args, timeout)
