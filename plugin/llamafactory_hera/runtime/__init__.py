@@ -1,3 +1,2 @@
-"""The plugin's runtime, beside the patches and below the methods: a run's output folder claimed and set aside, who it
-is, what it loaded and how it ended (its record), its save signal and whole-checkpoint markers, the job's store and the
-launcher's watch of the ranks' start, the registry of the methods, and the one error type. Imports no llamafactory."""
+"""The plugin's runtime, below the methods: output folder claim and set-aside, run identity and record, save signal,
+whole-checkpoint markers, job store, launch watch, method registry, the error type. Imports no llamafactory."""

@@ -1,12 +1,10 @@
-"""Who a run is, for its output_dir claim (:mod:`.run_claim`): its process on this host, and the job its ranks share.
+"""Who a run is, for its output_dir claim (:mod:`.run_claim`).
 
-- a job's identity: ``TORCHELASTIC_RUN_ID`` and ``MASTER_ADDR:MASTER_PORT`` (torchrun, LLaMA-Factory's
-  ``FORCE_TORCHRUN`` launch, ``accelerate launch``; the host name is added to a loopback address), or for another
-  launcher ``MASTER_ADDR:MASTER_PORT`` with a ``WORLD_SIZE`` above 1, or Slurm's job step for several tasks started
-  by ``srun`` (``SLURM_JOB_ID``, ``SLURM_STEP_ID``, ``SLURM_NTASKS`` above 1); a single process has none;
-- its rank (``RANK``, else ``SLURM_PROCID``) and how often a scheduler has launched it (``SLURM_RESTART_COUNT``: a
-  requeued job's later launch);
-- whether a process of this host still runs (``/proc``: not a zombie, not a later process given the same id).
+- its job: ``TORCHELASTIC_RUN_ID`` and ``MASTER_ADDR:MASTER_PORT`` (torchrun, ``accelerate launch``; a loopback address
+  gets the host name), else ``MASTER_ADDR:MASTER_PORT`` with ``WORLD_SIZE`` > 1, else an ``srun`` step
+  (``SLURM_JOB_ID``, ``SLURM_STEP_ID``, ``SLURM_NTASKS`` > 1); a single process has none;
+- its rank (``RANK``, else ``SLURM_PROCID``) and launch count (``SLURM_RESTART_COUNT``);
+- whether a process here still runs (``/proc``: no zombie, no reused id).
 
 Imports nothing heavy: it runs before the parse.
 """
@@ -24,8 +22,8 @@ _LOOPBACK = ("localhost", "::1")
 
 
 def job_identity(env: Mapping[str, str] | None = None) -> str | None:
-    """What the ranks of one distributed job share (see the module docstring), or None for a single process."""
-    # os.environ read at the call: datasets' map(num_proc=N) rebinds it to a copy, which a default keeps
+    """What the ranks of one job share (module doc), or None for a single process."""
+    # not a default: datasets' map(num_proc=N) rebinds os.environ
     env = os.environ if env is None else env
     run_id = env.get("TORCHELASTIC_RUN_ID")
     addr = env.get("MASTER_ADDR")
@@ -42,7 +40,7 @@ def job_identity(env: Mapping[str, str] | None = None) -> str | None:
 
 
 def _slurm_step(env: Mapping[str, str]) -> str | None:
-    """The job step of Slurm tasks started by ``srun`` without torchrun (several tasks), or None."""
+    """The job step of several Slurm tasks started by ``srun`` without torchrun, or None."""
     try:
         several = int(env.get("SLURM_NTASKS", "1")) > 1
     except ValueError:
@@ -52,7 +50,7 @@ def _slurm_step(env: Mapping[str, str]) -> str | None:
 
 
 def process_stat(pid: int) -> tuple[str, str] | None:
-    """(state, start time in clock ticks since boot) of a process, from ``/proc`` (None where it cannot be read)."""
+    """(state, start time in clock ticks since boot) from ``/proc``; None where unreadable."""
     try:
         text = Path(f"/proc/{pid}/stat").read_text(encoding="utf-8")
     except OSError:
@@ -62,8 +60,7 @@ def process_stat(pid: int) -> tuple[str, str] | None:
 
 
 def is_alive_here(pid: Any, process_start: Any = None) -> bool:
-    """Whether process ``pid`` of this host runs (not a zombie, and the same process where its start time was
-    recorded: not a later one given the same id)."""
+    """Whether process ``pid`` runs here: no zombie, and no later process with its id (given ``process_start``)."""
     if not isinstance(pid, int) or pid <= 0:
         return False
     try:
@@ -81,7 +78,7 @@ def is_alive_here(pid: Any, process_start: Any = None) -> bool:
 
 
 def global_rank(env: Mapping[str, str]) -> int | None:
-    """This process's rank in its job (torchrun's ``RANK``, Slurm's ``SLURM_PROCID``), None where neither is set."""
+    """``RANK``, else ``SLURM_PROCID``; None where neither is set."""
     for key in ("RANK", "SLURM_PROCID"):
         with contextlib.suppress(KeyError, ValueError):
             return int(env[key])
@@ -89,7 +86,7 @@ def global_rank(env: Mapping[str, str]) -> int | None:
 
 
 def restarts(env: Mapping[str, str]) -> int:
-    """How often the scheduler has launched this job before (``SLURM_RESTART_COUNT``; 0 where it is not set)."""
+    """Earlier launches of this job (``SLURM_RESTART_COUNT``; 0 where unset)."""
     try:
         return int(env.get("SLURM_RESTART_COUNT", "0") or 0)
     except ValueError:

@@ -1,8 +1,7 @@
-"""The user-error type: raised by the plugin's checks and by the host adapter's own (a stage name, a dataset that
-cannot be read), printed as one line by :mod:`llamafactory_hera.job_refusal`. Defined here, at the door, so that
-both sides raise it and the patches import nothing of the plugin."""
+"""The user-error type, raised by the plugin's and the host adapter's checks, printed as one line by
+:mod:`llamafactory_hera.job_refusal`. Here, at the door, so the patches import nothing of the plugin."""
 
 
 class RecipeError(ValueError):
-    """A user error found by a check (recipe, data, environment, command line): its message names the key or input,
-    the value and the fix. A ``ValueError``, so callers catching that still do."""
+    """A user error found by a check: its message names the key or input, the value and the fix. A ``ValueError``, for
+    callers catching that."""

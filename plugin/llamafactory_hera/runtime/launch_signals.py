@@ -1,8 +1,5 @@
-"""The launching process's side of a save signal (:mod:`.stop_signal` is the ranks'): ``llamafactory-cli`` before
-torchrun, ``accelerate launch``. It leaves the scheduler's signals to the ranks (:func:`leave_to_ranks`), and
-``llamafactory-cli`` outlives a SIGTERM while its torchrun runs (:func:`launching`: a scheduler ends a job step whose
-task ended, the ranks mid-save included) and exits 0 when the ranks stopped on the signal (:func:`ended`). Imports
-nothing heavy.
+"""The launching process's side of a save signal (``llamafactory-cli`` before torchrun, ``accelerate launch``;
+:mod:`.stop_signal` is the ranks'). Imports nothing heavy.
 """
 
 from __future__ import annotations
@@ -22,12 +19,11 @@ _launch: dict[str, Any] = {"name": None, "output_dir": None, "since": 0, "receiv
 
 
 def leave_to_ranks(name: str | None, output_dir: Any = None) -> None:
-    """In the launching process, before the ranks start: the save signal when it is a warning signal, and the other
-    warning signals, ignored from here on by this process and the launcher it starts (torchrun's agent, accelerate's),
-    which inherit the ignore, as the ranks do until their stage notes them: a scheduler signals every process of the
-    job, and SIGUSR1's default would end the agent (whose store the ranks agree through) and this process while the
-    ranks save. SIGTERM stays the agent's: it passes it to the ranks, then kills them 30 s later
-    (torch.distributed.elastic); :func:`launching` keeps this process alive meanwhile. ``none``: nothing."""
+    """Before the ranks start: ignore the save signal if a warning signal, and the other warning signals, here and in
+    the launcher started from here (inherited, as by the ranks until their stage notes them): the scheduler signals
+    every process, and SIGUSR1's default would end the agent (whose store the ranks agree through) and this process
+    mid-save. SIGTERM stays the agent's: it passes it on and kills the ranks 30 s later; :func:`launching` keeps this
+    process alive. ``none``: nothing."""
     number = signal_number(name)
     if number is None:
         return
@@ -38,16 +34,15 @@ def leave_to_ranks(name: str | None, output_dir: Any = None) -> None:
 
 
 def _note_in_launcher(signum: int, frame: Any) -> None:
-    """SIGTERM to ``llamafactory-cli`` while its torchrun runs: torchrun got it too (a scheduler signals every process;
-    a terminal's or a process group's signal reaches both), and passes it on to the ranks; this process waits."""
+    """SIGTERM to ``llamafactory-cli`` while its torchrun runs: torchrun got it too and passes it on; this process
+    waits."""
     _launch["received"] = True
 
 
 @contextlib.contextmanager
 def launching() -> Iterator[None]:
-    """``llamafactory-cli`` while the torchrun it started runs: with SIGTERM the save signal, SIGTERM no longer ends it
-    (under SLURM the launcher is the job step's task, and the step's other processes, the ranks mid-save included,
-    are killed once it ends). A handler, not an ignore: torchrun, started from here, gets the default back."""
+    """With SIGTERM the save signal, ``llamafactory-cli`` outlives SIGTERM while its torchrun runs: under SLURM it is
+    the step's task, whose end kills the ranks mid-save. A handler, not an ignore: torchrun gets the default."""
     if _launch["name"] != "SIGTERM" or threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -59,10 +54,9 @@ def launching() -> Iterator[None]:
 
 
 def ended(code: int) -> int:
-    """The launcher's exit code for torchrun's ``code``: 0 when the ranks ended as asked, whatever torchrun's agent
-    says of the SIGTERM it passed on to them: the run's record, written since this launcher checked the recipe, says
-    stopped, or finished with no error when this launcher got SIGTERM (the signal came in the final save); else
-    ``code``."""
+    """The exit code for torchrun's ``code``: 0 when the ranks ended as asked, whatever the agent says: the run record
+    (written since this launcher's checks) says stopped, or finished without error after this launcher got SIGTERM (in
+    the final save). Else ``code``."""
     if not _launch["output_dir"]:
         return code
     record = read_record(Path(str(_launch["output_dir"])).expanduser() / RUN_RECORD)

@@ -1,15 +1,11 @@
-"""A torchrun launch watched from ``llamafactory-cli``'s first line until every rank's watchdog runs: a master address
-that does not resolve is one line at once (:func:`check_master_address`); a node that never joins, ``NNODES`` above
-the nodes started, or ranks stuck before their run (LLaMA-Factory's start, the process group's rendezvous) give one
-line within the start bound (``LLAMAFACTORY_HERA_START_TIMEOUT``, 600 s), naming what is missing, in every node's
-log that reaches the job's store (:class:`StartWatch`). Then the ranks' watchdogs take over
-(``llamafactory_hera.training.watchdog``).
+"""A torchrun launch watched from ``llamafactory-cli``'s start until every rank's watchdog runs: an unresolvable
+``MASTER_ADDR`` is one line at once; a node that never joins (or ``NNODES`` above the nodes started) or ranks stuck
+before their run give one line within ``LLAMAFACTORY_HERA_START_TIMEOUT`` (600 s), naming what is missing, in every
+node's log that reaches the job's store.
 
-Each node's launcher, once the job's store answers (torchrun's agent on the first node hosts it at
-``MASTER_ADDR:MASTER_PORT``), marks its node there and reads which nodes joined and how many ranks started; the first
-launcher to see the bound pass sets the line for the others, says it, and ends its torchrun (SIGTERM: the agent ends
-its ranks). An elastic launch (``RDZV_ID``: torchrun's c10d rendezvous) keeps its ranks' store elsewhere: not watched
-here.
+Each node's launcher, once the store answers, marks its node and reads which nodes joined and how many ranks started;
+the first to see the bound pass sets the line for all, says it and ends its torchrun (SIGTERM: the agent ends its
+ranks). An elastic launch (``RDZV_ID``) has its store elsewhere: unwatched.
 """
 
 from __future__ import annotations
@@ -27,15 +23,15 @@ from typing import Any
 from llamafactory_hera.runtime import job_store
 from llamafactory_hera.runtime.errors import RecipeError
 
-POLL_S = 1.0  # how often the store is read; how long a temporary name-lookup failure is retried
+POLL_S = 1.0  # store reads; name-lookup retries
 RESOLVE_S = 30.0
 KILL_AFTER_S = 40.0  # torchrun's agent ends its ranks within 30 s of SIGTERM
 
 
 def check_master_address(env: Mapping[str, str] | None = None, retry_s: float = RESOLVE_S) -> None:
-    """RecipeError naming ``MASTER_ADDR`` when it does not resolve here (a temporary lookup failure is retried for
-    ``retry_s`` seconds first): c10d would retry it for minutes, warning only."""
-    # os.environ read at the call: datasets' map(num_proc=N) rebinds it to a copy, which a default keeps
+    """RecipeError naming ``MASTER_ADDR`` when it does not resolve here (a temporary failure retried for ``retry_s``):
+    c10d would retry for minutes, only warning."""
+    # not a default: datasets' map(num_proc=N) rebinds os.environ
     env = os.environ if env is None else env
     host = env.get("MASTER_ADDR") or "127.0.0.1"
     deadline = time.monotonic() + retry_s
@@ -54,8 +50,7 @@ def check_master_address(env: Mapping[str, str] | None = None, retry_s: float = 
 
 
 class StartWatch:
-    """One node's watch of its launch's start (see the module doc). ``ranks``: how many ranks must start a watchdog
-    (0 until the recipe says its run has one: :meth:`expect`)."""
+    """One node's watch of its launch's start; ``ranks`` watchdogs must start (0 until :meth:`expect`)."""
 
     def __init__(
         self,
@@ -82,7 +77,7 @@ class StartWatch:
         self.thread = threading.Thread(target=self._run, name="llamafactory-hera-start-watch", daemon=True)
 
     def expect(self, ranks: int) -> None:
-        """The recipe is read: ``ranks`` watchdogs are to start (0: none, the watch ends once every node joined)."""
+        """``ranks`` watchdogs are to start (0: the watch ends once every node joined)."""
         self.ranks = ranks
         self.expected.set()
 
@@ -98,7 +93,7 @@ class StartWatch:
             self.done.wait(POLL_S)
 
     def missing(self) -> str | None:
-        """What the launch still lacks, in words (None: nothing, the watch is done)."""
+        """What the launch still lacks, in words; None: nothing, the watch is done."""
         where = f"{self.address[0]}:{self.address[1]}"
         if self.keys is None and not self._connect():
             return (
@@ -156,8 +151,8 @@ class StartWatch:
 
 
 def end_launch(line: str) -> None:
-    """Say ``line`` and end this launcher: its torchrun ends its ranks on SIGTERM (SIGKILL after
-    :data:`KILL_AFTER_S`); without one yet (its checks still running), this process ends at once."""
+    """Say ``line`` and end this launcher: SIGTERM to its torchrun, which ends its ranks (SIGKILL after
+    :data:`KILL_AFTER_S`); with no child yet, exit at once."""
     print(f"\n[llamafactory-hera] {line}", file=sys.stderr, flush=True)
     children = _children()
     for pid in children:
@@ -177,7 +172,7 @@ def end_launch(line: str) -> None:
 
 
 def _children() -> list[int]:
-    """This process's child processes (Linux: /proc)."""
+    """This process's children (Linux: /proc)."""
     found: list[int] = []
     with contextlib.suppress(OSError):
         for task in os.listdir(f"/proc/{os.getpid()}/task"):
@@ -188,9 +183,8 @@ def _children() -> list[int]:
 
 @contextlib.contextmanager
 def watching(free_port: Callable[[], int], nodes: int | None, node: int | None) -> Iterator[StartWatch | None]:
-    """This node's launch watched for the block (torchrun with a static rendezvous at ``MASTER_ADDR:MASTER_PORT``,
-    the port drawn here by ``free_port`` when unset, as LLaMA-Factory would draw it, and set for the block); None: an
-    elastic launch (``RDZV_ID``) or node counts that are no numbers (``NNODES=1:2``)."""
+    """This node's launch watched for the block (torchrun, static rendezvous; an unset ``MASTER_PORT`` drawn by
+    ``free_port`` for the block, as LLaMA-Factory would). None: elastic (``RDZV_ID``) or ``NNODES=1:2``."""
     drawn = "MASTER_PORT" not in os.environ
     if drawn:
         os.environ["MASTER_PORT"] = str(free_port())

@@ -1,14 +1,9 @@
-"""A training run's ``output_dir`` before LLaMA-Factory parses the recipe (before any model loads): a finished run
-refused, a recipe asking for more steps continuing it, ``overwrite_output_dir: true`` moving the earlier run aside;
-docs/hera.md ("Running again: resume, refuse, overwrite") says what the user sees.
+"""A training run's ``output_dir`` before the model loads: a finished run refused or continued for more steps;
+``overwrite_output_dir: true`` moves the earlier run aside. docs/hera.md ("Running again: resume, refuse, overwrite").
 
-Host shape relied on: LLaMA-Factory 0.9.5 resumes from the last ``checkpoint-N`` of an ``output_dir`` it finds, finished
-run or not, and with ``overwrite_output_dir: true`` writes the new run among the earlier one's files. A finished run
-is told by its :mod:`.run_record` (else the final model or the Trainer's end-of-run files); the move leaves earlier
-``previous_run_*`` folders, the recipe being run and LlamaBoard's files of this run where they are.
-
-The refusal comes before the parse; the move after the parse and the method's checks (a refused recipe moves nothing),
-by the global main process (each node's under ``save_on_each_node``), the other ranks waiting for it.
+Host shape: LLaMA-Factory 0.9.5 resumes from the last ``checkpoint-N`` found, finished or not, and under
+``overwrite_output_dir`` writes among the earlier run's files. The refusal comes before the parse; the move after the
+parse and the method's checks, by the main process while the other ranks wait.
 """
 
 from __future__ import annotations
@@ -35,15 +30,13 @@ READ_KEYS = (
     "deepspeed",
     "resume_from_checkpoint",
 )
-# LlamaBoard writes them before it starts the run (main also the run's output, webui_subprocess.log, which it reads
-# when the run fails)
+# LlamaBoard's, written before the run (webui_subprocess.log: its output, read on failure)
 BOARD_FILES = ("llamaboard_config.yaml", "training_args.yaml", "webui_subprocess.log")
 
 
 def finished_evidence(folder: Path) -> str | None:
-    """Why ``folder`` holds a finished run (a file name and what it says), or None. The run's record decides where
-    there is one (a run killed inside its final save left a model file and ``running``); a folder without a record
-    (a plain LLaMA-Factory run) is finished when it holds a final model or the Trainer's end-of-run files."""
+    """Why ``folder`` holds a finished run, or None. Its run record decides if there is one (a run killed in its final
+    save left a model file and ``running``); else a final model or end-of-run files."""
     if (folder / RUN_RECORD).is_file():
         return f"{RUN_RECORD} says finished" if read_record(folder / RUN_RECORD).get("status") == FINISHED else None
     for name in (*SAVED_MODEL_FILES, *END_FILES):
@@ -57,7 +50,7 @@ def _inside(path: Path, folder: Path) -> bool:
 
 
 def _kept(folder: Path) -> set[Path]:
-    """This run's own files in ``folder``: the recipe being run, LlamaBoard's files of the run it started."""
+    """This run's own files in ``folder``: its recipe, LlamaBoard's files of the run it started."""
     kept = {Path(arg).resolve() for arg in sys.argv[1:] if arg.endswith((".yaml", ".yml", ".json"))}
     if os.environ.get("LLAMABOARD_WORKDIR") and Path(os.environ["LLAMABOARD_WORKDIR"]).resolve() == folder:
         kept.update(folder / name for name in BOARD_FILES)
@@ -82,8 +75,8 @@ def _check_movable(folder: Path, host_args: Any) -> None:
 
 
 def movable_entries(folder: Path) -> list[Path]:
-    """The entries of ``folder`` an overwrite moves aside: all but earlier ``previous_run_*`` folders and this run's
-    own files (the recipe, LlamaBoard's, its :mod:`.run_claim`)."""
+    """What an overwrite moves: all but earlier ``previous_run_*`` folders and this run's own files (recipe,
+    LlamaBoard's, claim)."""
     kept = _kept(folder)
     return sorted(
         p for p in folder.iterdir() if not p.name.startswith((PREVIOUS_PREFIX, CLAIM)) and p.resolve() not in kept
@@ -91,9 +84,8 @@ def movable_entries(folder: Path) -> list[Path]:
 
 
 def move_aside(folder: Path, entries: list[Path]) -> Path | None:
-    """``entries`` of ``folder`` into a new ``previous_run_<time>/``; the new folder, or None when none was left to
-    move. An entry gone meanwhile counts as moved (another rank's LlamaBoard log callback deletes
-    ``running_log.txt`` right after its parse)."""
+    """Move ``entries`` into a new ``previous_run_<time>/``; None when none was left. An entry gone meanwhile counts as
+    moved (another rank's LlamaBoard callback deletes ``running_log.txt``)."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
     target = folder / f"{PREVIOUS_PREFIX}{stamp}"
     number = 1
@@ -129,7 +121,7 @@ def _number(value: Any, default: float) -> float:
 
 def _asks_more(host_args: Any, state: dict[str, Any]) -> bool:
     """Whether the recipe asks for more than the finished run took: ``max_steps`` above its steps, or without
-    ``max_steps`` (unset or <= 0, the Trainer's rule) ``num_train_epochs`` (default 3) above its epochs."""
+    ``max_steps`` (<= 0 or unset, as the Trainer) ``num_train_epochs`` (default 3) above its epochs."""
     max_steps = _number(raw_value(host_args, "max_steps"), -1)
     if max_steps > 0:
         return max_steps > _number(state.get("global_step"), 0)
@@ -137,16 +129,15 @@ def _asks_more(host_args: Any, state: dict[str, Any]) -> bool:
 
 
 def continues_finished(folder: Path, host_args: Any) -> bool:
-    """Whether the recipe trains the finished run in ``folder`` further from its last checkpoint (see
-    :func:`refuse_finished`): the run left its ``trainer_state.json`` and a checkpoint, the recipe asks for more
-    steps or epochs than it took, and names no other checkpoint to resume from."""
+    """Whether the recipe trains the finished run on: it left ``trainer_state.json`` and a checkpoint, the recipe asks
+    for more (:func:`_asks_more`) and names no other checkpoint."""
     state = read_record(folder / "trainer_state.json")
     checkpoints = checkpoint_folders(folder)
     if not state or not checkpoints:
         return False
     resume = raw_value(host_args, "resume_from_checkpoint")
     if resume is False or str(resume).strip().lower() in {"", "false"}:
-        return False  # the Trainer would start from step 0 and write over the finished model
+        return False  # the Trainer would start from step 0 over the finished model
     if resume not in (None, True) and Path(str(resume)).expanduser().resolve() != checkpoints[-1]:
         return False  # true: the last checkpoint, as LLaMA-Factory picks it without the key
     return _asks_more(host_args, state)
@@ -167,13 +158,9 @@ def _how_to_continue(folder: Path, resume: Any) -> str:
 
 
 def refuse_finished(host_args: Any) -> None:
-    """Before LLaMA-Factory parses: a training run into a finished run's folder without ``overwrite_output_dir``.
-
-    A recipe asking for more steps or epochs than the finished run took (:func:`continues_finished`) goes on, for
-    every stage: LLaMA-Factory resumes from the run's last checkpoint and trains on to the new end, as without the
-    plugin. The same recipe again (or one asking for no more) is refused for every stage, LLaMA-Factory's own
-    included: without the plugin it resumes from the last checkpoint, trains one step past ``max_steps`` and writes
-    that model over the finished run's final one (lost), which is what the refusal keeps."""
+    """Before the parse, any stage: refuse training into a finished run's folder without ``overwrite_output_dir`` unless
+    it asks for more (:func:`continues_finished`). Else LLaMA-Factory would resume, train a step past ``max_steps`` and
+    write over the finished model."""
     if (
         not truthy(raw_value(host_args, "do_train"))
         or not raw_value(host_args, "output_dir")
@@ -196,15 +183,15 @@ def refuse_finished(host_args: Any) -> None:
 
 
 def moves_here(training_args: Any) -> bool:
-    """Whether this process moves the files: each node's main process under ``save_on_each_node`` (node-local
-    folders, each with its own earlier run), else the global main process (as the Trainer's ``should_save``)."""
+    """Whether this process moves the files: under ``save_on_each_node`` each node's main process (each node's folder
+    has its own earlier run), else the global one."""
     if getattr(training_args, "save_on_each_node", False):
         return getattr(training_args, "local_process_index", 0) == 0
     return getattr(training_args, "process_index", 0) == 0
 
 
 def _wait_for_the_move() -> None:
-    # lazy: torch only here, the checks before the parse run without it
+    # lazy: the checks before the parse run without torch
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
@@ -212,9 +199,8 @@ def _wait_for_the_move() -> None:
 
 
 def clear_for_overwrite(host_args: Any, training_args: Any) -> None:
-    """After the parse and the method's checks, before the run record: ``overwrite_output_dir: true`` moves an
-    earlier run's files aside. Every rank checks the folder may move (a refusal ends every rank alike); the mover
-    (:func:`moves_here`) moves; then every rank waits for it when a process group is up."""
+    """After the parse and checks, before the run record: under ``overwrite_output_dir: true`` move an earlier run
+    aside. Every rank checks it may (a refusal ends all alike); :func:`moves_here` moves; all wait for it."""
     if not (
         getattr(training_args, "do_train", False)
         and getattr(training_args, "overwrite_output_dir", False)

@@ -1,11 +1,8 @@
 """The methods the patches serve, as the plugin registers them: the patches import no method.
 
-The plugin's start-up hook registers, before any patch is applied, a source of its declared methods
-(``llamafactory_hera.methods.declared_methods``), called at each lookup (a process that never asks imports no
-declaration). The patches use a method by the fields of its declaration (``llamafactory_hera.recipe.declaration``):
-``stage``, ``label``, ``prefix``, ``host_stage``, ``log_keys``, ``records``, ``panel()``, ``plan(args)``,
-``one_process``, ``run`` (its run class: its arguments, its keys parsed) and ``owns(stage)``, and a run by its phases
-(``llamafactory_hera.recipe.run``). Imports nothing.
+The start-up hook registers, before any patch, a source of the declared methods, called at each lookup (a process that
+never asks imports no declaration). The patches use a method by its declaration's fields (``recipe.declaration``), a run
+by its phases (``recipe.run``). Imports nothing.
 """
 
 from __future__ import annotations
@@ -19,21 +16,21 @@ _sources: list[Callable[[], Iterable[Any]]] = []
 
 
 def register_methods(source: Callable[[], Iterable[Any]]) -> None:
-    """Register ``source``, a callable returning method declarations (registering it again changes nothing)."""
+    """Register ``source`` (a callable returning method declarations); again: no change."""
     if source not in _sources:
         _sources.append(source)
 
 
 def registered_methods() -> tuple[Any, ...]:
-    """Every registered method, in the order of its source's declarations."""
+    """Every registered method, in declaration order."""
     return tuple(method for source in _sources for method in source())
 
 
 def method_for_stage(stage: Any) -> Any:
-    """The registered method that ``stage`` selects, or None (a LLaMA-Factory stage)."""
+    """The method ``stage`` selects, or None (a LLaMA-Factory stage)."""
     return next((method for method in registered_methods() if method.owns(stage)), None)
 
 
 def method_of_key(key: Any) -> Any:
-    """The registered method whose prefix ``key`` carries, or None (a LLaMA-Factory key)."""
+    """The method whose prefix ``key`` carries, or None (a LLaMA-Factory key)."""
     return next((method for method in registered_methods() if str(key).startswith(method.prefix)), None)

@@ -1,14 +1,10 @@
-"""One live run per ``output_dir``: ``llamafactory_hera_claim.json``, taken before LLaMA-Factory parses the recipe.
+"""One live run per ``output_dir``: ``llamafactory_hera_claim.json``, taken before the parse (imports nothing heavy).
+Policy: docs/hera.md ("Running again: resume, refuse, overwrite").
 
-Which runs take a claim, what a live one refuses, when one is stale and how the ranks of one job share it: docs/hera.md
-("Running again: resume, refuse, overwrite", a live run). How: a claim (process id, host, start time, stage, job
-identity: :func:`.claim_identity.job_identity`) is written beside its place and hard-linked there (``O_CREAT |
-O_EXCL`` where the file system has no hard links), so of two runs started at once one gets it; a stale claim is
-replaced only by the run holding the takeover lock (``<claim>.takeover``, created as a claim is); a claim another
-rank made passes to global rank 0, which saves last; the holder removes it when the run ends (``atexit``, SIGTERM),
-with the folder if the claim made it and it is still empty.
-
-Imports nothing heavy: it runs before the parse.
+A claim (pid, host, start, stage, job) is written aside and hard-linked in place (``O_CREAT | O_EXCL`` without hard
+links): of two runs started at once, one gets it. Only the takeover lock's holder replaces a stale claim; one another
+rank made passes to global rank 0, which saves last. The holder removes it at the end (``atexit``, SIGTERM), with the
+folder if the claim made it and it is empty.
 """
 
 from __future__ import annotations
@@ -37,17 +33,17 @@ from llamafactory_hera.runtime.run_record import write_record
 from llamafactory_hera.runtime.stop_signal import RERUN
 
 _ATTEMPTS = 8
-LEASE_SECONDS = 600  # a claim whose file time is older than this is a dead run's, on any host
+LEASE_SECONDS = 600  # a claim not refreshed this long is a dead run's (any host)
 _REFRESH_SECONDS = 60  # how often a live run refreshes its claim's file time
-_LOCK_STALE_SECONDS = 10.0  # a takeover lock older than this was left by a run that ended while taking over
-JOB_WAIT_SECONDS = 20.0  # how long a rank of a multi-process job waits for its job to take another host's claim over
-_held: dict[Path, dict[str, Any]] = {}  # this process's claims, by file: released at exit if not before
-_guards: list[bool] = []  # the refresher and the SIGTERM release, started once per process
+_LOCK_STALE_SECONDS = 10.0  # an older takeover lock is a dead run's
+JOB_WAIT_SECONDS = 20.0  # a rank's wait for its job to take over another host's claim
+_held: dict[Path, dict[str, Any]] = {}  # this process's claims by file; released at exit
+_guards: list[bool] = []  # refresher and SIGTERM release started (once)
 
 
 def new_claim(stage: str, env: Mapping[str, str] | None = None) -> dict[str, Any]:
     """This process's claim."""
-    # os.environ read at the call: datasets' map(num_proc=N) rebinds it to a copy, which a default keeps
+    # not a default: datasets' map(num_proc=N) rebinds os.environ
     env = os.environ if env is None else env
     stat = process_stat(os.getpid())
     return {
@@ -107,10 +103,9 @@ def _read(path: Path) -> tuple[str, dict[str, Any]] | None:
 
 @contextlib.contextmanager
 def _takeover_lock(path: Path, mine: dict[str, Any]) -> Iterator[bool]:
-    """Whether this run holds the takeover lock (``<claim>.takeover``, created like a claim) for the block: only its
-    holder moves a claim it did not create. Of three or more runs meeting one stale claim, one replaces it and the
-    others then find its claim (a takeover that moved the claim aside, then put back a claim it had not meant to
-    move, could drop a fresh one)."""
+    """Whether this run holds the takeover lock for the block; only its holder moves a claim it did not create. Of
+    several runs meeting a stale claim, one replaces it, the others find its claim (moving a claim aside and back could
+    drop a fresh one)."""
     lock = path.with_name(f"{CLAIM}.takeover")
     if not _create(lock, mine):
         _clear_stale_lock(lock)
@@ -125,8 +120,8 @@ def _takeover_lock(path: Path, mine: dict[str, Any]) -> Iterator[bool]:
 
 
 def _take_over(path: Path, seen: str, mine: dict[str, Any], claim: dict[str, Any] | None = None) -> bool:
-    """Replace the claim whose text is ``seen`` (a stale one, or this job's made by another rank) by ``claim``
-    (default ``mine``); False when another run is taking it over or has replaced it meanwhile."""
+    """Replace the claim whose text is ``seen`` by ``claim`` (default ``mine``); False when another run is taking it
+    over or replaced it."""
     with _takeover_lock(path, mine) as locked:
         if not locked:
             return False
@@ -138,7 +133,7 @@ def _take_over(path: Path, seen: str, mine: dict[str, Any], claim: dict[str, Any
 
 
 def _clear_stale_lock(lock: Path) -> None:
-    """Remove a takeover lock left by a run that ended while it held it (a takeover takes milliseconds)."""
+    """Remove a takeover lock left by a run that ended holding it (a takeover takes milliseconds)."""
     age = _age(lock)
     found = _read(lock) if age is not None and age > _LOCK_STALE_SECONDS else None
     if found is None:
@@ -177,7 +172,7 @@ def _refuse(folder: Path, path: Path, other: dict[str, Any], here: bool) -> Reci
 
 
 def _age(path: Path) -> float | None:
-    """Seconds since ``path``'s claim was written or refreshed (None: gone)."""
+    """Seconds since the claim was written or refreshed (None: gone)."""
     try:
         return time.time() - path.stat().st_mtime
     except OSError:
@@ -204,8 +199,8 @@ def _release_on_sigterm(signum: int, frame: Any, previous: Any = signal.SIG_DFL)
 
 
 def _guard() -> None:
-    """Once per process: refresh the claims' time, and release them when SIGTERM stops the process (Python then
-    runs no ``atexit``). A SIGTERM handler set before (torch's, a launcher's) still runs after the release."""
+    """Once per process: refresh the claims, and release them on SIGTERM (which skips ``atexit``), then run the earlier
+    handler (torch's, a launcher's)."""
     if _guards:
         return
     _guards.append(True)
@@ -217,21 +212,19 @@ def _guard() -> None:
 
 
 def _forget_in_child() -> None:
-    """In a forked child (a datasets preprocessing worker, a DataLoader worker): no claim, no guard, and SIGTERM
-    back to what it was before :func:`_guard`. The child holds none of its parent's claims; and a worker that
-    ``Pool.terminate()`` stops while it waits in a lock must die of SIGTERM at once, as it would without this module
-    (with the inherited Python handler, a datasets worker stayed alive and the run hung in the pool's join)."""
+    """In a forked worker: no claim, no guard, SIGTERM's earlier handler back: a worker that ``Pool.terminate()`` stops
+    in a lock must die at once, else the run hangs in the pool's join."""
     _held.clear()
     _guards.clear()
     handler = signal.getsignal(signal.SIGTERM)
     if isinstance(handler, functools.partial) and handler.func is _release_on_sigterm:
-        previous = handler.keywords["previous"]  # None: a handler set outside Python, which Python cannot set back
+        previous = handler.keywords["previous"]  # None: set outside Python, not restorable
         signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 def _earlier_launch(other: dict[str, Any], mine: dict[str, Any]) -> bool:
-    """Whether ``other`` is the claim of an earlier launch of this scheduler job (a Slurm job requeued: the same
-    ``SLURM_JOB_ID``, a higher ``SLURM_RESTART_COUNT``), stale wherever it was made."""
+    """Whether ``other`` is an earlier launch's of this Slurm job (same ``SLURM_JOB_ID``, lower
+    ``SLURM_RESTART_COUNT``): stale wherever made."""
     return (
         mine.get("scheduler_job") is not None
         and other.get("scheduler_job") == mine["scheduler_job"]
@@ -241,7 +234,7 @@ def _earlier_launch(other: dict[str, Any], mine: dict[str, Any]) -> bool:
 
 
 def _stale(other: dict[str, Any], mine: dict[str, Any], here: bool, age: float | None) -> str | None:
-    """Why ``other`` is a dead run's claim (the end of the takeover line), or None while it may be live."""
+    """Why ``other`` is a dead run's claim (ends the takeover line), or None while it may be live."""
     if not other:
         return f"an unreadable claim ({CLAIM})"
     if here and not is_alive_here(other.get("pid"), other.get("process_start")):
@@ -257,8 +250,8 @@ def _stale(other: dict[str, Any], mine: dict[str, Any], here: bool, age: float |
 
 
 def _adopt(path: Path, text: str, other: dict[str, Any], mine: dict[str, Any]) -> dict[str, Any] | None:
-    """Global rank 0 takes over its job's claim made by another rank (whose run may end while rank 0 still saves):
-    the claim then names rank 0's process, lives while it runs and is released when it ends. None: it changed."""
+    """Global rank 0 takes over its job's claim made by another rank, whose run may end while rank 0 still saves. None:
+    it changed."""
     adopted = {
         **other,
         "pid": mine["pid"],
@@ -270,8 +263,8 @@ def _adopt(path: Path, text: str, other: dict[str, Any], mine: dict[str, Any]) -
 
 
 def take(folder: Path, stage: str, env: Mapping[str, str] | None = None) -> dict[str, Any] | None:
-    """Claim ``folder`` for this run: the claim created or taken (to release), or None when this run's job holds it
-    already. Raises :class:`RecipeError` when a live run of another job holds it."""
+    """Claim ``folder``: the claim made or taken (to release), or None when this run's job holds it. RecipeError when a
+    live run of another job holds it."""
     env = os.environ if env is None else env
     path = folder / CLAIM
     mine = new_claim(stage, env)
@@ -302,10 +295,10 @@ def take(folder: Path, stage: str, env: Mapping[str, str] | None = None) -> dict
                 return _hold(path, adopted)
             return None  # another rank of this job holds it
         if mine["job"] is not None and not here and time.monotonic() < wait_until:
-            attempts -= 1  # waiting is no attempt: this job's rank on the claim's host may be taking it over
+            attempts -= 1  # uncounted: this job's rank on that host may be taking it over
             time.sleep(0.5)
             continue
-        if _read(path) != found:  # replaced since it was read (the age read was the new claim's): read it again
+        if _read(path) != found:  # replaced since read (the age was the new claim's)
             continue
         raise _refuse(folder, path, other, here)
     raise RecipeError(
@@ -321,7 +314,7 @@ def _hold(path: Path, claim: dict[str, Any]) -> dict[str, Any]:
 
 
 def release(path: Path) -> None:
-    """Remove this process's claim at ``path`` (if it is still this process's own)."""
+    """Remove this process's claim at ``path`` if it is still its own."""
     mine = _held.pop(path, None)
     if mine is None or mine["pid"] != os.getpid():
         return
@@ -351,9 +344,8 @@ def _missing_folders(folder: Path) -> list[Path]:
 
 @contextlib.contextmanager
 def claimed(host_args: Any, stage: str) -> Iterator[None]:
-    """The run's ``output_dir`` claimed for the block (nothing to claim without one, nor in a folder this process
-    cannot write to); released when it ends, and the folders the claim made removed when still empty (a refused run
-    leaves no empty folder behind)."""
+    """``output_dir`` claimed for the block (not without one, nor when unwritable), then released; the folders the claim
+    made are removed if empty (a refused run leaves none)."""
     value = raw_value(host_args, "output_dir")
     if not value:
         yield
@@ -363,7 +355,7 @@ def claimed(host_args: Any, stage: str) -> Iterator[None]:
     try:
         folder.mkdir(parents=True, exist_ok=True)
         mine = take(folder, stage)
-    except OSError:  # a folder this run cannot write to: it can lose no run's files there, and its checks name it
+    except OSError:  # unwritable: no files to lose; its checks name it
         mine = None
         _remove_empty(made)
         made = []

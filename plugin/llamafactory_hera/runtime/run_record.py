@@ -1,13 +1,10 @@
-"""``llamafactory_hera_run.json``: what a ``llamafactory-cli train`` run of a method loaded its model with, and how it
-ended.
+"""``llamafactory_hera_run.json``: what a method's ``llamafactory-cli train`` run loaded its model with, and how it
+ended. Who writes it, statuses: docs/eval.md ("What is loaded"); ``chain``: "Scored as Table 2".
 
-Which runs write it and its statuses: docs/eval.md ("What is loaded"); its ``chain``: "Scored as Table 2". Written by
-the stage patch (:mod:`..stage`) into ``output_dir``: ``running`` right after LLaMA-Factory parsed the recipe, then
-``finished``, ``stopped`` (a save signal's stop) or ``failed`` (with the error's first line). A run that fails after it
-saved its model (a failing ``do_predict``, a reporting backend, an interrupt at the end) is ``finished`` with the error
-kept as ``error_after_save``. A method's own record (:attr:`Method.records`) left by a failed run is marked ``"status":
-"failed"`` too. ``llamafactory-hera eval`` reads the loading keys back (the parsed values: LLaMA-Factory's defaults
-filled in) and refuses a run whose record is not ``finished``. Imports nothing heavy.
+The stage patch writes it into ``output_dir``: ``running`` after the parse, then ``finished``, ``stopped`` (save signal)
+or ``failed`` (the error's first line, also in the method's own records). A failure after the model was saved
+(``do_predict``, a reporting backend, an interrupt) is ``finished`` with ``error_after_save``. ``llamafactory-hera
+eval`` reads the (parsed) loading keys back and refuses a record not ``finished``. Imports nothing heavy.
 """
 
 from __future__ import annotations
@@ -23,14 +20,14 @@ from typing import Any
 from llamafactory_hera import __version__
 
 RUN_RECORD = "llamafactory_hera_run.json"
-COMPOSE_RECORD = "llamafactory_hera_compose.json"  # written by ``llamafactory-hera compose`` beside the model
+COMPOSE_RECORD = "llamafactory_hera_compose.json"  # by ``llamafactory-hera compose``, beside the model
 RUNNING = "running"
 FINISHED = "finished"
 STOPPED = "stopped"
 FAILED = "failed"
-CHECKPOINTS_MARKED = "checkpoints_marked"  # true: its checkpoints are whole only with their marker (whole_checkpoints)
-PINNED_RESUME = "pinned_resume"  # the resume_from_checkpoint a start of the run took, and its lineage (pinned_resume)
-# the keys that decide how the model, its processor and its prompts are loaded, by the argument object holding them
+CHECKPOINTS_MARKED = "checkpoints_marked"  # true: a checkpoint is whole only with its marker
+PINNED_RESUME = "pinned_resume"  # a start's resume_from_checkpoint and lineage
+# the keys deciding how model, processor and prompts load
 MODEL_KEYS = (
     "model_name_or_path",
     "adapter_name_or_path",
@@ -72,14 +69,14 @@ TRAINING_KEYS = ("seed", "output_dir")
 
 
 def plain(value: Any) -> Any:
-    """``value`` as JSON holds it: lists and tuples as lists, anything not a JSON scalar as its text."""
+    """``value`` as JSON holds it: tuples as lists, non-JSON scalars as text."""
     if isinstance(value, list | tuple):
         return [plain(v) for v in value]
     return value if isinstance(value, str | int | float | bool | type(None)) else str(value)
 
 
 def loading_keys(model_args: Any, data_args: Any, finetuning_args: Any, training_args: Any) -> dict[str, Any]:
-    """The recorded keys of LLaMA-Factory's parsed arguments (a key the host version lacks is left out)."""
+    """The recorded keys of the parsed arguments (a key the host version lacks is left out)."""
     found = {}
     for holder, keys in (
         (model_args, MODEL_KEYS),
@@ -94,10 +91,8 @@ def loading_keys(model_args: Any, data_args: Any, finetuning_args: Any, training
 
 
 def write_started(output_dir: str | Path, stage: str, loading: dict[str, Any], marks: bool = False) -> Path:
-    """The record with ``status: running`` (replacing a previous run's in the same ``output_dir``); ``marks``: the
-    stage marks its checkpoints (:data:`CHECKPOINTS_MARKED`; where checkpoints are kept, the previous record's word:
-    a run started before markers keeps its checkpoints whole by their trainer_state.json, and the checkpoint an
-    earlier start was pinned to stays recorded, :data:`PINNED_RESUME`)."""
+    """Write the record with ``status: running``. ``marks``: the stage marks its checkpoints; where checkpoints are
+    kept, the previous record's word and pin stand (a run begun before markers stays judged by trainer_state.json)."""
     path = Path(output_dir) / RUN_RECORD
     resumed = any(path.parent.glob("checkpoint-[0-9]*"))
     previous = read_record(path) if resumed else {}
@@ -116,9 +111,8 @@ def write_started(output_dir: str | Path, stage: str, loading: dict[str, Any], m
 
 
 def stage_chain(model_name_or_path: Any, stage: str, output_dir: Path) -> list[dict[str, Any]]:
-    """How the model came to be: the composed model's record (``compose``, ``llm``, ``vision``) and the earlier runs
-    (``stage``, ``output_dir``) whose output is the next one's model, then this run. A model without a record (a
-    hub id) starts the chain at this run; a ``checkpoint-N`` folder is its run's."""
+    """How the model came to be: the composed model's record, the earlier runs whose output is the next one's model,
+    then this run. A model without a record (a hub id) starts at this run; ``checkpoint-N`` is its run's."""
     folder = Path(str(model_name_or_path or ""))
     if folder.name.startswith("checkpoint-") and not (folder / RUN_RECORD).is_file():
         folder = folder.parent
@@ -133,8 +127,8 @@ def stage_chain(model_name_or_path: Any, stage: str, output_dir: Path) -> list[d
 
 
 def write_ended(path: Path, error: BaseException | None, method_records: tuple[str, ...] = ()) -> None:
-    """``finished``; ``stopped`` for an exit with status 0 (the save signal's stop); or ``failed`` with the error's
-    first line (and the method's own records marked failed)."""
+    """Mark ``finished``; ``stopped`` on exit status 0 (the save signal's stop); else ``failed`` with the error's first
+    line (the method's own records too)."""
     record = read_record(path) if path.is_file() else {}
     if not record:
         return
@@ -150,13 +144,13 @@ def write_ended(path: Path, error: BaseException | None, method_records: tuple[s
         for name in method_records:
             other = path.parent / name
             mine = read_record(other) if other.is_file() else {}
-            if mine and other.stat().st_mtime_ns >= path.stat().st_mtime_ns:  # written by this run, not an older one
+            if mine and other.stat().st_mtime_ns >= path.stat().st_mtime_ns:  # this run's, not an older one's
                 write_record(other, {**mine, "status": FAILED, "error": record["error"]})
     write_record(path, record)
 
 
 def read_record(path: Path) -> dict[str, Any]:
-    """The record (or any JSON object file), or ``{}`` when it cannot be read as a JSON object."""
+    """The record (or any JSON object file); ``{}`` when it is not readable as a JSON object."""
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):  # absent, torn, not UTF-8
@@ -175,9 +169,8 @@ SAVED_MODEL_FILES = (
 
 
 def _saved_since(folder: Path, started_ns: Any) -> bool:
-    """Whether the run saved its model (adapter or full weights) into ``folder`` after it started: a file torn by an
-    error amid the final save (a full disk) is not saved (:func:`whole_model_file`), so the same command writes it
-    again."""
+    """Whether a whole model was saved into ``folder`` since the run started (a file torn by a full disk does not count:
+    the same command writes it again)."""
     if not isinstance(started_ns, int):
         return False
     return any(
@@ -189,9 +182,8 @@ def _saved_since(folder: Path, started_ns: Any) -> bool:
 
 
 def whole_model_file(path: Path) -> bool:
-    """Whether a saved model file is whole, in each format ``save_pretrained`` writes: safetensors as long as its
-    header says, ``torch.save``'s zip archive (``.bin``, ``save_safetensors: false``) with its central directory
-    (written last) and every member inside the file, an index with every shard it names whole."""
+    """Whether a saved model file is whole: safetensors as long as its header says; a ``.bin`` zip with its central
+    directory (written last) and members inside; an index with every shard whole."""
     if path.name.endswith(".index.json"):
         shards = read_record(path).get("weight_map")
         return (
@@ -207,7 +199,7 @@ def whole_model_file(path: Path) -> bool:
 
 
 def _whole_safetensors(path: Path) -> bool:
-    """Whether ``path`` is as long as its header says (8 bytes of header length, the JSON header, the tensors' data)."""
+    """Whether the file is as long as its header says (8-byte header length, JSON header, data)."""
     try:
         with path.open("rb") as handle:
             length = int.from_bytes(handle.read(8), "little")
@@ -219,8 +211,7 @@ def _whole_safetensors(path: Path) -> bool:
 
 
 def _whole_zip(path: Path) -> bool:
-    """Whether ``path`` is a zip archive whose central directory (at its end) reads and whose members all lie inside
-    it: a file cut short has lost its end."""
+    """Whether the zip's central directory (at its end) reads and all members lie inside: a cut file lost its end."""
     try:
         size = path.stat().st_size
         with zipfile.ZipFile(path) as archive:
@@ -235,7 +226,7 @@ def _first_line(error: BaseException) -> str:
 
 
 def write_record(path: Path, record: dict[str, Any]) -> None:
-    """``record`` (any JSON object) written whole at ``path`` (its folder made): never a torn file to read back."""
+    """Write ``record`` whole at ``path`` (its folder made): never a torn file to read back."""
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f"{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")  # one per writer
     temporary.write_text(json.dumps(record, indent=2), encoding="utf-8")

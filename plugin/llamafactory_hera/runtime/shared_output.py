@@ -1,10 +1,8 @@
-"""A run on several nodes needs one ``output_dir`` every node sees: each node's ranks write their own files into its
-checkpoints (RNG states, shards), the main process the markers and the run's record, and a requeue resumes every rank
-from there. On a folder of each node's own disk a run ends well and its requeue fails (one node resumes, the others
-start afresh: a collective mismatch, an abort). So after LLaMA-Factory parses the recipe (the process group
-up, nothing loaded), local rank 0 of each node writes a probe file into ``output_dir`` and reads the other nodes'
-(their names through the job's store); one it does not see is a refusal. ``save_on_each_node: true`` (a folder on
-each node's disk, by choice) is left alone. docs/multinode.md ("Where things live").
+"""A multi-node run needs one ``output_dir`` all nodes see: each node's ranks write checkpoint files there, and a
+requeue resumes every rank from them. On each node's own disk the requeue fails (one node resumes, the others start
+afresh: a collective mismatch). So after the parse, local rank 0 of each node writes a probe there and looks for the
+other nodes' (named in the job's store); one unseen is a refusal. ``save_on_each_node: true`` is left alone.
+docs/multinode.md ("Where things live").
 """
 
 from __future__ import annotations
@@ -21,15 +19,15 @@ from typing import Any
 
 from llamafactory_hera.runtime.errors import RecipeError
 
-PROBE_PREFIX = "llamafactory_hera_node_probe."  # a probe file's name: the prefix and a token of its own
-WAIT_S = 600.0  # how long a node waits for the others' probes (they parse the recipe at their own pace)
-SEEN_S = 30.0  # how long a node looks for another node's probe before it is missing (a shared file system's cache)
+PROBE_PREFIX = "llamafactory_hera_node_probe."  # + a token
+WAIT_S = 600.0  # for the others' probes (each node parses at its own pace)
+SEEN_S = 30.0  # to see another's probe (a shared file system's cache)
 _POLL_S = 0.5
 
 
 def refuse_unshared(training_args: Any) -> None:
-    """The probe of :func:`check_shared` on local rank 0 of each node of a multi-node job (nothing on one node)."""
-    # lazy: torch only here, the checks before the parse run without it
+    """:func:`check_shared` on local rank 0 of each node of a multi-node job (nothing on one node)."""
+    # lazy: the checks before the parse run without torch
     import torch.distributed as dist
 
     try:
@@ -56,7 +54,7 @@ def refuse_unshared(training_args: Any) -> None:
 
 
 def _write(path: Path, text: str) -> None:
-    """``text`` at ``path``, on the file system's disk (then the folder's entry) before any other node looks."""
+    """Write ``text`` and fsync it, then its folder, before any other node looks."""
     path.write_text(text, encoding="utf-8")
     for target in (path, path.parent):
         handle = os.open(target, os.O_RDONLY)
@@ -67,7 +65,7 @@ def _write(path: Path, text: str) -> None:
 
 
 def _seen(path: Path, seconds: float) -> bool:
-    """Whether ``path`` shows up within ``seconds`` (listing its folder asks the file system again)."""
+    """Whether ``path`` shows up within ``seconds`` (listing the folder asks the file system again)."""
     deadline = time.monotonic() + seconds
     while True:
         with contextlib.suppress(OSError):
@@ -81,9 +79,8 @@ def _seen(path: Path, seconds: float) -> bool:
 def check_shared(
     folder: Path, store: Any, prefix: str, node: int, nodes: int, wait: float = WAIT_S, seen: float = SEEN_S
 ) -> None:
-    """Node ``node`` of ``nodes``: its probe written into ``folder`` and named in ``store`` (keys under ``prefix``),
-    the other nodes' probes looked for; once every node has looked, its own removed. RecipeError naming a probe this
-    node does not see."""
+    """Node ``node`` of ``nodes``: write a probe into ``folder``, name it in ``store`` (keys under ``prefix``), look for
+    the others', remove it once all looked. RecipeError naming a probe not seen."""
     host = socket.gethostname()
     folder.mkdir(parents=True, exist_ok=True)
     mine = folder / f"{PROBE_PREFIX}{uuid.uuid4().hex}"
@@ -96,7 +93,7 @@ def check_shared(
             written = json.loads(store.get(f"{prefix}wrote/{other}"))
             if other != node and not _seen(folder / written["file"], seen):
                 missing.append(f"node {other} ({written['host']}) wrote {written['file']}")
-        store.set(f"{prefix}looked/{node}", "1")  # the others may remove their probes once every node looked
+        store.set(f"{prefix}looked/{node}", "1")  # probes go once every node looked
         store.wait([f"{prefix}looked/{k}" for k in range(nodes)], timedelta(seconds=wait))
     finally:
         mine.unlink(missing_ok=True)

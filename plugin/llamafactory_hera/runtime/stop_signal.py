@@ -1,14 +1,8 @@
-"""A plugin stage's save signal (``<prefix>_save_on_signal``) noted from the stage's start (the stage patch, before the
-parse): through the load and the passes before step 1, each of which stops after a batch it kept
-(:func:`stop_before_step`: one line, exit 0), and the steps, where ``training/checkpoints.py`` saves a whole checkpoint.
-A scheduler's other warning signal (SIGUSR1 or SIGUSR2: the job's ``--signal`` and the recipe's key disagree) is
-said in one line and taken for the save signal, where its default would end every process of the job unsaved. A
-forked child (a data worker) gets the signal's default back.
-
-The launching process (``llamafactory-cli`` before torchrun, ``accelerate launch``: :func:`leave_to_ranks`) leaves
-the signals to the ranks, and ``llamafactory-cli`` outlives a SIGTERM while its torchrun runs (:func:`launching`: a
-scheduler ends a job step whose task ended) and exits 0 when the ranks stopped on the signal (:func:`ended`).
-Imports nothing heavy.
+"""A plugin stage's save signal (``<prefix>_save_on_signal``), noted from the stage's start: in the load and the passes
+before step 1, each stops after a batch it kept (:func:`stop_before_step`: one line, exit 0); in the steps,
+``training/checkpoints.py`` saves a whole checkpoint. The other warning signal (the job's ``--signal`` and the recipe
+disagree) is said once and taken for it: its default would end every process unsaved. Launcher side:
+:mod:`.launch_signals`. Imports nothing heavy.
 """
 
 from __future__ import annotations
@@ -20,8 +14,8 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
-RERUN = "run the same command again"  # what every stop line tells: the same command continues the run
-WARNINGS = ("SIGUSR1", "SIGUSR2")  # a scheduler's warning signals (SLURM's --signal=USR1@N); the host uses neither
+RERUN = "run the same command again"  # every stop line's advice
+WARNINGS = ("SIGUSR1", "SIGUSR2")  # a scheduler's warnings (SLURM's --signal=USR1@N); the host uses neither
 _noted: dict[str, Any] = {
     "name": None,
     "received": False,
@@ -35,7 +29,7 @@ _noted: dict[str, Any] = {
 
 
 class Stopped(SystemExit):
-    """The run stopped on its save signal before step 1, what its passes computed kept (exit code 0)."""
+    """Stopped on the save signal before step 1, what the passes computed kept (exit code 0)."""
 
 
 def received() -> bool:
@@ -43,13 +37,12 @@ def received() -> bool:
 
 
 def noted_name() -> str | None:
-    """The save signal noted now (``SIGTERM`` ...: the stage's ``<prefix>_save_on_signal``, from its start), None where
-    none is (``none``, or outside a plugin stage)."""
+    """The save signal noted now (``SIGTERM`` ...); None where none is (``none``, outside a plugin stage)."""
     return _noted["name"]
 
 
 def came() -> str | None:
-    """The signal that came (``SIGUSR1`` ...): the save signal, or a warning signal taken for it; None before."""
+    """The signal that came (the save signal, or a warning signal taken for it); None before."""
     return _noted["came"]
 
 
@@ -58,8 +51,7 @@ def _note(signum: int, frame: Any) -> None:
 
 
 def _note_other(signum: int, frame: Any) -> None:
-    """A warning signal that is not the save signal: taken for it, said once (local rank 0 of each node: every node's
-    log)."""
+    """A warning signal that is not the save signal: taken for it, said once by each node's local rank 0."""
     name = signal.Signals(signum).name
     _noted.update(received=True, came=_noted["came"] or name)
     if _noted["told"] or os.environ.get("LOCAL_RANK", "0") != "0":
@@ -74,26 +66,25 @@ def _note_other(signum: int, frame: Any) -> None:
     )
     try:
         print(line, flush=True)
-    except RuntimeError:  # the handler ran inside a write to stdout (a reentrant call): past the stream
+    except RuntimeError:  # reentrant call inside a write to stdout: bypass it
         os.write(1, f"\n{line}\n".encode())
 
 
 def signal_number(name: str | None) -> int | None:
-    """The signal a save-signal key's value names (``sigterm`` ...), None for ``none`` or None."""
+    """The signal a save-signal value names (``sigterm`` ...); None for ``none`` or None."""
     number = getattr(signal, str(name).upper(), None) if name else None
     return number if isinstance(number, int) else None
 
 
 def others(name: str) -> list[int]:
-    """The warning signals a save signal ``name`` (``SIGTERM`` ...) leaves over."""
+    """The warning signals other than ``name``."""
     return [getattr(signal, other) for other in WARNINGS if other != name and hasattr(signal, other)]
 
 
 @contextlib.contextmanager
 def noting(name: str | None, steps: bool = False, key: str | None = None) -> Iterator[None]:
-    """The signal ``name`` (``sigterm`` ...; None or ``none``: nothing) noted for the block in the main thread, and the
-    other warning signals taken for it (``key``: the recipe key that names it, for their line); in the steps' block
-    (``steps``) stopping is ``training/checkpoints.py``'s."""
+    """Note ``name`` for the block (main thread only), taking the other warning signals for it (``key``: named in their
+    line). In the steps (``steps``) stopping is ``training/checkpoints.py``'s."""
     signum = signal_number(name)
     if signum is None or threading.current_thread() is not threading.main_thread():
         yield
@@ -113,8 +104,8 @@ def noting(name: str | None, steps: bool = False, key: str | None = None) -> Ite
 
 @contextlib.contextmanager
 def deferred() -> Iterator[None]:
-    """No stop inside the block: the ranks of a distributed pass stop together after it (``agreed``), since a rank
-    that stopped alone would leave the others waiting in the pass's gather."""
+    """No stop in the block: a distributed pass's ranks stop together after it (``agreed``); one stopping alone would
+    leave the others in the pass's gather."""
     before = _noted["deferred"]
     _noted["deferred"] = True
     try:
@@ -124,8 +115,8 @@ def deferred() -> Iterator[None]:
 
 
 def stop_before_step(kept: str, agreed: bool | None = None) -> None:
-    """After a kept batch of a pass before step 1: when the signal came (``agreed``: when any rank noted it, decided
-    together), one line (rank 0) and :class:`Stopped`."""
+    """After a kept batch of a pass before step 1: if the signal came (``agreed``: any rank noted it, decided together),
+    one line (rank 0) and :class:`Stopped`."""
     noted = _noted["received"] and not _noted["deferred"] if agreed is None else agreed
     if noted and not _noted["steps"]:
         if os.environ.get("RANK", "0") == "0":
@@ -138,10 +129,8 @@ def stop_before_step(kept: str, agreed: bool | None = None) -> None:
 
 
 def _default_in_child() -> None:
-    """A forked child (a data worker, a preprocessing pool's worker) leaves the save signal to its rank: a scheduler
-    signals every process of the job, and a worker it killed would end the rank before its save. SIGTERM before the
-    steps gets its default back (``Pool.terminate()`` ends a pool's workers with it); otherwise ignored, as are the
-    other warning signals (their line is the rank's)."""
+    """A forked worker leaves the save signal to its rank (a killed worker ends the rank unsaved): SIGTERM before the
+    steps gets its default back (``Pool.terminate()`` uses it); else ignored, as are the other warning signals."""
     name = _noted["name"]
     if name and signal.getsignal(getattr(signal, name)) is _note:
         default = name == "SIGTERM" and not _noted["steps"]

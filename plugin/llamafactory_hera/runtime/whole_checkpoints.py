@@ -1,20 +1,16 @@
 """Which ``checkpoint-N`` of a run is whole: what resume may take and rotation may delete. docs/hera.md ("Killed,
 preempted, disk full").
 
-The plugin's stages (``llamafactory_hera.training.checkpoints``) write :data:`MARKER` last, once every rank made its
-own files durable, and remove it from a folder saved again (a run resumed from an earlier step) before they write
-into it. Whole: a folder with the marker, in a run whose record (``run_record``) says its checkpoints are
-marked; in a run folder whose record predates markers (or that has none) and where no folder is marked, a folder with
-``trainer_state.json`` (the main process writes it last). A half-written folder is passed over, never deleted.
+The stages write :data:`MARKER` last, once every rank's files are durable, and remove it first from a folder saved
+again. Whole: a marked folder where the run record says checkpoints are marked or some folder is; else one with
+``trainer_state.json`` (the main process writes it last). Half-written folders are passed over, never deleted.
 
-What a marker holds besides: the training settings the checkpoint was saved with (:func:`settings`), which a resume
-names where they differ from its own (:func:`differences`: the Trainer restores the optimizer's and scheduler's state
-as saved, so an edited learning rate goes unused, and an edited batch size moves the data on in batches of the new
-size, with no word of either); and the lineage of a pinned resume. A ``resume_from_checkpoint: PATH`` that the recipe
-keeps (a pin) is honoured once: the start that takes it records it in the run's record (:func:`take`), the
-checkpoints saved from there on carry its lineage, and a later start of the same command (a requeue) continues from
-the newest of those (:func:`newest_since`) instead of going back to the pin; a pin the record does not hold (a
-rollback) is taken afresh. Lineages, not times: file times on a shared file system are the server's.
+A marker also holds its save's settings, which a resume names where they differ (:func:`differences`: the Trainer
+restores optimizer and scheduler as saved, silently ignoring an edited learning rate, and an edited batch size moves the
+data on in new-size batches); and a pin's lineage. A kept ``resume_from_checkpoint: PATH`` (a pin) is honoured once: the
+start taking it records it (:func:`take`), later checkpoints carry its lineage, and a requeue continues from the newest
+(:func:`newest_since`); a pin the record lacks (a rollback) is taken afresh. Lineages, not times: a shared file system's
+times are the server's.
 """
 
 from __future__ import annotations
@@ -40,10 +36,10 @@ from llamafactory_hera.runtime.run_record import (
 MARKER = "llamafactory_hera_whole.json"
 TRAINER_STATE = "trainer_state.json"
 CHECKPOINT_PREFIX = "checkpoint-"
-# a marker's keys (a pinned resume's lineage: the run record's too)
+# a marker's keys (LINEAGE: the run record's too)
 LINEAGE = "lineage"
 SETTINGS = "settings"
-# restored from the checkpoint with the optimizer's parameter groups: the recipe's value is not used
+# restored with the optimizer's parameter groups: the recipe's value goes unused
 KEPT = ("learning_rate", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon")
 # this recipe's from the resumed step on
 APPLIED = (
@@ -62,8 +58,8 @@ APPLIED = (
 
 
 def checkpoint_folders(folder: Path) -> list[Path]:
-    """``folder``'s ``checkpoint-N`` folders, by step (the last is the one LLaMA-Factory resumes from, as transformers'
-    ``get_last_checkpoint`` picks it); none where ``folder`` is no folder."""
+    """``checkpoint-N`` folders by step (the last is the one LLaMA-Factory resumes from, as ``get_last_checkpoint``);
+    none where ``folder`` is no folder."""
     found = [
         (int(p.name[len(CHECKPOINT_PREFIX) :]), p)
         for p in folder.glob(f"{CHECKPOINT_PREFIX}*")
@@ -73,7 +69,7 @@ def checkpoint_folders(folder: Path) -> list[Path]:
 
 
 def newest_whole(run: Path) -> tuple[Path | None, list[Path]]:
-    """(the newest whole ``checkpoint-N`` of ``run``, or None; the half-written ones newer than it)."""
+    """(the newest whole checkpoint or None, the half-written ones newer than it)."""
     found = checkpoint_folders(run)
     whole = whole_checkpoints(run)
     later = found[found.index(whole[-1]) + 1 :] if whole else found
@@ -88,23 +84,22 @@ def whole_checkpoints(run: Path) -> list[Path]:
 
 
 def _fsync(path: Path) -> None:
-    with contextlib.suppress(FileNotFoundError):  # another rank's file, renamed or removed by its writer meanwhile
+    with contextlib.suppress(FileNotFoundError):  # another rank's file, since renamed or removed
         handle = os.open(path, os.O_RDONLY)
         os.fsync(handle)
         os.close(handle)
 
 
 def make_durable(folder: Path) -> None:
-    """Every file under ``folder`` fsynced: by each rank, its own files on disk before the ranks agree (an fsync
-    flushes only this host's writes to a folder shared across nodes)."""
+    """Fsync every file under ``folder`` (each rank, before the ranks agree: an fsync flushes only this host's
+    writes)."""
     for path in sorted(folder.rglob("*")):
         _fsync(path)
 
 
 def write_marker(folder: Path, step: int, ranks: int, about: dict[str, Any] | None = None) -> None:
-    """Mark ``folder`` whole once every rank made its files durable (:func:`make_durable`): the marker (the step, the
-    ranks, and ``about``: the run's :func:`settings` and its pinned resume's lineage), fsynced under another
-    name and renamed (a write that fails leaves no marker), then the folder fsynced."""
+    """Mark ``folder`` whole once every rank's files are durable: step, ranks and ``about``, fsynced under another name
+    and renamed (a failed write leaves no marker), then the folder fsynced."""
     temporary = folder / f"{MARKER}.tmp"
     temporary.write_text(json.dumps({"step": step, "ranks": ranks, **(about or {})}), encoding="utf-8")
     _fsync(temporary)
@@ -113,23 +108,22 @@ def write_marker(folder: Path, step: int, ranks: int, about: dict[str, Any] | No
 
 
 def read_marker(folder: Path) -> dict[str, Any]:
-    """What ``folder``'s marker says (``{}``: none, or one written before it said more than the step)."""
+    """``folder``'s marker (``{}``: none, or an old one holding only the step)."""
     return read_record(folder / MARKER)
 
 
 def unmark(folder: Path) -> None:
-    """Before a save into ``folder`` that exists (a run resumed from an earlier step saves that step again): its old
-    marker goes first, on disk before any new file, so that a save cut short leaves a half-written folder, never the
-    new files beside the old ones under the old marker."""
+    """Before a save into an existing ``folder``: drop its marker, on disk before any new file, so a cut save leaves a
+    half-written folder, never new files under the old marker."""
     if (folder / MARKER).is_file():
         (folder / MARKER).unlink(missing_ok=True)
         _fsync(folder)
 
 
 def rotate(run: Path, limit: int | None, keep: str | Path | tuple[str | Path | None, ...] | None) -> None:
-    """``save_total_limit`` after a whole save: the oldest whole checkpoints beyond ``limit`` go (never ``keep``: the
-    best one, and the one just saved, which a run resumed from an earlier step may have saved below older ones), each
-    unmarked first (a kill amid its deletion leaves it half-written, not whole); half-written ones stay."""
+    """``save_total_limit`` after a whole save: the oldest whole checkpoints beyond ``limit`` go, each unmarked first,
+    never ``keep`` (the best, and the one just saved: a resumed run may save it below older ones). Half-written ones
+    stay."""
     kept = {Path(path) for path in (keep if isinstance(keep, tuple) else (keep,)) if path}
     for path in whole_checkpoints(run)[:-limit] if limit and limit > 0 else []:
         if path not in kept:
@@ -143,15 +137,15 @@ def _plain(value: Any) -> Any:
 
 
 def settings(args: Any) -> dict[str, Any]:
-    """The settings of :data:`KEPT` and :data:`APPLIED` of a Trainer's ``args`` (``ranks``: its world size)."""
+    """The :data:`KEPT` and :data:`APPLIED` settings of a Trainer's ``args`` (``ranks``: its world size)."""
     found = {key: _plain(getattr(args, key)) for key in (*KEPT, *APPLIED) if hasattr(args, key)}
     found["ranks"] = _plain(getattr(args, "world_size", 1))
     return found
 
 
 def differences(folder: Path, saved: dict[str, Any], now: dict[str, Any], step: Any) -> str | None:
-    """The line naming what differs between ``saved`` (the checkpoint ``folder``'s settings) and ``now``, else None
-    (also for a checkpoint whose marker holds no settings)."""
+    """The line naming what differs between ``saved`` (checkpoint ``folder``'s) and ``now``; None when nothing does or
+    the marker has no settings."""
     changed = [key for key in (*KEPT, *APPLIED) if key in saved and key in now and saved[key] != now[key]]
     if not changed:
         return None
@@ -171,8 +165,8 @@ def _resolved(pin: Any) -> str:
 
 
 def taken(output_dir: Path, pin: Any) -> dict[str, Any] | None:
-    """The run record's entry when an earlier start of the run in ``output_dir`` took ``pin`` (its ``checkpoint``, its
-    ``lineage`` and when it was ``taken``), else None."""
+    """The run record's pin entry (``checkpoint``, ``lineage``, ``taken``) when an earlier start took ``pin``, else
+    None."""
     entry = read_record(output_dir / RUN_RECORD).get(PINNED_RESUME)
     if isinstance(entry, dict) and entry.get("checkpoint") == _resolved(pin) and entry.get(LINEAGE):
         return entry
@@ -180,19 +174,19 @@ def taken(output_dir: Path, pin: Any) -> dict[str, Any] | None:
 
 
 def saved_since(output_dir: Path, lineage: str) -> list[Path]:
-    """The whole checkpoints of ``output_dir`` saved in ``lineage`` (since its pin was taken), by step."""
+    """The whole checkpoints saved in ``lineage``, by step."""
     return [path for path in whole_checkpoints(output_dir) if read_marker(path).get(LINEAGE) == lineage]
 
 
 def newest_since(output_dir: Path, pin: Any) -> Path | None:
-    """The newest whole checkpoint saved since an earlier start took ``pin``, or None (not taken, or none saved)."""
+    """The newest whole checkpoint saved since an earlier start took ``pin``; None if not taken or none saved."""
     entry = taken(output_dir, pin)
     since = saved_since(output_dir, entry[LINEAGE]) if entry else []
     return since[-1] if since else None
 
 
 def take(output_dir: Path, pin: Any) -> dict[str, Any]:
-    """Record in the run's record (by its main process) that this start takes ``pin``, under a new lineage."""
+    """Record (main process) that this start takes ``pin``, under a new lineage."""
     entry = {
         "checkpoint": _resolved(pin),
         LINEAGE: uuid.uuid4().hex,

@@ -1,1 +1,1 @@
-"""What the methods' trainers share: a resumed run's weights restored under the model's own names."""
+"""What the methods' trainers share: a resumed run's weights restored under the model's names."""

@@ -1,10 +1,8 @@
-"""A resumed run's weights, restored under the model's names (:class:`RestoresCheckpointWeights`, mixed in by each
-method's workflow in front of the host's trainer): transformers' ``Trainer._load_from_checkpoint`` loads a
-checkpoint's state dict as it is on disk, in the model's original format (``save_pretrained`` reverts the renaming
-``from_pretrained`` applies: LLaVA's ``language_model.model.*``, Qwen2-VL's ``model.*``), so such a model would resume
-with no weight restored (huggingface/transformers#43701). The keys are renamed with transformers' own functions and a
-checkpoint that restores fewer tensors than the run trains is an error. LoRA adapters load through PEFT, checked the
-same way; DeepSpeed and FSDP keep the Trainer's path.
+"""A resumed run's weights restored under the model's names: ``Trainer._load_from_checkpoint`` loads a state dict as on
+disk, in the original format (``save_pretrained`` reverts ``from_pretrained``'s renaming: LLaVA's
+``language_model.model.*``, Qwen2-VL's ``model.*``), so such a model resumed with no weight restored. Keys are renamed
+with transformers' own functions; restoring fewer tensors than the run trains is an error. LoRA adapters load through
+PEFT, checked alike; DeepSpeed and FSDP keep the Trainer's path.
 """
 
 from __future__ import annotations
@@ -26,10 +24,10 @@ from llamafactory_hera.runtime.errors import RecipeError
 try:  # transformers >= 5: the conversion mapping from_pretrained applies
     from transformers.conversion_mapping import get_model_conversion_mapping
     from transformers.core_model_loading import WeightRenaming, rename_source_key
-except ImportError:  # transformers 4: the model class's ``_checkpoint_conversion_mapping`` (regex -> replacement)
+except ImportError:  # transformers 4: ``_checkpoint_conversion_mapping`` (regex -> replacement)
     get_model_conversion_mapping = None
 
-# a whole-model save's (single file, index of shards), safetensors first, as from_pretrained looks for them
+# (file, shard index), safetensors first, as from_pretrained looks
 WEIGHT_FILES = (
     ("model.safetensors", "model.safetensors.index.json"),
     ("pytorch_model.bin", "pytorch_model.bin.index.json"),
@@ -39,7 +37,7 @@ _EXAMPLES = 3
 
 
 def weight_files(folder: str) -> list[str]:
-    """The whole-model weight files of a checkpoint folder (one file, or an index's shards), [] when none."""
+    """A checkpoint's whole-model weight files (one, or an index's shards); [] when none."""
     for single, index in WEIGHT_FILES:
         if os.path.isfile(os.path.join(folder, single)):
             return [os.path.join(folder, single)]
@@ -51,10 +49,9 @@ def weight_files(folder: str) -> list[str]:
 
 
 def model_keys(model: nn.Module, keys: Iterable[str]) -> dict[str, str]:
-    """``{checkpoint key: model key}``: each key renamed as ``from_pretrained`` renames it (the renamings of the
-    model's conversion mapping, its base-model prefix added or removed; idempotent on keys already in the model's
-    format). Weight converters (fused MoE experts and such) change tensors, not only names: their keys stay as they
-    are and so restore nothing, which :func:`check_restored` reports."""
+    """``{checkpoint key: model key}``, renamed as ``from_pretrained`` does (mapping renamings, base-model prefix;
+    idempotent). Weight converters (fused MoE experts) change tensors: their keys restore nothing, which
+    :func:`check_restored` reports."""
     state = model.state_dict()
     if get_model_conversion_mapping is None:
         return _model_keys_v4(model, keys, state)
@@ -69,9 +66,8 @@ def model_keys(model: nn.Module, keys: Iterable[str]) -> dict[str, str]:
 
 
 def _model_keys_v4(model: nn.Module, keys: Iterable[str], state: dict[str, Any]) -> dict[str, str]:
-    """:func:`model_keys` on transformers 4: the first pattern of ``_checkpoint_conversion_mapping`` that matches
-    renames a key (as 4.x ``from_pretrained`` does), then the base-model prefix is added or removed when that names a
-    parameter."""
+    """:func:`model_keys` on transformers 4: the first matching ``_checkpoint_conversion_mapping`` pattern renames, then
+    the base-model prefix is added or removed where that names a parameter."""
     mapping = getattr(model, "_checkpoint_conversion_mapping", None) or {}
     prefix = getattr(model, "base_model_prefix", None) or ""
     renamed = {}
@@ -88,8 +84,8 @@ def _model_keys_v4(model: nn.Module, keys: Iterable[str], state: dict[str, Any])
 
 
 def restore_weights(model: nn.Module, folder: str) -> None:
-    """Load a whole-model checkpoint (``save_pretrained``'s files) into ``model`` under its names; error unless every
-    tensor it trains was restored."""
+    """Load a whole-model checkpoint into ``model`` under its names; RecipeError unless every trained tensor was
+    restored."""
     loaded: set[str] = set()
     unplaced: list[str] = []
     state_keys = set(model.state_dict())
@@ -108,8 +104,8 @@ def restore_weights(model: nn.Module, folder: str) -> None:
 
 
 def restore_adapter(model: Any, folder: str) -> None:
-    """Load a LoRA checkpoint into the PEFT model's active adapter (trainable, as the Trainer does); error unless every
-    tensor it trains was restored."""
+    """Load a LoRA checkpoint into the active adapter (trainable, as the Trainer does); RecipeError unless every trained
+    tensor was restored."""
     active = model.active_adapters[0] if hasattr(model, "active_adapters") else model.active_adapter
     result = model.load_adapter(folder, active, is_trainable=True)
     missing = set(getattr(result, "missing_keys", []) or [])
@@ -118,7 +114,7 @@ def restore_adapter(model: Any, folder: str) -> None:
 
 
 def check_restored(model: nn.Module, folder: str, loaded: set[str], unplaced: list[str]) -> None:
-    """RecipeError when a parameter the run trains (any of its names, for tied weights) was not in ``loaded``."""
+    """RecipeError when a trained parameter (under any of its tied names) is not in ``loaded``."""
     names_of: dict[int, list[str]] = {}
     trained: dict[int, nn.Parameter] = {}
     for name, parameter in model.named_parameters(remove_duplicate=False):
@@ -141,12 +137,12 @@ def check_restored(model: nn.Module, folder: str, loaded: set[str], unplaced: li
 
 
 class RestoresCheckpointWeights(Trainer):
-    """A ``Trainer`` whose resume (and ``load_best_model_at_end``) restores the checkpoint's weights under the model's
-    names, or fails. Mixed in front of the host's trainer class, which is a ``Trainer`` too."""
+    """A ``Trainer`` (mixed in front of the host's) whose resume and ``load_best_model_at_end`` restore weights under
+    the model's names, or fail."""
 
     def _restores_itself(self, folder: str, model: nn.Module, adapters: bool) -> bool:
-        """Load ``folder`` into ``model`` here when the Trainer's path would not rename (whole-model files, and
-        adapters when ``adapters``); False: the Trainer's own path (DeepSpeed, FSDP, sharded adapters)."""
+        """Load ``folder`` here where the Trainer would not rename (whole-model files; adapters if ``adapters``); False:
+        the Trainer's path (DeepSpeed, FSDP, sharded adapters)."""
         if self.is_deepspeed_enabled or self.is_fsdp_enabled:
             return False
         if hasattr(model, "peft_config") and hasattr(model, "load_adapter"):

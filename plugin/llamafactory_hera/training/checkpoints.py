@@ -1,11 +1,6 @@
-"""A plugin run's checkpoints: the mixin every method's workflow puts in front of the host's trainer (around the
-step, not in it).
-
-Checkpoints a run can trust, and a stop that saves one (:class:`WholeCheckpoints`; what users see: docs/hera.md,
-"Killed, preempted, disk full"): the marker is ``runtime.whole_checkpoints``'s; the ranks agree on a signal's stop
+"""A plugin run's checkpoints: the mixin every method's workflow puts in front of the host's trainer. Checkpoints a run
+can trust, and a signal stop that saves one (docs/hera.md, "Killed, preempted, disk full"); the ranks agree on the stop
 step through the process group's store (host-side: no device sync).
-
-A resumed run's weights restored under the model's names: ``training/checkpoint_weights.py``.
 """
 
 from __future__ import annotations
@@ -32,13 +27,13 @@ from llamafactory_hera.runtime import whole_checkpoints as whole
 from llamafactory_hera.runtime.errors import RecipeError
 from llamafactory_hera.training import sections
 
-# steps between a rank noting the signal and the stop: the ranks run in lockstep (a collective every step), so a rank
-# past step s's end waits in step s + 1 for the one that wrote the key at s's end, and sees it at s + 1's end
+# steps from a rank noting the signal to the stop: in lockstep (a collective a step), a rank past step s's end waits
+# in s + 1 for the rank that wrote the key at s's end, and sees it at s + 1's end
 STOP_MARGIN = 1
 
 
 class _StopOnSignal(TrainerCallback):
-    """Notes the signal; at each step's end sets the agreed stop step, and at it asks the Trainer to save and stop."""
+    """Notes the signal; at each step's end sets the agreed stop step, and there asks to save and stop."""
 
     def __init__(self, name: str, output_dir: str) -> None:
         self.signum = getattr(signal, name.upper(), None)
@@ -46,7 +41,7 @@ class _StopOnSignal(TrainerCallback):
         self.key = f"llamafactory_hera_stop:{output_dir}"
         self.stop_step: int | None = None
         self.stopped = False
-        self.noted = stop_signal.received  # whether this process noted the signal since the stage started
+        self.noted = stop_signal.received  # noted since the stage started
 
     @override
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -54,7 +49,7 @@ class _StopOnSignal(TrainerCallback):
 
     @override
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        received = self.noted()  # noted since the stage started (runtime.stop_signal)
+        received = self.noted()
         if self.stop_step is None and received and not dist.is_initialized():
             self.stop_step = state.global_step
         elif self.stop_step is None and self.signum is not None and dist.is_initialized():
@@ -69,16 +64,13 @@ class _StopOnSignal(TrainerCallback):
 
 class WholeCheckpoints(Trainer):
     """A ``Trainer`` whose checkpoints are whole or known half-written, which stops on the save signal with one, and
-    which rotates only whole ones (the module doc). Mixed in front of the host's trainer class, a ``Trainer`` too.
+    rotates only whole ones: transformers rotates in its own save, before the marker, counting half-written folders, so
+    its copy of the arguments lacks ``save_total_limit``, applied here after each whole save and at the end."""
 
-    transformers rotates (``save_total_limit``) inside its own save, before the folder is marked whole, counting
-    half-written folders: the Trainer works on its own copy of the arguments, without the limit, which this class
-    applies after each whole save and at the run's end (:meth:`_keep_the_best_alone`)."""
-
-    checkpoint_limit: int | None  # the recipe's save_total_limit
-    resumed_from: str | None = None  # the checkpoint this start resumed from
+    checkpoint_limit: int | None  # the recipe's
+    resumed_from: str | None = None  # this start's checkpoint
     stop: _StopOnSignal  # this start's stop on the save signal
-    lineage: str | None = None  # the lineage of a pinned resume (runtime.whole_checkpoints), in each marker it writes
+    lineage: str | None = None  # a pinned resume's, in each marker
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -88,16 +80,16 @@ class WholeCheckpoints(Trainer):
 
     @override
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
-        self.args.save_total_limit = None  # the steps' rotation is this class's (the class doc)
+        self.args.save_total_limit = None  # the steps' rotation is this class's
         self.resumed_from = self._whole_resume(resume_from_checkpoint)
         if self.resumed_from:
             self._say_other_settings(Path(self.resumed_from))
-        # the stage's save signal (its <prefix>_save_on_signal, noted since the stage started: runtime.stop_signal)
+        # the stage's save signal, noted since the stage started
         self.stop = stop = _StopOnSignal(stop_signal.noted_name() or "none", self.args.output_dir)
         self.add_callback(stop)
         with stop_signal.noting(stop.name, steps=True), sections.counting_forwards(self.model):
             result = super().train(self.resumed_from, *args, **kwargs)
-        # no rotation after the steps: the final model's training_args.bin and the callbacks see the recipe's limit
+        # the final training_args.bin and the callbacks see the recipe's limit
         self.args.save_total_limit = self.checkpoint_limit
         sections.enter("the end of the run (final save)", "final")
         if not stop.stopped:
@@ -118,37 +110,34 @@ class WholeCheckpoints(Trainer):
         raise SystemExit(0)
 
     def _keep_the_best_alone(self) -> None:
-        """transformers' rule at a run's end, which its copy of the arguments no longer triggers: under
-        ``save_total_limit: 1`` with a best checkpoint, every other checkpoint goes (not after a signal stop, whose
-        checkpoint stays)."""
+        """transformers' end-of-run rule its argument copy no longer triggers: under ``save_total_limit: 1`` with a best
+        checkpoint, every other one goes (not after a signal stop)."""
         best = self.state.best_model_checkpoint
         if not self.args.should_save or best is None or self.checkpoint_limit != 1:
             return
         for folder in whole.checkpoint_folders(Path(self.args.output_dir)):
             if not os.path.samefile(folder, best):
-                whole.unmark(folder)  # a kill amid the deletion leaves it half-written, not whole
+                whole.unmark(folder)  # a kill amid deletion leaves it half-written
                 shutil.rmtree(folder, ignore_errors=True)
 
     @override
     def compute_loss(self, model: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
-        """A micro-batch begun is progress for the watchdog, before the wrapped model's own collectives (DDP's
-        broadcast of buffers): a rank stuck before it stays behind the ranks waiting there."""
+        """A micro-batch begun is progress, counted before the model's own collectives (DDP's buffer broadcast): a rank
+        stuck before them stays behind."""
         sections.progress()
         return super().compute_loss(model, inputs, *args, **kwargs)
 
     @override
     def _run_epoch(self, *args: Any, **kwargs: Any) -> Any:
-        """An epoch's steps (transformers 5), none once the run is at ``max_steps``: a run resumed from its last
-        checkpoint (killed in its final save) writes the final model from it, not one step past it."""
+        """No steps at ``max_steps`` (transformers 5): a run resumed from its last checkpoint (killed in its final save)
+        saves the final model from it, not a step past it."""
         if self.state.global_step >= self.state.max_steps > 0:
             return None
         return super()._run_epoch(*args, **kwargs)
 
     def _whole_resume(self, value: str | bool | None) -> str | None:
-        """The checkpoint to resume from: ``value``, or for ``true`` / a half-written ``checkpoint-N`` (as
-        LLaMA-Factory picks the last one) the newest whole one of its run; says what it passed over. A path taken
-        by an earlier start of this run (a pin, :mod:`~llamafactory_hera.runtime.whole_checkpoints`): the
-        newest whole checkpoint saved since, when there is one."""
+        """The checkpoint to resume from: ``value``; for ``true`` or a half-written ``checkpoint-N``, its run's newest
+        whole one (saying what it skipped); for a pin taken before, the newest whole one saved since, if any."""
         if not value:
             return None
         if value is True:
@@ -167,11 +156,11 @@ class WholeCheckpoints(Trainer):
                 f"resume: passed over {', '.join(path.name for path in half)} (half-written: a save that did not "
                 f"finish on every rank; kept, not deleted); resuming from {newest or 'the start (none whole)'}."
             )
-        return str(newest) if newest else None  # none whole: the run starts (recipe.resume said so)
+        return str(newest) if newest else None  # none whole: from the start (recipe.resume said so)
 
     def _since_pin(self, pin: str) -> str | None:
-        """The newest whole checkpoint saved since an earlier start took ``pin``, else None (the first start records
-        the pin, and its checkpoints carry its lineage: ``runtime.whole_checkpoints``)."""
+        """The newest whole checkpoint saved since an earlier start took ``pin``, else None (a first start records the
+        pin)."""
         out = Path(self.args.output_dir)
         entry = whole.taken(out, pin)
         if entry is None and self.is_world_process_zero():
@@ -188,7 +177,7 @@ class WholeCheckpoints(Trainer):
         return str(since[-1])
 
     def _say_other_settings(self, folder: Path) -> None:
-        """One line when the resumed checkpoint was saved with other settings than this run's."""
+        """One line when the checkpoint was saved with other settings than this run's."""
         marker = whole.read_marker(folder)
         now = whole.settings(self.args)
         line = whole.differences(folder, marker.get(whole.SETTINGS) or {}, now, marker.get("step"))
@@ -196,7 +185,7 @@ class WholeCheckpoints(Trainer):
             say_once(line)
 
     def save_method_state(self, folder: str) -> None:
-        """A method's own state, written into ``folder`` inside the whole save (``save_only_model`` too)."""
+        """A method's own state, saved into ``folder`` in the whole save (``save_only_model`` too)."""
 
     @override
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
@@ -207,8 +196,8 @@ class WholeCheckpoints(Trainer):
         if self.lineage:
             about[whole.LINEAGE] = self.lineage
         try:
-            with sections.section(f"the save of {folder.name}", "save"):  # a stage done is progress
-                whole.unmark(folder)  # a folder saved again: by every rank, before any of its own writes
+            with sections.section(f"the save of {folder.name}", "save"):  # each stage done is progress
+                whole.unmark(folder)  # by every rank, before its own writes
                 super()._save_checkpoint(model, trial)
                 sections.progress()
                 self.save_method_state(str(folder))
@@ -219,9 +208,8 @@ class WholeCheckpoints(Trainer):
                 if args.should_save:
                     whole.write_marker(folder, self.state.global_step, args.world_size, about)
         except Exception as error:
-            # said by this rank at once, with no collective: under FSDP2 and ZeRO-3 the other ranks may still be in
-            # the save's own gathers, which another collective here would not match (a hang); the launcher ends them
-            # when this process ends
+            # said by this rank alone: under FSDP2 and ZeRO-3 the others may be in the save's gathers, which a
+            # collective here would not match (a hang); the launcher ends them when this process ends
             line = _full_line(folder, run, error)
             raise (RecipeError(line) if line else error) from None
         if args.should_save:
@@ -229,8 +217,8 @@ class WholeCheckpoints(Trainer):
 
     @override
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
-        """transformers loads a DDP run's optimizer onto ``args.device``, on CPU ranks ``cpu:0``, which torch refuses
-        ("don't know how to restore data location"): there, onto ``cpu``, as transformers does for one process."""
+        """On CPU DDP ranks transformers loads the optimizer onto ``cpu:0``, which torch refuses ("don't know how to
+        restore data location"): load onto ``cpu``, as for one process."""
         device = self.args.device
         files = [os.path.join(checkpoint or "", name) for name in (OPTIMIZER_NAME, SCHEDULER_NAME)]
         cpu_ranks = device.type == "cpu" and device.index is not None and self.args.world_size > 1
@@ -245,9 +233,8 @@ class WholeCheckpoints(Trainer):
 
 
 def _every_rank_saved(device: torch.device) -> None:
-    """Returns once every rank's save returned (a collective at each save: a rank whose save failed never reaches it,
-    and ends its job instead). The host reads the sum: under NCCL the call only queues the all-reduce, and rank 0
-    would mark the folder whole and rotate while another rank is still writing."""
+    """Return once every rank's save returned (a failed rank never arrives and ends its job). The sum is read on the
+    host: NCCL only queues the call, and rank 0 would mark and rotate while another rank writes."""
     if dist.is_initialized():
         saved = torch.ones(1, device=device)
         dist.all_reduce(saved)
@@ -255,12 +242,12 @@ def _every_rank_saved(device: torch.device) -> None:
             raise RuntimeError(f"checkpoint save: {saved.item():g} of {dist.get_world_size()} ranks saved")
 
 
-NEARLY_FULL = 64 * 2**20  # free bytes under which a failed save is taken for a full disk when no checkpoint is whole
+NEARLY_FULL = 64 * 2**20  # free bytes below which a failed save means a full disk
 
 
 def _full_line(folder: Path, run: Path, error: BaseException) -> str | None:
-    """The disk-full line when a save failed for lack of space (docs/hera.md's "Disk full"), else None; free space
-    is read too, as torch.save's writer says only ``unexpected pos`` or ``file write failed``."""
+    """The disk-full line when a save failed for lack of space, else None. Free space is read too: torch.save says only
+    ``unexpected pos`` or ``file write failed``."""
     newest = whole.newest_whole(run)[0]
     needed = sum(path.stat().st_size for path in newest.rglob("*") if path.is_file()) if newest else None
     free = shutil.disk_usage(run).free

@@ -1,12 +1,7 @@
-"""Gradient checkpointing where a method's gradient needs it: in the layers a method reads inside (HeRA: the layers that
-hold its heads), the method's own reading of a reentrant layer where it has one (HeRA's heads' inputs as outputs of
-the checkpoint, ``hera/capture.py``), else the non-reentrant kind; the non-reentrant kind in every KV-sharing chain (a
-layer whose keys and values later layers read, and those readers: Gemma 3n, Gemma 4); the recipe's kind in every other
-layer.
-
-HARC, which reads the residual entering its layers (harc/residuals.py), switches only the chains. Why reentrant
-checkpointing loses these gradients, what the switch costs and what was measured: docs/hera-design.md ("Gradient
-checkpointing").
+"""Gradient checkpointing where a method's gradient needs it: non-reentrant in the layers a method reads inside (HeRA's
+heads' layers) unless the method reads a reentrant layer itself (``hera/capture.py``), and in every KV-sharing chain (a
+layer whose keys and values later layers read, and its readers: Gemma 3n, Gemma 4); the recipe's kind elsewhere. HARC
+switches only the chains. Why, cost, measurements: docs/hera-design.md ("Gradient checkpointing").
 """
 
 from __future__ import annotations
@@ -28,10 +23,8 @@ NO_TRAINABLE = "off (no trainable parameters)"
 
 
 def checkpointing_kind(module: nn.Module) -> str:
-    """``off``, :data:`NO_TRAINABLE`, ``reentrant``, ``non-reentrant`` or ``custom`` (a function that is not
-    ``torch``'s checkpoint with ``use_reentrant`` given, e.g. Unsloth's): the gradient checkpointing ``module`` runs
-    under in training. :data:`NO_TRAINABLE`: LLaMA-Factory's function calls a module without a trainable parameter
-    plainly (no checkpoint; e.g. every decoder layer under ``freeze_language_model: true``)."""
+    """What ``module`` runs under in training: ``off``, :data:`NO_TRAINABLE` (LLaMA-Factory calls it plainly),
+    ``reentrant``, ``non-reentrant``, or ``custom`` (not torch's checkpoint with ``use_reentrant``: Unsloth's)."""
     if not getattr(module, "gradient_checkpointing", False):
         return "off"
     function = getattr(module, "_gradient_checkpointing_func", None)
@@ -46,13 +39,10 @@ def checkpointing_kind(module: nn.Module) -> str:
 
 
 class LayerCheckpointing:
-    """Switches the decoder layers ``layers`` (the method's: ``owner`` names them in :meth:`line`) and every
-    KV-sharing chain's from reentrant to non-reentrant checkpointing, LLaMA-Factory's own function as under
-    ``use_reentrant_gc: false``; other layers keep theirs. With ``reentrant`` (the method's reading of a reentrant
-    layer: ``reentrant(index, function)`` returns the function that layer runs instead of ``function``), the method's
-    layers outside a chain keep reentrant checkpointing through it. :meth:`ensure` runs before every training
-    forward: the Trainer re-enables (reentrant) checkpointing in every layer when training starts, which would undo
-    the switch."""
+    """Switches the method's ``layers`` (named by ``owner``) and every KV-sharing chain's from reentrant to
+    non-reentrant (LLaMA-Factory's ``use_reentrant_gc: false`` function). With ``reentrant(index, function)``, the
+    method's layers outside a chain stay reentrant through the function it returns. :meth:`ensure` runs before every
+    training forward: the Trainer re-enables reentrant checkpointing at the start."""
 
     def __init__(
         self,
@@ -67,19 +57,18 @@ class LayerCheckpointing:
         self._heads = sorted(set(layers))
         self.owner = owner
         self._reentrant = reentrant
-        self.recipe: dict[int, str] = {}  # switched-layer candidate -> its kind before the switch, at its last change
-        self.read_through: set[int] = set()  # the method's layers kept reentrant, read through ``reentrant``
-        self._function: Any = None  # LLaMA-Factory's non-reentrant function, built at the first switch
+        self.recipe: dict[int, str] = {}  # wanted layer -> its kind before the switch
+        self.read_through: set[int] = set()  # the method's layers kept reentrant
+        self._function: Any = None  # built at the first switch
         self._seen: dict[int, tuple[bool, Any]] = {}
         self.ensure()
 
     def _wanted(self) -> list[int]:
-        """The layers held non-reentrant where reentrant: the method's and every KV-sharing chain's."""
+        """The method's and the KV-sharing chains' layers."""
         return sorted(set(self._heads) | set(self._shared))
 
     def ensure(self) -> None:
-        """Make the method's and the KV-sharing chains' layers non-reentrant wherever they checkpoint reentrantly (a
-        few attribute reads when nothing changed since the last call)."""
+        """Switch the wanted layers that checkpoint reentrantly (cheap when nothing changed)."""
         for index in self._wanted():
             layer = self._decoder_layers[index]
             state = (
@@ -102,7 +91,7 @@ class LayerCheckpointing:
             self._seen[index] = state
 
     def switched(self) -> list[int]:
-        """The method's and the KV-sharing chains' layers made non-reentrant here (they were reentrant)."""
+        """The wanted layers switched here."""
         return [
             index
             for index in self._wanted()
@@ -111,12 +100,8 @@ class LayerCheckpointing:
         ]
 
     def line(self) -> str:
-        """What each decoder layer runs under now, after :meth:`ensure` (as every training forward), e.g. ``gradient
-        checkpointing: reentrant (the recipe's) in 31 of 36 decoder layers; non-reentrant in layers 3, 9, 17, 25, 33
-        (HeRA's heads)``, or with ``reentrant``: ``reentrant (the recipe's) in every decoder layer; HeRA's heads read
-        out of the reentrant checkpoint of layers 3, 9``; layers LLaMA-Factory calls plainly for want of a trainable
-        parameter are
-        ``off (no trainable parameters)``. Call it when training begins: the Trainer may re-enable checkpointing."""
+        """Each decoder layer's kind after :meth:`ensure`, e.g. ``gradient checkpointing: reentrant (the recipe's) in 31
+        of 36 decoder layers; non-reentrant in layers 3, 9 (HeRA's heads)``. Call it when training begins."""
         self.ensure()
         switched = self.switched()
         total = len(self._decoder_layers)

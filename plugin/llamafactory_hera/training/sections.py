@@ -1,11 +1,8 @@
-"""Where a rank is in its run, told to its watchdog (``training/watchdog.py``) by the trainers and workflows: the
-section it is in, and its progress there.
+"""Where a rank is in its run, told to its watchdog by the trainers and workflows: its section and progress.
 
-A section has a kind, which sets its bound and how it is watched (``training/watch_judge.py``): ``loading``,
-``selection``, ``directions``, ``teacher`` (the passes before step 1), ``step``, ``save``, ``final`` (the end of the
-run), ``wait`` (waiting for another rank's work alone). Progress is what only grows while the rank works: a
-micro-batch's forward begun and done (:func:`counting_forwards`), a save's stage done (:func:`progress`). Nothing here
-writes, syncs the device or runs a collective: the watchdog's thread publishes it.
+A section's kind sets its bound and watch (``watch_judge.py``): ``loading``, ``selection``, ``directions``, ``teacher``
+(before step 1), ``step``, ``save``, ``final``, ``wait`` (on another rank's work). Progress only grows while the rank
+works: forwards begun and done, save stages done. Nothing here writes, syncs or runs a collective.
 """
 
 from __future__ import annotations
@@ -28,27 +25,25 @@ class Watched(Protocol):
     def where(self) -> tuple[str, str, int]: ...
 
 
-_running: list[Watched] = []  # this process's watchdog while a run is watched (none or one)
+_running: list[Watched] = []  # this process's watchdog (none or one)
 
 
 def enter(section: str, kind: str, step: int | None = None) -> None:
-    """This rank is now in ``section`` of ``kind`` (``step``: the step it belongs to, default the current one);
-    nothing when the run is not watched."""
+    """This rank is now in ``section`` of ``kind`` (``step``: default the current); no-op unwatched."""
     for dog in _running:
         dog.enter(section, kind, step)
 
 
 def progress(*_: Any) -> None:
-    """One unit of progress in the current section (a forward begun or done, a save's stage); takes and ignores a
-    hook's arguments."""
+    """One unit of progress in the current section; ignores a hook's arguments."""
     for dog in _running:
         dog.progress()
 
 
 @contextlib.contextmanager
 def section(name: str, kind: str | None = None, *, forwards: bool = False) -> Iterator[None]:
-    """``name`` (of ``kind``, default ``name``) for the block, then the section before it again. ``forwards``: every
-    module's forward in the block counts as progress (a pass before step 1 whose model the caller does not hold)."""
+    """``name`` (of ``kind``, default ``name``) for the block, then the previous section. ``forwards``: any module's
+    forward is progress (a pass whose model the caller does not hold)."""
     before = [(dog, dog.where()) for dog in _running]
     enter(name, kind or name)
     hook = nn_module.register_module_forward_pre_hook(progress) if forwards and _running else None
@@ -63,8 +58,8 @@ def section(name: str, kind: str | None = None, *, forwards: bool = False) -> It
 
 @contextlib.contextmanager
 def counting_forwards(model: torch.nn.Module) -> Iterator[None]:
-    """Each forward of ``model`` in the block counts twice as progress, as it begins and as it returns: a rank stuck
-    in its forward stays behind the ranks that finished theirs and wait for it in a collective."""
+    """Each forward of ``model`` counts twice, as it begins and returns: a rank stuck in its forward stays behind the
+    ranks waiting in a collective."""
     handles = [model.register_forward_pre_hook(progress), model.register_forward_hook(progress)] if _running else []
     try:
         yield

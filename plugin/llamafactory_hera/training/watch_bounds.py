@@ -1,5 +1,5 @@
-"""What a rank's watchdog is made of (``training/watchdog.py``): each section kind's bound, the pulse, the rank's place
-in its job, its own client of the job's store, and the probe of ``output_dir``'s file system."""
+"""What a rank's watchdog is made of: each section kind's bound, the pulse, the rank's place in its job, its own store
+client, and the probe of ``output_dir``'s file system."""
 
 from __future__ import annotations
 
@@ -16,21 +16,21 @@ import torch.distributed as dist
 from llamafactory_hera.runtime import job_store
 
 FIRST = {"loading": 1800.0, "selection": 1800.0, "directions": 1800.0, "teacher": 1800.0, "step": 900.0}
-FIRST |= {"save": 900.0, "final": 1800.0, "wait": 1800.0}  # a section kind's bound before one was timed
-LATER_FLOOR = 300.0  # a later step's or save's bound: max(LATER_FLOOR, FACTOR x the last one's time)
+FIRST |= {"save": 900.0, "final": 1800.0, "wait": 1800.0}  # a kind's bound before one was timed
+LATER_FLOOR = 300.0  # later step/save bound: max(LATER_FLOOR, FACTOR x last time)
 FACTOR = 4.0
-PULSE = 5.0  # seconds between a rank's beats (shorter where the recipe's bound is short: pulse_for)
+PULSE = 5.0  # seconds between beats (shorter for a short recipe bound)
 
 
 def pulse_for(timeout: float | None) -> float:
-    """Seconds between beats: :data:`PULSE`, a quarter of a shorter recipe bound (at least 0.5 s)."""
+    """Seconds between beats: :data:`PULSE`, or a quarter of a shorter recipe bound (at least 0.5 s)."""
     return min(PULSE, max(0.5, timeout / 4)) if timeout else PULSE
 
 
 def bound(kind: str, last: dict[str, float], timeout: float | None) -> float:
-    """Seconds a rank in a section of ``kind`` may go unheard or without progress: the recipe's ``timeout`` when set;
-    else for a step or save ``FACTOR`` x the last one's time (``last``: kind -> seconds), at least ``LATER_FLOOR``,
-    the final save likewise from the last save; else the kind's first bound."""
+    """Seconds a rank in a ``kind`` section may go unheard or still: the recipe's ``timeout`` if set; for a step or save
+    ``FACTOR`` x the last one's time (the final save: the last save's), at least ``LATER_FLOOR``; else the kind's first
+    bound."""
     if timeout:
         return float(timeout)
     timed = last.get("save" if kind == "final" else kind)
@@ -46,10 +46,10 @@ class Place:
     rank: int
     world: int
     local_rank: int
-    node: str  # torchrun's node rank (GROUP_RANK), else the host's name
+    node: str  # GROUP_RANK, else the host name
     nodes: int
     host: str
-    store: str  # where the job's store is, for the lines
+    store: str  # its address, for the lines
 
     @property
     def says(self) -> bool:
@@ -58,8 +58,8 @@ class Place:
 
 
 class StorageProbe:
-    """Whether ``output_dir``'s file system answers: a ``statvfs`` in a thread of its own, asked only while this rank
-    makes no progress (a step never touches the file system: no probe)."""
+    """Whether ``output_dir``'s file system answers: ``statvfs`` in a thread, asked only while the rank makes no
+    progress (a step never touches the file system)."""
 
     def __init__(self, folder: str, clock: Callable[[], float]) -> None:
         self.folder = folder
@@ -79,7 +79,7 @@ class StorageProbe:
         self.since = None
 
     def waiting(self, pulse: float) -> float:
-        """Seconds the probe in flight has waited, 0 under a pulse (an answer is not a stall)."""
+        """Seconds the probe in flight has waited; 0 under a pulse (not a stall)."""
         since = self.since
         waited = self.clock() - since if since is not None else 0.0
         return waited if waited >= pulse else 0.0
@@ -101,8 +101,8 @@ def place_of(training_args: Any, store: Any) -> Place:
 
 
 def job_client(timeout: float) -> Any:
-    """A client of the job's store of its own (its calls bounded by ``timeout``): the process group's TCPStore
-    where there is one, else ``MASTER_ADDR:MASTER_PORT``; None without either."""
+    """Its own store client, calls bounded by ``timeout``: the process group's TCPStore, else
+    ``MASTER_ADDR:MASTER_PORT``; None without either."""
     found = None
     if dist.is_available() and dist.is_initialized():
         found = dist.distributed_c10d._get_default_store()

@@ -1,11 +1,9 @@
-"""What the watchdog's monitor concludes from the ranks' heartbeats (pure: beats and times are passed in). Whom it
-names and why: docs/multinode.md, "What it watches".
+"""What the watchdog's monitor concludes from the ranks' heartbeats (pure). Whom it names and why: docs/multinode.md,
+"What it watches".
 
-A heartbeat (JSON, :func:`parse`) carries a pulse count (its rank's watchdog thread is alive) and the rank's position in
-the run, ``[step, phase, progress]`` (the section's step, the section kind's place in a step, the micro-batches or save
-stages done in it), which only grows while the rank works. The monitor keeps its own clock (none is compared across
-hosts). A beat that cannot be read (a failed or timed-out read, a missing key) changes nothing: only a rank's own last
-beat says it left the run.
+A beat (JSON) has a pulse count (the rank's watchdog lives) and a position ``[step, phase, progress]`` (:data:`PHASES`)
+that only grows while the rank works. The monitor uses only its own clock. An unreadable beat changes nothing: only a
+rank's own last beat says it left.
 """
 
 from __future__ import annotations
@@ -14,12 +12,12 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-# a section kind's place within a step, so that positions compare along the run (a save ends its step)
+# a kind's place in a step: positions compare along the run (a save ends its step)
 PHASES = {"loading": 0, "selection": 1, "directions": 2, "teacher": 3, "step": 4, "save": 5, "final": 6, "wait": 7}
-# watched for progress, not only for life (a load: its main thread's moves, training/watch_stack.py)
+# watched for progress, not only life (a load: its main thread's moves, training/watch_stack.py)
 JUDGED = ("loading", "selection", "directions", "teacher", "step", "save", "final")
-STORAGE_BOUND = 1800.0  # seconds a probe of output_dir may stay unanswered before the rank is named for it
-PLACEHOLDER = b"-"  # a beat key's value before its rank first writes (the monitor creates every key it reads)
+STORAGE_BOUND = 1800.0  # seconds an output_dir probe may go unanswered
+PLACEHOLDER = b"-"  # a beat before its rank's first write (the monitor creates every key)
 
 
 @dataclass
@@ -36,7 +34,7 @@ class Seen:
 
 @dataclass(frozen=True)
 class Named:
-    """A rank the monitor names: why (``unheard``, ``stuck``, ``never``, ``storage``), for how long, its beat."""
+    """A named rank: why (``unheard``, ``stuck``, ``never``, ``storage``), how long, its beat."""
 
     rank: int
     why: str
@@ -45,7 +43,7 @@ class Named:
 
 
 def parse(raw: bytes | None) -> dict[str, Any] | None:
-    """A beat's JSON, None when there is none yet or it does not parse."""
+    """A beat's JSON; None when none yet or unparsable."""
     if not raw or raw == PLACEHOLDER:
         return None
     try:
@@ -56,7 +54,7 @@ def parse(raw: bytes | None) -> dict[str, Any] | None:
 
 
 class Judge:
-    """Every rank's beats as the monitor reads them, and who to name (see the module doc)."""
+    """Every rank's beats as the monitor reads them, and who to name."""
 
     def __init__(self, ranks: list[int], now: float, first_bound: float) -> None:
         self.seen = {rank: Seen(beat_since=now, moved_since=now) for rank in ranks}
@@ -64,7 +62,7 @@ class Judge:
         self.first_bound = first_bound
 
     def observe(self, rank: int, raw: bytes | None, now: float) -> None:
-        """Rank ``rank``'s beat read at ``now`` (None or unparsable: not read this time, nothing changes)."""
+        """Rank ``rank``'s beat read at ``now`` (None or unparsable: nothing changes)."""
         beat = parse(raw)
         seen = self.seen[rank]
         if beat is None:
@@ -107,8 +105,7 @@ class Judge:
         return found or self._stuck(judged, now)
 
     def _stuck(self, judged: dict[int, Seen], now: float) -> list[Named]:
-        """The stalled ranks at the lowest position of all the ranks that can hold the others up, when no rank there
-        still moves."""
+        """The stalled ranks at the lowest position of those that can hold the others up, if none there still moves."""
         stalled = {rank for rank, seen in judged.items() if _stalled(seen, now)}
         if not stalled:
             return []
@@ -133,7 +130,7 @@ def _holding_up(loading: list[int], judged: dict[int, Seen]) -> list[int]:
 
 
 def _stalled(seen: Seen, now: float) -> bool:
-    """Not moved within its bound, in a section watched for progress, and not waiting on its own storage."""
+    """Not moved within its bound, in a section watched for progress, not waiting on its storage."""
     beat = seen.beat
     return (
         beat.get("kind") in JUDGED
@@ -143,7 +140,7 @@ def _stalled(seen: Seen, now: float) -> bool:
 
 
 def _order(beat: dict[str, Any]) -> tuple[float, ...]:
-    """A rank's place along the run: its position, the section kind's phase standing in for a position not sent."""
+    """A rank's place along the run: its position, or its kind's phase where none was sent."""
     position = list(beat.get("position") or [0, PHASES.get(str(beat.get("kind")), 0), 0])
     if beat.get("kind") == "loading":  # its count is of its main thread's moves: no two ranks' compare
         position[2:] = [0]
@@ -151,7 +148,7 @@ def _order(beat: dict[str, Any]) -> tuple[float, ...]:
 
 
 def _group(named: list[Named]) -> list[list[Named]]:
-    """The named ranks grouped by why and host, in the order first named."""
+    """The named ranks grouped by why and host, in first-named order."""
     groups: dict[tuple[str, str], list[Named]] = {}
     for entry in named:
         groups.setdefault((entry.why, str(entry.beat.get("host", "?"))), []).append(entry)

@@ -1,11 +1,7 @@
-"""A plugin run's sections reported to nvidia-resiliency-ext's rank monitor, where its ``ft_launcher`` runs the job
-(the optional ``ft`` extra): its monitors time each section and end a rank that overstays, and ``ft_launcher``
-restarts or ends the job, so the plugin's own watchdog does not run beside it.
-
-A section kind is opened in the rank monitor by its name (``step``, ``save``, ``final``, ``loading``, ...) when
-``ft_launcher``'s config gives it a timeout (``rank_section_timeouts``); a kind it does not list counts as out of
-section (``rank_out_of_section_timeout``). Each unit of progress (a forward, a save's stage) is a heartbeat, at most
-one a second (each is a round trip to the monitor).
+"""A plugin run's sections reported to nvidia-resiliency-ext's rank monitor when ``ft_launcher`` runs the job (the
+``ft`` extra): it times sections, ends an overstaying rank, and restarts or ends the job; the plugin's watchdog does not
+run. A kind listed in ``rank_section_timeouts`` opens a section by its name; others count against
+``rank_out_of_section_timeout``. Progress is a heartbeat, at most one a second (a round trip each).
 """
 
 from __future__ import annotations
@@ -22,7 +18,7 @@ HEARTBEAT_S = 1.0
 
 
 class Reporter:
-    """The sections and progress of this rank, told to ``client`` (a connected ``RankMonitorClient``)."""
+    """This rank's sections and progress, told to ``client`` (a connected ``RankMonitorClient``)."""
 
     def __init__(self, client: Any) -> None:
         self.client = client
@@ -56,10 +52,10 @@ class Reporter:
 
 
 def reporter() -> Reporter | None:
-    """A reporter when this rank runs under ``ft_launcher`` with nvidia-resiliency-ext installed, else None."""
+    """A reporter under ``ft_launcher`` with nvidia-resiliency-ext installed, else None."""
     if not os.environ.get(SOCKET_ENV):
         return None
-    try:  # the optional extra: importlib, so that a run without it imports nothing of it
+    try:  # importlib: a run without the extra imports none of it
         tolerance = importlib.import_module("nvidia_resiliency_ext.fault_tolerance")
     except ImportError:
         return None

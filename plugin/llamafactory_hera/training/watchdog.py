@@ -1,15 +1,12 @@
-"""A plugin run's watchdog: a rank frozen, gone, or alive but stuck (in a kernel, a collective, I/O) ends the job
-within its section's bound, with one line naming the rank, its host and the section in every node's log. What users
-see: docs/multinode.md ("A node that freezes, dies or hangs").
+"""A plugin run's watchdog: a rank frozen, gone or stuck (kernel, collective, I/O) ends the job within its section's
+bound, with one line naming rank, host and section in every node's log. docs/multinode.md ("A node that freezes, dies or
+hangs").
 
-Each rank's thread publishes its heartbeat every pulse in the job's c10d store (``runtime.job_store``: no file, so a
-storage stall is no silence): its section and bound (``training.sections``), a pulse count and its position in the
-run. Rank 0's thread is the monitor: one read of every beat a pulse (O(N)), judged by ``training.watch_judge``; the
-other ranks read rank 0's beat, which carries its verdict. A rank that finds rank 0 unheard, or the store not
-answering (its host frozen), ends the job itself. A guard thread bounds a store call that never returns. Torch's own
-process-group timeout is set per section (the steps' and saves' bound plus the time for the line), instead of
-``ddp_timeout``, as a backstop. Where nvidia-resiliency-ext's ``ft_launcher`` runs the job, the sections go to its
-rank monitor instead (``training.watch_nvrx``).
+Each rank's thread writes a heartbeat every pulse to the job's c10d store (no file: a storage stall is no silence). Rank
+0's thread is the monitor: it reads every beat once a pulse (O(N)) and judges them; the others read rank 0's beat, which
+carries its verdict, and end the job themselves if rank 0 or the store falls silent. A guard thread bounds a store call
+that never returns. Torch's process-group timeout is set per section instead of ``ddp_timeout``, as a backstop. Under
+``ft_launcher``, ``watch_nvrx`` replaces it.
 """
 
 from __future__ import annotations
@@ -33,17 +30,17 @@ from llamafactory_hera.training.watch_bounds import Place, StorageProbe, bound, 
 from llamafactory_hera.training.watch_judge import PHASES, PLACEHOLDER, Judge, described
 from llamafactory_hera.training.watch_stack import MainThread
 
-PAUSED = 3  # pulses: a longer gap between this rank's own pulses means it was stopped itself (SIGSTOP, swap)
-MARGIN_S = 10.0  # torch's timeout of a step's or save's collectives: the bound, 3 pulses and this
-NOTICE_S = 3.0  # how long the rank ending a job waits for each node's log to hold the line
-BOUNDED = ("step", "save")  # sections whose collectives torch's timeout bounds (no rank works alone before them)
+PAUSED = 3  # pulses: a longer gap in its own pulses means this rank was stopped (SIGSTOP, swap)
+MARGIN_S = 10.0  # step/save collectives' timeout: the bound, 3 pulses and this
+NOTICE_S = 3.0  # the ending rank's wait for each node's log to hold the line
+BOUNDED = ("step", "save")  # collectives bounded by torch's timeout (no rank works alone before them)
 EXIT_CODE = 1
 RERUN = "to go on, run the same command again (with resume_from_checkpoint: true it continues from the newest whole "
 RERUN += "checkpoint)"
 
 
 class Watchdog:
-    """This rank's heartbeat, its monitor role on rank 0, and the end of the job (see the module doc)."""
+    """This rank's heartbeat, its monitor role on rank 0, and the end of the job."""
 
     def __init__(
         self,
@@ -63,24 +60,24 @@ class Watchdog:
         self.pulse_s = pulse_for(timeout)
         self.job_timeout = job_timeout
         self.pg_timeout = None
-        self.last: dict[str, float] = {}  # kind -> the last such section's measured seconds
-        self.state = ("loading", "loading", 0, clock())  # section, kind, step, entered (swapped whole: one write)
+        self.last: dict[str, float] = {}  # kind -> the last such section's seconds
+        self.state = ("loading", "loading", 0, clock())  # section, kind, step, entered (one write)
         self.count = 0
         self.pulses = 0
         self.verdict = ""
         self.probe = StorageProbe(output_dir, clock)
         self.main = MainThread()  # the run's thread: built on it
         self.judge = Judge(list(range(place.world)), clock(), job_store.start_bound()) if place.rank == 0 else None
-        self.monitor = {"beat": {}, "pulse": None, "since": clock()}  # rank 0's beat as this rank last read it
+        self.monitor = {"beat": {}, "pulse": None, "since": clock()}  # rank 0's beat as last read
         self.stopped = threading.Event()
         self.entered = threading.Event()
         self.ending = threading.Lock()
-        self.in_call: float | None = None  # when this rank's store call in flight began
-        self.failing: float | None = None  # since when this rank's store calls fail
+        self.in_call: float | None = None  # when the store call in flight began
+        self.failing: float | None = None  # since when store calls fail
         self.guarded = self.moved = clock()
         self.seen_position: Any = None
-        self.published = ""  # the section kind of the last beat written
-        self.paused_at: float | None = None  # when this rank found it had been stopped itself
+        self.published = ""  # the last beat's section kind
+        self.paused_at: float | None = None  # when this rank found it was stopped
         self.paused_s = 0.0  # for how long
         self.threads = [
             threading.Thread(target=target, name=f"llamafactory-hera-watchdog-{name}", daemon=True)
@@ -90,14 +87,14 @@ class Watchdog:
     # --- the run's side (main thread) ---
 
     def enter(self, section: str, kind: str, step: int | None = None) -> None:
-        """This rank is now in ``section`` of ``kind`` (its bounds' history); the one before it is timed."""
+        """This rank is now in ``section`` of ``kind``; the previous section is timed (for its bounds)."""
         now = self.clock()
         previous = self.state
         self.last[previous[1]] = now - previous[3]
         self.state = (section, kind, previous[2] if step is None else step, now)
         self.count = 0
         self._bound_collectives(kind)
-        self.entered.set()  # published by the thread soon (a rank that freezes next is named in this section)
+        self.entered.set()  # published soon: a rank freezing next is named here
 
     def progress(self) -> None:
         self.count += 1
@@ -110,8 +107,8 @@ class Watchdog:
         return bound(self.state[1], self.last, self.timeout)
 
     def _bound_collectives(self, kind: str) -> None:
-        """Torch's timeout of the process group: this section's bound and the time for the line in a step or save,
-        the job's own elsewhere (where a rank may work alone while the others wait in a collective)."""
+        """Torch's process-group timeout: in a step or save, the bound plus time for the line; elsewhere the job's (a
+        rank may work alone while others wait in a collective)."""
         wanted = self.bound() + 3 * self.pulse_s + MARGIN_S if kind in BOUNDED else self.job_timeout
         if wanted is None or (self.pg_timeout is None and kind not in BOUNDED):
             return
@@ -146,7 +143,7 @@ class Watchdog:
         return json.dumps(beat).encode()
 
     def _call(self, call: Callable[[], Any]) -> Any:
-        """A store call; None when it failed (noted: :meth:`_store_check`)."""
+        """A store call; None when it failed (noted for :meth:`_store_check`)."""
         self.in_call = self.clock()
         try:
             result = call()
@@ -171,19 +168,19 @@ class Watchdog:
             if published - read >= self.pulse_s:  # the others' beats once a pulse
                 read = published
                 self._pulse()
-            elif self.judge is None and not self.monitor["beat"]:  # rank 0 not heard yet: at each beat until it is
+            elif self.judge is None and not self.monitor["beat"]:  # rank 0 unheard yet: at each beat
                 self._hear_monitor()
             due = read + self.pulse_s
             if self.judge is None and not self.monitor["beat"]:
                 due = min(due, published + self.pulse_s / 10)
             self.entered.wait(max(0.0, due - self.clock()))  # a pulse, or a new section first
             self.entered.clear()
-            if self.state[1] == self.published:  # a new section of the same kind (a step): 10 beats a pulse at most
+            if self.state[1] == self.published:  # same kind again (a step): at most 10 beats a pulse
                 self.stopped.wait(max(0.0, published + self.pulse_s / 10 - self.clock()))
 
     def _publish(self) -> None:
-        """This rank's beat into the store (a new kind of section at once: a rank that freezes as a save begins is
-        named in its save)."""
+        """This rank's beat into the store (a new kind at once: a rank freezing as a save begins is named in its
+        save)."""
         self.published = self.state[1]
         self._call(lambda: self.store.set(self.keys.beat(self.place.rank), self.beat()))
 
@@ -236,13 +233,13 @@ class Watchdog:
         )
 
     def _store_check(self) -> None:
-        """The store failing (its host gone) or not answering (frozen) for longer than rank 0's bound ends the job."""
+        """End the job when the store fails (host gone) or does not answer (frozen) for longer than rank 0's bound."""
         since = self.failing if self.failing is not None else self.in_call
         if since is None or self.stopped.is_set():
             return
         limit = float(self.monitor["beat"].get("bound") or self.bound())
         if self.clock() - since > limit:
-            store = (  # rank 0's beat is as old as this rank's last read of it: where this rank is says more
+            store = (  # rank 0's beat is as old as the last read: say where this rank is
                 f"; the job's store at {self.place.store} does not answer either (rank {self.place.rank} is in "
                 f"{self.state[0]})"
             )
@@ -255,8 +252,8 @@ class Watchdog:
                 self.end(self.line(f"the job's store at {self.place.store} has not answered for {limit:.0f} s"), False)
 
     def _guard(self) -> None:
-        """This rank's own pause (its clock jumped between two of the guard's ticks) is noted here, and a store call
-        that never returns (its host frozen: TCPStore waits on) is bounded here: no store call holds this thread."""
+        """Note this rank's own pause (a clock jump between ticks) and bound a store call that never returns (TCPStore
+        waits on a frozen host); this thread calls no store."""
         while not self.stopped.wait(self.pulse_s / 2):
             now = self.clock()
             if now - self.guarded > PAUSED * self.pulse_s:
@@ -273,7 +270,7 @@ class Watchdog:
             self.judge.paused(now)
 
     def _was_paused(self) -> bool:
-        """Whether this rank was stopped itself lately (or is, as the run sees it: its pulse is overdue)."""
+        """Whether this rank was stopped itself lately, or is (its pulse overdue)."""
         now = self.clock()
         recent = self.paused_at is not None and now - self.paused_at < (PAUSED + 2) * self.pulse_s
         return recent or now - self.guarded > PAUSED * self.pulse_s
@@ -296,21 +293,20 @@ class Watchdog:
         )
 
     def end(self, line: str, store: bool = True) -> None:
-        """Say ``line`` in this node's log (one rank a node), wait a little for the other nodes' logs to hold it,
-        and end this process. Once per process."""
+        """Say ``line`` (one rank a node), wait briefly for the other nodes' logs to hold it, and exit. Once per
+        process."""
         if not self.ending.acquire(blocking=False):
             return
         if self.place.says:
             say_apart(line)
-        if store:  # bounded: a store that stops answering now must not keep this process
+        if store:  # bounded: a silent store must not keep this process
             waiting = threading.Thread(target=self._told, daemon=True)
             waiting.start()
             waiting.join(NOTICE_S + self.pulse_s)
         os._exit(EXIT_CODE)
 
     def _told(self) -> None:
-        """The line is in this node's log (its sayer marks it); rank 0 waits for every node's, the others for their
-        node's sayer."""
+        """Mark the line said (by each node's sayer); rank 0 waits for every node's, the others for their node's."""
         node = self.place.node
         deadline = time.monotonic() + NOTICE_S + self.pulse_s
         with contextlib.suppress(RuntimeError, ValueError, OSError):
@@ -325,9 +321,8 @@ class Watchdog:
                     time.sleep(0.1)
 
     def ended_meanwhile(self, error: BaseException) -> None:
-        """The run's collective failed in this rank's main thread: if this rank was stopped itself meanwhile (a node
-        thawed after the job ended), the job's end is said in one line and the process ends; else a line says which
-        collective failed, and the error goes on."""
+        """A collective failed in the main thread: if this rank was itself stopped meanwhile (thawed after the job
+        ended), say the job's end and exit; else say which collective failed."""
         if not _distributed(error):
             return
         first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
@@ -341,8 +336,8 @@ class Watchdog:
         )
 
     def start(self) -> None:
-        """Its first beat written before anything else (rank 0's before its thread writes the other ranks'
-        placeholders: no rank reads a placeholder of rank 0), then counted as started, then its threads."""
+        """First beat first (rank 0's before its thread writes the placeholders, so no rank reads one of rank 0's),
+        count it started, start the threads."""
         self._publish()
         self._call(lambda: self.store.add(self.keys.started, 1))
         for thread in self.threads:
@@ -351,13 +346,13 @@ class Watchdog:
     def stop(self) -> None:
         self.stopped.set()
         self.entered.set()
-        self._publish()  # its beat says it left: no longer watched
+        self._publish()  # its beat says it left
         for thread in self.threads:
-            thread.join(2 * self.pulse_s)  # not longer: a store call stuck on a frozen host
+            thread.join(2 * self.pulse_s)  # a store call may be stuck on a frozen host
 
 
 def _distributed(error: BaseException) -> bool:
-    """A failed collective or process-group call (gloo's and NCCL's errors, torch's distributed errors)."""
+    """Whether ``error`` is a failed collective or process-group call."""
     if isinstance(error, getattr(dist, "DistError", ())):
         return True
     text = str(error)
@@ -368,9 +363,9 @@ def _distributed(error: BaseException) -> bool:
 
 @contextlib.contextmanager
 def watching(training_args: Any, timeout: float | None) -> Iterator[None]:
-    """A plugin run watched for the block (several processes, ``timeout`` not 0), which the ranks leave together (a
-    barrier, still watched: a rank frozen in the final save, which rank 0 alone writes, is named, not waited for);
-    LLaMA-Factory's teardown of the process group next finds no rank in a collective."""
+    """A run watched for the block (several processes, ``timeout`` not 0), left by all ranks through a watched barrier
+    (a rank frozen in rank 0's final save is named, not waited for): LLaMA-Factory's teardown finds no rank in a
+    collective."""
     dog: Any = None
     if training_args.world_size > 1 and timeout != 0:
         dog = watch_nvrx.reporter() or _started(training_args, timeout)
