@@ -24,7 +24,7 @@ import llamafactory.hparams as hparams
 import llamafactory.train.callbacks as callbacks
 import llamafactory.train.sft.workflow as sft_workflow
 
-from llamafactory_hera.runtime import output_dir, run_claim, run_record, shared_output, stop_signal
+from llamafactory_hera.runtime import output_dir, run_claim, run_record, shared_output
 from llamafactory_hera.runtime.raw_recipe import RawRecipe, raw_value
 from llamafactory_hera.runtime.registry import registered_methods
 from llamafactory_hera.runtime.stage_run import HostArguments
@@ -133,9 +133,7 @@ def run_method(
     host_args = config["args"]
     output_dir.refuse_finished(host_args)  # before the parse would resume it
     run = start_run(method, _own_keys(method, raw), host_args)  # raw checks: nothing loaded
-    controls = run.controls
-    # the save signal, noted through parse, load, pre-step passes and steps
-    with stop_signal.noting(controls.save_signal, key=controls.save_signal_key):
+    with run.noting_save_signal():  # through the parse, the load, the passes before step 1 and the steps
         record = None
         try:
             parsed = _parse(host_args, method.stage, run, recorded=True)  # then the run's parsed checks

@@ -128,6 +128,7 @@ def _hatch(ax: Any, cells: np.ndarray) -> None:
 
 def _legend(fig: Any, entries: list[tuple[Any, str]]) -> None:
     """A legend under the panels; a handle is a box colour, a tuple of them (one handle), or ``"hatch"``."""
+    # lazy: matplotlib only when a figure is drawn
     from matplotlib.legend_handler import HandlerTuple
     from matplotlib.patches import Patch
 

@@ -7,13 +7,27 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 from llamafactory_hera.job_refusal import watch
+from llamafactory_hera.runtime import stop_signal
 from llamafactory_hera.runtime.raw_recipe import RawRecipe
-from llamafactory_hera.runtime.stage_run import HostArguments, RunControls
+from llamafactory_hera.runtime.stage_run import HostArguments
 
 Arguments = TypeVar("Arguments")
+
+
+@dataclass(frozen=True)
+class RunControls:
+    """What a whole run obeys beside the method's maths (docs/multinode.md): the save signal (noted by
+    :meth:`MethodRun.noting_save_signal`; left to the ranks by the launcher) and the watchdog (:meth:`MethodRun.run`).
+    """
+
+    save_signal: str | None = None  # sigterm, sigusr1, sigusr2 or none; None: the method saves no checkpoint
+    save_signal_key: str | None = None  # its recipe key, for the lines
+    watched: bool = False  # a method whose runs take several ranks
+    watchdog_timeout: float | None = None  # seconds; None: per section; 0: no watchdog (the ranks still end together)
 
 
 class Declared(Protocol):
@@ -59,6 +73,13 @@ class MethodRun(Generic[Arguments]):
     def controls(self) -> RunControls:
         """The run-wide controls its keys set (default none)."""
         return RunControls()
+
+    @contextlib.contextmanager
+    def noting_save_signal(self) -> Iterator[None]:
+        """The save signal noted for the block (the stage patch's: the parse, the load, the passes before step 1 and
+        the steps), for the trainer's checkpoints (``training/checkpoints.py``) to save and stop on."""
+        with stop_signal.noting(self.controls.save_signal, key=self.controls.save_signal_key):
+            yield
 
     def check_raw(self, host_args: RawRecipe, machine: bool = True) -> None:
         """Phase 1: the launch's checks, :meth:`check_method_raw`, LLaMA-Factory's keys, the resumed checkpoint;

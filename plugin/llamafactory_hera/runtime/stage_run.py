@@ -1,9 +1,7 @@
-"""A plugin stage's run as the stage patch and the method's run class hand it over: LLaMA-Factory's parsed arguments and
-the run-wide controls the method's keys set, read once by its run class. Imports nothing."""
+"""LLaMA-Factory's parsed arguments as the stage patch hands them to a method's run. Imports nothing."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 
@@ -15,15 +13,3 @@ class HostArguments(NamedTuple):
     training: Any
     finetuning: Any
     generating: Any
-
-
-@dataclass(frozen=True)
-class RunControls:
-    """What a whole run obeys beside the method's maths (docs/multinode.md): the save signal (noted by the stage patch,
-    :mod:`.stop_signal`; left to the ranks by the launcher) and the watchdog.
-    """
-
-    save_signal: str | None = None  # sigterm, sigusr1, sigusr2 or none; None: the method saves no checkpoint
-    save_signal_key: str | None = None  # its recipe key, for the lines
-    watched: bool = False  # a method whose runs take several ranks
-    watchdog_timeout: float | None = None  # seconds; None: per section; 0: no watchdog (the ranks still end together)
