@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from tqdm import tqdm
@@ -52,6 +53,30 @@ def test_a_working_thread_moves_and_a_blocked_one_does_not() -> None:
     assert looked.look() and not looked.look()
     bar.close()
     blocked.set()
+
+
+def test_a_thread_waiting_on_a_pools_busy_worker_moves() -> None:
+    """As transformers' loader: the thread waits on a future while a pool's worker reads the shards (here: counts);
+    the worker's CPU time is the thread's progress. Once the worker is done, the waiting thread stands still."""
+    stop = threading.Event()
+
+    def busy() -> None:
+        total = 0
+        while not stop.is_set():
+            total += sum(range(1000))
+
+    with ThreadPoolExecutor(1) as pool:
+        future = pool.submit(busy)
+        waiter = _thread(lambda: future.exception(30))
+        looked = MainThread(waiter)
+        looked.look()
+        moves = 0
+        for _ in range(10):
+            time.sleep(0.1)
+            moves += looked.look()
+        assert moves >= 5 and not looked.in_collective
+        stop.set()
+    waiter.join(10)
 
 
 def test_a_thread_in_a_gloo_barrier_is_in_a_collective(tmp_path: Path) -> None:

@@ -3,9 +3,11 @@
 LLaMA-Factory's load (its data, the model, the Trainer's set-up) reports no progress the plugin can count, so while a
 rank loads, its progress is read off the main thread itself: its Python stack, the CPU time it has used (Linux) and
 the counts of the live progress bars (``tqdm``: the datasets' maps, the checkpoint shards). Any of them changing
-between two looks is progress: a thread blocked in a wait uses no CPU and stays where it is. And a rank
-whose main thread is inside ``torch.distributed`` (or DeepSpeed's ``comm``) is waiting for the others in a collective:
-the monitor names a rank stuck in its load only when another waits for it (``training/watch_judge.py``).
+between two looks is progress: a thread blocked in a wait uses no CPU and stays where it is. A rank whose main
+thread's innermost frame is one of torch's collectives (or DeepSpeed's ``comm``) is waiting for the others; its CPU
+time is no progress then (NCCL's wait spins or polls). The monitor names a rank stuck in its load only when another
+waits for it in a collective (``training/watch_judge.py``). Not seen: an NCCL collective queued without a wait, whose
+rank then blocks at a host sync elsewhere (its CPU time moves); the process group's timeout bounds that one.
 """
 
 from __future__ import annotations
@@ -14,47 +16,63 @@ import sys
 import threading
 from typing import Any
 
-# where a main thread waits for the other ranks: torch's collectives and store, DeepSpeed's wrappers of them
-COLLECTIVE_PATHS = ("/torch/distributed/", "/deepspeed/comm/")
+# where a main thread waits for the other ranks, as its innermost frame: torch's collectives (a module's states'
+# broadcast among them) and DeepSpeed's wrappers of them; not FSDP's or DTensor's own work, nor an outer wrapper
+COLLECTIVE_PATHS = (
+    "/torch/distributed/distributed_c10d.py",
+    "/torch/distributed/c10d_logger.py",
+    "/torch/distributed/utils.py",
+    "/deepspeed/comm/",
+)
 
 
 class MainThread:
     """Looks at one thread (the one that builds it, by default): :meth:`look` says whether it moved since the last
-    look; :attr:`in_collective` whether it was in a collective at that look."""
+    look; :attr:`in_collective` whether it was in a collective at that look. Its CPU time counts with that of the
+    thread pools' workers (``ThreadPoolExecutor-*``): a model loader's threads read the shards while it waits on them.
+    """
 
     def __init__(self, thread: threading.Thread | None = None) -> None:
         thread = thread or threading.current_thread()
         self.ident = thread.ident
-        self.cpu_file = f"/proc/self/task/{thread.native_id}/stat"
+        self.native_id = thread.native_id
         self.last: Any = None
         self.in_collective = False
 
     def look(self) -> bool:
-        """Whether the thread's stack or a progress bar changed since the last look (the first look: True)."""
+        """Whether the thread's stack, its CPU time or a progress bar changed since the last look (the first: True)."""
         frame = sys._current_frames().get(self.ident)
+        innermost = frame.f_code.co_filename.replace("\\", "/") if frame is not None else ""
+        in_collective = any(path in innermost for path in COLLECTIVE_PATHS)
         stack = []
-        in_collective = False
         while frame is not None:
             # the code and the instruction it is at: a loop that calls the same function again still moves the
-            # bars, or the instruction between two calls
+            # bars, its CPU time, or the instruction between two calls
             stack.append((id(frame.f_code), frame.f_lasti))
-            in_collective = in_collective or any(path in frame.f_code.co_filename for path in COLLECTIVE_PATHS)
             frame = frame.f_back
-        seen = (tuple(stack), _bars(), self._cpu_ticks())
+        cpu = None if in_collective else self._cpu_ticks()
+        seen = (tuple(stack), _bars(), cpu)
         moved = seen != self.last
         self.last = seen
         self.in_collective = in_collective
         return moved
 
     def _cpu_ticks(self) -> int:
-        """The thread's CPU time so far, in clock ticks (0 where /proc does not tell: the stack and bars alone)."""
-        try:
-            with open(self.cpu_file) as stat:
-                fields = stat.read().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            return 0
-        # after the name: state is field 3 of stat(5), utime and stime fields 14 and 15
-        return int(fields[11]) + int(fields[12])
+        """CPU time so far of the thread and the pools' workers, in clock ticks (0 where /proc does not tell: the
+        stack and bars alone)."""
+        workers = [t.native_id for t in threading.enumerate() if t.name.startswith("ThreadPoolExecutor")]
+        return sum(_thread_ticks(native_id) for native_id in [self.native_id, *workers])
+
+
+def _thread_ticks(native_id: int | None) -> int:
+    """One thread's CPU time so far, in clock ticks (0 where /proc does not tell)."""
+    try:
+        with open(f"/proc/self/task/{native_id}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0
+    # after the name: state is field 3 of stat(5), utime and stime fields 14 and 15
+    return int(fields[11]) + int(fields[12])
 
 
 def _bars() -> tuple[tuple[int, float], ...]:

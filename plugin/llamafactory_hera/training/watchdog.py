@@ -67,6 +67,7 @@ class Watchdog:
         self.verdict = ""
         self.probe = StorageProbe(output_dir, clock)
         self.main = MainThread()  # the run's thread: built on it
+        self.moves = 0  # the pulses at which it had moved (the load's progress)
         self.judge = Judge(list(range(place.world)), clock(), job_store.start_bound()) if place.rank == 0 else None
         self.monitor = {"beat": {}, "pulse": None, "since": clock()}  # rank 0's beat as last read
         self.stopped = threading.Event()
@@ -98,6 +99,9 @@ class Watchdog:
 
     def progress(self) -> None:
         self.count += 1
+
+    def _progress(self) -> int:
+        return self.moves if self.state[1] == "loading" else self.count
 
     def where(self) -> tuple[str, str, int]:
         section, kind, step, _ = self.state
@@ -132,7 +136,7 @@ class Watchdog:
             "kind": kind,
             "bound": self.bound(),
             "pulse": self.pulses,
-            "position": [step, PHASES.get(kind, 0), self.count],
+            "position": [step, PHASES.get(kind, 0), self._progress()],
             "storage": self.probe.waiting(self.pulse_s),
             "collective": self.main.in_collective,
         }
@@ -185,9 +189,9 @@ class Watchdog:
         self._call(lambda: self.store.set(self.keys.beat(self.place.rank), self.beat()))
 
     def _pulse(self) -> None:
-        if self.main.look() and self.state[1] == "loading":
-            self.count += 1  # LLaMA-Factory's load counts nothing: its main thread's moves stand for progress
-        position = (self.state[1], self.state[2], self.count)
+        if self.main.look():
+            self.moves += 1  # LLaMA-Factory's load counts nothing: its main thread's moves stand for progress
+        position = (self.state[1], self.state[2], self._progress())
         if position != self.seen_position:
             self.seen_position = position
             self.moved = self.clock()
