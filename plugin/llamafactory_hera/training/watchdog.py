@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from llamafactory_hera.log import say_apart
 from llamafactory_hera.runtime import job_store
-from llamafactory_hera.training import sections, watch_nvrx
+from llamafactory_hera.training import sections, watch_lines, watch_nvrx
 from llamafactory_hera.training.watch_bounds import Place, StorageProbe, bound, job_client, place_of, pulse_for
 from llamafactory_hera.training.watch_judge import PHASES, PLACEHOLDER, Judge, described
 from llamafactory_hera.training.watch_stack import MainThread
@@ -34,9 +34,6 @@ PAUSED = 3  # pulses: a longer gap in its own pulses means this rank was stopped
 MARGIN_S = 10.0  # step/save collectives' timeout: the bound, 3 pulses and this
 NOTICE_S = 3.0  # the ending rank's wait for each node's log to hold the line
 BOUNDED = ("step", "save")  # collectives bounded by torch's timeout (no rank works alone before them)
-EXIT_CODE = 1
-RERUN = "to go on, run the same command again (with resume_from_checkpoint: true it continues from the newest whole "
-RERUN += "checkpoint)"
 
 
 class Watchdog:
@@ -210,7 +207,7 @@ class Watchdog:
             self.judge.observe(rank, raw, self.clock())
         named = self.judge.named(self.clock()) if raws is not None and not self.stopped.is_set() else []
         if named:
-            self.verdict = self.line(described(named))
+            self.verdict = watch_lines.ending(described(named))
             self._publish()
             self.end(self.verdict)
 
@@ -227,14 +224,7 @@ class Watchdog:
         heard = self.monitor["beat"]
         unheard = self.clock() - self.monitor["since"]
         if heard and not heard.get("left") and unheard > float(heard.get("bound") or 0):
-            self.end(self.line(self._monitor_unheard(unheard)))
-
-    def _monitor_unheard(self, seconds: float, store: str = "") -> str:
-        heard = self.monitor["beat"]
-        return (
-            f"rank 0 on {heard.get('host', '?')}, unheard for {seconds:.0f} s in {heard.get('section', '?')} (bound "
-            f"{float(heard.get('bound') or 0):.0f} s): its process or host is frozen or gone{store}"
-        )
+            self.end(watch_lines.ending(watch_lines.monitor_unheard(heard, unheard)))
 
     def _store_check(self) -> None:
         """End the job when the store fails (host gone) or does not answer (frozen) for longer than rank 0's bound."""
@@ -251,9 +241,11 @@ class Watchdog:
                 self.end(self._thawed(f"the job's store at {self.place.store} no longer answers"), store=False)
             elif self.judge is None and self.monitor["beat"]:
                 seconds = self.clock() - self.monitor["since"]
-                self.end(self.line(self._monitor_unheard(seconds, store)), store=False)
+                unheard = watch_lines.monitor_unheard(self.monitor["beat"], seconds, store)
+                self.end(watch_lines.ending(unheard), store=False)
             else:
-                self.end(self.line(f"the job's store at {self.place.store} has not answered for {limit:.0f} s"), False)
+                silent = f"the job's store at {self.place.store} has not answered for {limit:.0f} s"
+                self.end(watch_lines.ending(silent), store=False)
 
     def _guard(self) -> None:
         """Note this rank's own pause (a clock jump between ticks) and bound a store call that never returns (TCPStore
@@ -281,20 +273,9 @@ class Watchdog:
 
     # --- the end ---
 
-    def line(self, named: str) -> str:
-        return (
-            f"watchdog: {named}. The job ends (exit {EXIT_CODE} on every rank) instead of waiting for ddp_timeout; "
-            f"{RERUN}."
-        )
-
     def _thawed(self, why: str) -> str:
         stopped = self.paused_s if self.paused_at is not None else self.clock() - self.guarded
-        why = why.removeprefix("watchdog: ").rstrip(".")
-        return (
-            f"watchdog: rank {self.place.rank} on {self.place.host} was stopped (its process or host frozen) and "
-            f"went on {stopped:.0f} s later; meanwhile the job ended: {why}. Rank {self.place.rank} ends (exit "
-            f"{EXIT_CODE}); {RERUN}."
-        )
+        return watch_lines.thawed(self.place.rank, self.place.host, stopped, why)
 
     def end(self, line: str, store: bool = True) -> None:
         """Say ``line`` (one rank a node), wait briefly for the other nodes' logs to hold it, and exit. Once per
@@ -307,7 +288,7 @@ class Watchdog:
             waiting = threading.Thread(target=self._told, daemon=True)
             waiting.start()
             waiting.join(NOTICE_S + self.pulse_s)
-        os._exit(EXIT_CODE)
+        os._exit(watch_lines.EXIT_CODE)
 
     def _told(self) -> None:
         """Mark the line said (by each node's sayer); rank 0 waits for every node's, the others for their node's."""
@@ -327,17 +308,14 @@ class Watchdog:
     def ended_meanwhile(self, error: BaseException) -> None:
         """A collective failed in the main thread: if this rank was itself stopped meanwhile (thawed after the job
         ended), say the job's end and exit; else say which collective failed."""
-        if not _distributed(error):
+        if not watch_lines.distributed(error):
             return
-        first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        first = watch_lines.first_line(error)
         if self._was_paused():
             raw = self._call(lambda: self.store.get(self.keys.beat(0))) if self.in_call is None else None
             verdict = (json.loads(raw).get("verdict") if raw and raw != PLACEHOLDER else None) or ""
             self.end(self._thawed(verdict or f"its collective failed ({first})"), store=False)
-        say_apart(
-            f"watchdog: rank {self.place.rank} on {self.place.host}: a collective in {self.state[0]} failed "
-            f"({first}): another rank's process or node ended, or the network between them failed."
-        )
+        say_apart(watch_lines.collective_failed(self.place.rank, self.place.host, self.state[0], error))
 
     def start(self) -> None:
         """First beat first (rank 0's before its thread writes the placeholders, so no rank reads one of rank 0's),
@@ -353,16 +331,6 @@ class Watchdog:
         self._publish()  # its beat says it left
         for thread in self.threads:
             thread.join(2 * self.pulse_s)  # a store call may be stuck on a frozen host
-
-
-def _distributed(error: BaseException) -> bool:
-    """Whether ``error`` is a failed collective or process-group call."""
-    if isinstance(error, getattr(dist, "DistError", ())):
-        return True
-    text = str(error)
-    return isinstance(error, RuntimeError) and any(
-        word in text for word in ("Connection reset by peer", "Connection closed by peer", "gloo", "NCCL")
-    )
 
 
 @contextlib.contextmanager

@@ -1,0 +1,58 @@
+"""The lines the watchdog (``training/watchdog.py``) puts in the nodes' logs when it ends a job, and which errors of
+the run's main thread are a failed collective. Pure: what they name is passed in."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch.distributed as dist
+
+EXIT_CODE = 1
+RERUN = "to go on, run the same command again (with resume_from_checkpoint: true it continues from the newest whole "
+RERUN += "checkpoint)"
+
+
+def ending(named: str) -> str:
+    """The job's last line, after what the monitor ``named``."""
+    return (
+        f"watchdog: {named}. The job ends (exit {EXIT_CODE} on every rank) instead of waiting for ddp_timeout; {RERUN}."
+    )
+
+
+def thawed(rank: int, host: str, stopped_s: float, why: str) -> str:
+    """A rank that was stopped (its process or host frozen) for ``stopped_s`` and found the job ended for ``why``."""
+    why = why.removeprefix("watchdog: ").rstrip(".")
+    return (
+        f"watchdog: rank {rank} on {host} was stopped (its process or host frozen) and went on {stopped_s:.0f} s "
+        f"later; meanwhile the job ended: {why}. Rank {rank} ends (exit {EXIT_CODE}); {RERUN}."
+    )
+
+
+def monitor_unheard(beat: dict[str, Any], seconds: float, store: str = "") -> str:
+    """Rank 0 (its last ``beat``) unheard for ``seconds``; ``store``: what the job's store did meanwhile."""
+    return (
+        f"rank 0 on {beat.get('host', '?')}, unheard for {seconds:.0f} s in {beat.get('section', '?')} (bound "
+        f"{float(beat.get('bound') or 0):.0f} s): its process or host is frozen or gone{store}"
+    )
+
+
+def collective_failed(rank: int, host: str, section: str, error: BaseException) -> str:
+    """A collective of ``section`` that failed on a rank that was not stopped itself."""
+    return (
+        f"watchdog: rank {rank} on {host}: a collective in {section} failed ({first_line(error)}): another rank's "
+        "process or node ended, or the network between them failed."
+    )
+
+
+def first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+
+
+def distributed(error: BaseException) -> bool:
+    """Whether ``error`` is a failed collective or process-group call."""
+    if isinstance(error, getattr(dist, "DistError", ())):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and any(
+        word in text for word in ("Connection reset by peer", "Connection closed by peer", "gloo", "NCCL")
+    )
