@@ -40,7 +40,7 @@ def test_engine_and_refusal_check_in_bf16_on_the_device(harc_assets: Any, accele
     Not covered here (they run on the CPU in tests/test_eval_cli.py): lm-eval's loop cannot run on the simulated
     device: ``HFLM._model_call`` enters ``torch.autocast(device_type=self.device.type, ...)``, which torch refuses for
     the simulated device's type (tried: "RuntimeError: unsupported scalarType" from ``autocast_mode.py``). lmms-eval's
-    loop (:func:`~llamafactory_hera.evaluation.runner.lmms_model` answering through LLaMA-Factory's
+    loop (:func:`~llamafactory_hera.evaluation.libraries.lmms_model` answering through LLaMA-Factory's
     ``HuggingfaceEngine._chat``) was tried once on the tiny Qwen2.5-VL: its ``generate`` stopped in the simulator
     itself (``RecursionError`` in ``OnDevice.tolist`` at ``rot_pos_emb``'s ``grid_thw.tolist()``), not investigated.
     """

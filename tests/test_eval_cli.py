@@ -29,7 +29,7 @@ from conftest import base_recipe, harc_recipe, mixed_size_dataset, offline_env, 
 
 EVAL = str(Path(sys.executable).with_name("llamafactory-hera"))
 REPORT_SUFFIXES = (".json", ".md", ".png")
-TASK_FOLDERS = "llamafactory_hera_eval_tasks_*"  # runner._demo_folder's prefix
+TASK_FOLDERS = "llamafactory_hera_eval_tasks_*"  # libraries._demo_folder's prefix
 HEAVY = ("torch", "transformers", "llamafactory", "lmms_eval", "lm_eval")  # loaded by no one-line error
 
 
@@ -397,8 +397,8 @@ def test_the_demos_install_line_names_the_eval_extra_of_pyproject() -> None:
 def test_every_preset_task_is_in_its_library_registry() -> None:
     """The presets name tasks of lmms-eval 0.7.3 / lm-eval 0.4.13's own registries (read in-process: no model;
     each registry is built once per process and shared with the unknown-task test)."""
+    from llamafactory_hera.evaluation.libraries import known_tasks
     from llamafactory_hera.evaluation.presets import LM, LMMS, PRESETS, library_of
-    from llamafactory_hera.evaluation.runner import known_tasks
 
     for library, modality in ((LMMS, "mllm"), (LM, "text")):
         known = known_tasks(library)

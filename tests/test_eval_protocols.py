@@ -131,7 +131,7 @@ def test_the_runner_keeps_samples_only_for_derived_scores(monkeypatch: pytest.Mo
     """``run_library`` asks lmms-eval for the samples of a task scored here and adds the score to lmms-eval's."""
     from lmms_eval import evaluator
 
-    from llamafactory_hera.evaluation import runner
+    from llamafactory_hera.evaluation import libraries, runner
     from llamafactory_hera.evaluation.presets import LMMS, PlannedTask
 
     asked = {}
@@ -143,10 +143,10 @@ def test_the_runner_keeps_samples_only_for_derived_scores(monkeypatch: pytest.Mo
         return {"results": {kwargs["tasks"][0]: {"pope_f1_score,none": 0.5}}, "samples": {"pope": [sample]}}
 
     monkeypatch.setattr(evaluator, "simple_evaluate", simple_evaluate)
-    monkeypatch.setattr(runner, "task_manager", lambda *_: None)
-    entries = runner.run_library(None, PlannedTask("pope", LMMS, "Hallucination"), None)
+    monkeypatch.setattr(libraries, "task_manager", lambda *_: None)
+    entries = libraries.run_library(None, PlannedTask("pope", LMMS, "Hallucination"), None)
     assert [(e["metric"], e["value"]) for e in entries] == [("pope_f1_score", 0.5), ("pope_f1_split_mean", 1.0)]
-    assert [e["metric"] for e in runner.run_library(None, PlannedTask("gqa", LMMS, "General"), None)] == [
+    assert [e["metric"] for e in libraries.run_library(None, PlannedTask("gqa", LMMS, "General"), None)] == [
         "pope_f1_score"]
     assert asked == {"pope": True, "gqa": False}
     assert runner.task_revision(PlannedTask("pope", LMMS, "x")).endswith(f"+derived{protocols.DERIVED_REVISION}")

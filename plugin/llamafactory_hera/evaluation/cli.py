@@ -148,7 +148,7 @@ def run_eval(args: argparse.Namespace) -> None:
     require_library(library)
     known = None
     if needs_registry:
-        from llamafactory_hera.evaluation.runner import known_tasks
+        from llamafactory_hera.evaluation.libraries import known_tasks
 
         known = known_tasks(library)
     tasks = plan_tasks(args.tasks, run.modality, run.stage, known)

@@ -1,32 +1,25 @@
 """``llamafactory-hera eval``'s runs: one task on one loaded model, and the loop over models and tasks.
 
-The model loads as LLaMA-Factory loads it for inference, served to lm-eval by ``HFLM`` and to lmms-eval by
-:func:`lmms_model`, which answers with LLaMA-Factory's chat (the trained prompt format). A task's result:
+The model loads once per model, as LLaMA-Factory loads it for inference, and serves every task of that model: a
+library's through :mod:`.libraries`, the jailbreak and refusal tasks through HARC's greedy path. A task's result:
 ``{"entries": [{"task", "metric", "value", "higher_is_better"}], "seconds", "library", "version", "task_revision"}``,
-cached when finished in ``RUN_DIR/eval_cache/<model key>/<task>.json``.
+cached when finished in ``RUN_DIR/eval_cache/<model key>/<task>.json``, so that a rerun redoes only what failed or
+what another revision would score differently.
 """
 
 from __future__ import annotations
 
-import atexit
-import contextlib
-import functools
 import gc
 import hashlib
-import logging
-import shutil
-import sys
-import tempfile
 import time
 import traceback
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from llamafactory_hera.evaluation import jailbreak as jailbreak_module
-from llamafactory_hera.evaluation.demo_tasks import write_demo_tasks
 from llamafactory_hera.evaluation.jailbreak import JailbreakSetup, run_jailbreak
+from llamafactory_hera.evaluation.libraries import lm_model, lmms_model, run_library
 from llamafactory_hera.evaluation.presets import (
     DEMO_MLLM_TASK,
     DEMO_TEXT_TASK,
@@ -37,10 +30,9 @@ from llamafactory_hera.evaluation.presets import (
     REFUSAL,
     PlannedTask,
 )
-from llamafactory_hera.evaluation.protocols import DERIVED, DERIVED_REVISION, derived_entries, write_protocol_tasks
+from llamafactory_hera.evaluation.protocols import DERIVED, DERIVED_REVISION
 from llamafactory_hera.evaluation.runs import ModelSpec
 from llamafactory_hera.log import progress_once, say_once
-from llamafactory_hera.runtime.errors import RecipeError
 from llamafactory_hera.runtime.run_record import read_record, write_record
 from llamafactory_hera.training.eval_forward import keep_4bit_layout
 from llamafactory_hera_patches.guard import host_version
@@ -48,104 +40,6 @@ from llamafactory_hera_patches.tools import inference
 
 CACHE_DIR = "eval_cache"
 PIN = "CUDA_VISIBLE_DEVICES=0 llamafactory-hera eval ..."
-
-
-def _demo_folder(library: str) -> Path:
-    """The demo tasks (and for lmms-eval :func:`.protocols.write_protocol_tasks`'), removed at process exit."""
-    folder = Path(tempfile.mkdtemp(prefix="llamafactory_hera_eval_tasks_"))
-    atexit.register(shutil.rmtree, folder, ignore_errors=True)
-    write_demo_tasks(folder, library)
-    if library == LMMS:
-        import lmms_eval.tasks  # lazy: the eval extra
-
-        write_protocol_tasks(folder, Path(lmms_eval.tasks.__file__).parent)
-    return folder
-
-
-@functools.cache
-def task_manager(library: str, registry: bool) -> Any:
-    """The library's ``TaskManager`` with the demo tasks and, if ``registry``, its own (seconds: lmms-eval reads
-    ~2,000 task files); once per process."""
-    from loguru import logger
-
-    logger.remove()  # lmms-eval's loguru logs a DEBUG line per registry file
-    logger.add(sys.stderr, level="WARNING")
-    logging.getLogger("lm-eval").setLevel(logging.WARNING)
-    logging.getLogger("lm_eval").setLevel(logging.WARNING)
-    if library == LMMS:
-        from lmms_eval.tasks import TaskManager
-
-        verbosity: tuple[str, ...] = ("WARNING",)
-    else:
-        from lm_eval.tasks import TaskManager
-
-        verbosity = ()
-    return TaskManager(*verbosity, include_path=str(_demo_folder(library)), include_defaults=registry)
-
-
-def known_tasks(library: str) -> set[str]:
-    """Every task, group and tag name in the library's registry, and the demo tasks."""
-    return set(task_manager(library, True).all_tasks)  # positional: one cache key with run_library's
-
-
-def _entries(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """``results["results"]`` -> flat entries (``"metric,filter"`` keys; ``_stderr`` and non-numbers dropped)."""
-    better = results.get("higher_is_better") or {}
-    entries = []
-    for task, metrics in (results.get("results") or {}).items():
-        for key, value in metrics.items():
-            metric = key.split(",")[0]
-            if "_stderr" in key or key == "alias" or isinstance(value, bool) or not isinstance(value, int | float):
-                continue
-            entries.append(
-                {
-                    "task": task,
-                    "metric": metric if key.endswith(",none") else key,
-                    "value": float(value),
-                    "higher_is_better": (better.get(task) or {}).get(metric, True),
-                }
-            )
-    return entries
-
-
-@contextlib.contextmanager
-def _without_run_metadata(evaluator: Any) -> Iterator[None]:
-    """Silence lm-eval's git commit and torch environment report for the block (not kept here; the git call prints
-    "fatal: not a git repository" outside one, the report takes ~2 s per task; no switch for either)."""
-    names = [name for name in ("get_git_commit_hash", "add_env_info") if hasattr(evaluator, name)]
-    kept = {name: getattr(evaluator, name) for name in names}
-    for name in names:
-        setattr(evaluator, name, lambda *_, **__: None)
-    try:
-        yield
-    finally:
-        for name, function in kept.items():
-            setattr(evaluator, name, function)
-
-
-def run_library(model: Any, task: PlannedTask, limit: int | None) -> list[dict[str, Any]]:
-    """``task`` through ``simple_evaluate`` (a demo task without indexing the registry)."""
-    if task.library == LMMS:
-        from lmms_eval import evaluator
-
-        options: dict[str, Any] = {"batch_size": 1, "verbosity": "WARNING", "process_docs_parallel": 1}
-    else:
-        from lm_eval import evaluator
-
-        options = {}
-    manager = task_manager(task.library, task.name not in (DEMO_MLLM_TASK, DEMO_TEXT_TASK))
-    with _without_run_metadata(evaluator if task.library == LM else None):
-        # a task its paper scores from the samples (.protocols.DERIVED) keeps them
-        results = evaluator.simple_evaluate(
-            model=model,
-            tasks=[task.name],
-            task_manager=manager,
-            limit=limit,
-            log_samples=task.name in DERIVED,
-            bootstrap_iters=0,
-            **options,
-        )
-    return _entries(results or {}) + derived_entries(task.name, (results or {}).get("samples") or {})
 
 
 def run_refusal(engine: Any, rows_from: ModelSpec, limit: int | None) -> list[dict[str, Any]]:
@@ -232,74 +126,6 @@ def load_engine(spec: ModelSpec) -> Any:
     engine = inference.load_engine(spec.recipe)
     keep_4bit_layout(engine.model)
     return engine
-
-
-def _flatten(visuals: Any) -> list[Any]:
-    if visuals is None:
-        return []
-    if isinstance(visuals, list | tuple):
-        return [item for value in visuals for item in _flatten(value)]
-    return [visuals]
-
-
-def lmms_model(engine: Any, label: str) -> Any:
-    """A simple-type lmms-eval model answering with ``engine``."""
-    import PIL.Image
-    from lmms_eval.api.model import lmms
-    from tqdm.auto import tqdm
-
-    class LlamaFactoryLMM(lmms):
-        """lmms-eval's view of a LLaMA-Factory-loaded MLLM: greedy ``generate_until`` with images."""
-
-        is_simple = True
-
-        def __init__(self) -> None:
-            super().__init__()
-            self.batch_size_per_gpu = 1
-
-        def generate_until(self, requests: list[Any]) -> list[str]:
-            """One greedy answer per request, cut at its first ``until`` string."""
-            answers = []
-            for request in tqdm(requests, desc=f"{label}: answering", leave=False):
-                context, gen_kwargs, doc_to_visual, doc_id, task, split = request.args
-                visuals = _flatten(doc_to_visual(self.task_dict[task][split][doc_id])) if doc_to_visual else []
-                others = [type(v).__name__ for v in visuals if not isinstance(v, PIL.Image.Image)]
-                if others:
-                    raise RecipeError(
-                        f"task {task}: inputs of type {', '.join(sorted(set(others)))}; "
-                        "llamafactory-hera eval answers image and text tasks only"
-                    )
-                kwargs = dict(gen_kwargs or {})
-                until = kwargs.pop("until", None) or []
-                until = [until] if isinstance(until, str) else list(until)
-                temperature = float(kwargs.get("temperature", 0) or 0)
-                input_kwargs = {"max_new_tokens": int(kwargs.get("max_new_tokens", 128)), "do_sample": temperature > 0}
-                if temperature > 0:
-                    input_kwargs["temperature"] = temperature
-                text = inference.answer(engine, [{"role": "user", "content": context}], visuals or None, input_kwargs)
-                for stop in until:
-                    text = text.split(stop)[0] if stop else text
-                answers.append(text)
-            return answers
-
-        def loglikelihood(self, requests: list[Any]) -> list[tuple[float, bool]]:
-            task = requests[0].args[-2] if requests and len(requests[0].args) > 2 else "?"
-            raise RecipeError(
-                f"task {task} scores by log-likelihood; llamafactory-hera eval runs MLLM tasks that "
-                "generate answers (generate_until), as every preset's"
-            )
-
-        def generate_until_multi_round(self, requests: list[Any]) -> list[str]:
-            raise RecipeError("multi-round tasks are not served by llamafactory-hera eval; choose single-turn tasks")
-
-    return LlamaFactoryLMM()
-
-
-def lm_model(engine: Any, batch_size: int) -> Any:
-    """lm-eval's ``HFLM`` around the engine's (merged) model."""
-    from lm_eval.models.huggingface import HFLM
-
-    return HFLM(pretrained=engine.model, tokenizer=engine.tokenizer, batch_size=batch_size)
 
 
 def run_task(
