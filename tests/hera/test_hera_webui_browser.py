@@ -109,9 +109,14 @@ def _option(value: str) -> str:
     return f"[data-testid='dropdown-option'][aria-label={json.dumps(value)}]"
 
 
+def _labelled(label: str) -> str:
+    """Selector of the gradio blocks labelled exactly ``label``."""
+    return f"label:has([data-testid='block-info']:text-is({json.dumps(label)}))"
+
+
 def _field(page: Any, label: str, tag: str = "textarea") -> Any:
     """The first (Train tab) textbox, or dropdown with ``tag="input"``, labelled exactly ``label``."""
-    return page.locator(f"label:has([data-testid='block-info']:text-is({json.dumps(label)})) {tag}").first
+    return page.locator(f"{_labelled(label)} {tag}").first
 
 
 def _fill_the_run(page: Any, assets: TinyAssets) -> None:
@@ -145,8 +150,7 @@ def _fill_the_run(page: Any, assets: TinyAssets) -> None:
 
 def _dataset_tokens(page: Any) -> list[str]:
     """The datasets chosen in the Train tab's Dataset box."""
-    label = "label:has([data-testid='block-info']:text-is(\"Dataset\"))"
-    return page.locator(f"{label} .token span").all_inner_texts()
+    return page.locator(f"{_labelled('Dataset')} .token span").all_inner_texts()
 
 
 def _form_state(page: Any) -> str:

@@ -74,12 +74,10 @@ class MethodRun(Generic[Arguments]):
         """The run-wide controls its keys set (default none)."""
         return RunControls()
 
-    @contextlib.contextmanager
-    def noting_save_signal(self) -> Iterator[None]:
+    def noting_save_signal(self) -> contextlib.AbstractContextManager[None]:
         """The save signal noted for the block (the stage patch's: the parse, the load, the passes before step 1 and
         the steps), for the trainer's checkpoints (``training/checkpoints.py``) to save and stop on."""
-        with stop_signal.noting(self.controls.save_signal, key=self.controls.save_signal_key):
-            yield
+        return stop_signal.noting(self.controls.save_signal, key=self.controls.save_signal_key)
 
     def check_raw(self, host_args: RawRecipe, machine: bool = True) -> None:
         """Phase 1: the launch's checks, :meth:`check_method_raw`, LLaMA-Factory's keys, the resumed checkpoint;
