@@ -187,7 +187,7 @@ def test_select_names_a_missing_model_folder_and_a_missing_gpu_before_loading(as
     """Unchecked, a mistyped model folder ends in transformers' "Repo id must be in the form 'repo_name' or
     'namespace/repo_name'" traceback, ``--device cuda`` without a GPU in torch's "Found no NVIDIA driver" after the
     data and the teacher had loaded (31 s on the tiny model)."""
-    from llamafactory_hera.hera.selection.select import check_device
+    from llamafactory_hera.hera.cli import check_device
 
     recipe = tmp_path / "recipe.yaml"
     _write_recipe(assets, recipe, model_name_or_path="saves/composed/qwen3_siglip")

@@ -87,9 +87,6 @@ def add_verbs(commands: Any) -> dict[str, Callable[[argparse.Namespace], None]]:
 
 def run_select_verb(args: argparse.Namespace) -> None:
     """``select``: a finished run's report (``--report``), else the selection written into the recipe."""
-    # lazy: torch and model loaders only when the verb runs, not for --help
-    from llamafactory_hera.hera.selection.select import check_device
-
     if nodes := several_nodes():  # before anything loads
         raise RecipeError(
             f"{nodes}: llamafactory-hera select runs as one process on one node; launched on several "
@@ -97,12 +94,40 @@ def run_select_verb(args: argparse.Namespace) -> None:
         )
     check_device(args.device)
     if args.report is not None:
-        from llamafactory_hera.hera.selection.report import run_report  # lazy: as check_device
+        from llamafactory_hera.hera.selection.report import run_report  # lazy: torch and the loaders
 
         run_report(args)
         return
     if args.recipe is None:
         raise RecipeError("select: give a RECIPE.yaml (or --report RUN_DIR).")
-    from llamafactory_hera.hera.selection.command import run_select  # lazy: as check_device
+    from llamafactory_hera.hera.selection.command import run_select  # lazy: torch and the loaders
 
     run_select(args)
+
+
+def check_device(device: str | None) -> None:
+    """Refuse at once a ``--device`` this machine lacks (torch's error comes after data and teacher load)."""
+    if device is None:
+        return
+    import torch  # lazy: the verb's --help loads no torch
+
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise RecipeError(
+            f"--device {device}: not a device torch knows; give cuda, cuda:N or cpu (or leave it out: "
+            "cuda when available, else cpu)."
+        ) from None
+    if parsed.type != "cuda":
+        return
+    if not torch.cuda.is_available():
+        raise RecipeError(
+            f"--device {device}: no CUDA device is available here (no GPU or driver, or "
+            "CUDA_VISIBLE_DEVICES hides them). Leave --device out (it takes the CPU here) or give "
+            "--device cpu."
+        )
+    count = torch.cuda.device_count()
+    if parsed.index is not None and parsed.index >= count:
+        raise RecipeError(
+            f"--device {device}: this machine has {count} CUDA device(s), cuda:0..cuda:{count - 1}; give one of them."
+        )

@@ -177,32 +177,6 @@ def pairs_fingerprint(pairs: list[collect.CalibrationPair]) -> str:
     return digest.hexdigest()[:16]
 
 
-def check_device(device: str | None) -> None:
-    """Refuse at once a ``--device`` this machine lacks (torch's error comes after data and teacher load)."""
-    if device is None:
-        return
-    try:
-        parsed = torch.device(device)
-    except RuntimeError:
-        raise RecipeError(
-            f"--device {device}: not a device torch knows; give cuda, cuda:N or cpu (or leave it out: "
-            "cuda when available, else cpu)."
-        ) from None
-    if parsed.type != "cuda":
-        return
-    if not torch.cuda.is_available():
-        raise RecipeError(
-            f"--device {device}: no CUDA device is available here (no GPU or driver, or "
-            "CUDA_VISIBLE_DEVICES hides them). Leave --device out (it takes the CPU here) or give "
-            "--device cpu."
-        )
-    count = torch.cuda.device_count()
-    if parsed.index is not None and parsed.index >= count:
-        raise RecipeError(
-            f"--device {device}: this machine has {count} CUDA device(s), cuda:0..cuda:{count - 1}; give one of them."
-        )
-
-
 def identity_of(recipe_args: Any, options: SelectionOptions, pairs: list[collect.CalibrationPair]) -> dict[str, Any]:
     """What the result depends on besides the settings: model, adapter, teacher, data."""
     model_args = recipe_args.model_args
