@@ -58,7 +58,8 @@ def _run(recipe: dict[str, Any]) -> tuple[list[tuple[int, bool, Counter[str]]], 
     import pytest
     from llamafactory.train.tuner import run_exp
 
-    from llamafactory_hera_testing.accelerator import SimulatedAccelerator, StepSyncs, patch_for_simulated_device
+    from llamafactory_hera_testing.accelerator import SimulatedAccelerator
+    from llamafactory_hera_testing.accelerator_run import StepSyncs, patch_for_simulated_device
 
     accelerator = SimulatedAccelerator()
     with pytest.MonkeyPatch.context() as monkeypatch:

@@ -212,11 +212,8 @@ def accelerator(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
 def simulated_accelerator(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     """The :func:`accelerator` fixture's device for the block, patched in with ``monkeypatch`` (undone at its end): a
     fixture of wider scope passes its own ``pytest.MonkeyPatch.context()``."""
-    from llamafactory_hera_testing.accelerator import (
-        SimulatedAccelerator,
-        patch_for_simulated_device,
-        reset_accelerate_state,
-    )
+    from llamafactory_hera_testing.accelerator import SimulatedAccelerator
+    from llamafactory_hera_testing.accelerator_run import patch_for_simulated_device, reset_accelerate_state
 
     reset_accelerate_state()
     simulated = SimulatedAccelerator()
@@ -271,7 +268,7 @@ def run_train(recipe: dict[str, Any], tmp: Path, *cli_overrides: str, check: boo
 def isolated_run(cwd: Path, env: dict[str, str]) -> Iterator[None]:
     """An in-process run with ``env`` added and ``cwd`` as folder; afterwards os.environ, the folder and accelerate's
     process-wide state are as before (run_exp sets the ranks' variables and the state's device)."""
-    from llamafactory_hera_testing.accelerator import reset_accelerate_state
+    from llamafactory_hera_testing.accelerator_run import reset_accelerate_state
 
     reset_accelerate_state()
     try:

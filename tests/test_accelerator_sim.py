@@ -10,7 +10,8 @@ import io
 import pytest
 import torch
 
-from llamafactory_hera_testing.accelerator import DEVICE, DeviceMismatch, OnDevice, SimulatedAccelerator, StepSyncs
+from llamafactory_hera_testing.accelerator import DEVICE, DeviceMismatch, OnDevice, SimulatedAccelerator
+from llamafactory_hera_testing.accelerator_run import StepSyncs
 
 pytestmark = pytest.mark.accelerator
 
@@ -151,7 +152,7 @@ def test_a_cpu_run_after_a_device_run_is_on_the_cpu(assets, tmp_path) -> None:
     from llamafactory.train.tuner import run_exp
 
     from conftest import base_recipe
-    from llamafactory_hera_testing.accelerator import patch_for_simulated_device, reset_accelerate_state
+    from llamafactory_hera_testing.accelerator_run import patch_for_simulated_device, reset_accelerate_state
 
     recipe = {k: v for k, v in base_recipe(assets, "qwen2_5_vl", tmp_path / "device", max_steps=1).items()
               if not k.startswith("hera_")} | {"stage": "sft", "save_strategy": "no"}

@@ -52,7 +52,7 @@ STAGES = (("pt", "pt_text"), ("sft", "sft_text"), ("dpo", "pairs_text"), ("kto",
 # on LLAMAFACTORY_HERA_DISABLE is read once, at the process's start)
 RUN_ALL = ("import sys, yaml\n"
            "from llamafactory.train.tuner import run_exp\n"
-           "from llamafactory_hera_testing.accelerator import reset_accelerate_state\n"
+           "from llamafactory_hera_testing.accelerator_run import reset_accelerate_state\n"
            "for path in sys.argv[1:]:\n"
            "    reset_accelerate_state()\n"
            "    run_exp(yaml.safe_load(open(path, encoding='utf-8')))\n")

@@ -26,7 +26,7 @@ STEPS = {"max_steps": 4, "logging_steps": 2, "gradient_accumulation_steps": 1, "
 def _run(recipe: dict[str, Any], accelerator: Any) -> Any:
     from llamafactory.train.tuner import run_exp
 
-    from llamafactory_hera_testing.accelerator import StepSyncs
+    from llamafactory_hera_testing.accelerator_run import StepSyncs
 
     steps = StepSyncs(accelerator)
     with accelerator:

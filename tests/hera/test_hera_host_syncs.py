@@ -32,7 +32,7 @@ def step_syncs(accelerator: Any, recipe: dict[str, Any], counter: Any = None) ->
     where each wait fell in its step (``StepSyncs.waits``)."""
     from llamafactory.train.tuner import run_exp
 
-    from llamafactory_hera_testing.accelerator import StepSyncs
+    from llamafactory_hera_testing.accelerator_run import StepSyncs
 
     counter = counter or StepSyncs(accelerator)
     with accelerator:
@@ -107,7 +107,7 @@ def test_a_non_logging_hera_step_adds_no_sync_to_sft(assets, sft_syncs, accelera
     Precomputed, the cached features' copy comes from a staging buffer pinned for CUDA (the simulated device stands in
     for it): from pageable memory, a non-blocking copy can make the host wait for the forward before the backward.
     """
-    from llamafactory_hera_testing.accelerator import StepSyncs
+    from llamafactory_hera_testing.accelerator_run import StepSyncs
 
     hera_keys = {"precomputed": {"hera_teacher_precompute": "true", "hera_monitor_steps": 2},
                  "in_step": {"hera_teacher_cache": False, "hera_monitor_steps": 0},  # the default scores every step

@@ -90,7 +90,7 @@ def _device_run(accelerator: Any, recipe: dict[str, Any]) -> list[tuple[int, boo
     """``StepSyncs.steps`` of a ``run_exp`` on the device."""
     from llamafactory.train.tuner import run_exp
 
-    from llamafactory_hera_testing.accelerator import StepSyncs
+    from llamafactory_hera_testing.accelerator_run import StepSyncs
 
     counter = StepSyncs(accelerator)
     dtypes = _Dtypes()
