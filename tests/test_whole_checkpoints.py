@@ -303,3 +303,25 @@ def test_a_folder_saved_again_loses_its_marker_first_and_rotation_keeps_the_one_
     whole_checkpoints_module.write_marker(run / "checkpoint-4", 4, 1)  # saved again, whole
     rotate(run, 1, (None, run / "checkpoint-4"))
     assert whole_checkpoints(run) == [run / "checkpoint-4", run / "checkpoint-6"]
+
+
+def test_a_resume_with_other_batch_settings_names_them_as_applied_from_the_resumed_step(tmp_path: Path) -> None:
+    """The resume line of a recipe edited between starts, read from real TrainingArguments: a new micro-batch and
+    accumulation are named as this recipe's from the resumed step, a new learning rate as kept from the optimizer's
+    state; an unchanged recipe says nothing."""
+    from transformers import TrainingArguments
+
+    def args(**changed: Any) -> Any:
+        recipe = {"learning_rate": 1e-4, "per_device_train_batch_size": 8, "gradient_accumulation_steps": 4}
+        return TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", **{**recipe, **changed})
+
+    saved = whole_checkpoints_module.settings(args())
+    edited = whole_checkpoints_module.settings(args(per_device_train_batch_size=4, gradient_accumulation_steps=8,
+                                                    learning_rate=2e-4))
+    folder = tmp_path / "checkpoint-6"
+    assert whole_checkpoints_module.differences(folder, saved, saved, 6) is None
+    assert whole_checkpoints_module.differences(folder, saved, edited, 6) == (
+        f"resume: {folder} was saved with other settings than this recipe's: learning_rate 0.0001 there, 0.0002 here; "
+        "per_device_train_batch_size 8 there, 4 here; gradient_accumulation_steps 4 there, 8 here. Kept from the "
+        "checkpoint's optimizer state: learning_rate. This recipe's from step 6 on: per_device_train_batch_size, "
+        "gradient_accumulation_steps. To go on as the run began, set them back.")
