@@ -238,10 +238,11 @@ def assert_watchdog_ended(started: Start, node: int) -> None:
 def test_a_seeded_chain_of_a_frozen_node_and_a_preemption_ends_as_never_stopped(assets: Any, tmp_path: Path) -> None:
     """A job on the default save signal (SIGTERM: a partition that preempts with a grace time, no ``--signal``).
     Start 1: one node frozen at a seeded phase (the other ends the job, the watchdog's line). Start 2: SIGTERM to every
-    task at a seeded step or save (SLURM's preemption): every rank saves and stops, both nodes exit 0, the record
-    ``stopped`` (before: it ended ``llamafactory-cli`` itself, 143, and the step's processes with it: no stop line,
-    the record ``running``). Start 3 finishes equal to the reference, computed while the frozen node's partner waits
-    out the bound (the machine's cores are idle then). (A SIGKILL of a node: the campaign.)"""
+    task at a seeded step or save (SLURM's preemption): every rank saves and stops, both nodes exit 0, each node's log
+    says so (its first rank's line and its launcher's), the record ``stopped`` (before: it ended ``llamafactory-cli``
+    itself, 143, and the step's processes with it: no stop line, the record ``running``). Start 3 finishes equal to
+    the reference, computed while the frozen node's partner waits out the bound (the machine's cores are idle then).
+    (A SIGKILL of a node: the campaign.)"""
     rng = random.Random(SEED)
     frozen_phase, node = rng.choice(["load", "precompute", "step", "save"]), rng.randrange(2)
     first = phase_fault(rng, frozen_phase, "sigstop", node)
@@ -263,9 +264,13 @@ def test_a_seeded_chain_of_a_frozen_node_and_a_preemption_ends_as_never_stopped(
         assert_watchdog_ended(starts[0], node)
         print(f"two nodes: node {node} frozen ({frozen_phase}); the other ended the job {starts[0].ended:.0f} s "
               "after the freeze")
-        stop = [line for line in starts[1].logs[0].splitlines() if "SIGTERM: saved the whole checkpoint" in line]
-        assert starts[1].reached and starts[1].codes == [0, 0] and starts[1].status == "stopped" and len(stop) == 1, (
+        # every node's log says why it ended: its first rank's stop line and its launcher's
+        stops = [log.count("SIGTERM: saved the whole checkpoint") for log in starts[1].logs]
+        launchers = [log.count("SIGTERM: the ranks saved and stopped (the run's record says stopped)")
+                     for log in starts[1].logs]
+        assert starts[1].reached and starts[1].codes == [0, 0] and starts[1].status == "stopped", (
             said, [log[-3000:] for log in starts[1].logs])
+        assert stops == [1, 1] and launchers == [1, 1], (stops, launchers, [log[-3000:] for log in starts[1].logs])
         assert len(starts) == 3 and starts[2].finished, (SEED, said, [log[-3000:] for log in starts[-1].logs])
         out = pending[0].result() if pending else reference(tmp_path / "ref", make)
     finally:
@@ -286,8 +291,8 @@ def test_the_fsdp2_launch_on_two_nodes_shards_and_stops_on_the_jobs_signal(asset
     env = {"ACCELERATE_CONFIG": str(fsdp2_config_file(tmp_path)), "PYTHONPATH": f"{HOOK}{os.pathsep}{FSDP_HOOK}",
            "HERA_TEST_FSDP_ON_CPU": "1", "HERA_TEST_FSDP_EVIDENCE": str(tmp_path / "fsdp")}
     started = Job(tmp_path, functools.partial(recipe, assets), env=env).start(stop)
-    stopped = [line for line in started.logs[0].splitlines() if "SIGUSR1: saved the whole checkpoint" in line]
-    assert started.reached and started.codes == [0, 0] and started.status == "stopped" and len(stopped) == 1, (
+    stopped = [log.count("SIGUSR1: saved the whole checkpoint") for log in started.logs]  # each node's log says it
+    assert started.reached and started.codes == [0, 0] and started.status == "stopped" and stopped == [1, 1], (
         started, [log[-3000:] for log in started.logs])
     assert_fsdp2(tmp_path, {"step", "save"})
 

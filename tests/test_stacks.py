@@ -20,8 +20,8 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
 from conftest import REPO
 from llamafactory_hera import _bootstrap
-from llamafactory_hera.log import say_again_on_board
 from llamafactory_hera.recipe import stack_checks
+from llamafactory_hera.runtime.log import say_again_on_board
 from llamafactory_hera_patches import stacks
 
 FOUND = transformers.__version__

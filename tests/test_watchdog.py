@@ -19,10 +19,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from llamafactory_hera import log
 from llamafactory_hera.harc.config import parse_harc_arguments
 from llamafactory_hera.hera.config import parse_hera_arguments
-from llamafactory_hera.runtime import job_store
+from llamafactory_hera.runtime import job_store, log
 from llamafactory_hera.runtime.errors import RecipeError
 from llamafactory_hera.training import sections, watchdog
 from llamafactory_hera.training.watch_bounds import FIRST, LATER_FLOOR, PULSE, Place, bound

@@ -23,8 +23,8 @@ from datetime import timedelta
 from types import TracebackType
 from typing import Any
 
-from llamafactory_hera.log import PREFIX, line
 from llamafactory_hera.runtime.errors import RecipeError
+from llamafactory_hera.runtime.log import PREFIX, line
 
 TRACEBACK_ENV = "LLAMAFACTORY_HERA_TRACEBACK"
 RANK_WAIT_S = 30.0  # a rank > 0 waits this long for torchrun to stop it before printing its refusal

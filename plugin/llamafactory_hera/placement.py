@@ -16,9 +16,9 @@ import torch
 from accelerate.utils import compute_module_sizes, get_balanced_memory, infer_auto_device_map
 
 from llamafactory_hera.heads.architecture import head_projections
-from llamafactory_hera.log import show
 from llamafactory_hera.recipe.quantization import quantized_bytes_per_weight
 from llamafactory_hera.runtime.errors import RecipeError
+from llamafactory_hera.runtime.log import show
 
 HEADROOM = 0.9  # of what is free: the rest for activations, allocator blocks, the loader's transient copies
 FIX = "Free memory or run on a machine with more GPU memory or RAM"

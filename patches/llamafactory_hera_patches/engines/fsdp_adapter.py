@@ -24,6 +24,7 @@ from types import ModuleType
 from typing import Any
 
 from llamafactory_hera.runtime.errors import RecipeError
+from llamafactory_hera.runtime.log import line
 
 from ..guard import require
 
@@ -71,7 +72,7 @@ def unsaved_refusal(stage: str, environ: Mapping[str, str], note: bool = False) 
         return None
     start, what, end = (
         (
-            "[llamafactory-hera] warning: ",
+            line("warning: "),
             "saves only resumable sharded checkpoints (checkpoint-N/pytorch_model_fsdp_0/), no adapter or model",
             " to have them",
         )

@@ -12,6 +12,8 @@ from typing import Any
 
 from transformers import AutoConfig
 
+from llamafactory_hera.runtime.log import line
+
 NOTE = (
     "reentrant gradient checkpointing (use_reentrant_gc: true, LLaMA-Factory's default) drops the gradient that "
     "flows through shared keys and values on this model"
@@ -39,7 +41,7 @@ def reentrant_kv_note(model_args: Any, training_args: Any) -> str | None:
     total = int(getattr(text, "num_hidden_layers", 0) or 0)
     if kind == "gemma3n" or not 0 < shared < total:  # the host turns checkpointing off for gemma3n
         return None
-    return (
-        f"[llamafactory-hera] {NOTE} ({kind}: the last {shared} of {total} decoder layers read earlier layers' "
+    return line(
+        f"{NOTE} ({kind}: the last {shared} of {total} decoder layers read earlier layers' "
         "keys and values); set use_reentrant_gc: false to train it."
     )

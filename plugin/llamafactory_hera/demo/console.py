@@ -8,7 +8,7 @@ import ast
 import re
 from collections.abc import Callable
 
-from llamafactory_hera.log import PREFIX
+from llamafactory_hera.runtime.log import PREFIX
 
 _STEP_DICT = re.compile(r"\{'loss': [^{}]*\}")
 # (Trainer log key, label): HeRA's and HARC's terms; a key the run does not log is left out

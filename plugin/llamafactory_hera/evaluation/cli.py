@@ -21,8 +21,8 @@ from llamafactory_hera.evaluation.presets import (
     check_task_setup,
     plan_tasks,
 )
-from llamafactory_hera.log import say
 from llamafactory_hera.runtime.errors import RecipeError
+from llamafactory_hera.runtime.log import say
 
 EXTRA = "pip install 'llamafactory-hera[eval]'"
 # = pyproject's eval extra (tests/test_eval_cli.py); filelock < 4: lmms-eval 0.7.3 imports filelock._api

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from llamafactory_hera.log import progress_once
+from llamafactory_hera.runtime.log import progress_once
 
 HARMBENCH = "harmbench"
 CLIP_TOKENS = 512  # evaluate_completions.py --num_tokens

@@ -15,8 +15,8 @@ from llamafactory_hera.evaluation.gcg_budget import DEFAULT_STEPS, Budget, algor
 from llamafactory_hera.evaluation.harmbench_judge import HARMBENCH
 from llamafactory_hera.evaluation.judge import JudgeSpec, check_judge, judge_answers, scorer_name
 from llamafactory_hera.evaluation.presets import JAILBREAK
-from llamafactory_hera.log import progress_once, say_once
 from llamafactory_hera.runtime.errors import RecipeError
+from llamafactory_hera.runtime.log import progress_once, say_once
 
 ATTACKS = ("direct", "prefilling", "templates", "gcg")
 DEFAULT_ATTACKS = ("direct", "prefilling", "templates")  # gcg: minutes per prompt on a 7B model

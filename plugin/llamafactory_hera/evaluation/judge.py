@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from llamafactory_hera.evaluation.harmbench_judge import HARMBENCH, harmbench_verdicts
-from llamafactory_hera.log import progress_once
 from llamafactory_hera.runtime.errors import RecipeError
+from llamafactory_hera.runtime.log import progress_once
 from llamafactory_hera_patches.stacks import dtype_key
 
 CLASSIFIER = "classifier"

@@ -32,7 +32,7 @@ from llamafactory_hera.evaluation.presets import (
 )
 from llamafactory_hera.evaluation.protocols import DERIVED, DERIVED_REVISION
 from llamafactory_hera.evaluation.runs import ModelSpec
-from llamafactory_hera.log import progress_once, say_once
+from llamafactory_hera.runtime.log import progress_once, say_once
 from llamafactory_hera.runtime.run_record import read_record, write_record
 from llamafactory_hera.training.eval_forward import keep_4bit_layout
 from llamafactory_hera_patches.guard import host_version

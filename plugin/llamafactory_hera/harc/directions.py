@@ -26,7 +26,7 @@ from llamafactory_hera.harc.batches import collate_rows
 from llamafactory_hera.harc.data import ROLE_HARMLESS, EncodedRow
 from llamafactory_hera.harc.residuals import at_positions, reading_layers, response_window
 from llamafactory_hera.heads.architecture import text_decoder
-from llamafactory_hera.log import Progress
+from llamafactory_hera.runtime.log import Progress
 from llamafactory_hera.training.eval_forward import eval_mode
 
 

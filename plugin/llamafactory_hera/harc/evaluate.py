@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from transformers.integrations import is_deepspeed_zero3_enabled
 
-from llamafactory_hera.log import Progress
+from llamafactory_hera.runtime.log import Progress
 from llamafactory_hera.training.eval_forward import eval_mode
 
 # llm-attacks@098262e experiments/evaluate.py _test_prefixes (29), then demo.ipynb's test_prefixes not in it (3)

@@ -8,8 +8,8 @@ from __future__ import annotations
 from typing import Any
 
 from llamafactory_hera.harc.config import HarcArguments, moving_weights
-from llamafactory_hera.log import say
 from llamafactory_hera.runtime.errors import RecipeError
+from llamafactory_hera.runtime.log import say
 from llamafactory_hera.runtime.raw_recipe import raw_value, truthy
 from llamafactory_hera_patches.recipe.arguments import compile_setting
 

@@ -23,8 +23,8 @@ from llamafactory_hera.hera.selection import collect
 from llamafactory_hera.hera.selection.scores import layer_head_neighbours, teacher_neighbours
 from llamafactory_hera.hera.teacher import teacher_batch_size
 from llamafactory_hera.hera.teacher_cache import feature_store
-from llamafactory_hera.log import say
 from llamafactory_hera.runtime.errors import RecipeError
+from llamafactory_hera.runtime.log import say
 from llamafactory_hera.training.eval_forward import eval_mode
 from llamafactory_hera_patches.engines.deepspeed import zero3_forward
 from llamafactory_hera_patches.tools.model_data import split_rows, tokenized_rows_and_collator

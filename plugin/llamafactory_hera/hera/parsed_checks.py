@@ -21,10 +21,10 @@ from llamafactory_hera.hera.config import HeraArguments
 from llamafactory_hera.hera.preparation_checks import check_contrastive_geometry, contrastive_geometry
 from llamafactory_hera.hera.selection.auto import short_ddp_timeout_warning
 from llamafactory_hera.hera.teacher import check_teacher_source
-from llamafactory_hera.log import line
 from llamafactory_hera.recipe.parsed_checks import check_run_inputs
 from llamafactory_hera.recipe.quantization import check_quantization
 from llamafactory_hera.runtime.errors import RecipeError
+from llamafactory_hera.runtime.log import line
 from llamafactory_hera_patches.data.templates import template_tokens
 from llamafactory_hera_patches.guard import host_version
 

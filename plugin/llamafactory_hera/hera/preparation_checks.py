@@ -14,9 +14,9 @@ from torch import nn
 from llamafactory_hera.heads.architecture import head_projections, trainable_upstream
 from llamafactory_hera.heads.geometry import HeadRef
 from llamafactory_hera.hera.config import AUTO, HeraArguments
-from llamafactory_hera.log import say
 from llamafactory_hera.recipe.dataset_info import describe_data, image_rows
 from llamafactory_hera.runtime.errors import RecipeError
+from llamafactory_hera.runtime.log import say
 from llamafactory_hera_patches.data.media_warnings import media_warnings_held
 from llamafactory_hera_patches.data.templates import image_placeholder
 from llamafactory_hera_patches.tools.model_data import (

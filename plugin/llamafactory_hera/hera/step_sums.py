@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from llamafactory_hera.hera.loss import used_temperature
-from llamafactory_hera.log import line
+from llamafactory_hera.runtime.log import line
 
 __all__ = ["DEVICE_STATS", "FOLD_AT", "HOST_STATS", "NONFINITE_WARNING", "StepSums"]
 

@@ -21,9 +21,9 @@ from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
-from llamafactory_hera.log import line, progress_file, show
 from llamafactory_hera.runtime import stop_signal
 from llamafactory_hera.runtime.errors import RecipeError
+from llamafactory_hera.runtime.log import line, progress_file, show
 from llamafactory_hera_patches.engines.deepspeed import loaded_whole
 
 # dual encoders whose image tower (``.vision_model``) can be the teacher

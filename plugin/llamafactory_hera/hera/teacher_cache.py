@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from llamafactory_hera.hera.teacher import VisionTeacher, continuing, image_features, open_image
-from llamafactory_hera.log import line, show
+from llamafactory_hera.runtime.log import line, show
 
 
 def image_key(image: Any) -> str | None:

@@ -24,9 +24,9 @@ from llamafactory_hera.hera.teacher import (
     teacher_batch_size,
 )
 from llamafactory_hera.hera.teacher_cache import TeacherFeatureCache, TeacherFeatureStore, feature_store, image_key
-from llamafactory_hera.log import say
 from llamafactory_hera.runtime import stop_signal
 from llamafactory_hera.runtime.errors import RecipeError
+from llamafactory_hera.runtime.log import say
 
 GATHER_ROWS = 4096  # rows per all-gather: 16 MB per rank at E=1024
 

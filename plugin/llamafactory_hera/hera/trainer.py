@@ -36,7 +36,7 @@ from llamafactory_hera.hera.loss import (
 from llamafactory_hera.hera.step_sums import StepSums
 from llamafactory_hera.hera.teacher_cache import TeacherFeatureCache
 from llamafactory_hera.hera.teacher_run import RunTeacher
-from llamafactory_hera.log import line
+from llamafactory_hera.runtime.log import line
 from llamafactory_hera.training import sections
 from llamafactory_hera.training.layer_checkpointing import LayerCheckpointing
 

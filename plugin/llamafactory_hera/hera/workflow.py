@@ -31,10 +31,10 @@ from llamafactory_hera.hera.selection.select import scoring_dtype
 from llamafactory_hera.hera.teacher import load_image_processor
 from llamafactory_hera.hera.teacher_cache import TeacherFeatureCache
 from llamafactory_hera.hera.trainer import HeraTrainer
-from llamafactory_hera.log import PREFIX, line, say_again_on_board
 from llamafactory_hera.plots.training import plot_training
 from llamafactory_hera.recipe.dataset_info import describe_data, first_unreadable
 from llamafactory_hera.runtime.errors import RecipeError
+from llamafactory_hera.runtime.log import PREFIX, line, say_again_on_board
 from llamafactory_hera.runtime.run_record import plain, write_record
 from llamafactory_hera.runtime.stage_run import HostArguments
 from llamafactory_hera.training import sections

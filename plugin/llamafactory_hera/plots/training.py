@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llamafactory_hera.log import say
 from llamafactory_hera.plots.text import agg_figure, fit_title, save_png
+from llamafactory_hera.runtime.log import say
 
 Smooth = Callable[[list[float]], list[float]]
 TRAINING_PNG = "training.png"

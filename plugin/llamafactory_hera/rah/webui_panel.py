@@ -16,8 +16,8 @@ from llamafactory_hera.board.builder import build_panel
 from llamafactory_hera.board.panel_checks import local_text_depth
 from llamafactory_hera.board.spec import Field, LossPlot, PanelDeclaration, row
 from llamafactory_hera.board.widgets import comma_list
-from llamafactory_hera.log import PHASE_KEY
 from llamafactory_hera.rah.config import AUTO, RahArguments, parse_rah_arguments
+from llamafactory_hera.runtime.log import PHASE_KEY
 
 # Train-tab arguments that only matter to an optimizer
 OPTIMIZER_KEYS = (

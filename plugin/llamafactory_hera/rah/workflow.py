@@ -15,7 +15,6 @@ from typing import Any
 import torch
 
 from llamafactory_hera.heads.architecture import layer_list
-from llamafactory_hera.log import progress, say, start_board_files
 from llamafactory_hera.placement import check_model_structure, device_map_for
 from llamafactory_hera.plots.heads import plot_score_panels
 from llamafactory_hera.rah.adapter import lora_factors, save_adapter
@@ -25,6 +24,7 @@ from llamafactory_hera.rah.plan import plan_calibration
 from llamafactory_hera.rah.probe import token_kinds
 from llamafactory_hera.recipe.dataset_info import describe_data, image_rows
 from llamafactory_hera.runtime.errors import RecipeError
+from llamafactory_hera.runtime.log import progress, say, start_board_files
 from llamafactory_hera.runtime.run_record import write_record
 from llamafactory_hera.runtime.stage_run import HostArguments
 from llamafactory_hera.training.eval_forward import keep_4bit_layout

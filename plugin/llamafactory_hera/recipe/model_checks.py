@@ -7,9 +7,9 @@ from __future__ import annotations
 import difflib
 from typing import Any
 
-from llamafactory_hera.log import say
 from llamafactory_hera.recipe.model_paths import value_or_none
 from llamafactory_hera.runtime.errors import RecipeError
+from llamafactory_hera.runtime.log import say
 from llamafactory_hera.runtime.raw_recipe import truthy
 from llamafactory_hera_patches.data.templates import composite_model_types
 from llamafactory_hera_patches.recipe.host_arguments import host_keys

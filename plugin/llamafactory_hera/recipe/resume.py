@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llamafactory_hera.log import say
 from llamafactory_hera.runtime.claim_folders import CLAIM, made_by_claim
 from llamafactory_hera.runtime.errors import RecipeError
+from llamafactory_hera.runtime.log import say
 from llamafactory_hera.runtime.raw_recipe import given_keys, truthy
 from llamafactory_hera.runtime.run_record import RUN_RECORD, SAVED_MODEL_FILES, read_record
 from llamafactory_hera.runtime.shared_output import PROBE_PREFIX

@@ -8,9 +8,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from llamafactory_hera.log import say_before_callbacks
 from llamafactory_hera.recipe.model_paths import value_or_none
 from llamafactory_hera.runtime.errors import RecipeError
+from llamafactory_hera.runtime.log import say_before_callbacks
 from llamafactory_hera_patches.stacks import (
     FAMILY_REFUSED,
     TRANSFORMERS_SUPPORTED,

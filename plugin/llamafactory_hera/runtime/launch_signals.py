@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from llamafactory_hera.runtime.log import line
 from llamafactory_hera.runtime.run_record import FINISHED, RUN_RECORD, STOPPED, read_record
 from llamafactory_hera.runtime.stop_signal import RERUN, WARNINGS, others, signal_number
 
@@ -65,10 +66,13 @@ def ended(code: int) -> int:
     finished = status == FINISHED and _launch["received"] and "error_after_save" not in record
     if not (status == STOPPED or finished) or not isinstance(started, int) or started < _launch["since"]:
         return code
+    what = "saved and stopped" if status == STOPPED else "finished"
+    go_on = f" To go on, {RERUN}." if status == STOPPED else ""
     print(
-        f"[llamafactory-hera] {_launch['name']}: the ranks {'saved and stopped' if status == STOPPED else 'finished'} "
-        f"(the run's record says {status}); torchrun's agent ended on the signal (exit code {code}), this launch "
-        f"ends with 0.{f' To go on, {RERUN}.' if status == STOPPED else ''}",
+        line(
+            f"{_launch['name']}: the ranks {what} (the run's record says {status}); torchrun's agent ended on the "
+            f"signal (exit code {code}), this launch ends with 0.{go_on}"
+        ),
         flush=True,
     )
     return 0

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-from llamafactory_hera.runtime import job_store
+from llamafactory_hera.runtime import job_store, log
 from llamafactory_hera.runtime.errors import RecipeError
 
 POLL_S = 1.0  # store reads; name-lookup retries
@@ -150,10 +150,10 @@ class StartWatch:
         self.done.set()
 
 
-def end_launch(line: str) -> None:
-    """Say ``line`` and end this launcher: SIGTERM to its torchrun, which ends its ranks (SIGKILL after
+def end_launch(message: str) -> None:
+    """Say ``message`` and end this launcher: SIGTERM to its torchrun, which ends its ranks (SIGKILL after
     :data:`KILL_AFTER_S`); with no child yet, exit at once."""
-    print(f"\n[llamafactory-hera] {line}", file=sys.stderr, flush=True)
+    print(f"\n{log.line(message)}", file=sys.stderr, flush=True)
     children = _children()
     for pid in children:
         with contextlib.suppress(OSError):

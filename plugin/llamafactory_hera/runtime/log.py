@@ -71,6 +71,15 @@ def say_once(message: str) -> None:
         say(message)
 
 
+def say_on_each_node(message: str) -> None:
+    """:func:`say` on each node's first rank (``LOCAL_RANK`` 0, as torchrun and accelerate set it): every node's log
+    says why its ranks ended. Without ``LOCAL_RANK`` (ranks not started by a launcher): rank 0's."""
+    local_rank = os.environ.get("LOCAL_RANK")
+    first_on_node = int(local_rank) == 0 if local_rank else not _another_rank()
+    if first_on_node:
+        say(message)
+
+
 SAY_AGAIN = "LLAMAFACTORY_HERA_SAY_AGAIN"  # lines said before LogCallback emptied running_log.txt
 
 

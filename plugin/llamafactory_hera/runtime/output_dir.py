@@ -16,6 +16,7 @@ from typing import Any
 
 from llamafactory_hera.runtime.claim_folders import CLAIM
 from llamafactory_hera.runtime.errors import RecipeError
+from llamafactory_hera.runtime.log import line
 from llamafactory_hera.runtime.raw_recipe import raw_value, truthy
 from llamafactory_hera.runtime.run_record import FINISHED, RUN_RECORD, SAVED_MODEL_FILES, read_record
 from llamafactory_hera.runtime.whole_checkpoints import CHECKPOINT_PREFIX, checkpoint_folders, newest_whole
@@ -105,8 +106,10 @@ def move_aside(folder: Path, entries: list[Path]) -> Path | None:
         return None
     names = ", ".join(entry.name for entry in moved[:8]) + (f" and {len(moved) - 8} more" if len(moved) > 8 else "")
     print(
-        f"[llamafactory-hera] overwrite_output_dir: moved the earlier run's files out of {folder} into "
-        f"{target.name}/ ({names}); delete that folder when you no longer need it.",
+        line(
+            f"overwrite_output_dir: moved the earlier run's files out of {folder} into {target.name}/ ({names}); "
+            "delete that folder when you no longer need it."
+        ),
         flush=True,
     )
     return target

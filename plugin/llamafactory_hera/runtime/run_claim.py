@@ -28,6 +28,7 @@ from llamafactory_hera.runtime import claim_folders
 from llamafactory_hera.runtime.claim_folders import CLAIM
 from llamafactory_hera.runtime.claim_identity import global_rank, is_alive_here, job_identity, process_stat, restarts
 from llamafactory_hera.runtime.errors import RecipeError
+from llamafactory_hera.runtime.log import line
 from llamafactory_hera.runtime.raw_recipe import raw_value
 from llamafactory_hera.runtime.run_record import write_record
 from llamafactory_hera.runtime.stop_signal import RERUN
@@ -282,7 +283,7 @@ def take(folder: Path, stage: str, env: Mapping[str, str] | None = None) -> dict
         why = _stale(other, mine, here, _age(path))
         if why is not None:
             if _take_over(path, text, mine):
-                print(f"[llamafactory-hera] output_dir: {folder}: took over {why}.", flush=True)
+                print(line(f"output_dir: {folder}: took over {why}."), flush=True)
                 return _hold(path, mine)
             attempts -= 1  # another run is taking it over: its claim comes next
             time.sleep(0.05)

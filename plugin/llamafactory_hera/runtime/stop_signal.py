@@ -14,6 +14,8 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
+from llamafactory_hera.runtime.log import line, say_on_each_node
+
 RERUN = "run the same command again"  # every stop line's advice
 WARNINGS = ("SIGUSR1", "SIGUSR2")  # a scheduler's warnings (SLURM's --signal=USR1@N); the host uses neither
 _noted: dict[str, Any] = {
@@ -59,15 +61,15 @@ def _note_other(signum: int, frame: Any) -> None:
     _noted["told"] = True
     key = _noted["key"] or "the recipe's save signal"
     wanted = _noted["name"]
-    line = (
-        f"[llamafactory-hera] {name} came, but {key} is {wanted.lower()}: the job's signal and the recipe's differ. "
+    told = line(
+        f"{name} came, but {key} is {wanted.lower()}: the job's signal and the recipe's differ. "
         f"Taken for {wanted}: the run saves and stops. Make them one: {key}: {name.lower()}, or the job's "
         f"--signal={wanted[3:]}@N."
     )
     try:
-        print(line, flush=True)
+        print(told, flush=True)
     except RuntimeError:  # reentrant call inside a write to stdout: bypass it
-        os.write(1, f"\n{line}\n".encode())
+        os.write(1, f"\n{told}\n".encode())
 
 
 def signal_number(name: str | None) -> int | None:
@@ -116,15 +118,13 @@ def deferred() -> Iterator[None]:
 
 def stop_before_step(kept: str, agreed: bool | None = None) -> None:
     """After a kept batch of a pass before step 1: if the signal came (``agreed``: any rank noted it, decided together),
-    one line (rank 0) and :class:`Stopped`."""
+    one line (each node's first rank) and :class:`Stopped`."""
     noted = _noted["received"] and not _noted["deferred"] if agreed is None else agreed
     if noted and not _noted["steps"]:
-        if os.environ.get("RANK", "0") == "0":
-            print(
-                f"[llamafactory-hera] {_noted['came'] or _noted['name']}: stopped before step 1, {kept}; to go on, "
-                f"{RERUN}: it starts the run, reusing what was kept.",
-                flush=True,
-            )
+        say_on_each_node(
+            f"{_noted['came'] or _noted['name']}: stopped before step 1, {kept}; to go on, {RERUN}: it starts the "
+            "run, reusing what was kept."
+        )
         raise Stopped(0)
 
 

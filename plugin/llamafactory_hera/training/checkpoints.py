@@ -21,10 +21,10 @@ from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME
 from transformers.trainer_pt_utils import reissue_pt_warnings
 from typing_extensions import override
 
-from llamafactory_hera.log import say_once
 from llamafactory_hera.runtime import stop_signal
 from llamafactory_hera.runtime import whole_checkpoints as whole
 from llamafactory_hera.runtime.errors import RecipeError
+from llamafactory_hera.runtime.log import say_on_each_node, say_once
 from llamafactory_hera.training import sections
 
 # steps from a rank noting the signal to the stop: in lockstep (a collective a step), a rank past step s's end waits
@@ -100,7 +100,7 @@ class WholeCheckpoints(Trainer):
             if getattr(self.args, "overwrite_output_dir", False)  # LLaMA-Factory's key, not transformers'
             else ""
         )
-        say_once(
+        say_on_each_node(
             f"{stop_signal.came() or stop.name}: saved the whole checkpoint {self.args.output_dir}/checkpoint-"
             f"{self.state.global_step} and stopped; to go on, {stop_signal.RERUN}{moved}."
         )

@@ -11,7 +11,7 @@ import os
 import time
 from typing import Any
 
-from llamafactory_hera.log import say_once
+from llamafactory_hera.runtime.log import say_once
 
 SOCKET_ENV = "FT_RANK_MONITOR_IPC_SOCKET"  # set by ft_launcher in every rank it starts
 HEARTBEAT_S = 1.0

@@ -23,8 +23,8 @@ from typing import Any
 
 import torch.distributed as dist
 
-from llamafactory_hera.log import say_apart
 from llamafactory_hera.runtime import job_store
+from llamafactory_hera.runtime.log import say_apart
 from llamafactory_hera.training import sections, watch_lines, watch_nvrx
 from llamafactory_hera.training.watch_bounds import Place, StorageProbe, bound, job_client, place_of, pulse_for
 from llamafactory_hera.training.watch_judge import PHASES, PLACEHOLDER, Judge, described

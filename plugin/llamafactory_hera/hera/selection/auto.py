@@ -22,9 +22,9 @@ from llamafactory_hera.hera.selection.collect import release_memory
 from llamafactory_hera.hera.selection.recipe_write import SelectionResult, write_outputs
 from llamafactory_hera.hera.selection.select import SelectionOptions, run_selection
 from llamafactory_hera.hera.teacher_cache import cache_root, cache_unwritable
-from llamafactory_hera.log import line, say
 from llamafactory_hera.runtime import stop_signal
 from llamafactory_hera.runtime.errors import RecipeError
+from llamafactory_hera.runtime.log import line, say
 
 RECORD_NAME = "hera_selection.json"
 HEATMAP_NAME = "hera_selection.png"

@@ -27,9 +27,9 @@ from llamafactory_hera.hera import teacher_cache
 from llamafactory_hera.hera.projection import effective_weight_columns
 from llamafactory_hera.hera.teacher import VisionTeacher, batches_of, continuing, image_features, per_sample_features
 from llamafactory_hera.hera.teacher_cache import TeacherFeatureStore, stored_image_features
-from llamafactory_hera.log import progress_file
 from llamafactory_hera.runtime import stop_signal
 from llamafactory_hera.runtime.errors import RecipeError
+from llamafactory_hera.runtime.log import progress_file
 
 
 @dataclass(frozen=True)

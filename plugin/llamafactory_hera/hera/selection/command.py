@@ -18,9 +18,9 @@ from llamafactory_hera.hera.selection.recipe_write import (
     write_outputs,
 )
 from llamafactory_hera.hera.selection.select import SelectionOptions, run_selection, scoring_dtype
-from llamafactory_hera.log import host_output_to, show
 from llamafactory_hera.plots.heads import format_head_table
 from llamafactory_hera.runtime.errors import RecipeError
+from llamafactory_hera.runtime.log import host_output_to, show
 from llamafactory_hera.runtime.registry import method_for_stage
 from llamafactory_hera_patches.tools.model_data import parse_recipe
 

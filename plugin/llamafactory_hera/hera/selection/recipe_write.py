@@ -23,8 +23,8 @@ from ruamel.yaml import YAML, YAMLError
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 
 from llamafactory_hera.heads.geometry import parse_head
-from llamafactory_hera.log import show
 from llamafactory_hera.plots.heads import plot_head_heatmap
+from llamafactory_hera.runtime.log import show
 
 KEY = "hera_heads"
 AUTO_NOTE = "# chosen by `llamafactory-hera select` (was: auto)"

@@ -24,11 +24,11 @@ from llamafactory_hera.hera.selection.noise import (
 )
 from llamafactory_hera.hera.selection.recipe_write import write_text_atomic
 from llamafactory_hera.hera.selection.select import SelectionOptions, prepare, score_head_neighbours, scoring_dtype
-from llamafactory_hera.log import host_output_to, show
 from llamafactory_hera.plots.heads import format_head_table, plot_before_after
 from llamafactory_hera.plots.text import signed_number
 from llamafactory_hera.recipe.dataset_info import as_names
 from llamafactory_hera.runtime.errors import RecipeError
+from llamafactory_hera.runtime.log import host_output_to, show
 from llamafactory_hera_patches.tools.model_data import parse_recipe
 
 PRECISION = ("bf16", "fp16", "pure_bf16")  # precision keys in hera_run.json: the scoring dtype

@@ -35,10 +35,10 @@ from llamafactory_hera.hera.teacher import (
     teacher_batch_size,
 )
 from llamafactory_hera.hera.teacher_cache import cache_root, feature_store, path_fingerprint
-from llamafactory_hera.log import show
 from llamafactory_hera.placement import check_model_structure, device_map_for
 from llamafactory_hera.recipe.model_paths import check_model_paths
 from llamafactory_hera.runtime.errors import RecipeError
+from llamafactory_hera.runtime.log import show
 from llamafactory_hera.runtime.raw_recipe import truthy
 from llamafactory_hera.training.eval_forward import keep_4bit_layout
 from llamafactory_hera_patches.guard import recorded_versions
