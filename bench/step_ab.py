@@ -91,8 +91,8 @@ class Report:
         out.mkdir(parents=True, exist_ok=True)
         self.steps = open(out / "step_ab_steps.jsonl", "a")  # noqa: SIM115 - appended as steps come
 
-    def step(self, row: str, pair: int, arm: str, record: dict[str, Any]) -> None:
-        line = {"row": row, "pair": pair, "arm": arm, **{k: v for k, v in record.items() if k != "profile"}}
+    def step(self, row: str, pair: int, stage: str, record: dict[str, Any]) -> None:
+        line = {"row": row, "pair": pair, "arm": stage, **{k: v for k, v in record.items() if k != "profile"}}
         self.steps.write(json.dumps(line) + "\n")
         self.steps.flush()
 

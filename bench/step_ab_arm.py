@@ -36,13 +36,11 @@ class Row:
     warmup: int  # pairs not measured (the first steps set up kernels, handles, the allocator's pools)
 
 
-
 def shipped_recipe() -> dict[str, Any]:
     """recipes/qwen3_8b_hera.yaml's keys (the headline's settings)."""
     import yaml
 
     return yaml.safe_load((REPO / "recipes" / "qwen3_8b_hera.yaml").read_text())
-
 
 
 def bench_recipe(assets: Any, stage: str, row: Row, out: str, device: str) -> dict[str, Any]:

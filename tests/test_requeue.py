@@ -324,3 +324,33 @@ def test_a_pinned_checkpoint_is_taken_once_and_the_same_command_goes_on_from_the
     run_train({**recipe, "output_dir": str(whole)}, tmp_path / "whole")
     got, want = adapter(out), adapter(whole)
     assert got.keys() == want.keys() and all(torch.equal(got[key], want[key]) for key in want)
+
+
+@pytest.mark.parametrize(("env", "group_rank", "said"), [
+    ({"LOCAL_RANK": "0", "WORLD_SIZE": "8", "LOCAL_WORLD_SIZE": "8"}, 0, "stop."),
+    ({"LOCAL_RANK": "3", "WORLD_SIZE": "8", "LOCAL_WORLD_SIZE": "8"}, 3, ""),
+    ({"LOCAL_RANK": "0", "WORLD_SIZE": "16", "LOCAL_WORLD_SIZE": "8"}, 8, "stop. (node HOST)"),  # node 1 of 2
+    ({"LOCAL_RANK": "-1"}, 0, "stop."),  # transformers' "not distributed"
+    ({}, 0, "stop."),  # a plain process, or ranks no launcher started: rank 0
+    ({}, 1, ""),
+    ({"LOCAL_RANK": "x"}, 1, ""),
+])
+def test_a_stop_line_is_said_once_on_each_node(env: dict[str, str], group_rank: int, said: str,
+                                               monkeypatch: pytest.MonkeyPatch, capsys: Any) -> None:
+    """A signal stop's line (``log.say_on_each_node``): by the node's first rank, with its node named in a job of
+    several nodes (SLURM's sbatch writes every node into one file), by no other rank."""
+    import socket
+
+    import torch.distributed as dist
+
+    from llamafactory_hera.runtime import log
+
+    for key in ("LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "LLAMABOARD_ENABLED"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_rank", lambda: group_rank)
+    monkeypatch.setattr(socket, "gethostname", lambda: "HOST")
+    log.say_on_each_node("stop.")
+    assert capsys.readouterr().out == (f"{log.PREFIX} {said}\n" if said else "")

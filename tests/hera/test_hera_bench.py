@@ -18,14 +18,16 @@ BENCH = REPO / "bench"
 
 
 def bench_module(name: str) -> ModuleType:
-    """bench/NAME.py as module ``bench_NAME``, loaded from its file: bench/ holds scripts, not a package; bench/ is put
-    on sys.path, where a script run from its folder finds its sibling modules (step_counts.py's step_counter.py)."""
-    if str(BENCH) not in sys.path:
-        sys.path.append(str(BENCH))
+    """bench/NAME.py as module ``bench_NAME``, loaded from its file: bench/ holds scripts, not a package. While it
+    loads, bench/ is first on sys.path, as for a script run from its folder (step_counts.py imports step_counter.py)."""
     spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # where dataclasses look their module up while it runs
-    spec.loader.exec_module(module)
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(BENCH))
     return module
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import socket
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -27,13 +28,13 @@ def board_dir() -> Path | None:
     return Path(workdir) if os.environ.get("LLAMABOARD_ENABLED") == "1" and workdir else None
 
 
-def _append(name: str, line: str) -> None:
-    """Append ``line`` to LlamaBoard's file ``name`` when LlamaBoard runs this."""
+def _append(name: str, text: str) -> None:
+    """Append ``text`` to LlamaBoard's file ``name`` when LlamaBoard runs this."""
     folder = board_dir()
     if folder is not None:
         folder.mkdir(parents=True, exist_ok=True)
         with open(folder / name, "a", encoding="utf-8") as log:
-            log.write(line + "\n")
+            log.write(text + "\n")
 
 
 def line(message: str) -> str:
@@ -71,13 +72,25 @@ def say_once(message: str) -> None:
         say(message)
 
 
+def first_on_node() -> bool:
+    """Whether this process is its node's first rank: ``LOCAL_RANK`` 0 (torchrun, accelerate and DeepSpeed's launcher
+    set it; -1 is transformers' "not distributed"), else, without a usable ``LOCAL_RANK``, rank 0 of the group."""
+    try:
+        return int(os.environ["LOCAL_RANK"]) <= 0
+    except (KeyError, ValueError):
+        return not _another_rank()
+
+
 def say_on_each_node(message: str) -> None:
-    """:func:`say` on each node's first rank (``LOCAL_RANK`` 0, as torchrun and accelerate set it): every node's log
-    says why its ranks ended. Without ``LOCAL_RANK`` (ranks not started by a launcher): rank 0's."""
-    local_rank = os.environ.get("LOCAL_RANK")
-    first_on_node = int(local_rank) == 0 if local_rank else not _another_rank()
-    if first_on_node:
-        say(message)
+    """:func:`say` on each node's first rank, so that every node's log says why its ranks ended; in a job of several
+    nodes the line names its node (SLURM's sbatch writes every node's output into one file by default)."""
+    if not first_on_node():
+        return
+    try:
+        several = int(os.environ["WORLD_SIZE"]) > int(os.environ["LOCAL_WORLD_SIZE"])
+    except (KeyError, ValueError):
+        several = False
+    say(f"{message} (node {socket.gethostname()})" if several else message)
 
 
 SAY_AGAIN = "LLAMAFACTORY_HERA_SAY_AGAIN"  # lines said before LogCallback emptied running_log.txt
@@ -93,8 +106,8 @@ def say_before_callbacks(message: str) -> None:
 
 def say_again_on_board() -> None:
     """Say the kept lines again (rank 0) once the run's callbacks exist."""
-    for line in os.environ.pop(SAY_AGAIN, "").splitlines():
-        say_once(line)
+    for kept in os.environ.pop(SAY_AGAIN, "").splitlines():
+        say_once(kept)
 
 
 def progress_once(items: Iterable[Any], label: str) -> Iterable[Any]:

@@ -1,5 +1,5 @@
 """A plugin stage's save signal (``<prefix>_save_on_signal``), noted from the stage's start: in the load and the passes
-before step 1, each stops after a batch it kept (:func:`stop_before_step`: one line, exit 0); in the steps,
+before step 1, each stops after a batch it kept (:func:`stop_before_step`: one line on each node, exit 0); in the steps,
 ``training/checkpoints.py`` saves a whole checkpoint. The other warning signal (the job's ``--signal`` and the recipe
 disagree) is said once and taken for it: its default would end every process unsaved. Launcher side:
 :mod:`.launch_signals`. Imports nothing heavy.
@@ -14,7 +14,7 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
-from llamafactory_hera.runtime.log import line, say_on_each_node
+from llamafactory_hera.runtime.log import first_on_node, line, say_on_each_node
 
 RERUN = "run the same command again"  # every stop line's advice
 WARNINGS = ("SIGUSR1", "SIGUSR2")  # a scheduler's warnings (SLURM's --signal=USR1@N); the host uses neither
@@ -56,20 +56,20 @@ def _note_other(signum: int, frame: Any) -> None:
     """A warning signal that is not the save signal: taken for it, said once by each node's local rank 0."""
     name = signal.Signals(signum).name
     _noted.update(received=True, came=_noted["came"] or name)
-    if _noted["told"] or os.environ.get("LOCAL_RANK", "0") != "0":
+    if _noted["told"] or not first_on_node():
         return
     _noted["told"] = True
     key = _noted["key"] or "the recipe's save signal"
     wanted = _noted["name"]
-    told = line(
+    text = line(
         f"{name} came, but {key} is {wanted.lower()}: the job's signal and the recipe's differ. "
         f"Taken for {wanted}: the run saves and stops. Make them one: {key}: {name.lower()}, or the job's "
         f"--signal={wanted[3:]}@N."
     )
     try:
-        print(told, flush=True)
+        print(text, flush=True)
     except RuntimeError:  # reentrant call inside a write to stdout: bypass it
-        os.write(1, f"\n{told}\n".encode())
+        os.write(1, f"\n{text}\n".encode())
 
 
 def signal_number(name: str | None) -> int | None:
