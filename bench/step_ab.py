@@ -45,7 +45,6 @@ from typing import Any
 from scipy import stats  # a dependency of LLaMA-Factory
 from step_ab_arm import Row, arm, shipped_recipe  # bench/ is on sys.path: the script's own folder
 
-BENCH = Path(__file__).resolve().parent
 for _key, _value in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
                      "DISABLE_VERSION_CHECK": "1", "TOKENIZERS_PARALLELISM": "false", "WANDB_DISABLED": "true"}.items():
     os.environ.setdefault(_key, _value)
@@ -258,7 +257,6 @@ def main() -> None:
         args.budget, args.profile_reserve = 7200.0, 600.0  # the rows end at their 3 pairs, not at a deadline
     args.logs = args.logs or tempfile.mkdtemp(prefix="step_ab_logs_")
     Path(args.logs).mkdir(parents=True, exist_ok=True)
-    sys.path.insert(0, str(BENCH))
     import llamafactory.train.tuner  # noqa: F401 - imported once here, before the workers fork
     import torch
     import transformers

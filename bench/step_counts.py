@@ -50,7 +50,6 @@ from typing import Any
 
 from step_counter import in_section, step_counter  # bench/ is on sys.path: the script's own folder
 
-BENCH = Path(__file__).resolve().parent
 # HeRA's host work over SFT's per step, the target: 1 % at the real depth (qwen3-vl-8b-depth, batch 8: SFT's whole
 # step 28,780 aten ops, 227,056 Python calls); the absolute limits below are that 1 %, which a shallower preset checks
 # (HeRA's extra work does not grow with the depth: its heads sit in a fixed number of layers)
@@ -88,7 +87,6 @@ def count_runs(preset: str, batches: list[int], root: Path, rows: list[str] | No
     """Every configuration's counts (``rows``: those keys only), in this process: the host's whole second step of
     three (the first pays one-time imports and caches; ``step_counter``'s ``whole``), no logging step among them; at
     the further batches the ops only (their gate), in the second step of two."""
-    sys.path.insert(0, str(BENCH))
     from assets import build_bench_assets
     from llamafactory.train.tuner import run_exp
     from overhead import recipe
@@ -142,7 +140,6 @@ def harc_sections() -> Iterator[None]:
 
 def count_harc_runs(preset: str, root: Path) -> dict[str, dict[str, Any]]:
     """Every HARC configuration's counts, in this process (the counted step is the second of each run)."""
-    sys.path.insert(0, str(BENCH))
     from harc import PRESETS, build_assets, recipe
     from llamafactory.train.tuner import run_exp
 
