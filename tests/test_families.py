@@ -63,7 +63,7 @@ class TermGradient:
         term, finite = self.original(trainer, reps, *args)
         if term is not None and not self.per_layer:
             o_projs = head_projections(trainer.model)
-            layers = sorted({ref.layer for ref in trainer.hera_args.head_refs})
+            layers = sorted({ref.layer for ref in trainer.hera_args.hera_heads})
             params = {layer: [p for p in o_projs[layer].parameters() if p.requires_grad] for layer in layers}
             # backward, not autograd.grad: the heads' layers keep reentrant checkpointing, whose recompute in
             # backward accumulates into .grad (what the optimizer reads); every gradient is put back as it was

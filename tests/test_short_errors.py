@@ -30,10 +30,11 @@ def test_a_plugin_message_is_short_and_a_host_error_is_not() -> None:
 
 
 def test_an_internal_value_error_raised_by_the_plugin_keeps_its_traceback() -> None:
-    """A ``ValueError`` the plugin raises on a ``raise`` line of its own for a programming error (asking for the heads
-    of an unresolved ``hera_heads: auto``) is not a user error: the type decides, not the source line."""
-    auto = parse_hera_arguments({"hera_heads": "auto"})
-    error = _caught(lambda: auto.head_refs)
+    """A ``ValueError`` the plugin raises on a ``raise`` line of its own for a programming error (a head map asked of
+    a flat array) is not a user error: the type decides, not the source line."""
+    from llamafactory_hera.plots.heads import plot_head_heatmap
+
+    error = _caught(lambda: plot_head_heatmap([0.0, 0.0, 0.0], [], "unused.png", "scores"))
     assert type(error) is ValueError and not job_refusal.raised_by_plugin(error)
 
 
@@ -64,8 +65,10 @@ def test_excepthook_prints_only_the_message_for_plugin_errors() -> None:
     assert other.returncode == 1 and "Traceback" in other.stderr and "[llamafactory-hera]" not in other.stderr
     internal = subprocess.run([sys.executable, "-c", script.replace(
         "parse_hera_arguments({'hera_k': 0, 'hera_heads': ['L0H0']})",
-        "parse_hera_arguments({'hera_heads': 'auto'}).head_refs")], capture_output=True, text=True, timeout=120)
-    assert internal.returncode == 1 and "Traceback" in internal.stderr and "not been resolved" in internal.stderr
+        "__import__('llamafactory_hera.plots.heads').plots.heads.plot_head_heatmap([1, 2], [], 'unused.png', 't')")],
+        capture_output=True, text=True, timeout=120)
+    assert internal.returncode == 1 and "Traceback" in internal.stderr
+    assert "must be a [layers, heads]" in internal.stderr
     assert "[llamafactory-hera]" not in internal.stderr
 
 

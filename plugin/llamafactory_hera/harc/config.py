@@ -8,11 +8,11 @@ Step counts are **optimizer steps**: the reference counts micro-steps at gradien
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 from llamafactory_hera.plots.training import TrainingPlot
-from llamafactory_hera.recipe.keys import fail, parse_keys, recipe_key, save_on_signal_key, watchdog_key
+from llamafactory_hera.recipe.keys import parse_keys, recipe_key, save_on_signal_key, watchdog_key
 from llamafactory_hera.runtime.errors import RecipeError
 
 ROLE_KEYS = ("harc_harmful", "harc_harmless", "harc_pseudo", "harc_harmful_completions")
@@ -129,17 +129,6 @@ class HarcArguments:
         return bool(self.harc_harmful_completions)
 
 
-def _dataset_name(key: str, value: Any) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, list | tuple) and len(value) == 1:
-        value = value[0]
-    text = str(value).strip()
-    if isinstance(value, list | tuple) or "," in text:
-        raise fail(key, value, "name one dataset of dataset_info.json (a role takes one dataset).")
-    return text
-
-
 def moving_weights(args: HarcArguments) -> dict[str, float]:
     """Weights of the terms that can move a fresh adapter (the KL cannot: see harc/raw_checks.py)."""
     weights = {"harc_weight_couple": args.harc_weight_couple}
@@ -186,8 +175,7 @@ def check_consistency(args: HarcArguments) -> None:
 
 def parse_harc_arguments(raw: dict[str, Any]) -> HarcArguments:
     """Validated :class:`HarcArguments` from ``harc_*`` keys; errors name the key, the value and what is allowed."""
-    datasets = {spec.name: _dataset_name for spec in fields(HarcArguments) if spec.metadata.get("dataset")}
-    args = parse_keys(HarcArguments, raw, "HARC", datasets)
+    args = parse_keys(HarcArguments, raw, "HARC")
     check_consistency(args)
     return args
 

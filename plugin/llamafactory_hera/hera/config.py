@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from llamafactory_hera.heads.geometry import HeadRef, parse_head
@@ -51,7 +51,7 @@ def dest(flag: str) -> str:
 class HeraArguments:
     """Settings of the HeRA objective (paper defaults)."""
 
-    hera_heads: list[str] | str = field(
+    hera_heads: list[HeadRef] | str = field(
         default_factory=list,
         metadata={
             "help": "Heads to align, zero-based, e.g. [L13H12, L7H6] (a comma-separated string works too), or "
@@ -177,15 +177,17 @@ class HeraArguments:
         """Whether the heads are selected at the start of training."""
         return self.hera_heads == AUTO
 
-    @property
-    def head_refs(self) -> list[HeadRef]:
-        """The parsed heads in recipe order; ValueError before auto selection ran."""
-        if self.auto_heads:
-            raise ValueError("hera_heads: auto has not been resolved yet")
-        return [parse_head(h) for h in self.hera_heads]
+    def recipe_keys(self) -> dict[str, Any]:
+        """The keys as a recipe writes them (``hera_heads``: ``[L13H12, L7H6]`` or ``auto``), for the records that
+        ``select --report`` and a resume read back."""
+        keys = asdict(self)
+        if not self.auto_heads:
+            keys["hera_heads"] = [str(ref) for ref in self.hera_heads]
+        return keys
 
 
-def _coerce_heads(key: str, value: Any) -> list[str] | str:
+def _coerce_heads(key: str, value: Any) -> list[HeadRef] | str:
+    """``auto``, or the heads in recipe order, each once."""
     if isinstance(value, str):
         text = value.strip().strip("[]")
         if text.lower() == AUTO:
@@ -206,7 +208,7 @@ def _coerce_heads(key: str, value: Any) -> list[str] | str:
     duplicates = sorted({str(r) for r in refs if refs.count(r) > 1})
     if duplicates:
         raise fail(key, value, f"each head may appear once; repeated: {', '.join(duplicates)}.")
-    return [str(r) for r in refs]
+    return refs
 
 
 def _coerce_queue_size(key: str, value: Any) -> str:
@@ -216,10 +218,18 @@ def _coerce_queue_size(key: str, value: Any) -> str:
     return text
 
 
+# keys of a grammar of their own (auto or a list of heads; auto or a count): parsed here, not by the one parser
+OWN_GRAMMAR = ("hera_heads", "hera_queue_size")
+
+
 def parse_hera_arguments(raw: dict[str, Any], require_heads: bool = True) -> HeraArguments:
     """Validated :class:`HeraArguments` from ``hera_*`` keys (typed or strings); else a RecipeError naming the key."""
-    special = {"hera_heads": _coerce_heads, "hera_queue_size": _coerce_queue_size}
-    args = parse_keys(HeraArguments, raw, "HeRA", special)
+    rest = {key: value for key, value in raw.items() if key not in OWN_GRAMMAR}
+    args = parse_keys(HeraArguments, rest, "HeRA")
+    if "hera_heads" in raw:
+        args.hera_heads = _coerce_heads("hera_heads", raw["hera_heads"])
+    if "hera_queue_size" in raw:
+        args.hera_queue_size = _coerce_queue_size("hera_queue_size", raw["hera_queue_size"])
     if args.hera_teacher_precompute == "true" and not args.hera_teacher_cache:
         raise RecipeError(
             "hera_teacher_precompute: got true with hera_teacher_cache: false; the precomputed features "

@@ -120,7 +120,7 @@ class MonitorCallback(TrainerCallback):
         self.trainer = trainer
         self.probe = probe
         self.every = hera_args.hera_monitor_steps
-        self.aligned = list(hera_args.head_refs)
+        self.aligned = list(hera_args.hera_heads)
         self.control = control_heads(self.aligned, geometry.num_heads, args.seed)
         self.geometry = geometry
         self.device = args.device

@@ -73,7 +73,7 @@ def check_heads_of(hera_args: HeraArguments, config: Any, model: str) -> Any:
     geometry = attention_geometry(config)
     check_has_heads(geometry, config, "stage: hera")
     if not hera_args.auto_heads:
-        check_heads_fit(hera_args.head_refs, geometry, model)
+        check_heads_fit(hera_args.hera_heads, geometry, model)
     elif hera_args.hera_select_num_heads > geometry.num_model_heads:
         raise RecipeError(
             f"hera_select_num_heads: got {hera_args.hera_select_num_heads}; allowed range is 1.."

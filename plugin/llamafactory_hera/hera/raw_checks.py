@@ -38,4 +38,4 @@ def check_heads_before_parse(host_args: dict[str, Any] | list[str], hera_args: H
         config = AutoConfig.from_pretrained(str(Path(str(model)).expanduser()), trust_remote_code=remote)
     except Exception:  # a config this transformers cannot read: the parse's checks name it
         return
-    check_heads_fit(hera_args.head_refs, attention_geometry(config), str(model))
+    check_heads_fit(hera_args.hera_heads, attention_geometry(config), str(model))

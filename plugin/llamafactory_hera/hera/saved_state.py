@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import asdict
 from typing import Any
 
 import torch
@@ -35,8 +34,8 @@ def save_state(folder: str, hera_args: Any, log_tau: torch.Tensor) -> None:
                 "version": __version__,
                 "log_temperature": value,
                 "temperature": math.exp(value),
-                "heads": list(hera_args.hera_heads),
-                "hera_args": asdict(hera_args),
+                "heads": [str(ref) for ref in hera_args.hera_heads],
+                "hera_args": hera_args.recipe_keys(),
             },
             handle,
             indent=2,
@@ -82,10 +81,11 @@ def load_state(
         )
     with open(path, encoding="utf-8") as handle:
         state = json.load(handle)
-    if state["heads"] != list(hera_args.hera_heads):
+    heads = [str(ref) for ref in hera_args.hera_heads]
+    if state["heads"] != heads:
         raise RecipeError(
             f"hera_heads: the checkpoint {checkpoint} trained heads {state['heads']} but the recipe "
-            f"says {hera_args.hera_heads}; resume with the same heads or start a fresh run."
+            f"says {heads}; resume with the same heads or start a fresh run."
         )
     with torch.no_grad():
         log_tau.fill_(state["log_temperature"])

@@ -76,13 +76,13 @@ class HeraTrainer(Trainer):
         model = self.model
         device = self.args.device
         self.hera_geometry = attention_geometry(model.config)
-        self.hera_capture = HeadCapture(model, hera_args.head_refs, self.hera_geometry)
+        self.hera_capture = HeadCapture(model, hera_args.hera_heads, self.hera_geometry)
         # the hooks need autograd: a reentrant heads' layer hands inputs out of its checkpoint; under ZeRO-3 it turns
         # non-reentrant (a quantized model is partitioned only at train start, so the engine's flag counts too)
         capture = self.hera_capture
         zero3 = capture.copies_in_call or is_deepspeed_zero3_enabled()
         self.hera_checkpointing = LayerCheckpointing(
-            model, [ref.layer for ref in hera_args.head_refs], reentrant=None if zero3 else capture.checkpointed
+            model, [ref.layer for ref in hera_args.hera_heads], reentrant=None if zero3 else capture.checkpointed
         )
         self.hera_teacher = RunTeacher(hera_args, hera_feature_cache, device)
         self.hera_queue = FeatureQueue(hera_queue)

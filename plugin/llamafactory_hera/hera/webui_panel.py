@@ -31,7 +31,7 @@ def check_heads_geometry(args: HeraArguments, context: Mapping[str, Any]) -> str
     if geometry is None:
         return ""
     try:
-        check_heads_fit(args.head_refs, geometry, str(context.get("model_path")).strip())
+        check_heads_fit(args.hera_heads, geometry, str(context.get("model_path")).strip())
     except ValueError as err:
         return str(err)
     return ""

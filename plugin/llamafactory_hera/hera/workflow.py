@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import traceback
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -106,7 +106,7 @@ class RunSummary(TrainerCallback):
             if counts.video_only_rows:
                 data += f" ({counts.video_only_rows} video-only: LM loss only, videos have no teacher feature)"
         return (
-            f"{PREFIX} HeRA: heads [{', '.join(args.hera_heads)}]; teacher {args.hera_teacher} "
+            f"{PREFIX} HeRA: heads [{', '.join(map(str, args.hera_heads))}]; teacher {args.hera_teacher} "
             f"({args.hera_teacher_feature}); k {args.hera_k}; lambda {args.hera_lambda}; {temperature}; "
             f"pooling {args.hera_pooling}; {gather}; contrastive set up to {geometry.largest} samples; {queue}; "
             f"precompute {args.hera_teacher_precompute} -> {precompute_on}; {data}; {monitor_line}; "
@@ -159,9 +159,9 @@ def _hera_classes(
     class HeraSeq2SeqTrainer(HeraTrainer, WholeCheckpoints, RestoresCheckpointWeights, host.trainer):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             # before the teacher loads: same heads on all ranks, each moved by a trainable weight
-            check_same_heads_on_every_rank(list(hera_args.hera_heads))
+            check_same_heads_on_every_rank([str(ref) for ref in hera_args.hera_heads])
             model = kwargs["model"] if "model" in kwargs else args[0]  # Trainer(model, args, ...)
-            check_heads_train(model, hera_args.head_refs, auto, kwargs.get("finetuning_args"))
+            check_heads_train(model, hera_args.hera_heads, auto, kwargs.get("finetuning_args"))
             keep_4bit_layout(model)  # for every eval forward: the monitor's and the Trainer's
             super().__init__(
                 *args, hera_args=hera_args, hera_feature_cache=cache, hera_queue=contrastive.queue, **kwargs
@@ -223,7 +223,7 @@ def _write_run_record(output_dir: str, hera_args: HeraArguments, parsed: HostArg
     host = {
         key: plain(getattr(getattr(parsed, holder), key, None)) for holder, keys in _RECORDED_HOST_KEYS for key in keys
     }
-    record = {"stage": "hera", "llamafactory_hera_version": __version__, **asdict(hera_args), "host": host}
+    record = {"stage": "hera", "llamafactory_hera_version": __version__, **hera_args.recipe_keys(), "host": host}
     write_record(Path(output_dir) / HERA_RUN_RECORD, record)
 
 

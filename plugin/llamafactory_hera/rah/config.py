@@ -152,7 +152,10 @@ def _coerce_layers(key: str, value: Any) -> str | list[int]:
 
 def parse_rah_arguments(raw: dict[str, Any]) -> RahArguments:
     """Validated :class:`RahArguments` from ``rah_*`` keys; errors name the key, the value and what is allowed."""
-    args = parse_keys(RahArguments, raw, "RAH-LoRA", {"rah_layers": _coerce_layers})
+    rest = {key: value for key, value in raw.items() if key != "rah_layers"}
+    args = parse_keys(RahArguments, rest, "RAH-LoRA")
+    if "rah_layers" in raw:  # auto, a range or a list: a grammar of its own, parsed here
+        args.rah_layers = _coerce_layers("rah_layers", raw["rah_layers"])
     probes = max(args.rah_probe_samples, args.rah_kl_samples)
     if args.rah_samples < probes:
         raise fail(

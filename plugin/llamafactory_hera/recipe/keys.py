@@ -7,7 +7,6 @@ from __future__ import annotations
 import difflib
 import math
 import operator
-from collections.abc import Callable
 from dataclasses import field, fields
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -102,10 +101,25 @@ def unknown_key(key: str, valid: list[str], method: str) -> RecipeError:
     return RecipeError(f"Unknown {method} key '{key}'.{hint} Valid keys: {', '.join(valid)}.")
 
 
+def coerce_dataset(key: str, value: Any) -> str:
+    """One dataset name of ``dataset_info.json`` (a one-item list too); null: none."""
+    if value is None:
+        return ""
+    if isinstance(value, list | tuple) and len(value) == 1:
+        value = value[0]
+    text = str(value).strip()
+    if isinstance(value, list | tuple) or "," in text:
+        raise fail(key, value, "name one dataset of dataset_info.json (a role takes one dataset).")
+    return text
+
+
 def coerce_field(key: str, value: Any, spec: Any) -> Any:
-    """``value`` for field ``spec``, by its type: None (null) where the default is None, one of
-    ``metadata["choices"]`` (lower-cased), a bool, a number within the metadata's bounds, or a non-empty string."""
+    """``value`` for field ``spec``, by its type: one dataset name where ``metadata["dataset"]``, None (null) where
+    the default is None, one of ``metadata["choices"]`` (lower-cased), a bool, a number within the metadata's bounds,
+    or a non-empty string."""
     meta = dict(spec.metadata)
+    if meta.get("dataset"):
+        return coerce_dataset(key, value)
     if value is None or (isinstance(value, str) and value.strip().lower() in NULLS):
         if spec.default is None or "None" in str(spec.type):
             return None
@@ -123,16 +137,14 @@ def coerce_field(key: str, value: Any, spec: Any) -> Any:
     return coerce_number(key, value, int if spec.type in ("int", int, "int | None") else float, meta)
 
 
-def parse_keys(
-    cls: type[T], raw: dict[str, Any], method: str, special: dict[str, Callable[[str, Any], Any]] | None = None
-) -> T:
-    """``cls`` from raw keys, each coerced by :func:`coerce_field` or its coercer in ``special``; an unknown key is
-    refused (:func:`unknown_key`). Checks between keys are the method's, after this."""
+def parse_keys(cls: type[T], raw: dict[str, Any], method: str) -> T:
+    """``cls`` from raw keys, each coerced by :func:`coerce_field`; an unknown key is refused (:func:`unknown_key`).
+    A key of a grammar of its own (HeRA's heads, RAH-LoRA's layers) is its method's to parse, kept out of ``raw``;
+    checks between keys are the method's, after this."""
     valid = {spec.name: spec for spec in fields(cls)}
     values: dict[str, Any] = {}
     for key, value in raw.items():
         if key not in valid:
             raise unknown_key(key, list(valid), method)
-        coerce = (special or {}).get(key)
-        values[key] = coerce(key, value) if coerce else coerce_field(key, value, valid[key])
+        values[key] = coerce_field(key, value, valid[key])
     return cls(**values)

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from llamafactory_hera.heads.geometry import HeadRef, parse_head
 from llamafactory_hera.hera.config import HeraArguments
 from llamafactory_hera.hera.selection.collect import release_memory
 from llamafactory_hera.hera.selection.recipe_write import SelectionResult, write_outputs
@@ -77,7 +78,7 @@ def preserved_random_state() -> Iterator[None]:
 
 def resolve_auto_heads(
     recipe_args: Any, hera_args: HeraArguments, seed: int, device: str, output_dir: str, is_main: bool, *, dtype: str
-) -> list[str]:
+) -> list[HeadRef]:
     """Select (or reuse) on the main process in ``dtype``; every rank gets the heads. Collective."""
     payload: list[Any] = [None, None, False]  # heads, rank 0's error, is it a user error
     if is_main:
@@ -104,7 +105,7 @@ def resolve_auto_heads(
         raise stop_signal.Stopped(0)
     if error is not None:
         raise (RecipeError if by_user else RuntimeError)(f"hera_heads: auto: head selection failed on rank 0: {error}")
-    return list(heads)
+    return [parse_head(name) for name in heads]
 
 
 def _record(result: SelectionResult, cached: bool, output_dir: str) -> None:

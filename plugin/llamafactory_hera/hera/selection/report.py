@@ -12,7 +12,6 @@ from typing import Any
 
 import numpy as np
 
-from llamafactory_hera.heads.geometry import parse_head
 from llamafactory_hera.hera.config import HERA_RUN_RECORD as RUN_RECORD
 from llamafactory_hera.hera.config import parse_hera_arguments
 from llamafactory_hera.hera.selection.noise import (
@@ -174,13 +173,13 @@ def run_report(args: Any) -> dict[str, Any]:
         before = score_head_neighbours(base_args, options, pairs)
         after = score_head_neighbours(parse_recipe(_trained_recipe(recipe, run_dir)), options, pairs)
         change = paired_bootstrap(before, after, options.k, seed, resamples=resamples)
-        selected = [(parse_head(h).layer, parse_head(h).head) for h in hera.hera_heads]
+        selected = [(ref.layer, ref.head) for ref in hera.hera_heads]
         rows = summary_rows(change, selected)
         show(format_head_table(rows, TABLE_COLUMNS))
         show(change_note(change, len(pairs), options.k))
         report = {
             "run_dir": str(run_dir),
-            "heads": list(hera.hera_heads),
+            "heads": [str(ref) for ref in hera.hera_heads],
             "before": change.before.tolist(),
             "after": change.after.tolist(),
             **report_fields(change),
