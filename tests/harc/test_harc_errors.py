@@ -55,6 +55,8 @@ def test_defaults_are_the_reference_configs() -> None:
     assert (args.harc_refresh_steps, args.harc_refresh_beta, args.harc_layers, args.harc_layers_final,
             args.harc_layers_ramp_step, args.harc_band) == (100, 0.3, 2, 4, 500, 4)
     assert parse_harc_arguments({**ROLES, "harc_batch_pseudo": "0", "harc_pseudo": ""}).harc_batch_pseudo == 0
+    for none in ("null", "None", None, [None]):  # a role left empty (command line, YAML, a one-item list)
+        assert parse_harc_arguments({**ROLES, "harc_batch_pseudo": "0", "harc_pseudo": none}).harc_pseudo == ""
     roles = ["harc_harmful", "harc_harmless", "harc_pseudo", "harc_harmful_completions"]
     assert [spec.name for spec in fields(HarcArguments)][:4] == roles
 

@@ -51,6 +51,7 @@ def dest(flag: str) -> str:
 class HeraArguments:
     """Settings of the HeRA objective (paper defaults)."""
 
+    # parsed (parse_hera_arguments): the HeadRefs in recipe order, or auto until the selection resolves it
     hera_heads: list[HeadRef] | str = field(
         default_factory=list,
         metadata={
@@ -178,8 +179,8 @@ class HeraArguments:
         return self.hera_heads == AUTO
 
     def recipe_keys(self) -> dict[str, Any]:
-        """The keys as a recipe writes them (``hera_heads``: ``[L13H12, L7H6]`` or ``auto``), for the records that
-        ``select --report`` and a resume read back."""
+        """The keys as a recipe writes them (``hera_heads``: ``[L13H12, L7H6]`` or ``auto``), for ``hera_run.json``
+        (which ``select --report`` parses back) and ``hera_state.json``."""
         keys = asdict(self)
         if not self.auto_heads:
             keys["hera_heads"] = [str(ref) for ref in self.hera_heads]

@@ -158,6 +158,8 @@ def _hera_classes(
 
     class HeraSeq2SeqTrainer(HeraTrainer, WholeCheckpoints, RestoresCheckpointWeights, host.trainer):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
+            if hera_args.auto_heads:  # prepare() resolves it; a trainer of no heads would align nothing
+                raise ValueError("hera_heads: auto has not been resolved yet")
             # before the teacher loads: same heads on all ranks, each moved by a trainable weight
             check_same_heads_on_every_rank([str(ref) for ref in hera_args.hera_heads])
             model = kwargs["model"] if "model" in kwargs else args[0]  # Trainer(model, args, ...)

@@ -102,11 +102,12 @@ def unknown_key(key: str, valid: list[str], method: str) -> RecipeError:
 
 
 def coerce_dataset(key: str, value: Any) -> str:
-    """One dataset name of ``dataset_info.json`` (a one-item list too); null: none."""
-    if value is None:
-        return ""
+    """One dataset name of ``dataset_info.json`` (a one-item list too); null (``[null]``, ``null`` on the command
+    line): none."""
     if isinstance(value, list | tuple) and len(value) == 1:
         value = value[0]
+    if value is None or (isinstance(value, str) and value.strip().lower() in NULLS):
+        return ""
     text = str(value).strip()
     if isinstance(value, list | tuple) or "," in text:
         raise fail(key, value, "name one dataset of dataset_info.json (a role takes one dataset).")

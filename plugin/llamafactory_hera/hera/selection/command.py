@@ -8,7 +8,7 @@ from typing import Any
 import transformers
 import yaml
 
-from llamafactory_hera.heads.geometry import parse_head
+from llamafactory_hera.heads.geometry import HeadRef, parse_head
 from llamafactory_hera.hera.config import parse_hera_arguments
 from llamafactory_hera.hera.selection.recipe_write import (
     SelectionResult,
@@ -53,16 +53,16 @@ def check_hera_recipe(path: Path, recipe: dict[str, Any]) -> None:
         )
 
 
-def heads_table(heads: list[str], result: SelectionResult) -> str:
-    """``heads`` with MKNN and rank (1 = least aligned), or "not in this model"."""
+def heads_table(heads: list[str] | list[HeadRef], result: SelectionResult) -> str:
+    """``heads`` (names or parsed) with MKNN and rank (1 = least aligned), or "not in this model"."""
     rank = {row["head"]: i + 1 for i, row in enumerate(result.ranking)}
     rows = []
     for head in heads:
-        ref = parse_head(head)
+        ref = head if isinstance(head, HeadRef) else parse_head(head)
         inside = ref.layer < len(result.scores) and ref.head < len(result.scores[ref.layer])
         rows.append(
             {
-                "head": head,
+                "head": str(head),
                 "MKNN": result.scores[ref.layer][ref.head] if inside else "-",
                 "rank": f"{rank[str(ref)]}/{len(rank)}" if inside else "not in this model",
             }
