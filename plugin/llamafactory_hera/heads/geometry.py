@@ -46,12 +46,19 @@ class AttentionGeometry:
         return len(self.head_layers) * self.num_heads
 
 
-def parse_head(text: str) -> HeadRef:
-    """Parse ``"L13H12"`` (any case); RecipeError otherwise."""
+def parse_head(text: str | HeadRef) -> HeadRef:
+    """Parse ``"L13H12"`` (any case; a parsed head as it is); RecipeError otherwise."""
+    if isinstance(text, HeadRef):
+        return text
     match = _HEAD_RE.match(str(text))
     if match is None:
         raise RecipeError(f"'{text}' is not a head; write heads as L<layer>H<head>, zero-based, e.g. L13H12")
     return HeadRef(int(match.group(1)), int(match.group(2)))
+
+
+def head_names(heads: list[HeadRef]) -> list[str]:
+    """``heads`` as a recipe and the records write them: ``["L13H12", "L7H6"]``."""
+    return [str(ref) for ref in heads]
 
 
 def attention_geometry(config: Any) -> AttentionGeometry:

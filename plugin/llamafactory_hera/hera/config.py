@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from llamafactory_hera.heads.geometry import HeadRef, parse_head
+from llamafactory_hera.heads.geometry import HeadRef, head_names, parse_head
 from llamafactory_hera.plots.training import Panel, TrainingPlot
 from llamafactory_hera.recipe.keys import fail, parse_keys, recipe_key, save_on_signal_key, watchdog_key
 from llamafactory_hera.runtime.errors import RecipeError
@@ -183,7 +183,7 @@ class HeraArguments:
         (which ``select --report`` parses back) and ``hera_state.json``."""
         keys = asdict(self)
         if not self.auto_heads:
-            keys["hera_heads"] = [str(ref) for ref in self.hera_heads]
+            keys["hera_heads"] = head_names(self.hera_heads)
         return keys
 
 

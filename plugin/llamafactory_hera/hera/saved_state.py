@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from llamafactory_hera import __version__
+from llamafactory_hera.heads.geometry import head_names
 from llamafactory_hera.runtime.errors import RecipeError
 
 HERA_STATE_NAME = "hera_state.json"
@@ -34,7 +35,7 @@ def save_state(folder: str, hera_args: Any, log_tau: torch.Tensor) -> None:
                 "version": __version__,
                 "log_temperature": value,
                 "temperature": math.exp(value),
-                "heads": [str(ref) for ref in hera_args.hera_heads],
+                "heads": head_names(hera_args.hera_heads),
                 "hera_args": hera_args.recipe_keys(),
             },
             handle,
@@ -81,7 +82,7 @@ def load_state(
         )
     with open(path, encoding="utf-8") as handle:
         state = json.load(handle)
-    heads = [str(ref) for ref in hera_args.hera_heads]
+    heads = head_names(hera_args.hera_heads)
     if state["heads"] != heads:
         raise RecipeError(
             f"hera_heads: the checkpoint {checkpoint} trained heads {state['heads']} but the recipe "

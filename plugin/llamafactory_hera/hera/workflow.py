@@ -14,6 +14,7 @@ from typing import Any
 from transformers import TrainerCallback
 
 from llamafactory_hera import __version__
+from llamafactory_hera.heads.geometry import head_names
 from llamafactory_hera.hera.collator import HeraCollatorMixin, describe_image
 from llamafactory_hera.hera.config import HERA_RUN_RECORD, TRAINING_PLOT, HeraArguments
 from llamafactory_hera.hera.image_tokens import check_image_tokens
@@ -106,7 +107,7 @@ class RunSummary(TrainerCallback):
             if counts.video_only_rows:
                 data += f" ({counts.video_only_rows} video-only: LM loss only, videos have no teacher feature)"
         return (
-            f"{PREFIX} HeRA: heads [{', '.join(map(str, args.hera_heads))}]; teacher {args.hera_teacher} "
+            f"{PREFIX} HeRA: heads [{', '.join(head_names(args.hera_heads))}]; teacher {args.hera_teacher} "
             f"({args.hera_teacher_feature}); k {args.hera_k}; lambda {args.hera_lambda}; {temperature}; "
             f"pooling {args.hera_pooling}; {gather}; contrastive set up to {geometry.largest} samples; {queue}; "
             f"precompute {args.hera_teacher_precompute} -> {precompute_on}; {data}; {monitor_line}; "
@@ -161,7 +162,7 @@ def _hera_classes(
             if hera_args.auto_heads:  # prepare() resolves it; a trainer of no heads would align nothing
                 raise ValueError("hera_heads: auto has not been resolved yet")
             # before the teacher loads: same heads on all ranks, each moved by a trainable weight
-            check_same_heads_on_every_rank([str(ref) for ref in hera_args.hera_heads])
+            check_same_heads_on_every_rank(head_names(hera_args.hera_heads))
             model = kwargs["model"] if "model" in kwargs else args[0]  # Trainer(model, args, ...)
             check_heads_train(model, hera_args.hera_heads, auto, kwargs.get("finetuning_args"))
             keep_4bit_layout(model)  # for every eval forward: the monitor's and the Trainer's

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from llamafactory_hera.heads.geometry import HeadRef, parse_head
+from llamafactory_hera.heads.geometry import parse_head
 from llamafactory_hera.plan import counter, step
 from llamafactory_hera.plan.families import part
 
@@ -184,6 +184,6 @@ def head_layers(heads: Any, num_heads: int, per_layer: int = 1) -> tuple[list[st
     heads packed into the fewest layers (its picks are known only after it ran)."""
     if not isinstance(heads, list):
         return [f"L{i // per_layer}H{i % per_layer}" for i in range(num_heads)], -(-num_heads // per_layer)
-    refs = [head if isinstance(head, HeadRef) else parse_head(head) for head in heads]
+    refs = [parse_head(head) for head in heads]
     layers = sorted({ref.layer for ref in refs})
     return [f"L{layers.index(ref.layer)}H{ref.head}" for ref in refs], len(layers)

@@ -58,7 +58,7 @@ def heads_table(heads: list[str] | list[HeadRef], result: SelectionResult) -> st
     rank = {row["head"]: i + 1 for i, row in enumerate(result.ranking)}
     rows = []
     for head in heads:
-        ref = head if isinstance(head, HeadRef) else parse_head(head)
+        ref = parse_head(head)
         inside = ref.layer < len(result.scores) and ref.head < len(result.scores[ref.layer])
         rows.append(
             {

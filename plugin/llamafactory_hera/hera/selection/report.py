@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from llamafactory_hera.heads.geometry import head_names
 from llamafactory_hera.hera.config import HERA_RUN_RECORD as RUN_RECORD
 from llamafactory_hera.hera.config import parse_hera_arguments
 from llamafactory_hera.hera.selection.noise import (
@@ -179,7 +180,7 @@ def run_report(args: Any) -> dict[str, Any]:
         show(change_note(change, len(pairs), options.k))
         report = {
             "run_dir": str(run_dir),
-            "heads": [str(ref) for ref in hera.hera_heads],
+            "heads": head_names(hera.hera_heads),
             "before": change.before.tolist(),
             "after": change.after.tolist(),
             **report_fields(change),
