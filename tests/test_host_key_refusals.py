@@ -146,6 +146,19 @@ def test_good_values_and_the_command_line_form_pass(harc_assets: Any, assets: An
     check_host_keys({"learning_rat": 1e-4})
 
 
+@pytest.mark.parametrize(("key", "points_to"), [("use_ray", "USE_RAY=1 llamafactory-cli train"),
+                                                ("resources_per_worker", "use ray_num_workers"),
+                                                ("ray_storage_path", "output_dir")])
+def test_an_older_releases_ray_key_points_to_its_current_form(key: str, points_to: str) -> None:
+    """``use_ray: true`` was told "did you mean use_dora?" and ``resources_per_worker`` "preprocessing_num_workers?":
+    a retired key names what took its place, not its nearest spelling."""
+    with pytest.raises(RecipeError) as refused:
+        check_host_keys({key: True})
+    line = str(refused.value)
+    assert "a key of older LLaMA-Factory releases" in line and points_to in line, line
+    assert "did you mean" not in line, line
+
+
 def test_bf16_where_transformers_finds_no_bf16_device_is_refused() -> None:
     """transformers' "Your setup doesn't support bf16/gpu" came in a 40-line traceback; ``use_cpu: true`` is its way
     to bf16 on the CPU."""

@@ -37,6 +37,16 @@ BOUNDS: dict[str, tuple[float, bool, float | None, str]] = {
 }
 # BOUNDS held only under a strategy: key -> (strategy key, that value, also its default)
 _UNDER = {"logging_steps": ("logging_strategy", "steps"), "save_steps": ("save_strategy", "steps")}
+# keys of older LLaMA-Factory releases (Ray's, up to 0.9.4) -> what takes their place now: the nearest spelling
+# ("did you mean use_dora?") would send a user the wrong way
+_RETIRED = {
+    "use_ray": "Ray is switched on by the environment: USE_RAY=1 llamafactory-cli train recipe.yaml",
+    "resources_per_worker": "LLaMA-Factory now gives each Ray worker one accelerator itself: use ray_num_workers",
+    "placement_strategy": "LLaMA-Factory now places Ray's workers itself (PACK): use ray_num_workers",
+    "ray_run_name": "Ray's workers now write into output_dir",
+    "ray_storage_path": "Ray's workers now write into output_dir",
+    "ray_storage_filesystem": "Ray's workers now write into output_dir",
+}
 
 
 def nearest(value: str, names: Iterable[str], count: int = 1, cutoff: float = 0.6) -> list[str]:
@@ -55,6 +65,8 @@ def method_keys() -> list[str]:
 
 
 def _suggested(name: str, names: list[str]) -> str:
+    if name in _RETIRED:
+        return f" (a key of older LLaMA-Factory releases; {_RETIRED[name]})"
     close = nearest(name, names)
     return f" (did you mean {close[0]}?)" if close else ""
 
