@@ -117,6 +117,10 @@ def apply(launcher: ModuleType) -> None:
 def launch(original: Any) -> None:
     """The host's ``launch()``; under torchrun, the recipe checked first and the start watched."""
     if not starts_torchrun(sys.argv):
+        if misc.use_ray() and sys.argv[1:2] == ["train"]:
+            # Ray's workers each run the recipe's checks after Ray started, a refusal wrapped in Ray's traceback:
+            # checked here first, it is one line before any worker
+            check_before_ranks(sys.argv)
         return original()
     nodes = _int_env("NNODES", 1)
     # watched until the ranks start, on a port chosen now

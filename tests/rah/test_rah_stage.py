@@ -11,6 +11,7 @@ import torch
 
 from conftest import base_recipe, gqa_llava, image_less_dataset, mixed_size_dataset, run_train
 from llamafactory_hera.rah.config import parse_rah_arguments
+from llamafactory_hera.rah.raw_checks import validate_raw_host_args
 
 # on 4-head tiny layers the paper's percentiles keep 0 or 1 head: these force targets, anchors and kept steps
 FORCED = {"rah_isal_percentile": 50, "rah_caf_percentile": 0, "rah_beta": -100, "rah_num_anchors": 2, "rah_rank": 2,
@@ -138,3 +139,16 @@ def test_rows_of_every_image_size_make_the_maps(assets, tmp_path: Path) -> None:
     assert summary["samples_without_a_map"] == 0 and summary["map_layouts"] > 1
     assert (f"the rows' images come in {summary['map_layouts']} layouts (grids of image tokens); the attention "
             "similarity averages the per-layout map cosines, weighted by rows (no row is left out)") in proc.stdout
+
+
+def test_ray_with_several_workers_is_one_line_before_ray_starts(assets, tmp_path: Path) -> None:
+    """Under ``USE_RAY=1`` each Ray worker refused stage: rah after Ray had started, naming FORCE_TORCHRUN and torchrun
+    (the wrong fix) inside Ray's traceback; now the launcher refuses first, in one line naming Ray's own keys."""
+    recipe = rah_recipe(assets, "llava", tmp_path / "out", ray_num_workers=2)
+    proc = run_train(recipe, tmp_path, check=False, process=True, env={"USE_RAY": "1"})
+    said = proc.stdout + proc.stderr
+    assert proc.returncode == 1, said
+    assert "USE_RAY=1 with ray_num_workers: 2: stage: rah runs as one process" in said, said
+    assert "Set ray_num_workers: 1, or unset USE_RAY." in said and "FORCE_TORCHRUN" not in said, said
+    assert "Traceback" not in said, said
+    validate_raw_host_args({"ray_num_workers": 1}, parse_rah_arguments({}))  # one worker is one process: taken

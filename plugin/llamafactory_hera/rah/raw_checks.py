@@ -4,6 +4,7 @@ calibration cannot run. After the parse: :mod:`.parsed_checks`.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from llamafactory_hera.job_refusal import several_nodes
@@ -22,6 +23,14 @@ def validate_raw_host_args(host_args: dict[str, Any] | list[str], rah_args: RahA
             f"{nodes}: stage: rah runs as one process on one node (its model over that node's GPUs); "
             "launched on several nodes, each would calibrate the whole model into the same output_dir. "
             "Run it on one node (NNODES unset or 1, one srun task)."
+        )
+    workers = raw_value(host_args, "ray_num_workers")
+    # LLaMA-Factory's is_env_enabled("USE_RAY"): true, y or 1; its default is one worker
+    if os.environ.get("USE_RAY", "0").lower() in {"true", "y", "1"} and str(workers or 1).strip() != "1":
+        raise RecipeError(
+            f"USE_RAY={os.environ['USE_RAY']} with ray_num_workers: {workers}: stage: rah runs as one process "
+            "that places the model over every visible GPU, and each Ray worker would calibrate the whole model "
+            "into the same output_dir. Set ray_num_workers: 1, or unset USE_RAY."
         )
     attention = str(raw_value(host_args, "flash_attn") or "auto").strip().lower()
     if attention in _FAST_ATTENTION:
