@@ -260,6 +260,29 @@ def test_an_error_amid_the_final_save_leaves_the_run_unfinished(tmp_path: Path) 
         assert json.loads(path.read_text(encoding="utf-8"))["status"] == status, torn
 
 
+def test_a_sharded_final_model_with_one_cut_shard_leaves_the_run_unfinished(tmp_path: Path) -> None:
+    """A full run's model in two shards and an index: one shard cut by a full disk in the final save. Taken as whole,
+    the run would be recorded finished, the same command refused and eval would read the cut shard; every shard the
+    index names must be whole."""
+    from llamafactory_hera.runtime.run_record import whole_model_file, write_ended, write_started
+
+    for cut, status in (("model-00002-of-00002.safetensors", "failed"), ("", "finished")):
+        folder = tmp_path / (cut or "whole")
+        path = write_started(folder, "hera", {"seed": 0})
+        shards = ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors")
+        weight_map = {}
+        for index, shard in enumerate(shards):
+            save_file({f"layer{index}.weight": torch.ones(64, 8)}, folder / shard)
+            weight_map[f"layer{index}.weight"] = shard
+        (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+        if cut:
+            whole = (folder / cut).read_bytes()
+            (folder / cut).write_bytes(whole[: len(whole) - 100])
+        assert whole_model_file(folder / "model.safetensors.index.json") == (not cut)
+        write_ended(path, OSError(28, "No space left on device"))
+        assert json.loads(path.read_text(encoding="utf-8"))["status"] == status, cut
+
+
 # --- what an 8-GPU node showed ---
 
 def test_a_run_that_failed_after_saving_its_model_is_evaluated(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -337,6 +337,19 @@ def test_each_node_sees_the_others_probe_or_refuses(shared: bool, tmp_path: Path
     assert errors[1].endswith("Set output_dir to a folder every node mounts (NFS, Lustre, GPFS).")
 
 
+def test_a_probe_a_stale_attribute_cache_hides_is_seen_by_listing_the_folder(tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """NFS answers a stat of a file another node just wrote from its attribute cache (no such file) until the folder is
+    listed: without the listing a shared output_dir was refused as a node's own disk, a healthy job never started."""
+    from llamafactory_hera.runtime import shared_output
+
+    probe = tmp_path / f"{shared_output.PROBE_PREFIX}other"
+    probe.write_text("{}")
+    monkeypatch.setattr(Path, "is_file", lambda path: False)  # the cache's answer, however long it is asked
+    assert shared_output._seen(probe, 0.0)
+    assert not shared_output._seen(tmp_path / f"{shared_output.PROBE_PREFIX}never", 0.0)
+
+
 def test_local_rank_0_of_each_node_probes_after_the_parse(assets, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
                                                           ) -> None:
     """What a rank reads to take part (:func:`refuse_unshared`): its node from its rank over ``LOCAL_WORLD_SIZE``, the

@@ -232,6 +232,12 @@ def test_the_checkpoint_of_the_same_kind_of_run_passes(assets: Any, runs: dict[s
                              resume_from_checkpoint=str(runs[name] / "checkpoint-1"))
         check_resume("hera", recipe)
         check_resume("hera", [f"--{key}={value}" for key, value in recipe.items() if not isinstance(value, list)])
+    # lora_rank=8 from the command line comes as text; the checkpoint's adapter_config.json holds r: 8, a number
+    lora = base_recipe(assets, "qwen3_vl", runs["qwen3_vl lora"].parent / "again",
+                       resume_from_checkpoint=str(runs["qwen3_vl lora"] / "checkpoint-1"))
+    check_resume("hera", {**lora, "lora_rank": "8"})
+    check_resume("hera", [*(f"--{key}={value}" for key, value in lora.items() if not isinstance(value, list)),
+                          "--lora_rank", "8"])
 
 
 def test_a_taken_pin_passes_once_its_run_saved_since_even_when_rotated_away(assets: Any, tmp_path: Path) -> None:
@@ -258,6 +264,58 @@ def test_a_taken_pin_passes_once_its_run_saved_since_even_when_rotated_away(asse
         check_resume("hera", {**recipe, "resume_from_checkpoint": str(out / "checkpoint-3")})
 
 
+def test_each_rollback_continues_its_own_branch_never_an_abandoned_one(tmp_path: Path) -> None:
+    """A pin taken, rolled back to another, then back to the first: each requeue of the same command continues the
+    branch its start took. The first branch's checkpoint-4, abandoned by the rollbacks, is never resumed, even when
+    the pin that began it is taken again."""
+    from llamafactory_hera.runtime.run_record import write_started
+    from llamafactory_hera.runtime.whole_checkpoints import LINEAGE, newest_since, take, write_marker
+
+    out = tmp_path / "out"
+    write_started(out, "hera", {}, marks=True)
+    first = out / "checkpoint-1"
+    second = out / "checkpoint-2"
+
+    def saved(step: int, entry: dict[str, Any]) -> Path:
+        folder = out / f"checkpoint-{step}"
+        folder.mkdir(exist_ok=True)
+        (folder / "trainer_state.json").write_text("{}")
+        write_marker(folder, step, 1, {LINEAGE: entry[LINEAGE]})
+        return folder
+
+    branch = take(out, first)
+    for step in (2, 3, 4):
+        abandoned = saved(step, branch)
+    assert newest_since(out, first) == abandoned  # a requeue of the first branch goes on from its newest
+    assert newest_since(out, second) is None  # a rollback to checkpoint-2: not taken yet, taken as it is
+    branch = take(out, second)
+    kept = saved(3, branch)
+    assert newest_since(out, second) == kept  # not the first branch's checkpoint-4
+    assert newest_since(out, first) is None  # the second rollback, to the first pin: taken afresh
+    branch = take(out, first)
+    kept = saved(2, branch)
+    assert newest_since(out, first) == kept != abandoned
+
+
+def test_another_stages_run_is_never_taken_as_this_run_stopped_before_its_first_checkpoint(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """``resume_from_checkpoint: true`` in an output_dir that holds a stock sft run with no checkpoint: taken as this
+    stage's run stopped before one, HeRA would start there and mix its files with sft's. Only a record of this stage
+    is; another's is nothing to resume, named."""
+    from llamafactory_hera.recipe.resume import check_resume
+    from llamafactory_hera.runtime.errors import RecipeError
+    from llamafactory_hera.runtime.run_record import write_started
+
+    out = tmp_path / "out"
+    write_started(out, "sft", {})
+    given = {"resume_from_checkpoint": True, "output_dir": str(out), "do_train": True}
+    with pytest.raises(RecipeError, match="no checkpoint-N folder and no run record of this stage: there is nothing"):
+        check_resume("hera", given)
+    write_started(out, "hera", {})
+    check_resume("hera", given)
+    assert "holds no whole checkpoint of its run yet (stopped before one)" in capsys.readouterr().out
+
+
 def test_true_in_a_folder_holding_only_a_jobs_own_files_starts_the_run(tmp_path: Path,
                                                                        capsys: pytest.CaptureFixture) -> None:
     """The first start of a SLURM job with ``resume_from_checkpoint: true`` (the same command on every start): its
@@ -266,10 +324,12 @@ def test_true_in_a_folder_holding_only_a_jobs_own_files_starts_the_run(tmp_path:
     of being refused as a folder with nothing to resume."""
     from llamafactory_hera.recipe.resume import WATCHDOG_FOLDER, check_resume
     from llamafactory_hera.runtime.claim_folders import CLAIM
+    from llamafactory_hera.runtime.shared_output import PROBE_PREFIX
 
     out = tmp_path / "out"
     (out / WATCHDOG_FOLDER).mkdir(parents=True)
     (out / WATCHDOG_FOLDER / "rank-1.json").write_text("{}")
     (out / CLAIM).write_text("{}")
+    (out / f"{PROBE_PREFIX}0123abcd").write_text("{}")  # a failed two-node start's probe, left behind
     check_resume("hera", {"resume_from_checkpoint": True, "output_dir": str(out), "do_train": True})
     assert f"output_dir: {out} holds no run yet: starting it" in capsys.readouterr().out

@@ -325,3 +325,17 @@ def test_a_resume_with_other_batch_settings_names_them_as_applied_from_the_resum
         "per_device_train_batch_size 8 there, 4 here; gradient_accumulation_steps 4 there, 8 here. Kept from the "
         "checkpoint's optimizer state: learning_rate. This recipe's from step 6 on: per_device_train_batch_size, "
         "gradient_accumulation_steps. To go on as the run began, set them back.")
+
+
+def test_a_resume_on_another_gpu_count_names_the_ranks(tmp_path: Path) -> None:
+    """A checkpoint of 8 GPUs resumed on 4 trains on half the samples per step from there on: the line names the ranks
+    (the Trainer restores the step silently)."""
+    from types import SimpleNamespace
+
+    from transformers import TrainingArguments
+
+    here = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    on_eight = SimpleNamespace(**{key: getattr(here, key) for key in ("learning_rate", "max_steps")}, world_size=8)
+    saved = whole_checkpoints_module.settings(on_eight)
+    line = whole_checkpoints_module.differences(tmp_path, saved, whole_checkpoints_module.settings(here), 6)
+    assert line is not None and "ranks 8 there, 1 here" in line and "from step 6 on: ranks" in line, line
