@@ -156,6 +156,28 @@ def test_a_deepspeed_config_without_deepspeed_is_one_line_with_the_install_comma
                          "install 'deepspeed>=0.9.3' (or remove deepspeed to train without it)."), "\n".join(lines)
 
 
+def test_a_generating_predict_without_its_metric_packages_is_one_line_before_torchrun(assets: Any,
+                                                                                    tmp_path: Path) -> None:
+    """``do_predict`` with ``predict_with_generate`` where LLaMA-Factory's metric packages (jieba, nltk, rouge-chinese)
+    are not installed failed on every rank at the parse, each in a PackageNotFoundError traceback; now the launcher
+    names them before torchrun starts, its line the last."""
+    import importlib.util
+
+    if all(importlib.util.find_spec(name) for name in ("jieba", "nltk", "rouge_chinese")):
+        pytest.skip("LLaMA-Factory's metric packages are installed here")
+    recipe = base_recipe(assets, "qwen2_5_vl", tmp_path / "out", max_steps=1, do_predict=True,
+                         predict_with_generate=True)
+    recipe["eval_dataset"] = recipe["dataset"]
+    proc = run_train(recipe, tmp_path, check=False, env={"FORCE_TORCHRUN": "1", "NNODES": "1", "NPROC_PER_NODE": "2"})
+    lines = _lines(proc)
+    assert proc.returncode == 1 and len(lines) <= 4, "\n".join(lines)
+    assert lines[-1] == (f"{ERROR}predict_with_generate: true needs the packages of LLaMA-Factory's BLEU and ROUGE "
+                         "scores (jieba, nltk, rouge-chinese), which are not installed here. Install them: pip install "
+                         "jieba nltk rouge-chinese (or remove predict_with_generate to predict without generating)."), \
+        "\n".join(lines)
+    assert not any("distributed tasks" in line or "Traceback" in line for line in lines), "\n".join(lines)
+
+
 @pytest.mark.usefixtures("no_model_load")
 def test_rah_without_deepspeed_still_says_to_remove_deepspeed(assets: Any, harc_assets: Any, tmp_path: Path,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:

@@ -67,12 +67,12 @@ def check_engines_installed(host_args: dict[str, Any] | list[str], stage: str) -
         raise RecipeError(dora_refusal(bits))
     # any model type: LLaMA-Factory's parse requires liger-kernel (hparams/parser.py), even with no kernel for the type
     liger = next((key for key in ("enable_liger_kernel", "use_liger_kernel") if truthy(raw_value(host_args, key))), "")
-    for key, value, package, module, requirement, without in (
+    for key, value, package, modules, requirement, without in (
         (
             "deepspeed",
             raw_value(host_args, "deepspeed"),
             "DeepSpeed",
-            "deepspeed",  # lazy: transformers only here
+            ("deepspeed",),  # lazy: transformers only here
             lambda: import_module("transformers.dependency_versions_table").deps.get("deepspeed", "deepspeed"),
             "or remove deepspeed to train without it",
         ),
@@ -80,7 +80,7 @@ def check_engines_installed(host_args: dict[str, Any] | list[str], stage: str) -
             "quantization_bit",
             bits if bnb else None,
             "bitsandbytes",
-            "bitsandbytes",
+            ("bitsandbytes",),
             lambda: QLORA,
             "llamafactory-hera's qlora extra: pip install '.[qlora]' in its clone; or remove quantization_bit to "
             "train unquantized",
@@ -89,20 +89,31 @@ def check_engines_installed(host_args: dict[str, Any] | list[str], stage: str) -
             liger,
             "true" if liger else None,
             "liger-kernel",
-            "liger_kernel",
+            ("liger_kernel",),
             lambda: LIGER,
             f"or remove {liger} to train without it",
+        ),
+        (
+            # LLaMA-Factory's parse requires its text metrics' packages for a generating predict, on every rank
+            "predict_with_generate",
+            "true" if truthy(raw_value(host_args, "predict_with_generate")) else None,
+            "the packages of LLaMA-Factory's BLEU and ROUGE scores (jieba, nltk, rouge-chinese)",
+            ("jieba", "nltk", "rouge_chinese"),
+            lambda: "jieba nltk rouge-chinese",
+            "or remove predict_with_generate to predict without generating",
         ),
     ):
         if (
             value is None
             or str(value).strip().lower() in {"", "none", "null"}
-            or importlib.util.find_spec(module) is not None
+            or all(importlib.util.find_spec(module) is not None for module in modules)
         ):
             continue
+        # one requirement is quoted (a version range); several are plain names
+        wanted = requirement() if len(modules) > 1 else f"'{requirement()}'"
         raise RecipeError(
-            f"{key}: {value} needs {package}, which is not installed here. Install it: pip install "
-            f"'{requirement()}' ({without})."
+            f"{key}: {value} needs {package}, which {'are' if len(modules) > 1 else 'is'} not installed here. "
+            f"Install {'them' if len(modules) > 1 else 'it'}: pip install {wanted} ({without})."
         )
 
 
