@@ -24,16 +24,8 @@ import torch.distributed as dist
 
 from llamafactory_hera.runtime import job_store
 from llamafactory_hera.runtime.log import say, say_apart
-from llamafactory_hera.training import sections, watch_lines, watch_nvrx
-from llamafactory_hera.training.watch_bounds import (
-    FIRST,
-    Place,
-    StorageProbe,
-    bound,
-    job_client,
-    place_of,
-    pulse_for,
-)
+from llamafactory_hera.training import sections, watch_bounds, watch_lines, watch_nvrx
+from llamafactory_hera.training.watch_bounds import Place, StorageProbe, bound, job_client, place_of, pulse_for
 from llamafactory_hera.training.watch_judge import PHASES, PLACEHOLDER, Judge, described
 from llamafactory_hera.training.watch_stack import MainThread
 
@@ -365,7 +357,7 @@ def short_ddp_timeout(ddp_timeout: float | None, timeout: float | None) -> str |
     """The warning for a ``ddp_timeout`` under the seconds the watchdog may take to name a rank (its longest first
     bound, or the recipe's ``timeout``, and the pulses after it): torch would end a hung collective first, unnamed."""
     pulse = pulse_for(timeout)
-    naming = (timeout or max(FIRST.values())) + NAMING_PULSES * pulse + NOTICE_S
+    naming = (timeout or max(watch_bounds.FIRST.values())) + NAMING_PULSES * pulse + NOTICE_S
     if not ddp_timeout or ddp_timeout >= naming:
         return None
     return (
