@@ -1,9 +1,10 @@
 """``training/checkpoints.py`` on a tiny transformers ``Trainer`` in this process (no LLaMA-Factory, no launch): the
 signal stop's agreed step on ranks that learn of it a step apart, the stop's checkpoint kept from transformers' rotation
-after the stop, and the optimizer resumed on a CPU rank (``cpu:0``)."""
+after the stop, its line naming the signal that came, and the optimizer resumed on a CPU rank (``cpu:0``)."""
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ import torch
 import torch.distributed as dist
 from test_whole_checkpoints import _SignalAt
 from torch import nn
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from llamafactory_hera.runtime import stop_signal
 from llamafactory_hera.runtime import whole_checkpoints as whole_checkpoints_module
@@ -188,3 +189,26 @@ def test_each_save_is_watched_as_a_save_and_the_end_of_the_run_as_the_final_save
     assert dog.entered[1:] == [("step 1", "step", 1, 3), ("the save of checkpoint-1", "save", 1, 3),
                                ("step 1", "step", 1, 0)]
     assert dog.where() == ("the end of the run (final save)", "final", 1)
+
+
+class _OtherSignalAt(TrainerCallback):
+    """The job's other warning signal, as step 2 begins."""
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.global_step + 1 == 2:
+            stop_signal._note_other(signal.SIGUSR1, None)
+
+
+def test_the_stop_in_the_steps_names_the_signal_that_came(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """``hera_save_on_signal: sigusr2`` in a job that signals SIGUSR1: the stop's line names SIGUSR1, the one that
+    came (the job's log shows what the scheduler sent)."""
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    trainer = _trainer(tmp_path, max_steps=4)
+    trainer.add_callback(_OtherSignalAt())
+    with stop_signal.noting("sigusr2", key="hera_save_on_signal"), pytest.raises(SystemExit) as stop:
+        trainer.train()
+    said = [line for line in capsys.readouterr().out.splitlines() if "SIGUSR1: " in line]
+    assert stop.value.code == 0 and said == [
+        f"[llamafactory-hera] SIGUSR1: saved the whole checkpoint {tmp_path}/checkpoint-2 and stopped; to go on, run "
+        "the same command again."]

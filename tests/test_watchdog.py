@@ -1,8 +1,9 @@
 """The watchdog of a plugin run's ranks (llamafactory_hera/training/watchdog.py, sections.py): its bounds, sections and
-progress, torch's process-group timeout per section, and its threads on a real TCPStore in this process (a frozen
-rank, a stuck one, rank 0 frozen, a store that never answers, a thawed rank, an earlier launch's rank); its key. What
-the monitor concludes: tests/test_watch_judge.py; 1,024 ranks: tests/test_watch_scale.py; a frozen node of a real
-launch: tests/test_multinode.py."""
+progress, and its threads on a real TCPStore in this process (a frozen rank, a stuck one, rank 0 frozen, a store that
+never answers, a thawed rank, an earlier launch's rank); its key. What the monitor concludes:
+tests/test_watch_judge.py; torch's timeouts left alone: tests/test_watch_backstop.py; one pulse's parts on a fake clock:
+tests/test_watch_mutations.py; 1,024 ranks: tests/test_watch_scale.py; a frozen node of a real launch:
+tests/test_multinode.py."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from llamafactory_hera.hera.config import parse_hera_arguments
 from llamafactory_hera.runtime import job_store, log
 from llamafactory_hera.runtime.errors import RecipeError
 from llamafactory_hera.training import sections, watchdog
-from llamafactory_hera.training.watch_bounds import FIRST, LATER_FLOOR, PULSE, Place, bound
+from llamafactory_hera.training.watch_bounds import FIRST, LATER_FLOOR, Place, bound
 from llamafactory_hera.training.watchdog import Watchdog
 
 FAST = 0.1  # the threads' pulse here (a run's is 5 s, or a quarter of a short bound)
@@ -129,7 +130,7 @@ def test_a_frozen_rank_is_named_by_the_monitor(server: Any, ends: dict[str, Any]
 def test_a_stuck_rank_is_named_and_ends_with_the_others(server: Any, ends: dict[str, Any]) -> None:
     """Both ranks in step 3; rank 0 finished its forward (two units of progress) and waits, rank 1 is alive but never
     moves: rank 0's monitor names rank 1 stuck; rank 1 reads the verdict in rank 0's beat, says it in its node's
-    log and ends too. Torch's timeout of the step's collectives was set (the bound, 3 pulses, the margin)."""
+    log and ends too."""
     dogs = [_dog(server, rank) for rank in (0, 1)]
     for dog in dogs:
         dog.enter("step 3", "step", 3)
@@ -240,40 +241,6 @@ def test_the_line_is_a_line_of_its_own_after_a_progress_bar(capsys: pytest.Captu
     print("step 3/5 |####      | 60%\r", end="", flush=True)  # tqdm's bar, its line left open
     log.say_apart("watchdog: rank 1 on node1, unheard for 21 s")
     assert capsys.readouterr().out.endswith("\r\n[llamafactory-hera] watchdog: rank 1 on node1, unheard for 21 s\n")
-
-
-def test_torchs_collective_timeout_follows_the_section(server: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A step's or save's collectives time out after its bound, 3 pulses and the margin (a backstop behind the
-    watchdog's line); loading and the passes before step 1 get the job's own timeout back (a rank works alone
-    there while the others wait)."""
-    set_to: list[float] = []
-    monkeypatch.setattr(watchdog.dist, "is_initialized", lambda: True)
-    monkeypatch.setattr(watchdog.dist.distributed_c10d, "_set_pg_timeout",
-                        lambda timeout: set_to.append(timeout.total_seconds()))
-    dog = _dog(server, 0, timeout=20.0, job_timeout=180000000)
-    dog.enter("the teacher's pass before step 1", "teacher")
-    assert set_to == []  # never changed: nothing to give back
-    dog.enter("step 1", "step", 1)
-    dog.enter("the save of checkpoint-1", "save")
-    dog.enter("step 2", "step", 2)
-    assert set_to == [20.0 + 3 * 5.0 + watchdog.MARGIN_S]
-    dog.enter("the end of the run (final save)", "final")
-    assert set_to[-1] == 180000000
-    dog = _dog(server, 0, timeout=None, job_timeout=1800)
-    dog.enter("step 1", "step", 1)
-    assert set_to[-1] == FIRST["step"] + 3 * PULSE + watchdog.MARGIN_S
-
-
-def test_gloo_takes_the_timeout_torch_sets_after_init() -> None:
-    """The pinned torch's ``_set_pg_timeout`` reaches a gloo group (a one-process group here)."""
-    store = dist.HashStore()
-    dist.init_process_group("gloo", store=store, rank=0, world_size=1, timeout=timedelta(seconds=1000))
-    try:
-        dist.distributed_c10d._set_pg_timeout(timedelta(seconds=45))
-        backend = dist.distributed_c10d._get_default_group()._get_backend(torch.device("cpu"))
-        assert backend.options._timeout == timedelta(seconds=45)
-    finally:
-        dist.destroy_process_group()
 
 
 class _Recorder:

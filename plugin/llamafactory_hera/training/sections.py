@@ -26,6 +26,12 @@ class Watched(Protocol):
 
 
 _running: list[Watched] = []  # this process's watchdog (none or one)
+FAILED_IN = "_llamafactory_hera_section"  # set on an error as it leaves its innermost section block
+
+
+def failed_in(error: BaseException) -> str | None:
+    """The section a watched run was in when ``error`` left its innermost section block (None: it left none)."""
+    return getattr(error, FAILED_IN, None)
 
 
 def enter(section: str, kind: str, step: int | None = None) -> None:
@@ -49,6 +55,12 @@ def section(name: str, kind: str | None = None, *, forwards: bool = False) -> It
     hook = nn_module.register_module_forward_pre_hook(progress) if forwards and _running else None
     try:
         yield
+    except BaseException as error:
+        # the block's end restores the section before it: the error keeps where it happened, for its line
+        if _running and failed_in(error) is None:
+            with contextlib.suppress(AttributeError, TypeError):
+                setattr(error, FAILED_IN, _running[0].where()[0])
+        raise
     finally:
         if hook is not None:
             hook.remove()

@@ -5,8 +5,8 @@ hangs").
 Each rank's thread writes a heartbeat every pulse to the job's c10d store (no file: a storage stall is no silence). Rank
 0's thread is the monitor: it reads every beat once a pulse (O(N)) and judges them; the others read rank 0's beat, which
 carries its verdict, and end the job themselves if rank 0 or the store falls silent. A guard thread bounds a store call
-that never returns. Torch's process-group timeout is set per section instead of ``ddp_timeout``, as a backstop. Under
-``ft_launcher``, ``watch_nvrx`` replaces it.
+that never returns. No process group's timeout is set: none may end a rank before the watchdog names it (the
+reasoning: docs/multinode.md). Under ``ft_launcher``, ``watch_nvrx`` replaces it.
 """
 
 from __future__ import annotations
@@ -17,23 +17,21 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch.distributed as dist
 
 from llamafactory_hera.runtime import job_store
-from llamafactory_hera.runtime.log import say_apart
-from llamafactory_hera.training import sections, watch_lines, watch_nvrx
+from llamafactory_hera.runtime.log import say, say_apart
+from llamafactory_hera.training import sections, watch_bounds, watch_lines, watch_nvrx
 from llamafactory_hera.training.watch_bounds import Place, StorageProbe, bound, job_client, place_of, pulse_for
 from llamafactory_hera.training.watch_judge import PHASES, PLACEHOLDER, Judge, described
 from llamafactory_hera.training.watch_stack import MainThread
 
 PAUSED = 3  # pulses: a longer gap in its own pulses means this rank was stopped (SIGSTOP, swap)
-MARGIN_S = 10.0  # step/save collectives' timeout: the bound, 3 pulses and this
 NOTICE_S = 3.0  # the ending rank's wait for each node's log to hold the line
-BOUNDED = ("step", "save")  # collectives bounded by torch's timeout (no rank works alone before them)
+NAMING_PULSES = 4  # past a bound: the monitor's read and verdict, each rank's read of it, its told mark
 
 
 class Watchdog:
@@ -47,7 +45,6 @@ class Watchdog:
         timeout: float | None,
         output_dir: str,
         clock: Callable[[], float] = time.monotonic,
-        job_timeout: float | None = None,
     ) -> None:
         self.place = place
         self.store = store
@@ -55,8 +52,6 @@ class Watchdog:
         self.timeout = timeout
         self.clock = clock
         self.pulse_s = pulse_for(timeout)
-        self.job_timeout = job_timeout
-        self.pg_timeout = None
         self.last: dict[str, float] = {}  # kind -> the last such section's seconds
         self.state = ("loading", "loading", 0, clock())  # section, kind, step, entered (one write)
         self.count = 0
@@ -91,7 +86,6 @@ class Watchdog:
         self.last[previous[1]] = now - previous[3]
         self.state = (section, kind, previous[2] if step is None else step, now)
         self.count = 0
-        self._bound_collectives(kind)
         self.entered.set()  # published soon: a rank freezing next is named here
 
     def progress(self) -> None:
@@ -106,19 +100,6 @@ class Watchdog:
 
     def bound(self) -> float:
         return bound(self.state[1], self.last, self.timeout)
-
-    def _bound_collectives(self, kind: str) -> None:
-        """Torch's process-group timeout: in a step or save, the bound plus time for the line; elsewhere the job's (a
-        rank may work alone while others wait in a collective)."""
-        wanted = self.bound() + 3 * self.pulse_s + MARGIN_S if kind in BOUNDED else self.job_timeout
-        if wanted is None or (self.pg_timeout is None and kind not in BOUNDED):
-            return
-        if self.pg_timeout is not None and abs(wanted - self.pg_timeout) < 1.0:
-            return
-        setter = getattr(dist.distributed_c10d, "_set_pg_timeout", None)
-        if setter is not None and dist.is_available() and dist.is_initialized():
-            setter(timedelta(seconds=wanted))
-            self.pg_timeout = wanted
 
     # --- the beat ---
 
@@ -315,7 +296,8 @@ class Watchdog:
             raw = self._call(lambda: self.store.get(self.keys.beat(0))) if self.in_call is None else None
             verdict = (json.loads(raw).get("verdict") if raw and raw != PLACEHOLDER else None) or ""
             self.end(self._thawed(verdict or f"its collective failed ({first})"), store=False)
-        say_apart(watch_lines.collective_failed(self.place.rank, self.place.host, self.state[0], error))
+        section = sections.failed_in(error) or self.state[0]  # a section block restored the one before it
+        say_apart(watch_lines.collective_failed(self.place.rank, self.place.host, section, error))
 
     def start(self) -> None:
         """First beat first (rank 0's before its thread writes the placeholders, so no rank reads one of rank 0's),
@@ -363,13 +345,23 @@ def _started(training_args: Any, timeout: float | None) -> Watchdog | None:
     if store is None:
         return None
     keys = job_store.launch_mark(store, os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
-    dog = Watchdog(
-        place_of(training_args, store),
-        store,
-        keys,
-        timeout,
-        str(Path(training_args.output_dir)),
-        job_timeout=getattr(training_args, "ddp_timeout", None),
-    )
+    dog = Watchdog(place_of(training_args, store), store, keys, timeout, str(Path(training_args.output_dir)))
+    warning = short_ddp_timeout(getattr(training_args, "ddp_timeout", None), timeout)
+    if warning and dog.place.rank == 0:
+        say(warning)
     dog.start()
     return dog
+
+
+def short_ddp_timeout(ddp_timeout: float | None, timeout: float | None) -> str | None:
+    """The warning for a ``ddp_timeout`` under the seconds the watchdog may take to name a rank (its longest first
+    bound, or the recipe's ``timeout``, and the pulses after it): torch would end a hung collective first, unnamed."""
+    pulse = pulse_for(timeout)
+    naming = (timeout or max(watch_bounds.FIRST.values())) + NAMING_PULSES * pulse + NOTICE_S
+    if not ddp_timeout or ddp_timeout >= naming:
+        return None
+    return (
+        f"warning: ddp_timeout: {ddp_timeout:g} s is shorter than the watchdog's time to name a hung rank (up to "
+        f"{naming:.0f} s): torch ends a hung collective first, without naming the rank that stopped. Set ddp_timeout: "
+        "180000000 (as LLaMA-Factory's examples and the shipped recipes do)."
+    )
