@@ -4,6 +4,7 @@ is hooked."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,10 @@ import pytest
 import torch
 from transformers import Trainer, TrainingArguments
 
+from llamafactory_hera.runtime import job_store
 from llamafactory_hera.training import sections
+from llamafactory_hera.training.watch_bounds import Place
+from llamafactory_hera.training.watchdog import Watchdog
 
 
 class _Tiny(torch.nn.Module):
@@ -80,3 +84,18 @@ def test_unwatched_nothing_is_hooked(tmp_path: Path) -> None:
     assert loss.requires_grad and not loss._backward_hooks
     loss.backward()
     sections.reached(sections.OPTIMIZER)  # no watchdog to tell
+
+
+def test_a_point_advances_the_beats_position_and_the_beat_says_where() -> None:
+    """Rank 1's beat (no store call made): each point one more unit of the position's progress, the last point in the
+    beat; a new section starts from none."""
+    place = Place(1, 2, 1, "0", 1, "node-a", "127.0.0.1:0")
+    dog = Watchdog(place, None, job_store.Keys("test/"), 1.0, ".")
+    dog.enter("step 3", "step", 3)
+    dog.progress()
+    dog.reached(sections.BACKWARD)
+    beat = json.loads(dog.beat())
+    assert beat["position"] == [3, 4, 2] and beat["point"] == sections.BACKWARD
+    dog.enter("the save of checkpoint-3", "save")
+    beat = json.loads(dog.beat())
+    assert beat["position"] == [3, 5, 0] and "point" not in beat
