@@ -2,8 +2,9 @@
 "What it watches".
 
 A beat (JSON) has a pulse count (the rank's watchdog lives) and a position ``[step, phase, progress]`` (:data:`PHASES`)
-that only grows while the rank works. The monitor uses only its own clock. An unreadable beat changes nothing: only a
-rank's own last beat says it left.
+that only grows while the rank works (each point of a micro-step a unit: a rank that stopped short of a collective
+stays behind the ranks waiting in it), and the ``point`` where it is. The monitor uses only its own clock. An
+unreadable beat changes nothing: only a rank's own last beat says it left.
 """
 
 from __future__ import annotations
