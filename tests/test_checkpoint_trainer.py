@@ -31,8 +31,9 @@ class _Tiny(nn.Module):
         return {"loss": ((self.linear(x).squeeze(-1) - labels) ** 2).mean()}
 
 
-class _Trainer(WholeCheckpoints, Trainer):
-    """A plugin trainer: its save signal is the one its stage notes (here the test's ``stop_signal.noting``)."""
+class _Trainer(sections.StepPoints, WholeCheckpoints, Trainer):
+    """A plugin trainer, as the methods' workflows build one: its save signal is the one its stage notes (here the
+    test's ``stop_signal.noting``)."""
 
 
 def _trainer(out: Path, **keys: Any) -> _Trainer:
@@ -126,6 +127,9 @@ class _Recorder:
     def progress(self) -> None:
         self.count += 1
 
+    def reached(self, point: str) -> None:
+        self.count += 1
+
     def where(self) -> tuple[str, str, int]:
         return self.state
 
@@ -180,13 +184,14 @@ def test_the_final_model_keeps_the_recipes_save_total_limit(tmp_path: Path) -> N
 def test_each_save_is_watched_as_a_save_and_the_end_of_the_run_as_the_final_save(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """One step of a real Trainer and its checkpoint: the sections a watchdog is told, in order, with the progress
-    in each. A micro-batch counts three times (its loss begun, the model's forward begun and done; one here); a
+    in each. A step of one micro-batch counts eight times (its loss begun, the model's forward begun and done, its loss
+    returned, its backward begun and ended, the optimizer step begun and ended); a
     checkpoint's save is a ``save`` (its bound is a save's, not a step's), each of its stages a unit of progress;
     after the steps the rank is in the final save's own section (``final``: its own bound)."""
     dog = _Recorder()
     monkeypatch.setattr(sections, "_running", [dog])
     _trainer(tmp_path, max_steps=1).train()
-    assert dog.entered[1:] == [("step 1", "step", 1, 3), ("the save of checkpoint-1", "save", 1, 3),
+    assert dog.entered[1:] == [("step 1", "step", 1, 8), ("the save of checkpoint-1", "save", 1, 3),
                                ("step 1", "step", 1, 0)]
     assert dog.where() == ("the end of the run (final save)", "final", 1)
 

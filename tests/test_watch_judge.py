@@ -138,15 +138,16 @@ def test_a_rank_never_heard_is_named_after_the_first_bound_and_the_monitors_own_
     assert named(judge, 1020.0) == [] and named(judge, 1031.0) == [(1, "unheard")]
 
 
-def test_one_clause_per_reason_and_host() -> None:
-    judge = Judge([2, 3, 4], now=0.0, first_bound=600)
+def test_one_clause_per_reason_and_section_with_its_hosts() -> None:
+    judge = Judge([2, 3, 4, 5], now=0.0, first_bound=600)
     for rank in (2, 3):
         judge.observe(rank, beat(1, host="node-b", section="the save of checkpoint-4", bound=900), 0.0)
     judge.observe(4, beat(1, host="node-c", bound=900), 0.0)
+    judge.observe(5, beat(1, host="node-d", section="the save of checkpoint-4", bound=900), 0.0)
     text = described(judge.named(905.0))
-    assert re.fullmatch(r"ranks 2, 3 on node-b, unheard for 905 s in the save of checkpoint-4 \(bound 900 s\): its "
-                        r"process or host is frozen or gone; rank 4 on node-c, unheard for 905 s in step 3 \(bound "
-                        r"900 s\): its process or host is frozen or gone", text), text
+    assert re.fullmatch(r"ranks 2, 3, 5 on node-b, node-d, unheard for 905 s in the save of checkpoint-4 \(bound 900 "
+                        r"s\): its process or host is frozen or gone; rank 4 on node-c, unheard for 905 s in step 3 "
+                        r"\(bound 900 s\): its process or host is frozen or gone", text), text
 
 
 def _loading(pulse: int, moves: int, collective: bool, host: str = "node-b") -> bytes:

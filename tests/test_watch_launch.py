@@ -24,13 +24,16 @@ BOUND = 3.0
 
 @pytest.mark.parametrize(
     ("point", "at", "section", "hang"),
-    [("step", 2, "step 2", "as step 2 of this launch begins"), ("load", 1, "loading", "as the model's load begins")],
-    ids=["step", "load"],
+    [("step", 2, "step 2", "as step 2 of this launch begins"), ("load", 1, "loading", "as the model's load begins"),
+     ("backward", 2, "step 2", "before backward 2 of this launch")],
+    ids=["step", "load", "backward"],
 )
 def test_a_rank_stuck_is_named_and_the_job_ends_within_the_bound(
     assets: Any, tmp_path: Path, point: str, at: int, section: str, hang: str
 ) -> None:
-    """In a step: rank 0 waits in the step's collective. In the model's load (which counts no progress: the stuck
+    """In a step: rank 0 waits in the step's collective. Before its backward (its forward and loss done): rank 0 went
+    on into its own backward and waits in its gradients' all-reduce, ahead of it, so rank 1 alone is named, with the
+    point where it stopped. In the model's load (which counts no progress: the stuck
     rank's main thread stands still while rank 0, loaded, waits in a collective of the Trainer's set-up)."""
     out = tmp_path / "out"
     fault = {"point": point, "signal": "hang", "rank": 1, "at": at}
@@ -46,6 +49,8 @@ def test_a_rank_stuck_is_named_and_the_job_ends_within_the_bound(
                        r"\(bound (\d+) s\): alive but stuck", printed)
     assert proc.returncode != 0 and f"[fault_injection] rank 1: HANG {hang}" in printed, printed[-4000:]
     assert len(lines) == 1 and lines[0][0] == "1" and lines[0][2] == section, printed[-4000:]
+    if point == "backward":
+        assert "alive but stuck after its forward, before its backward" in printed, printed[-4000:]
     hung = float(re.search(rf"HANG {re.escape(hang)} at (\d+\.\d)", printed)[1])
     ended = time.time() - hung  # to both ranks' end and the launch's return
     print(f"a rank stuck in {section} (bound {BOUND:.0f} s): named after {lines[0][1]} s without progress; the launch "

@@ -4,6 +4,7 @@
 when its count of the point's events reaches ``at`` (1-based, counted in this process):
 
 - ``forward``: the ``at``-th decoder-layer forward inside a training step (a global forward pre-hook);
+- ``backward``: as the ``at``-th backward inside a training step begins (its forward and loss done);
 - ``optimizer``: the ``at``-th optimizer step, before (``when: pre``) or after (``post``) it changed the weights;
 - ``write``: the ``at``-th file a checkpoint save writes (``torch.save``, safetensors' ``save_file``, the Trainer's
   ``trainer_state.json``; the end-of-run save included), counted from the ``save``-th checkpoint save on (default 1):
@@ -158,6 +159,17 @@ def _patch_module(module) -> None:
             act(f"in the forward of {type(layer).__name__}")
 
     module.register_module_forward_pre_hook(pre_hook)
+
+
+def _patch_accelerator(module) -> None:
+    backward = module.Accelerator.backward
+
+    def backward_begins(self, *args, **kwargs):
+        if state["step"] and reached("backward"):
+            act(f"before backward {counts['backward']} of this launch")
+        return backward(self, *args, **kwargs)
+
+    module.Accelerator.backward = backward_begins
 
 
 def _patch_optimizer(module) -> None:
@@ -351,7 +363,8 @@ if "RANK" in os.environ or "HERA_TESTS_WARM_PROCESS" in os.environ:
     from after_import import patch_after_import  # tests/process_hooks/
 
     patch_after_import({"torch": _patch_torch, "torch.nn.modules.module": _patch_module,
-                        "torch.optim.optimizer": _patch_optimizer, "safetensors.torch": _patch_safetensors,
+                        "torch.optim.optimizer": _patch_optimizer, "accelerate.accelerator": _patch_accelerator,
+                        "safetensors.torch": _patch_safetensors,
                         "transformers.trainer": _patch_trainer,
                         "llamafactory_hera.runtime.whole_checkpoints": _patch_whole,
                         "llamafactory_hera.hera.teacher": _patch_teacher,

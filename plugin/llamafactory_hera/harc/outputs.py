@@ -19,6 +19,7 @@ from llamafactory_hera.harc.evaluate import generate_answers, refusal_record
 from llamafactory_hera.harc.plots import plot_diagnostics, plot_refusal
 from llamafactory_hera.harc.state import STATE_FILE
 from llamafactory_hera.plots.training import plot_training
+from llamafactory_hera.training import sections
 
 DIRECTIONS_FILE = "harc_directions.pt"
 LAYERS_FILE = "harc_layers.json"
@@ -93,7 +94,8 @@ def finish_run(trainer: Any) -> None:
             f"{DIRECTIONS_FILE}, {LAYERS_FILE}, {EVAL_FILE} and plots in {output}"
         )
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
+        with sections.collective("the barrier after HARC's evaluation"):
+            torch.distributed.barrier()
 
 
 def _pct(value: float | None) -> str:

@@ -26,6 +26,7 @@ from llamafactory_hera.harc.directions import (
 )
 from llamafactory_hera.harc.layers import layer_scores, select_layers
 from llamafactory_hera.runtime.errors import RecipeError
+from llamafactory_hera.training import sections
 
 STATE_FILE = "harc_state.pt"
 
@@ -35,7 +36,8 @@ def _broadcast(value: Any) -> Any:
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return value
     box = [value]
-    torch.distributed.broadcast_object_list(box, src=0)
+    with sections.collective("HARC's broadcast of rank 0's directions"):
+        torch.distributed.broadcast_object_list(box, src=0)
     return box[0]
 
 

@@ -222,7 +222,8 @@ class HarcTrainerMixin(Trainer):
             if torch.distributed.is_available() and torch.distributed.is_initialized():
                 device = self.args.device if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
                 sums = sums.to(device)
-                torch.distributed.all_reduce(sums)
+                with sections.collective("HARC's all-reduce of the logged sums"):
+                    torch.distributed.all_reduce(sums)
             sums = sums.cpu()
             if sums[-1] > 0:
                 for index, term in enumerate(_TERMS):

@@ -24,6 +24,7 @@ from llamafactory_hera.runtime.stage_run import HostArguments
 from llamafactory_hera.training.checkpoint_weights import RestoresCheckpointWeights
 from llamafactory_hera.training.checkpoints import WholeCheckpoints
 from llamafactory_hera.training.eval_forward import keep_4bit_layout
+from llamafactory_hera.training.sections import StepPoints
 from llamafactory_hera_patches.tools.model_data import RecipeArgs, load_aligned_rows
 
 
@@ -130,7 +131,7 @@ def train(harc_args: HarcArguments, host: Any, parsed: HostArguments, callbacks:
         )
         return {"train_dataset": dataset, "eval_dataset": None}
 
-    class HarcSeq2SeqTrainer(HarcTrainerMixin, WholeCheckpoints, RestoresCheckpointWeights, host.trainer):
+    class HarcSeq2SeqTrainer(StepPoints, HarcTrainerMixin, WholeCheckpoints, RestoresCheckpointWeights, host.trainer):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, harc_args=harc_args, harc_run=run, **kwargs)
             keep_4bit_layout(self.model)  # through every eval forward: directions and the end-of-run generation

@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import TrainerCallback
 
+from llamafactory_hera.training import sections
+
 Similarity = Literal["cosine", "dot"]
 
 
@@ -102,13 +104,15 @@ class _GatherWithGrad(torch.autograd.Function):
         rank = torch.distributed.get_rank()
         ctx.slice = (rank * tensor.shape[1], (rank + 1) * tensor.shape[1])
         parts = [torch.empty_like(tensor) for _ in range(world)]
-        torch.distributed.all_gather(parts, tensor.contiguous())
+        with sections.collective("HeRA's all-gather of the heads' representations"):
+            torch.distributed.all_gather(parts, tensor.contiguous())
         return torch.cat(parts, dim=1)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
         grad = grad.contiguous().clone()
-        torch.distributed.all_reduce(grad)
+        with sections.collective("HeRA's all-reduce of the representations' gradients"):
+            torch.distributed.all_reduce(grad)
         start, end = ctx.slice
         return grad[:, start:end]
 
@@ -121,7 +125,8 @@ def gather_batch(reps: torch.Tensor, teacher: torch.Tensor) -> tuple[torch.Tenso
     # HeRA's one host sync in a step (hera_gather only): the gathered shape depends on every rank's anchor count.
     size = torch.tensor([reps.shape[1]], device=reps.device)
     sizes_t = [torch.zeros_like(size) for _ in range(world)]
-    torch.distributed.all_gather(sizes_t, size)
+    with sections.collective("HeRA's all-gather of the batch sizes"):
+        torch.distributed.all_gather(sizes_t, size)
     sizes = [int(s) for s in torch.cat(sizes_t).tolist()]
     longest = max(sizes)
     pad = longest - reps.shape[1]
@@ -129,7 +134,8 @@ def gather_batch(reps: torch.Tensor, teacher: torch.Tensor) -> tuple[torch.Tenso
     padded_teacher = torch.nn.functional.pad(teacher, (0, 0, 0, pad)).contiguous()
     gathered = _GatherWithGrad.apply(padded)  # [H, world * longest, D], differentiable
     teacher_parts = [torch.zeros_like(padded_teacher) for _ in range(world)]
-    torch.distributed.all_gather(teacher_parts, padded_teacher)
+    with sections.collective("HeRA's all-gather of the teacher's features"):
+        torch.distributed.all_gather(teacher_parts, padded_teacher)
     reps_out = torch.cat([gathered[:, r * longest : r * longest + n] for r, n in enumerate(sizes)], dim=1)
     teacher_out = torch.cat([part[:n] for part, n in zip(teacher_parts, sizes, strict=True)])
     return reps_out, teacher_out, sum(sizes[:rank]), sizes
@@ -140,7 +146,8 @@ def all_ranks_all(flag: torch.Tensor) -> torch.Tensor:
     if not distributed():
         return flag
     value = flag.to(torch.int32).reshape(1)
-    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MIN)
+    with sections.collective("HeRA's all-reduce of the batch's finite check"):
+        torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MIN)
     return value[0].bool()
 
 
@@ -211,7 +218,8 @@ class TemperatureGradHandler(TrainerCallback):
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             if self.log_tau.grad is None:
                 self.log_tau.grad = torch.zeros_like(self.log_tau)
-            torch.distributed.all_reduce(self.log_tau.grad)
+            with sections.collective("HeRA's all-reduce of the temperature's gradient"):
+                torch.distributed.all_reduce(self.log_tau.grad)
             self.log_tau.grad /= torch.distributed.get_world_size()
         if self.own_optimizer is not None and self.log_tau.grad is not None:
             main = kwargs.get("optimizer")

@@ -25,6 +25,7 @@ from llamafactory_hera.hera.teacher import teacher_batch_size
 from llamafactory_hera.hera.teacher_cache import feature_store
 from llamafactory_hera.runtime.errors import RecipeError
 from llamafactory_hera.runtime.log import say
+from llamafactory_hera.training import sections
 from llamafactory_hera.training.eval_forward import eval_mode
 from llamafactory_hera_patches.engines.deepspeed import zero3_forward
 from llamafactory_hera_patches.tools.model_data import split_rows, tokenized_rows_and_collator
@@ -227,7 +228,8 @@ class MonitorCallback(TrainerCallback):
         wait_for_device(self.device)  # queued kernels are the step's time, not the point's
         scores = self.score(model)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.broadcast(scores, src=0)
+            with sections.collective("the alignment monitor's broadcast of rank 0's scores"):
+                torch.distributed.broadcast(scores, src=0)
         return self.logs(scores.tolist())  # the monitor's one device-to-host copy
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:  # noqa: D102

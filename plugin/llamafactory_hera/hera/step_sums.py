@@ -12,6 +12,7 @@ import torch
 
 from llamafactory_hera.hera.loss import used_temperature
 from llamafactory_hera.runtime.log import line
+from llamafactory_hera.training import sections
 
 __all__ = ["DEVICE_STATS", "FOLD_AT", "HOST_STATS", "NONFINITE_WARNING", "StepSums"]
 
@@ -130,7 +131,8 @@ class StepSums:
         stats = local.clone()
         world = 1
         if reduce and torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(stats)
+            with sections.collective("HeRA's all-reduce of the logged sums"):
+                torch.distributed.all_reduce(stats)
             world = torch.distributed.get_world_size()
         names = (*DEVICE_STATS, *HOST_STATS, "temperature")
         both = torch.stack([local, stats]).tolist()  # the logging step's one device-to-host copy

@@ -27,6 +27,7 @@ from llamafactory_hera.hera.teacher_cache import TeacherFeatureCache, TeacherFea
 from llamafactory_hera.runtime import stop_signal
 from llamafactory_hera.runtime.errors import RecipeError
 from llamafactory_hera.runtime.log import say
+from llamafactory_hera.training import sections
 
 GATHER_ROWS = 4096  # rows per all-gather: 16 MB per rank at E=1024
 
@@ -63,7 +64,8 @@ def stored_rows(store: TeacherFeatureStore | None, keys: list[str]) -> dict[int,
     if not distributed():
         return _by_position(store, keys)
     counts = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(counts, len(keys))
+    with sections.collective("the teacher pass's all-gather of the image counts"):
+        torch.distributed.all_gather_object(counts, len(keys))
     if len(set(counts)) > 1:
         raise RecipeError(
             f"hera_teacher_precompute: the ranks see different numbers of distinct training images "
@@ -72,7 +74,8 @@ def stored_rows(store: TeacherFeatureStore | None, keys: list[str]) -> dict[int,
             "or set hera_teacher_precompute: false."
         )
     payload = [_by_position(store, keys) if torch.distributed.get_rank() == 0 else None]
-    torch.distributed.broadcast_object_list(payload, src=0)
+    with sections.collective("the teacher pass's broadcast of rank 0's stored rows"):
+        torch.distributed.broadcast_object_list(payload, src=0)
     return payload[0] or {}
 
 
@@ -127,7 +130,8 @@ def precompute_teacher_features(
     backend = torch.distributed.get_backend()
     comm = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
     noted = torch.tensor([float(stop_signal.received())], device=comm)
-    torch.distributed.all_reduce(noted)  # every rank, signalled or not: one stop for all
+    with sections.collective("the teacher pass's all-reduce of the stop signal"):
+        torch.distributed.all_reduce(noted)  # every rank, signalled or not: one stop for all
     stop_signal.stop_before_step("the teacher features computed so far kept in its store", agreed=noted.item() > 0)
     per_rank = -(-len(keys) // world)
     padded = torch.zeros(per_rank, local.shape[-1], dtype=local.dtype, device=comm)
@@ -135,7 +139,8 @@ def precompute_teacher_features(
     for start in range(0, per_rank, GATHER_ROWS):
         piece = padded[start : start + GATHER_ROWS].contiguous()
         gathered = [torch.empty_like(piece) for _ in range(world)]
-        torch.distributed.all_gather(gathered, piece)
+        with sections.collective("the teacher pass's all-gather of the features"):
+            torch.distributed.all_gather(gathered, piece)
         for source, block in enumerate(gathered):
             block = block.to("cpu")
             for offset in range(block.shape[0]):
@@ -158,7 +163,8 @@ def check_same_on_every_rank(model: torch.nn.Module, key: str, name: str) -> Non
     ]
     sums = torch.stack(parts).sum(0).tolist() if parts else [0.0, 0.0]
     every: list[Any] = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(every, sums)
+    with sections.collective("the all-gather of the teacher's weight sums"):
+        torch.distributed.all_gather_object(every, sums)
     table = torch.tensor(every, dtype=torch.float64)  # [world, 2]; equal up to summation order
     differ = [rank for rank in range(len(every)) if not torch.allclose(table[rank], table[0], rtol=1e-9, atol=0.0)]
     if differ:  # rank 0 and the first differing: one line

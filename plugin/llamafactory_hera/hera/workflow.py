@@ -42,6 +42,7 @@ from llamafactory_hera.training import sections
 from llamafactory_hera.training.checkpoint_weights import RestoresCheckpointWeights
 from llamafactory_hera.training.checkpoints import WholeCheckpoints
 from llamafactory_hera.training.eval_forward import keep_4bit_layout
+from llamafactory_hera.training.sections import StepPoints
 from llamafactory_hera_patches.tools.model_data import RecipeArgs
 
 
@@ -157,7 +158,7 @@ def _hera_classes(
         },
     )
 
-    class HeraSeq2SeqTrainer(HeraTrainer, WholeCheckpoints, RestoresCheckpointWeights, host.trainer):
+    class HeraSeq2SeqTrainer(StepPoints, HeraTrainer, WholeCheckpoints, RestoresCheckpointWeights, host.trainer):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             if hera_args.auto_heads:  # prepare() resolves it; a trainer of no heads would align nothing
                 raise ValueError("hera_heads: auto has not been resolved yet")

@@ -105,7 +105,8 @@ class WholeCheckpoints(Trainer):
             f"{self.state.global_step} and stopped; to go on, {stop_signal.RERUN}{moved}."
         )
         if dist.is_initialized():
-            dist.barrier()
+            with sections.collective("the barrier after the stop's save"):
+                dist.barrier()
             dist.destroy_process_group()
         raise SystemExit(0)
 
@@ -119,13 +120,6 @@ class WholeCheckpoints(Trainer):
             if not os.path.samefile(folder, best):
                 whole.unmark(folder)  # a kill amid deletion leaves it half-written
                 shutil.rmtree(folder, ignore_errors=True)
-
-    @override
-    def compute_loss(self, model: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
-        """A micro-batch begun is progress, counted before the model's own collectives (DDP's buffer broadcast): a rank
-        stuck before them stays behind."""
-        sections.progress()
-        return super().compute_loss(model, inputs, *args, **kwargs)
 
     @override
     def _run_epoch(self, *args: Any, **kwargs: Any) -> Any:
@@ -237,7 +231,8 @@ def _every_rank_saved(device: torch.device) -> None:
     host: NCCL only queues the call, and rank 0 would mark and rotate while another rank writes."""
     if dist.is_initialized():
         saved = torch.ones(1, device=device)
-        dist.all_reduce(saved)
+        with sections.collective("the all-reduce that agrees every rank saved"):
+            dist.all_reduce(saved)
         if round(saved.item()) != dist.get_world_size():  # .item() waits for the all-reduce
             raise RuntimeError(f"checkpoint save: {saved.item():g} of {dist.get_world_size()} ranks saved")
 

@@ -2,7 +2,11 @@
 
 A section's kind sets its bound and watch (``watch_judge.py``): ``loading``, ``selection``, ``directions``, ``teacher``
 (before step 1), ``step``, ``save``, ``final``, ``wait`` (on another rank's work). Progress only grows while the rank
-works: forwards begun and done, save stages done. Nothing here writes, syncs or runs a collective.
+works: the points of a training micro-step (:class:`StepPoints`: the forward begun and returned, the backward begun and
+ended, the optimizer step begun and ended; the plugin's collectives, :func:`collective`), forwards begun and done, save
+stages done. A point also says where the rank is until the next one, for the line that names it: a rank that stopped
+short of a collective stays behind the ranks waiting in it, and is named alone. Unwatched, nothing is hooked: a point
+costs an empty call. Nothing here writes, syncs or runs a collective.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ from typing import Any, Protocol
 
 import torch
 from torch.nn.modules import module as nn_module
+from transformers import Trainer, TrainerCallback
+from typing_extensions import override
 
 
 class Watched(Protocol):
@@ -22,10 +28,13 @@ class Watched(Protocol):
 
     def progress(self) -> None: ...
 
+    def reached(self, point: str) -> None: ...
+
     def where(self) -> tuple[str, str, int]: ...
 
 
 _running: list[Watched] = []  # this process's watchdog (none or one)
+FORWARD = "in its forward"  # the point a forward begun leaves a rank at
 FAILED_IN = "_llamafactory_hera_section"  # set on an error as it leaves its innermost section block
 
 
@@ -44,6 +53,26 @@ def progress(*_: Any) -> None:
     """One unit of progress in the current section; ignores a hook's arguments."""
     for dog in _running:
         dog.progress()
+
+
+def watched() -> bool:
+    """Whether a watchdog runs in this process (a hook that costs anything is set only then)."""
+    return bool(_running)
+
+
+def reached(point: str) -> None:
+    """One unit of progress, after which this rank is ``point`` (``"in its backward"``); no-op unwatched."""
+    for dog in _running:
+        dog.reached(point)
+
+
+@contextlib.contextmanager
+def collective(name: str) -> Iterator[None]:
+    """A collective of the plugin's (``name``: ``"HeRA's all-gather of the batch sizes"``) for the block: a point as it
+    begins and as it returns, so a rank that never reaches it stays behind the ranks waiting in it."""
+    reached(f"in {name}")
+    yield
+    reached(f"after {name}")
 
 
 @contextlib.contextmanager
@@ -70,11 +99,70 @@ def section(name: str, kind: str | None = None, *, forwards: bool = False) -> It
 
 @contextlib.contextmanager
 def counting_forwards(model: torch.nn.Module) -> Iterator[None]:
-    """Each forward of ``model`` counts twice, as it begins and returns: a rank stuck in its forward stays behind the
-    ranks waiting in a collective."""
-    handles = [model.register_forward_pre_hook(progress), model.register_forward_hook(progress)] if _running else []
+    """Each forward of ``model`` counts twice, as it begins (a point: in its forward) and returns: a rank stuck in its
+    forward stays behind the ranks waiting in a collective."""
+    handles = []
+    if _running:
+        handles = [model.register_forward_pre_hook(_forward_begun), model.register_forward_hook(progress)]
     try:
         yield
     finally:
         for handle in handles:
             handle.remove()
+
+
+def _forward_begun(*_: Any) -> None:
+    reached(FORWARD)
+
+
+BEFORE_BACKWARD = "after its forward, before its backward"
+AFTER_FORWARD = "after its forward"  # an evaluation's: no backward follows
+BACKWARD = "in its backward"
+AFTER_BACKWARD = "after its backward"
+OPTIMIZER = "in the optimizer step"
+AFTER_OPTIMIZER = "after the optimizer step"
+
+
+class _OptimizerPoints(TrainerCallback):
+    """The optimizer step's two points (after the gradients' clipping and the callbacks before it)."""
+
+    @override
+    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        reached(OPTIMIZER)
+
+    @override
+    def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        reached(AFTER_OPTIMIZER)
+
+
+class StepPoints(Trainer):
+    """First of a method's trainer classes: its ``compute_loss`` is the outermost, so the points enclose the method's
+    whole loss (its own gathers included) and hook the loss the backward starts from."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.add_callback(_OptimizerPoints())  # after the method's callbacks: their collectives come first
+
+    @override
+    def compute_loss(self, model: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
+        """The forward begun before the model's own collectives (DDP's buffer broadcast), and returned; a loss that
+        will go backward is hooked to mark the backward's begin and end."""
+        reached(FORWARD)
+        result = super().compute_loss(model, inputs, *args, **kwargs)
+        loss = result[0] if isinstance(result, tuple) else result
+        backward = watched() and isinstance(loss, torch.Tensor) and loss.requires_grad
+        if backward:
+            loss.register_hook(_backward_begun)
+        reached(BEFORE_BACKWARD if backward else AFTER_FORWARD)
+        return result
+
+
+def _backward_begun(grad: torch.Tensor) -> None:
+    """The loss's gradient: the backward has begun. Its end is a callback the autograd engine runs once the whole
+    backward is done (before DDP's wait for its gradients' all-reduce, queued later)."""
+    reached(BACKWARD)
+    torch.autograd.Variable._execution_engine.queue_callback(_backward_ended)
+
+
+def _backward_ended() -> None:
+    reached(AFTER_BACKWARD)

@@ -2,8 +2,9 @@
 "What it watches".
 
 A beat (JSON) has a pulse count (the rank's watchdog lives) and a position ``[step, phase, progress]`` (:data:`PHASES`)
-that only grows while the rank works. The monitor uses only its own clock. An unreadable beat changes nothing: only a
-rank's own last beat says it left.
+that only grows while the rank works (each point of a micro-step a unit: a rank that stopped short of a collective
+stays behind the ranks waiting in it), and the ``point`` where it is. The monitor uses only its own clock. An
+unreadable beat changes nothing: only a rank's own last beat says it left.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ class Named:
     why: str
     seconds: float
     beat: dict[str, Any]
+    alike: bool = False  # stuck, as every rank in the run is, at the same point (a collective that does not complete)
 
 
 def parse(raw: bytes | None) -> dict[str, Any] | None:
@@ -105,7 +107,9 @@ class Judge:
         return found or self._stuck(judged, now)
 
     def _stuck(self, judged: dict[int, Seen], now: float) -> list[Named]:
-        """The stalled ranks at the lowest position of those that can hold the others up, if none there still moves."""
+        """The stalled ranks at the lowest position of those that can hold the others up, if none there still moves:
+        the one that stopped first alone, where the others went on to wait in the next collective. ``alike``: every
+        rank still in the run is among them (no rank ahead, none done)."""
         stalled = {rank for rank, seen in judged.items() if _stalled(seen, now)}
         if not stalled:
             return []
@@ -116,7 +120,12 @@ class Judge:
         held = [rank for rank in sorted(stalled) if positions[rank] == lowest]
         if all(judged[rank].beat.get("kind") == "loading" for rank in held):
             held = _holding_up(held, judged)
-        return [Named(rank, "stuck", now - judged[rank].moved_since, judged[rank].beat) for rank in held]
+        running = sum(1 for seen in self.seen.values() if seen.heard and not seen.beat.get("left"))
+        waiting = all(
+            judged[rank].beat.get("kind") != "loading" or judged[rank].beat.get("collective") for rank in held
+        )
+        alike = len(held) > 1 and len(held) == running and waiting
+        return [Named(rank, "stuck", now - judged[rank].moved_since, judged[rank].beat, alike) for rank in held]
 
 
 def _holding_up(loading: list[int], judged: dict[int, Seen]) -> list[int]:
@@ -147,49 +156,89 @@ def _order(beat: dict[str, Any]) -> tuple[float, ...]:
     return tuple(float(value) for value in position)
 
 
+LINE_CHARS = 400  # the most a line naming ranks takes (more reasons than fit are counted)
+SHOWN = 3  # rank ranges and hosts named in a clause; the rest are counted
+
+
 def _group(named: list[Named]) -> list[list[Named]]:
-    """The named ranks grouped by why and host, in first-named order."""
-    groups: dict[tuple[str, str], list[Named]] = {}
+    """The named ranks grouped by why, section and (stuck) point, in first-named order."""
+    groups: dict[tuple[str, str, str], list[Named]] = {}
     for entry in named:
-        groups.setdefault((entry.why, str(entry.beat.get("host", "?"))), []).append(entry)
+        point = str(entry.beat.get("point", "")) if entry.why == "stuck" else ""
+        key = (entry.why, str(entry.beat.get("section", "?")), point)
+        groups.setdefault(key, []).append(entry)
     return list(groups.values())
 
 
 def _ranks(group: list[Named]) -> str:
-    return f"rank{'s' * (len(group) > 1)} {', '.join(str(entry.rank) for entry in group)}"
+    """``rank 5``, ``ranks 0, 1``, ``ranks 0-1023, 1025-4095 (4,095 ranks)``: runs as ranges, the first few."""
+    ranks = sorted(entry.rank for entry in group)
+    runs: list[list[int]] = []
+    for rank in ranks:
+        if runs and rank == runs[-1][-1] + 1:
+            runs[-1].append(rank)
+        else:
+            runs.append([rank])
+    spans = [f"{run[0]}-{run[-1]}" if len(run) > 2 else ", ".join(map(str, run)) for run in runs[:SHOWN]]
+    more = f" and {len(runs) - SHOWN} more ranges" if len(runs) > SHOWN else ""
+    listed = sum(len(run) for run in runs[:SHOWN] if len(run) <= 2)  # written out one by one
+    count = f" ({len(ranks):,} ranks)" if len(runs) > 1 and len(ranks) > listed else ""
+    return f"rank{'s' * (len(ranks) > 1)} {', '.join(spans)}{more}{count}"
+
+
+def _hosts(group: list[Named]) -> str:
+    """The group's hosts in rank order: the first few, then how many more."""
+    hosts = list(dict.fromkeys(str(entry.beat.get("host", "?")) for entry in sorted(group, key=lambda e: e.rank)))
+    more = f" and {len(hosts) - SHOWN} more hosts" if len(hosts) > SHOWN else ""
+    return ", ".join(hosts[:SHOWN]) + more
 
 
 def described(named: list[Named]) -> str:
-    """The named ranks, one clause per reason and host: rank, host, section, seconds, bound."""
-    clauses = []
-    for group in _group(named):
-        first = group[0]
-        seconds = max(entry.seconds for entry in group)
-        bound = float(first.beat.get("bound", 0) or 0)
-        where = f"{_ranks(group)} on {first.beat.get('host', '?')}"
-        section = first.beat.get("section", "?")
-        if first.why == "unheard":
-            clauses.append(
-                f"{where}, unheard for {seconds:.0f} s in {section} (bound {bound:.0f} s): its process or host is "
-                "frozen or gone"
-            )
-        elif first.why == "stuck":
-            waiting = first.beat.get("kind") != "loading" or all(entry.beat.get("collective") for entry in group)
-            alike = "; every rank stopped at the same point: a collective that does not complete" * (
-                len({_order(entry.beat) for entry in group}) == 1 and len(group) > 1 and waiting
-            )
-            clauses.append(
-                f"{where}, no progress for {seconds:.0f} s in {section} (bound {bound:.0f} s): alive but stuck (a "
-                f"kernel, a collective, a lost peer of NCCL){alike}"
-            )
-        elif first.why == "storage":
-            clauses.append(
-                f"{where}: output_dir's file system has not answered for {seconds:.0f} s in {section} (bound "
-                f"{STORAGE_BOUND:.0f} s)"
-            )
-        else:
-            clauses.append(
-                f"{_ranks(group)}, never heard in this launch ({seconds:.0f} s, bound {bound:.0f} s): its run did "
-                "not start (its node's launcher, or an error before the run)"
-            )
-    return "; ".join(clauses)
+    """The named ranks, one clause per reason, section and point, as many as fit in :data:`LINE_CHARS` with a count of
+    the rest: ranks, hosts, section, seconds, bound; a stuck rank's point. Short at any scale: ranges, counts, the
+    first hosts."""
+    clauses: list[str] = []
+    groups = _group(named)
+    for group in groups:
+        clause = _clause(group)
+        if clauses and len("; ".join([*clauses, clause])) > LINE_CHARS - len(_rest(len(named))):
+            break
+        clauses.append(clause)
+    rest = sum(len(group) for group in groups[len(clauses) :])
+    return "; ".join(clauses + ([_rest(rest)] if rest else []))
+
+
+def _rest(count: int) -> str:
+    return f"and {count:,} more rank{'s' * (count > 1)} named for other reasons or sections"
+
+
+def _clause(group: list[Named]) -> str:
+    """One reason's clause for ``group`` (one reason, section and point)."""
+    first = group[0]
+    seconds = max(entry.seconds for entry in group)
+    bound = float(first.beat.get("bound", 0) or 0)
+    where = f"{_ranks(group)} on {_hosts(group)}"
+    section = first.beat.get("section", "?")
+    if first.why == "unheard":
+        return (
+            f"{where}, unheard for {seconds:.0f} s in {section} (bound {bound:.0f} s): its process or host is frozen "
+            "or gone"
+        )
+    if first.why == "stuck":
+        point = f" {first.beat['point']}" if first.beat.get("point") else ""
+        why = (
+            "; every rank stopped at the same point: a collective that does not complete"
+            if first.alike
+            else " (a kernel, a collective, a lost peer of NCCL)"
+        )
+        stopped = f"no progress for {seconds:.0f} s in {section} (bound {bound:.0f} s)"
+        return f"{where}, {stopped}: alive but stuck{point}{why}"
+    if first.why == "storage":
+        return (
+            f"{where}: output_dir's file system has not answered for {seconds:.0f} s in {section} (bound "
+            f"{STORAGE_BOUND:.0f} s)"
+        )
+    return (
+        f"{_ranks(group)}, never heard in this launch ({seconds:.0f} s, bound {bound:.0f} s): its run did not start "
+        "(its node's launcher, or an error before the run)"
+    )

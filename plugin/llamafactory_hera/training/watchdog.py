@@ -55,6 +55,7 @@ class Watchdog:
         self.last: dict[str, float] = {}  # kind -> the last such section's seconds
         self.state = ("loading", "loading", 0, clock())  # section, kind, step, entered (one write)
         self.count = 0
+        self.point = ""  # where in the section the last progress left this rank (sections.reached)
         self.pulses = 0
         self.verdict = ""
         self.probe = StorageProbe(output_dir, clock)
@@ -86,9 +87,14 @@ class Watchdog:
         self.last[previous[1]] = now - previous[3]
         self.state = (section, kind, previous[2] if step is None else step, now)
         self.count = 0
+        self.point = ""
         self.entered.set()  # published soon: a rank freezing next is named here
 
     def progress(self) -> None:
+        self.count += 1
+
+    def reached(self, point: str) -> None:
+        self.point = point
         self.count += 1
 
     def _progress(self) -> int:
@@ -118,6 +124,8 @@ class Watchdog:
             "storage": self.probe.waiting(self.pulse_s),
             "collective": self.main.in_collective,
         }
+        if self.point:  # where the rank stopped, should it stop here (the position orders, this says)
+            beat["point"] = self.point
         if self.verdict:
             beat["verdict"] = self.verdict
         if self.stopped.is_set():

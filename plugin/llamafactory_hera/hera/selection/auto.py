@@ -26,6 +26,7 @@ from llamafactory_hera.hera.teacher_cache import cache_root, cache_unwritable
 from llamafactory_hera.runtime import stop_signal
 from llamafactory_hera.runtime.errors import RecipeError
 from llamafactory_hera.runtime.log import line, say
+from llamafactory_hera.training import sections
 
 RECORD_NAME = "hera_selection.json"
 HEATMAP_NAME = "hera_selection.png"
@@ -99,7 +100,8 @@ def resolve_auto_heads(
             by_user = isinstance(err, RecipeError)  # a bug keeps its type name
             payload = [None, str(err) if by_user else f"{type(err).__name__}: {err}", by_user]
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.broadcast_object_list(payload, src=0)
+        with sections.collective("the broadcast of rank 0's head selection"):
+            torch.distributed.broadcast_object_list(payload, src=0)
     heads, error, by_user = payload
     if by_user is None:
         raise stop_signal.Stopped(0)
