@@ -9,6 +9,7 @@ import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch.distributed as dist
@@ -110,3 +111,28 @@ def job_client(timeout: float) -> Any:
             found = found.underlying_store
     where = (found.host, found.port) if hasattr(found, "host") else job_store.address()
     return job_store.client(where[0], where[1], timeout) if where else None
+
+
+def lengthen_groups() -> list[str]:
+    """Give each process group at least the default group's timeout (``ddp_timeout``), never less; the names of the
+    groups lengthened. A group a library makes without a timeout (DeepSpeed's copy of the world group, FSDP2's 2-D
+    meshes) has torch's default, 10 minutes under NCCL: under the watchdog's first bounds, it would end a hung rank
+    before the watchdog names it."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return []
+    c10d = dist.distributed_c10d
+    wanted = _timeout(c10d._get_default_group())
+    lengthened = []
+    for group in list(c10d._world.pg_map):
+        have = _timeout(group)
+        if wanted is not None and have is not None and have < wanted:
+            c10d._set_pg_timeout(wanted, group)
+            lengthened.append(group.group_name)
+    return lengthened
+
+
+def _timeout(group: Any) -> timedelta | None:
+    """A group's timeout (its first backend's); None where torch's private names do not say it."""
+    with contextlib.suppress(AttributeError, RuntimeError, IndexError):
+        return group._get_backend(group._device_types[0]).options._timeout
+    return None

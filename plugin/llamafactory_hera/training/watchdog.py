@@ -25,7 +25,15 @@ import torch.distributed as dist
 from llamafactory_hera.runtime import job_store
 from llamafactory_hera.runtime.log import say, say_apart
 from llamafactory_hera.training import sections, watch_bounds, watch_lines, watch_nvrx
-from llamafactory_hera.training.watch_bounds import Place, StorageProbe, bound, job_client, place_of, pulse_for
+from llamafactory_hera.training.watch_bounds import (
+    Place,
+    StorageProbe,
+    bound,
+    job_client,
+    lengthen_groups,
+    place_of,
+    pulse_for,
+)
 from llamafactory_hera.training.watch_judge import PHASES, PLACEHOLDER, Judge, described
 from llamafactory_hera.training.watch_stack import MainThread
 
@@ -56,6 +64,7 @@ class Watchdog:
         self.state = ("loading", "loading", 0, clock())  # section, kind, step, entered (one write)
         self.count = 0
         self.point = ""  # where in the section the last progress left this rank (sections.reached)
+        self.lengthened = False  # whether the groups made for the steps have the default group's timeout
         self.pulses = 0
         self.verdict = ""
         self.probe = StorageProbe(output_dir, clock)
@@ -88,6 +97,10 @@ class Watchdog:
         self.state = (section, kind, previous[2] if step is None else step, now)
         self.count = 0
         self.point = ""
+        if kind == "step" and not self.lengthened:
+            # the Trainer has made its engine's groups by now (DeepSpeed's, FSDP2's meshes): each waits as ddp_timeout
+            self.lengthened = True
+            lengthen_groups()
         self.entered.set()  # published soon: a rank freezing next is named here
 
     def progress(self) -> None:
