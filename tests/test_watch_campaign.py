@@ -112,7 +112,8 @@ def campaign(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
                                timeout=300)
             assert proc.returncode == 0 and results.is_file(), proc.stdout[-3000:] + proc.stderr[-3000:]
     found = json.loads(results.read_text(encoding="utf-8"))
-    return {"folder": folder, "results": found, "rows": [row(case, found[case.name]) for case in LAUNCHED]}
+    rows = [row(case, found[case.name]) for case in LAUNCHED]
+    return {"folder": folder, "rows": rows, "cpu_s": found["cpu_s"]}
 
 
 def named(line: str) -> list[str]:
@@ -213,7 +214,7 @@ def test_the_table_printed_and_in_the_docs(campaign: dict[str, Any]) -> None:
     for every case not waiting for a feature, the same ranks named (not the seconds, which vary). With
     ``HERA_WATCH_CAMPAIGN_DOC=1`` this run's table is written there instead."""
     table = markdown(campaign["rows"])
-    print(table)
+    print(f"{table}\n{len(campaign['rows'])} cases, {campaign['cpu_s']} CPU s in all")
     text = DOC.read_text(encoding="utf-8")
     if os.environ.get("HERA_WATCH_CAMPAIGN_DOC") == "1":
         before, rest = text.split(MARKERS[0], 1)

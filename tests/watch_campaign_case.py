@@ -149,7 +149,7 @@ class Rank:
             heads = [None]
             if self.rank == 0:
                 hub = Path(os.environ["HF_HOME"]) / "hub" / "models--campaign--scorer" / "blobs"
-                grow(hub / "0123abcd.incomplete", self.seconds("download"), self, 256 * 1024)
+                grow(hub / "model-safetensors-blob.incomplete", self.seconds("download"), self, 256 * 1024)
                 scorer = Tiny()
                 for _ in range(BATCHES):
                     scorer(torch.randn(4, 8))

@@ -22,6 +22,7 @@ import gc
 import json
 import os
 import re
+import resource
 import select
 import signal
 import socket
@@ -40,6 +41,7 @@ from watch_campaign_case import Rank
 STAGGER_S = 0.4  # between two cases' starts: 34 ranks connecting at once on 2 cores miss a watchdog's store connect
 GRACE_S = 5.0  # a rank still running this long after another failed is killed (torchrun waits 30 s)
 CLONE_NEWUTS = 0x04000000
+PR_SET_CHILD_SUBREAPER = 36
 LINE = re.compile(r"watchdog: .*")
 AT = re.compile(r"\[campaign\] rank \d+: (?:SIGSTOP|HANG) .* at (\d+\.\d+)")
 
@@ -48,6 +50,8 @@ def main() -> int:
     cases = json.loads(Path(sys.argv[1]).read_text(encoding="utf-8"))
     folder = Path(sys.argv[2])
     gc.freeze()  # the ranks' collections walk what they made, not the imports: fewer pages copied
+    # ranks of a node killed at its deadline come here to be reaped (their CPU time counted), not to init
+    ctypes.CDLL(None).prctl(PR_SET_CHILD_SUBREAPER, 1)
     started: dict[str, float] = {}
     nodes: dict[str, list[int]] = {}
     for case in sorted(cases, key=lambda case: -float(case["deadline"])):  # the longest first
@@ -59,7 +63,8 @@ def main() -> int:
         time.sleep(STAGGER_S)
     ended: dict[int, int] = {}
     killed: set[str] = set()
-    while len(ended) < sum(len(pids) for pids in nodes.values()):
+    agents = {pid for pids in nodes.values() for pid in pids}
+    while not agents <= ended.keys():
         with contextlib.suppress(ChildProcessError):
             pid, status = os.waitpid(-1, os.WNOHANG)
             if pid:
@@ -76,12 +81,17 @@ def main() -> int:
                         with contextlib.suppress(ProcessLookupError):
                             os.killpg(pid, kill)
         time.sleep(0.05)
+    with contextlib.suppress(ChildProcessError):  # orphans of the killed nodes
+        while os.waitpid(-1, 0)[0]:
+            pass
     results = {}
     for case in cases:
         name = case["name"]
         reports = [folder / name / f"node{k}.json" for k in range(len(nodes[name]))]
         results[name] = {"killed": name in killed, "started": started[name],
                          "nodes": [json.loads(path.read_text()) if path.is_file() else {} for path in reports]}
+    used = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    results["cpu_s"] = round(sum(usage.ru_utime + usage.ru_stime for usage in used), 1)
     (folder / "results.json").write_text(json.dumps(results, indent=1), encoding="utf-8")
     return 0
 
