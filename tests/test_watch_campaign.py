@@ -76,7 +76,7 @@ CASES = [
     Case("frozen rank", {"saves": [0.2], "fault": {"point": "sigstop", "step": 2}}, culprit=1),
     Case("frozen node, two nodes", {"saves": [0.2], "fault": {"point": "sigstop", "step": 2}, "freeze_node": True},
          culprit=1, nodes=2),
-    Case("stuck before the forward", {"fault": {"point": "forward", "step": 2}}, culprit=1, pending=CULPRIT),
+    Case("stuck before the forward", {"fault": {"point": "forward", "step": 2}}, culprit=1),
     Case("stuck before the backward", {"fault": {"point": "backward", "step": 2}}, culprit=1, pending=CULPRIT),
     Case("stuck in the optimizer step", {"fault": {"point": "optimizer", "step": 2}}, culprit=1),
     Case("stuck in the optimizer step, two nodes", {"fault": {"point": "optimizer", "step": 2}}, culprit=1, nodes=2),

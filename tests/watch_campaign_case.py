@@ -23,12 +23,12 @@ Healthy work that takes long:
   shape), its Python stack and CPU time moving; rank 1 waits in DDP's all-reduce meanwhile;
 - ``rotate``: the rotation of a large checkpoint after the save (``save_total_limit: 1``), its files deleted slowly.
 
-Faults (``fault``: ``rank``, ``point``, ``step``): ``sigstop`` (the rank stopped as its forward begins: a frozen
-process or host), ``forward`` / ``backward`` / ``optimizer`` (alive but stuck: the main thread blocked for good, its
-threads alive, before the forward, before the backward, in the optimizer's step), ``collective`` (never enters the
-save's agreement, the collective the plugin issues), ``barrier`` (never reaches the last barrier), ``poll`` (the load's
-main thread polls in place for good: a 0.05 s loop, as datasets' ``map(num_proc)`` with a deadlocked worker). Each
-fault prints ``[campaign] rank R: WHAT at T`` (epoch seconds) as it acts.
+Faults (``fault``: ``rank``, ``point``, ``step``): ``sigstop`` (the rank stopped as its step's inputs are prepared: a
+frozen process or host), ``forward`` / ``backward`` / ``optimizer`` (alive but stuck: the main thread blocked for good,
+its threads alive, as the step's inputs are prepared, before the backward, in the optimizer's step), ``collective``
+(never enters the save's agreement, the collective the plugin issues), ``barrier`` (never reaches the last barrier),
+``poll`` (the load's main thread polls in place for good: a 0.05 s loop, as datasets' ``map(num_proc)`` with a
+deadlocked worker). Each fault prints ``[campaign] rank R: WHAT at T`` (epoch seconds) as it acts.
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ from typing import Any
 import torch
 import torch._dynamo  # noqa: F401 - DDP's first construction imports it: 5 CPU s a rank, paid once before the forks
 import torch.distributed as dist
+from huggingface_hub import constants
 from torch import nn
 
 from llamafactory_hera.runtime import whole_checkpoints as whole
@@ -148,7 +149,8 @@ class Rank:
         with sections.section("head selection", kind, forwards=True):
             heads = [None]
             if self.rank == 0:
-                hub = Path(os.environ["HF_HOME"]) / "hub" / "models--campaign--scorer" / "blobs"
+                # where the hub's library writes (its folder read at its import: a rank's is its launcher's)
+                hub = Path(constants.HF_HUB_CACHE) / "models--campaign--scorer" / "blobs"
                 grow(hub / "model-safetensors-blob.incomplete", self.seconds("download"), self, 256 * 1024)
                 scorer = Tiny()
                 for _ in range(BATCHES):
@@ -167,9 +169,9 @@ class Rank:
                 sections.enter(f"step {step}", "step", step)  # _StopOnSignal.on_step_begin
                 if self.rank == 0 and step == 2:
                     model.module.recompile_s = self.seconds("recompile")
-                sections.progress()  # WholeCheckpoints.compute_loss
-                if self.at("sigstop") or self.at("forward"):
+                if self.at("sigstop") or self.at("forward"):  # as the Trainer prepares the inputs
                     self.act(f"before the forward of step {step}")
+                sections.progress()  # WholeCheckpoints.compute_loss
                 loss = model(torch.randn(4, 8)).pow(2).mean()
                 if self.at("backward"):
                     self.act(f"before the backward of step {step}")

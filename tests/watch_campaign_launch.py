@@ -10,7 +10,7 @@ A node is torchrun's part as tests/warm_server.py plays it: an agent process (a 
 with torchrun's variables (tests/warm_launch.py ``torchrun_env``), node 0's agent hosts the job's TCPStore, and a rank
 that fails ends the node's others (SIGTERM, then SIGKILL after :data:`GRACE_S`). Two simulated nodes as
 tests/test_multinode.py simulates them: each node's agent in a UTS namespace of its own (its host name ``nodeK``), with
-its own ``HOME``, ``TMPDIR`` and ``HF_HOME``, ``output_dir`` shared, one rank a node. A case's ``freeze_node``: the
+its own ``HOME`` and ``TMPDIR``, ``output_dir`` shared, one rank a node. A case's ``freeze_node``: the
 node whose rank stopped itself stops whole (its agent too: a hung host), and thaws once the other node ended.
 """
 
@@ -135,7 +135,7 @@ def rank_env(case: dict[str, Any], k: int, count: int, home: Path, port: int) ->
         env = {**os.environ, **torchrun_env(rank, 2, port)}
         env.update(LOCAL_RANK=str(local), GROUP_RANK=str(k), LOCAL_WORLD_SIZE=str(2 // count),
                    GROUP_WORLD_SIZE=str(count), GLOO_SOCKET_IFNAME="lo", HOME=str(home / "home"),
-                   TMPDIR=str(home / "tmp"), HF_HOME=str(home / "hf_home"))
+                   TMPDIR=str(home / "tmp"))
         envs.append(env)
     return envs
 
@@ -146,7 +146,7 @@ def node(case: dict[str, Any], k: int, count: int, folder: Path, port: int) -> N
     if count > 1:
         own_host(f"node{k}")
     home = folder / case["name"] / f"node{k}"
-    for sub in ("home", "tmp", "hf_home"):
+    for sub in ("home", "tmp"):
         (home / sub).mkdir(parents=True, exist_ok=True)
     output_dir = folder / case["name"] / "out"
     output_dir.mkdir(parents=True, exist_ok=True)
