@@ -101,7 +101,9 @@ def _planned(case: Case) -> dict[str, Any]:
 def campaign(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """The campaign's results (tests/watch_campaign_launch.py), run once per pytest run: the first worker to get
     here runs it, the others read its results."""
-    folder = tmp_path_factory.getbasetemp().parent / f"watch-campaign-{os.environ.get(RUN_ENV, os.getpid())}"
+    shared = tmp_path_factory.getbasetemp()  # pytest-N, which pytest removes runs later; a worker's is in it
+    shared = shared.parent if os.environ.get("PYTEST_XDIST_WORKER") else shared
+    folder = shared / f"watch-campaign-{os.environ.get(RUN_ENV, os.getpid())}"
     folder.mkdir(exist_ok=True)
     with FileLock(folder / "lock"):
         results = folder / "results.json"

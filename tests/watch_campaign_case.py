@@ -151,7 +151,7 @@ class Rank:
             if self.rank == 0:
                 # where the hub's library writes (its folder read at its import: a rank's is its launcher's)
                 hub = Path(constants.HF_HUB_CACHE) / "models--campaign--scorer" / "blobs"
-                grow(hub / "model-safetensors-blob.incomplete", self.seconds("download"), self, 256 * 1024)
+                grow(hub / "model-safetensors-blob.incomplete", self.seconds("download"), self, 64 * 1024)
                 scorer = Tiny()
                 for _ in range(BATCHES):
                     scorer(torch.randn(4, 8))
