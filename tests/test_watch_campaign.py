@@ -20,7 +20,7 @@ import os
 import re
 import shutil
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +54,6 @@ class Case:
     culprit: int | None = None
     nodes: int = 1
     pending: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def work(self) -> float:
@@ -143,10 +142,13 @@ def row(case: Case, result: dict[str, Any]) -> dict[str, Any]:
     times = [node["line_at"] for node in nodes if node.get("line_at")]
     since = faults[0] if faults else result["started"]
     codes = {int(rank): code for node in nodes for rank, code in node.get("codes", {}).items()}
+    who = " / ".join(said) if said else "nobody"
+    if not said and failed:  # ended all the same: by a collective's failure (a timeout, a peer gone)
+        who += ": a collective failed"
     return {
         "case": case.name, "nodes": case.nodes, "bound": BOUND, "killed": result["killed"],
         "seconds": round(min(times) - since, 1) if times else None,
-        "named": " / ".join(said) if said else "nobody" + ": a collective failed" * bool(failed),
+        "named": who,
         "codes": [codes.get(rank) for rank in range(2)],
         "lines": [node.get("lines", []) for node in nodes],
     }

@@ -168,13 +168,13 @@ def node(case: dict[str, Any], k: int, count: int, folder: Path, port: int) -> N
     with open(folder / case["name"] / f"node{k}.log", "w", encoding="utf-8") as log:
         while pipes or len(report["codes"]) < len(ranks):
             lines = read_lines(pipes)
+            changed = bool(lines)
             for line in lines:
                 log.write(line + "\n")
                 log.flush()
-                if (found := LINE.search(line)) and report["line_at"] is None:
-                    report["line_at"] = time.time()
-                if found:
+                if found := LINE.search(line):
                     report["lines"].append(found[0])
+                    report["line_at"] = report["line_at"] or time.time()
                 if found := AT.search(line):
                     report["fault_at"] = float(found[1])
                     if "SIGSTOP" in line and case.get("freeze_node"):
@@ -184,13 +184,13 @@ def node(case: dict[str, Any], k: int, count: int, folder: Path, port: int) -> N
                 pid, status = os.waitpid(-1, os.WNOHANG)
                 if pid in ranks:
                     report["codes"][ranks[pid]] = os.waitstatus_to_exitcode(status)
-                    lines.append("")
+                    changed = True
                     if report["codes"][ranks[pid]] != 0 and failed_at is None:
                         failed_at = time.time()
                         signal_others(ranks, report["codes"], signal.SIGTERM)
             if failed_at is not None and time.time() - failed_at > GRACE_S:
                 signal_others(ranks, report["codes"], signal.SIGKILL)
-            if lines:  # as it goes: a case killed at its deadline still reports
+            if changed:  # as it goes: a case killed at its deadline still reports
                 reported.write_text(json.dumps(report), encoding="utf-8")
     reported.write_text(json.dumps(report), encoding="utf-8")
     del store
@@ -205,7 +205,8 @@ def read_lines(pipes: dict[int, bytes]) -> list[str]:
     for read in select.select(list(pipes), [], [], 0.1)[0]:
         chunk = os.read(read, 65536)
         text = pipes[read] + chunk
-        *done, pipes[read] = text.split(b"\n")
+        done = text.split(b"\n")
+        pipes[read] = done.pop()  # the line not ended yet
         if not chunk:
             done.append(pipes.pop(read))
             os.close(read)
