@@ -2,7 +2,8 @@
 
 A section's kind sets its bound and watch (``watch_judge.py``): ``loading``, ``selection``, ``directions``, ``teacher``
 (before step 1), ``step``, ``save``, ``final``, ``wait`` (on another rank's work). Progress only grows while the rank
-works: forwards begun and done, save stages done. Nothing here writes, syncs or runs a collective.
+works: forwards begun and done, save stages done, and the files of a folder being written growing (:func:`writing`,
+measured by ``watch_growth.py``). Nothing here writes, syncs or runs a collective.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ class Watched(Protocol):
 
 
 _running: list[Watched] = []  # this process's watchdog (none or one)
+_writing: list[str] = []  # the folders being written, innermost last: their files growing is progress
 
 
 def enter(section: str, kind: str, step: int | None = None) -> None:
@@ -41,19 +43,52 @@ def progress(*_: Any) -> None:
 
 
 @contextlib.contextmanager
-def section(name: str, kind: str | None = None, *, forwards: bool = False) -> Iterator[None]:
+def section(name: str, kind: str | None = None, *, forwards: bool = False, files: str | None = None) -> Iterator[None]:
     """``name`` (of ``kind``, default ``name``) for the block, then the previous section. ``forwards``: any module's
-    forward is progress (a pass whose model the caller does not hold)."""
+    forward is progress (a pass whose model the caller does not hold); ``files``: a folder the block writes."""
     before = [(dog, dog.where()) for dog in _running]
     enter(name, kind or name)
-    hook = nn_module.register_module_forward_pre_hook(progress) if forwards and _running else None
+    try:
+        with contextlib.ExitStack() as counted:
+            if forwards:
+                counted.enter_context(counting_every_forward())
+            counted.enter_context(writing(files))
+            yield
+    finally:
+        for dog, (previous, previous_kind, step) in before:
+            dog.enter(previous, previous_kind, step)
+
+
+@contextlib.contextmanager
+def counting_every_forward() -> Iterator[None]:
+    """Every module's forward in the block is progress, in the current section (``generate`` runs the model inside
+    its own call, under no hook on the model)."""
+    hook = nn_module.register_module_forward_pre_hook(progress) if _running else None
     try:
         yield
     finally:
         if hook is not None:
             hook.remove()
-        for dog, (previous, previous_kind, step) in before:
-            dog.enter(previous, previous_kind, step)
+
+
+@contextlib.contextmanager
+def writing(folder: str | None) -> Iterator[None]:
+    """``folder``'s files growing (or going) is progress in the block: a save's checkpoint folder, a download's cache
+    folder, a rotation's run folder (None: none)."""
+    if folder is None:
+        yield
+        return
+    _writing.append(folder)
+    try:
+        yield
+    finally:
+        _writing.pop()
+
+
+def written() -> str | None:
+    """The folder being written now, innermost (read from the watchdog's thread)."""
+    folders = list(_writing)  # one copy: the run's thread changes the list meanwhile
+    return folders[-1] if folders else None
 
 
 @contextlib.contextmanager

@@ -1,0 +1,95 @@
+"""Whether the files a rank writes grow, as its watchdog's pulse sees them (``training/watchdog.py``): a save that
+writes for longer than its bound still makes progress while its bytes arrive (a busy parallel file system, a large
+model's full state dict), and so does a download into the hub's cache.
+
+The folder is the one the run names (``sections.writing``: a checkpoint's, a download's, a rotation's); in a save
+without one, ``output_dir``'s newest checkpoint; in the final save, ``output_dir``'s files outside its checkpoints. One
+walk of that folder a pulse, in a thread of its own: a stalled file system holds that thread alone (the storage probe
+tells that stall). A rank waiting in a collective does not walk (under DDP the other ranks wait for rank 0's writes).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+from llamafactory_hera.training import sections
+
+CHECKPOINTS = ("checkpoint-", "tmp-checkpoint-")  # a save's folder names in output_dir
+Measure = tuple[str, int, int]  # the folder, its files, their bytes
+
+
+class Growth:
+    """Each :meth:`look` says whether the folder being written changed between the last two walks."""
+
+    def __init__(self, output_dir: str) -> None:
+        self.output_dir = output_dir
+        self.measured: Measure | None = None  # the last walk's (set by the walking thread)
+        self.seen: Measure | None = None  # the walk compared at the last look
+        self.thread: threading.Thread | None = None
+
+    def look(self, kind: str, waiting: bool) -> bool:
+        """Whether the files grew (or went) since the walk before, in a ``kind`` section; the next walk starts unless
+        one is still running or this rank waits in a collective."""
+        folder = sections.written()
+        if folder is None and kind not in ("save", "final"):
+            self.seen = self.measured = None
+            return False
+        measured = self.measured
+        grew = measured is not None and self.seen is not None and measured[0] == self.seen[0] and measured != self.seen
+        self.seen = measured
+        if not waiting and (self.thread is None or not self.thread.is_alive()):
+            self.thread = threading.Thread(
+                target=self._walk, args=(folder, kind), name="llamafactory-hera-growth", daemon=True
+            )
+            self.thread.start()
+        return grew
+
+    def _walk(self, folder: str | None, kind: str) -> None:
+        if folder is not None:
+            self.measured = measure(folder)
+        elif kind == "final":
+            self.measured = measure(self.output_dir, skip=CHECKPOINTS)
+        else:
+            newest = newest_checkpoint(self.output_dir)
+            self.measured = measure(newest) if newest is not None else None
+
+
+def newest_checkpoint(output_dir: str) -> str | None:
+    """``output_dir``'s checkpoint folder of the highest step (None: none, or unreadable)."""
+    steps: dict[int, str] = {}
+    try:
+        with os.scandir(output_dir) as entries:
+            for entry in entries:
+                prefix = next((name for name in CHECKPOINTS if entry.name.startswith(name)), None)
+                step = entry.name[len(prefix) :] if prefix else ""
+                if step.isdigit() and entry.is_dir(follow_symlinks=False):
+                    steps[int(step)] = entry.path
+    except OSError:
+        return None
+    return steps[max(steps)] if steps else None
+
+
+def measure(folder: str, skip: tuple[str, ...] = ()) -> Measure:
+    """The files below ``folder`` (not in the folders whose names start as ``skip`` says) and their bytes; a file that
+    goes meanwhile is left out."""
+    files = 0
+    size = 0
+    pending = [folder]
+    while pending:
+        try:
+            with os.scandir(pending.pop()) as entries:
+                found = list(entries)
+        except OSError:  # gone meanwhile (a rotation), or not there yet (a download's first bytes)
+            continue
+        for entry in found:
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    if not entry.name.startswith(skip):
+                        pending.append(entry.path)
+                    continue
+                size += entry.stat(follow_symlinks=False).st_size
+            except OSError:  # gone meanwhile
+                continue
+            files += 1
+    return folder, files, size
