@@ -36,9 +36,9 @@ def _grow(path: Path, size: int) -> None:
         file.write(b"x" * size)
 
 
-def _looked(growth: Growth, kind: str, waiting: bool = False) -> bool:
+def _looked(growth: Growth, kind: str, waiting: bool = False, progress: int = 0) -> bool:
     """One pulse's look, its walk then finished (a pulse later in a run)."""
-    grew = growth.look(kind, waiting)
+    grew = growth.look(kind, progress, waiting)
     if growth.thread is not None:
         growth.thread.join(30)
     return grew
@@ -46,7 +46,8 @@ def _looked(growth: Growth, kind: str, waiting: bool = False) -> bool:
 
 def test_a_folder_being_written_grows_and_a_still_one_does_not(tmp_path: Path) -> None:
     """Each look compares the last two walks: bytes or files more (or fewer) is growth, the same is none. A rank
-    waiting in a collective does not walk; outside a save with no folder named, nothing is walked."""
+    waiting in a collective, or whose count moved since the last pulse, does not walk; outside a save with no folder
+    named, nothing is walked."""
     folder = tmp_path / "checkpoint-4"
     growth = Growth(str(tmp_path))
     with sections.writing(str(folder)):
@@ -60,6 +61,8 @@ def test_a_folder_being_written_grows_and_a_still_one_does_not(tmp_path: Path) -
         assert grown == [False, False, False, True, True, False, True, True]
         _grow(folder / "optimizer.pt", 1)
         assert [_looked(growth, "step", waiting=True) for _ in range(2)] == [False, False]  # no walk while waiting
+        assert [_looked(growth, "step", progress=count) for count in (1, 2)] == [False, False]  # nor while counting
+        assert [_looked(growth, "step", progress=2) for _ in range(2)] == [False, True]
     assert not _looked(growth, "step") and growth.thread is not None
     walks = growth.thread
     assert not _looked(growth, "step") and growth.thread is walks  # nothing named, no save: no walk
@@ -97,7 +100,7 @@ def test_a_stalled_file_system_holds_the_walk_alone(tmp_path: Path, monkeypatch:
     monkeypatch.setattr(watch_growth, "measure", blocked)
     growth = Growth(str(tmp_path))
     with sections.writing(str(tmp_path)):
-        assert [growth.look("save", False) for _ in range(5)] == [False] * 5
+        assert [growth.look("save", 0, False) for _ in range(5)] == [False] * 5
     assert len(walks) == 1
     release.set()
     growth.thread.join(30)

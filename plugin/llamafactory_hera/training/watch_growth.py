@@ -5,7 +5,8 @@ model's full state dict), and so does a download into the hub's cache.
 The folder is the one the run names (``sections.writing``: a checkpoint's, a download's, a rotation's); in a save
 without one, ``output_dir``'s newest checkpoint; in the final save, ``output_dir``'s files outside its checkpoints. One
 walk of that folder a pulse, in a thread of its own: a stalled file system holds that thread alone (the storage probe
-tells that stall). A rank waiting in a collective does not walk (under DDP the other ranks wait for rank 0's writes).
+tells that stall). A rank waiting in a collective does not walk (under DDP the other ranks wait for rank 0's writes),
+nor one whose count moved since the last pulse (a prediction's forwards): the walks stay where nothing else moves.
 """
 
 from __future__ import annotations
@@ -27,10 +28,13 @@ class Growth:
         self.measured: Measure | None = None  # the last walk's (set by the walking thread)
         self.seen: Measure | None = None  # the walk compared at the last look
         self.thread: threading.Thread | None = None
+        self.progress: int | None = None  # the rank's count at the last look
 
-    def look(self, kind: str, waiting: bool) -> bool:
+    def look(self, kind: str, progress: int, waiting: bool) -> bool:
         """Whether the files grew (or went) since the walk before, in a ``kind`` section; the next walk starts unless
-        one is still running or this rank waits in a collective."""
+        one is still running, this rank waits in a collective, or its count (``progress``) moved since the last look."""
+        still = progress == self.progress
+        self.progress = progress
         folder = sections.written()
         if folder is None and kind not in ("save", "final"):
             self.seen = self.measured = None
@@ -38,7 +42,7 @@ class Growth:
         measured = self.measured
         grew = measured is not None and self.seen is not None and measured[0] == self.seen[0] and measured != self.seen
         self.seen = measured
-        if not waiting and (self.thread is None or not self.thread.is_alive()):
+        if still and not waiting and (self.thread is None or not self.thread.is_alive()):
             self.thread = threading.Thread(
                 target=self._walk, args=(folder, kind), name="llamafactory-hera-growth", daemon=True
             )

@@ -192,7 +192,7 @@ class Watchdog:
     def _pulse(self) -> None:
         if self.main.look():
             self.moves += 1  # LLaMA-Factory's load counts nothing: its main thread's moves stand for progress
-        self.work += self.growth.look(self.state[1], self.main.in_collective)
+        self.work += self.growth.look(self.state[1], self._progress(), self.main.in_collective)
         position = (self.state[1], self.state[2], self._progress(), self.work)
         if position != self.seen_position:
             self.seen_position = position
