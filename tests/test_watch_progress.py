@@ -171,6 +171,21 @@ def test_a_save_whose_files_keep_growing_is_not_named_past_its_bound(dog: Watchd
     assert dog.lines and "rank 0" in dog.lines[0] and "the save of checkpoint-3" in dog.lines[0], dog.lines
 
 
+def test_a_first_download_in_head_selection_is_not_named_while_its_bytes_arrive(dog: Watchdog, tmp_path: Path) -> None:
+    """Rank 0's scoring copy of a hub model, downloaded for 2,000 s before its first forward (bound 1,800 s): its
+    blob in the hub's cache grows each pulse, so it is not named; once the bytes stop, it is, a bound later."""
+    downloaded = hub_folder("org/large-model", str(tmp_path / "hub"))
+    blob = Path(downloaded) / "blobs" / "0123abcd.incomplete"
+    with sections.section("head selection", "selection", forwards=True, files=downloaded):
+        for _ in range(0, 2000, 5):
+            _grow(blob, 4096)
+            _pulse(dog)
+        assert dog.lines == [] and dog.bound() == 1800.0
+        for _ in range(0, 1900, 5):
+            _pulse(dog)
+    assert dog.lines and "head selection" in dog.lines[0], dog.lines
+
+
 class _Generating(WholeCheckpoints, Trainer):
     """A plugin trainer whose host predicts and evaluates with ``generate`` (a forward a token, no hook on the model
     seeing it: here the module below the one the trainer holds)."""
