@@ -68,22 +68,16 @@ def test_a_folder_being_written_grows_and_a_still_one_does_not(tmp_path: Path) -
     assert not _looked(growth, "step") and growth.thread is walks  # nothing named, no save: no walk
 
 
-def test_a_save_or_final_save_with_no_folder_named_watches_output_dirs_newest_checkpoint_or_own_files(
-        tmp_path: Path) -> None:
-    _grow(tmp_path / "checkpoint-2" / "model.safetensors", 10)
+def test_the_final_save_with_no_folder_named_watches_output_dirs_own_files(tmp_path: Path) -> None:
+    """The host's final save writes into output_dir itself: its files outside the checkpoints are walked."""
     _grow(tmp_path / "checkpoint-10" / "model.safetensors", 10)
-    assert watch_growth.newest_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-10")
     growth = Growth(str(tmp_path))
-    _looked(growth, "save")
-    _grow(tmp_path / "checkpoint-2" / "model.safetensors", 10)  # an older one: not this save's
-    assert not _looked(growth, "save") and not _looked(growth, "save")
-    _grow(tmp_path / "checkpoint-10" / "optimizer.pt", 10)
-    assert not _looked(growth, "save") and _looked(growth, "save")
     _looked(growth, "final")
-    _grow(tmp_path / "checkpoint-10" / "optimizer.pt", 10)  # the final save's are output_dir's own files
+    _grow(tmp_path / "checkpoint-10" / "optimizer.pt", 10)  # a checkpoint's: not the final save's
     assert not _looked(growth, "final") and not _looked(growth, "final")
     _grow(tmp_path / "model.safetensors", 10)
     assert not _looked(growth, "final") and _looked(growth, "final")
+    assert not _looked(growth, "save") and growth.seen is None  # a save names its folder: none named, none walked
 
 
 def test_a_stalled_file_system_holds_the_walk_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

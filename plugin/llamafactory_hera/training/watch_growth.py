@@ -2,11 +2,11 @@
 writes for longer than its bound still makes progress while its bytes arrive (a busy parallel file system, a large
 model's full state dict), and so does a download into the hub's cache.
 
-The folder is the one the run names (``sections.writing``: a checkpoint's, a download's, a rotation's); in a save
-without one, ``output_dir``'s newest checkpoint; in the final save, ``output_dir``'s files outside its checkpoints. One
-walk of that folder a pulse, in a thread of its own: a stalled file system holds that thread alone (the storage probe
-tells that stall). A rank waiting in a collective does not walk (under DDP the other ranks wait for rank 0's writes),
-nor one whose count moved since the last pulse (a prediction's forwards): the walks stay where nothing else moves.
+The folder is the one the run names (``sections.writing``: a checkpoint's, a download's, a rotation's); in the final
+save, where the host writes, ``output_dir``'s files outside its checkpoints. One walk of that folder a pulse, in a
+thread of its own: a stalled file system holds that thread alone (the storage probe tells that stall). A rank waiting
+in a collective does not walk (under DDP the other ranks wait for rank 0's writes), nor one whose count moved since
+the last pulse (a prediction's forwards): the walks stay where nothing else moves.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import threading
 
 from llamafactory_hera.training import sections
 
-CHECKPOINTS = ("checkpoint-", "tmp-checkpoint-")  # a save's folder names in output_dir
+CHECKPOINTS = ("checkpoint-", "tmp-checkpoint-")  # the saves' folders in output_dir, not the final save's
 Measure = tuple[str, int, int]  # the folder, its files, their bytes
 
 
@@ -36,7 +36,7 @@ class Growth:
         still = progress == self.progress
         self.progress = progress
         folder = sections.written()
-        if folder is None and kind not in ("save", "final"):
+        if folder is None and kind != "final":
             self.seen = self.measured = None
             return False
         measured = self.measured
@@ -44,34 +44,13 @@ class Growth:
         self.seen = measured
         if still and not waiting and (self.thread is None or not self.thread.is_alive()):
             self.thread = threading.Thread(
-                target=self._walk, args=(folder, kind), name="llamafactory-hera-growth", daemon=True
+                target=self._walk, args=(folder,), name="llamafactory-hera-growth", daemon=True
             )
             self.thread.start()
         return grew
 
-    def _walk(self, folder: str | None, kind: str) -> None:
-        if folder is not None:
-            self.measured = measure(folder)
-        elif kind == "final":
-            self.measured = measure(self.output_dir, skip=CHECKPOINTS)
-        else:
-            newest = newest_checkpoint(self.output_dir)
-            self.measured = measure(newest) if newest is not None else None
-
-
-def newest_checkpoint(output_dir: str) -> str | None:
-    """``output_dir``'s checkpoint folder of the highest step (None: none, or unreadable)."""
-    steps: dict[int, str] = {}
-    try:
-        with os.scandir(output_dir) as entries:
-            for entry in entries:
-                prefix = next((name for name in CHECKPOINTS if entry.name.startswith(name)), None)
-                step = entry.name[len(prefix) :] if prefix else ""
-                if step.isdigit() and entry.is_dir(follow_symlinks=False):
-                    steps[int(step)] = entry.path
-    except OSError:
-        return None
-    return steps[max(steps)] if steps else None
+    def _walk(self, folder: str | None) -> None:
+        self.measured = measure(folder) if folder is not None else measure(self.output_dir, skip=CHECKPOINTS)
 
 
 def measure(folder: str, skip: tuple[str, ...] = ()) -> Measure:
