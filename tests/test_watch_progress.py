@@ -218,8 +218,8 @@ def test_an_8_minute_predict_and_evaluate_after_training_count_their_generate_st
     monkeypatch.setattr(dog, "_publish", published)
     assert trainer.predict() == "done" and trainer.evaluate() == "done"
     assert dog.lines == [] and dog.where()[:2] == ("the end of the run (final save)", "final")
-    assert ("the prediction after training (do_predict)", "final") in seen
-    assert ("the evaluation after training (do_eval)", "final") in seen
+    assert ("the prediction (do_predict)", "final") in seen
+    assert ("the evaluation (do_eval)", "final") in seen
     trainer.is_in_train = True
     dog.enter("step 7", "step", 7)
     seen.clear()

@@ -143,13 +143,13 @@ class WholeCheckpoints(Trainer):
         if self.is_in_train:
             with sections.counting_every_forward():
                 return super().evaluate(*args, **kwargs)
-        with sections.section("the evaluation after training (do_eval)", "final", forwards=True):
+        with sections.section("the evaluation (do_eval)", "final", forwards=True):
             return super().evaluate(*args, **kwargs)
 
     @override
     def predict(self, *args: Any, **kwargs: Any) -> Any:
         """``do_predict`` (``predict_with_generate``: one forward a token), every forward progress."""
-        with sections.section("the prediction after training (do_predict)", "final", forwards=True):
+        with sections.section("the prediction (do_predict)", "final", forwards=True):
             return super().predict(*args, **kwargs)
 
     @override
