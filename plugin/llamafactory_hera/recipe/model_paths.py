@@ -30,7 +30,7 @@ def hub_folder(value: str, cache_dir: str | None) -> str | None:
     """Where the hub's cache holds a model's download (None: a local folder, nothing to download)."""
     if is_local_path(value):
         return None
-    from huggingface_hub import constants  # lazy: a command's start (and read at the call: HF_HOME set by then)
+    from huggingface_hub import constants  # lazy: this module imports nothing heavy (its docstring)
 
     return str(Path(cache_dir or constants.HF_HUB_CACHE) / f"models--{value.replace('/', '--')}")
 
