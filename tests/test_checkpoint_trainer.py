@@ -192,7 +192,7 @@ def test_each_save_is_watched_as_a_save_and_the_end_of_the_run_as_the_final_save
     monkeypatch.setattr(sections, "_running", [dog])
     _trainer(tmp_path, max_steps=1).train()
     assert dog.entered[1:] == [("step 1", "step", 1, 8), ("the save of checkpoint-1", "save", 1, 3),
-                               ("step 1", "step", 1, 0)]
+                               ("step 1", "step", 1, 0), ("the end of training (its callbacks)", "final", 1, 0)]
     assert dog.where() == ("the end of the run (final save)", "final", 1)
 
 

@@ -74,15 +74,15 @@ def test_a_slow_rank_that_still_moves_holds_back_the_ranks_waiting_for_it() -> N
     assert named(judge, 231.0) == [(0, "stuck")]
 
 
-def test_waiting_and_loading_ranks_are_never_named_stuck_and_loading_ones_hold_the_others_back() -> None:
-    """Head selection: rank 0 scores (kind ``selection``), ranks 1 and 2 wait for it (``wait``, whatever their
-    position); rank 0 stops moving: it alone is named. And a rank still loading (within its bound) holds back the
+def test_ranks_waiting_for_a_stuck_one_are_not_named_and_loading_ones_hold_the_others_back() -> None:
+    """Head selection: rank 0 scores (kind ``selection``), ranks 1 and 2 wait for it (``wait``: their phase is past
+    every other); rank 0 stops moving: it alone is named. And a rank still loading (within its bound) holds back the
     naming of a rank that waits for it in the teacher's pass."""
     judge = Judge([0, 1, 2], now=0.0, first_bound=600)
     for t in range(0, 41, 5):
         judge.observe(0, beat(t, [0, 1, 7], kind="selection", section="head selection", host="node-a"), float(t))
         for rank in (1, 2):
-            judge.observe(rank, beat(t, [0, 0, 0], kind="wait", section="head selection"), float(t))  # no say
+            judge.observe(rank, beat(t, [0, 7, 0], kind="wait", section="head selection"), float(t))
     assert named(judge, 31.0) == [(0, "stuck")]
     judge = Judge([0, 1], now=0.0, first_bound=600)
     for t in range(0, 101, 5):

@@ -34,6 +34,7 @@ from llamafactory_hera.hera.teacher_cache import TeacherFeatureCache
 from llamafactory_hera.hera.trainer import HeraTrainer
 from llamafactory_hera.plots.training import plot_training
 from llamafactory_hera.recipe.dataset_info import describe_data, first_unreadable
+from llamafactory_hera.recipe.model_paths import hub_folder
 from llamafactory_hera.runtime.errors import RecipeError
 from llamafactory_hera.runtime.log import PREFIX, line, say_again_on_board
 from llamafactory_hera.runtime.run_record import plain, write_record
@@ -259,9 +260,11 @@ def prepare(hera_args: HeraArguments, parsed: HostArguments) -> HeraPreparation:
             "pure_bf16": finetuning_args.pure_bf16,
             "model_name_or_path": model_args.model_name_or_path,
         }
-        # rank 0 scores; the others wait in a collective
+        # rank 0 scores (a first download's bytes arriving in the hub's cache are progress); the others wait in a
+        # collective
         kind = "selection" if training_args.process_index == 0 else "wait"
-        with sections.section("head selection", kind, forwards=True):
+        downloaded = hub_folder(str(model_args.model_name_or_path), model_args.cache_dir)
+        with sections.section("head selection", kind, forwards=True, files=downloaded):
             hera_args.hera_heads = resolve_auto_heads(
                 recipe_args,
                 hera_args,

@@ -26,6 +26,15 @@ def is_local_path(value: str) -> bool:
     return Path(value).expanduser().exists() or not _HUB_ID.match(value) or value.startswith((".", "~"))
 
 
+def hub_folder(value: str, cache_dir: str | None) -> str | None:
+    """Where the hub's cache holds a model's download (None: a local folder, nothing to download)."""
+    if is_local_path(value):
+        return None
+    from huggingface_hub import constants  # lazy: this module imports nothing heavy (its docstring)
+
+    return str(Path(cache_dir or constants.HF_HUB_CACHE) / f"models--{value.replace('/', '--')}")
+
+
 def _missing_path(key: str, value: str, started: str) -> str:
     path = Path(value).expanduser()
     parent = path.parent

@@ -62,6 +62,14 @@ class _StopOnSignal(TrainerCallback):
             control.should_save = control.should_training_stop = self.stopped = True
 
 
+class _EndOfTraining(TrainerCallback):
+    """First of the callbacks: the end of training's callbacks (uploads among them) run in a watched section."""
+
+    @override
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        sections.enter("the end of training (its callbacks)", "final")
+
+
 class WholeCheckpoints(Trainer):
     """A ``Trainer`` whose checkpoints are whole or known half-written, which stops on the save signal with one, and
     rotates only whole ones: transformers rotates in its own save, before the marker, counting half-written folders, so
@@ -87,6 +95,7 @@ class WholeCheckpoints(Trainer):
         # the stage's save signal, noted since the stage started
         self.stop = stop = _StopOnSignal(stop_signal.noted_name() or "none", self.args.output_dir)
         self.add_callback(stop)
+        self.callback_handler.callbacks.insert(0, _EndOfTraining())
         with stop_signal.noting(stop.name, steps=True), sections.counting_forwards(self.model):
             result = super().train(self.resumed_from, *args, **kwargs)
         # the final training_args.bin and the callbacks see the recipe's limit
@@ -116,10 +125,33 @@ class WholeCheckpoints(Trainer):
         best = self.state.best_model_checkpoint
         if not self.args.should_save or best is None or self.checkpoint_limit != 1:
             return
-        for folder in whole.checkpoint_folders(Path(self.args.output_dir)):
-            if not os.path.samefile(folder, best):
-                whole.unmark(folder)  # a kill amid deletion leaves it half-written
-                shutil.rmtree(folder, ignore_errors=True)
+        with sections.writing(self.args.output_dir):  # the folders going is progress
+            for folder in whole.checkpoint_folders(Path(self.args.output_dir)):
+                if not os.path.samefile(folder, best):
+                    whole.unmark(folder)  # a kill amid deletion leaves it half-written
+                    shutil.rmtree(folder, ignore_errors=True)
+
+    @override
+    def _load_best_model(self) -> None:
+        """After the last step, in a section of the end of the run (the step's bound is no load's)."""
+        sections.enter("the load of the best checkpoint", "final")
+        super()._load_best_model()
+
+    @override
+    def evaluate(self, *args: Any, **kwargs: Any) -> Any:
+        """Every forward is progress (generate's too, which no hook on the model sees): between steps in the step's
+        section, after training (``do_eval``) in one of its own."""
+        if self.is_in_train:
+            with sections.counting_every_forward():
+                return super().evaluate(*args, **kwargs)
+        with sections.section("the evaluation (do_eval)", "final", forwards=True):
+            return super().evaluate(*args, **kwargs)
+
+    @override
+    def predict(self, *args: Any, **kwargs: Any) -> Any:
+        """``do_predict`` (``predict_with_generate``: one forward a token), every forward progress."""
+        with sections.section("the prediction (do_predict)", "final", forwards=True):
+            return super().predict(*args, **kwargs)
 
     @override
     def _run_epoch(self, *args: Any, **kwargs: Any) -> Any:
@@ -189,8 +221,9 @@ class WholeCheckpoints(Trainer):
         about = {whole.SETTINGS: whole.settings(args)}
         if self.lineage:
             about[whole.LINEAGE] = self.lineage
-        try:
-            with sections.section(f"the save of {folder.name}", "save"):  # each stage done is progress
+        # each stage done is progress, and so are its files growing
+        with sections.section(f"the save of {folder.name}", "save", files=str(folder)):
+            try:
                 whole.unmark(folder)  # by every rank, before its own writes
                 super()._save_checkpoint(model, trial)
                 sections.progress()
@@ -201,13 +234,14 @@ class WholeCheckpoints(Trainer):
                 _every_rank_saved(args.device)
                 if args.should_save:
                     whole.write_marker(folder, self.state.global_step, args.world_size, about)
-        except Exception as error:
-            # said by this rank alone: under FSDP2 and ZeRO-3 the others may be in the save's gathers, which a
-            # collective here would not match (a hang); the launcher ends them when this process ends
-            line = _full_line(folder, run, error)
-            raise (RecipeError(line) if line else error) from None
-        if args.should_save:
-            whole.rotate(run, self.checkpoint_limit, (self.state.best_model_checkpoint, folder))
+            except Exception as error:
+                # said by this rank alone: under FSDP2 and ZeRO-3 the others may be in the save's gathers, which a
+                # collective here would not match (a hang); the launcher ends them when this process ends
+                line = _full_line(folder, run, error)
+                raise (RecipeError(line) if line else error) from None
+            if args.should_save:
+                with sections.writing(str(run)):  # the rotation, in the save: the folders going is progress
+                    whole.rotate(run, self.checkpoint_limit, (self.state.best_model_checkpoint, folder))
 
     @override
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:

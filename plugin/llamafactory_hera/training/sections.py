@@ -4,9 +4,10 @@ A section's kind sets its bound and watch (``watch_judge.py``): ``loading``, ``s
 (before step 1), ``step``, ``save``, ``final``, ``wait`` (on another rank's work). Progress only grows while the rank
 works: the points of a training micro-step (:class:`StepPoints`: the forward begun and returned, the backward begun and
 ended, the optimizer step begun and ended; the plugin's collectives, :func:`collective`), forwards begun and done, save
-stages done. A point also says where the rank is until the next one, for the line that names it: a rank that stopped
-short of a collective stays behind the ranks waiting in it, and is named alone. Unwatched, nothing is hooked: a point
-costs an empty call. Nothing here writes, syncs or runs a collective.
+stages done, and the files of a folder being written growing (:func:`writing`, measured by ``watch_growth.py``). A point
+also says where the rank is until the next one, for the line that names it: a rank that stopped short of a collective
+stays behind the ranks waiting in it, and is named alone. Unwatched, nothing is hooked: a point costs an empty call.
+Nothing here writes, syncs or runs a collective.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ class Watched(Protocol):
 
 
 _running: list[Watched] = []  # this process's watchdog (none or one)
+_writing: list[str] = []  # the folders being written, innermost last: their files growing is progress
 FORWARD = "in its forward"  # the point a forward begun leaves a rank at
 FAILED_IN = "_llamafactory_hera_section"  # set on an error as it leaves its innermost section block
 
@@ -76,14 +78,17 @@ def collective(name: str) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def section(name: str, kind: str | None = None, *, forwards: bool = False) -> Iterator[None]:
+def section(name: str, kind: str | None = None, *, forwards: bool = False, files: str | None = None) -> Iterator[None]:
     """``name`` (of ``kind``, default ``name``) for the block, then the previous section. ``forwards``: any module's
-    forward is progress (a pass whose model the caller does not hold)."""
+    forward is progress (a pass whose model the caller does not hold); ``files``: a folder the block writes."""
     before = [(dog, dog.where()) for dog in _running]
     enter(name, kind or name)
-    hook = nn_module.register_module_forward_pre_hook(progress) if forwards and _running else None
     try:
-        yield
+        with contextlib.ExitStack() as counted:
+            if forwards:
+                counted.enter_context(counting_every_forward())
+            counted.enter_context(writing(files))
+            yield
     except BaseException as error:
         # the block's end restores the section before it: the error keeps where it happened, for its line
         if _running and failed_in(error) is None:
@@ -91,10 +96,40 @@ def section(name: str, kind: str | None = None, *, forwards: bool = False) -> It
                 setattr(error, FAILED_IN, _running[0].where()[0])
         raise
     finally:
-        if hook is not None:
-            hook.remove()
         for dog, (previous, previous_kind, step) in before:
             dog.enter(previous, previous_kind, step)
+
+
+@contextlib.contextmanager
+def counting_every_forward() -> Iterator[None]:
+    """Every module's forward in the block is progress, in the current section (``generate`` runs the model inside
+    its own call, under no hook on the model)."""
+    hook = nn_module.register_module_forward_pre_hook(progress) if _running else None
+    try:
+        yield
+    finally:
+        if hook is not None:
+            hook.remove()
+
+
+@contextlib.contextmanager
+def writing(folder: str | None) -> Iterator[None]:
+    """``folder``'s files growing (or going) is progress in the block: a save's checkpoint folder, a download's cache
+    folder, a rotation's run folder (None: none)."""
+    if folder is None:
+        yield
+        return
+    _writing.append(folder)
+    try:
+        yield
+    finally:
+        _writing.pop()
+
+
+def written() -> str | None:
+    """The folder being written now, innermost (read from the watchdog's thread)."""
+    folders = list(_writing)  # one copy: the run's thread changes the list meanwhile
+    return folders[-1] if folders else None
 
 
 @contextlib.contextmanager

@@ -16,7 +16,7 @@ from typing import Any
 # a kind's place in a step: positions compare along the run (a save ends its step)
 PHASES = {"loading": 0, "selection": 1, "directions": 2, "teacher": 3, "step": 4, "save": 5, "final": 6, "wait": 7}
 # watched for progress, not only life (a load: its main thread's moves, training/watch_stack.py)
-JUDGED = ("loading", "selection", "directions", "teacher", "step", "save", "final")
+JUDGED = ("loading", "selection", "directions", "teacher", "step", "save", "final", "wait")
 STORAGE_BOUND = 1800.0  # seconds an output_dir probe may go unanswered
 PLACEHOLDER = b"-"  # a beat before its rank's first write (the monitor creates every key)
 
@@ -74,7 +74,7 @@ class Judge:
         if beat.get("pulse") != seen.pulse:
             seen.pulse = beat.get("pulse")
             seen.beat_since = now
-        position = beat.get("position")
+        position = [beat.get("position"), beat.get("work")]  # work: its files' growth, which no rank compares
         if position != seen.position:
             seen.position = position
             seen.moved_since = now
@@ -102,7 +102,7 @@ class Judge:
                 found.append(Named(rank, "unheard", now - seen.beat_since, beat))
             elif float(beat.get("storage") or 0.0) > STORAGE_BOUND:
                 found.append(Named(rank, "storage", float(beat["storage"]), beat))
-            elif beat.get("kind") != "wait":
+            else:
                 judged[rank] = seen
         return found or self._stuck(judged, now)
 

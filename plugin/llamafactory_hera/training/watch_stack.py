@@ -2,19 +2,24 @@
 
 LLaMA-Factory's load (its data, the model, the Trainer's set-up) reports no progress the plugin can count, so while a
 rank loads, its progress is read off the main thread itself: its Python stack, the CPU time it has used (Linux) and
-the counts of the live progress bars (``tqdm``: the datasets' maps, the checkpoint shards). Any of them changing
-between two looks is progress: a thread blocked in a wait uses no CPU and stays where it is. A rank whose main
-thread's innermost frame is one of torch's collectives (or DeepSpeed's ``comm``) is waiting for the others; its CPU
-time is no progress then (NCCL's wait spins or polls). The monitor names a rank stuck in its load only when another
-waits for it in a collective (``training/watch_judge.py``). Not seen: an NCCL collective queued without a wait, whose
-rank then blocks at a host sync elsewhere (its CPU time moves); the process group's timeout bounds that one.
+the counts of the live progress bars (``tqdm``: the datasets' maps, the checkpoint shards). Progress is a bar's count
+changing, CPU time beyond a poll's (:data:`BUSY`), or a stack not seen since the last such move: a thread blocked in
+a wait uses no CPU and stays where it is, and one polling in place (a 0.05 s sleep or timed wait in a loop, as
+datasets' ``map(num_proc)`` waits on a deadlocked worker) goes round the same few stacks on almost no CPU. A rank
+whose main thread's innermost frame is one of torch's collectives (or DeepSpeed's ``comm``) is waiting for the others;
+its CPU time is no progress then (NCCL's wait spins or polls). The monitor names a rank stuck in its load only when
+another waits for it in a collective (``training/watch_judge.py``). Not seen: an NCCL collective queued without a
+wait, whose rank then blocks at a host sync elsewhere (its CPU time moves); the process group's timeout bounds that
+one.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
-from typing import Any
+import time
+from collections.abc import Callable
 
 # where a main thread waits for the other ranks, as its innermost frame: torch's collectives (a module's states'
 # broadcast among them) and DeepSpeed's wrappers of them; not FSDP's or DTensor's own work, nor an outer wrapper
@@ -24,6 +29,9 @@ COLLECTIVE_PATHS = (
     "/torch/distributed/utils.py",
     "/deepspeed/comm/",
 )
+BUSY = 0.05  # share of one CPU between two looks that is work, not a poll's wake-ups
+TICKS_S = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100  # /proc's CPU time unit a second
+POLLED = 256  # stacks remembered since the last move; a thread that finds new ones beyond that moves
 
 
 class MainThread:
@@ -32,30 +40,48 @@ class MainThread:
     thread pools' workers (``ThreadPoolExecutor-*``): a model loader's threads read the shards while it waits on them.
     """
 
-    def __init__(self, thread: threading.Thread | None = None) -> None:
+    def __init__(self, thread: threading.Thread | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         thread = thread or threading.current_thread()
         self.ident = thread.ident
         self.native_id = thread.native_id
-        self.last: Any = None
+        self.clock = clock
+        self.looked: float | None = None  # when it last looked
+        self.ticks: int | None = None  # the CPU time then (None in a collective)
+        self.bars: tuple[tuple[int, float], ...] = ()
+        self.stacks: set[tuple[int, ...]] = set()  # the stacks seen since it last worked (a poll loop's few)
         self.in_collective = False
 
     def look(self) -> bool:
-        """Whether the thread's stack, its CPU time or a progress bar changed since the last look (the first: True)."""
+        """Whether the thread moved since the last look (the first: True): a bar moved, it used CPU time beyond a
+        poll's, or it is at a stack not seen since either."""
         frame = sys._current_frames().get(self.ident)
         innermost = frame.f_code.co_filename.replace("\\", "/") if frame is not None else ""
         in_collective = any(path in innermost for path in COLLECTIVE_PATHS)
-        stack = []
+        codes = []
         while frame is not None:
-            # the code and the instruction it is at: a loop that calls the same function again still moves the
-            # bars, its CPU time, or the instruction between two calls
-            stack.append((id(frame.f_code), frame.f_lasti))
+            codes.append(id(frame.f_code))  # the functions, not the line: a loop's turns are one stack
             frame = frame.f_back
-        cpu = None if in_collective else self._cpu_ticks()
-        seen = (tuple(stack), _bars(), cpu)
-        moved = seen != self.last
-        self.last = seen
+        stack = tuple(codes)
+        now = self.clock()
+        ticks = None if in_collective else self._cpu_ticks()
+        bars = _bars()
+        worked = self.looked is None or bars != self.bars or self._busy(ticks, now)
+        if worked or len(self.stacks) >= POLLED:
+            self.stacks.clear()
+        moved = worked or stack not in self.stacks
+        self.stacks.add(stack)
+        self.looked = now
+        self.ticks = ticks
+        self.bars = bars
         self.in_collective = in_collective
         return moved
+
+    def _busy(self, ticks: int | None, now: float) -> bool:
+        """Whether it used more CPU time since the last look than :data:`BUSY` of the time between (one tick at
+        least): a poll loop's wake-ups use less."""
+        if ticks is None or self.ticks is None or self.looked is None:
+            return False
+        return ticks - self.ticks >= max(1.0, BUSY * (now - self.looked) * TICKS_S)
 
     def _cpu_ticks(self) -> int:
         """CPU time so far of the thread and the pools' workers, in clock ticks (0 where /proc does not tell: the

@@ -34,6 +34,7 @@ from llamafactory_hera.training.watch_bounds import (
     place_of,
     pulse_for,
 )
+from llamafactory_hera.training.watch_growth import Growth
 from llamafactory_hera.training.watch_judge import PHASES, PLACEHOLDER, Judge, described
 from llamafactory_hera.training.watch_stack import MainThread
 
@@ -70,6 +71,8 @@ class Watchdog:
         self.probe = StorageProbe(output_dir, clock)
         self.main = MainThread()  # the run's thread: built on it
         self.moves = 0  # the pulses at which it had moved (the load's progress)
+        self.growth = Growth(output_dir)
+        self.work = 0  # the pulses at which the files being written grew: progress no two ranks compare
         self.judge = Judge(list(range(place.world)), clock(), job_store.start_bound()) if place.rank == 0 else None
         self.monitor = {"beat": {}, "pulse": None, "since": clock()}  # rank 0's beat as last read
         self.stopped = threading.Event()
@@ -134,6 +137,7 @@ class Watchdog:
             "bound": self.bound(),
             "pulse": self.pulses,
             "position": [step, PHASES.get(kind, 0), self._progress()],
+            "work": self.work,
             "storage": self.probe.waiting(self.pulse_s),
             "collective": self.main.in_collective,
         }
@@ -190,7 +194,8 @@ class Watchdog:
     def _pulse(self) -> None:
         if self.main.look():
             self.moves += 1  # LLaMA-Factory's load counts nothing: its main thread's moves stand for progress
-        position = (self.state[1], self.state[2], self._progress())
+        self.work += self.growth.look(self.state[1], self._progress(), self.main.in_collective)
+        position = (self.state[1], self.state[2], self._progress(), self.work)
         if position != self.seen_position:
             self.seen_position = position
             self.moved = self.clock()
