@@ -243,6 +243,9 @@ class _Recorder:
     def progress(self) -> None:
         pass
 
+    def reached(self, point: str) -> None:
+        pass
+
     def where(self) -> tuple[str, str, int]:
         return self.state
 

@@ -119,3 +119,30 @@ else:
     print(f"moved {looked.look()}, in a collective {looked.in_collective}", flush=True)
     os._exit(0)
 """
+
+
+def test_a_thread_busy_in_torchs_compiler_is_compiling_and_a_spinning_one_is_not() -> None:
+    """A recompile (a new shape in a compiled step) reaches no progress point for minutes while dynamo and inductor
+    work in Python: a thread busy in torch's compiler is ``compiling``, which the watchdog counts as work. A thread
+    busy elsewhere on one stack (a host waiting on a hung kernel in a spin) is not."""
+    stop = threading.Event()
+    compiler: dict[str, object] = {"stop": stop}
+    exec(compile("def lower(stop):\n    while not stop.is_set():\n        sum(sorted(range(2000)))\n",
+                 "/site-packages/torch/_inductor/compile_fx.py", "exec"), compiler)
+
+    def spin() -> None:
+        while not stop.is_set():
+            sum(range(1000))
+
+    try:
+        for target, expected in ((lambda: compiler["lower"](stop), True), (spin, False)):
+            looked = MainThread(_thread(target))
+            looked.look()
+            seen = []
+            for _ in range(5):
+                time.sleep(0.1)
+                looked.look()
+                seen.append(looked.compiling)
+            assert sum(seen) >= 4 if expected else not any(seen), (expected, seen)
+    finally:
+        stop.set()

@@ -51,6 +51,7 @@ import torch.distributed as dist
 from huggingface_hub import constants
 from torch import nn
 
+from llamafactory_hera.recipe.model_paths import hub_folder
 from llamafactory_hera.runtime import whole_checkpoints as whole
 from llamafactory_hera.training import sections, watchdog
 
@@ -146,7 +147,7 @@ class Rank:
         if not self.case.get("download"):
             return
         kind = "selection" if self.rank == 0 else "wait"
-        with sections.section("head selection", kind, forwards=True):
+        with sections.section("head selection", kind, forwards=True, files=hub_folder("campaign/scorer", None)):
             heads = [None]
             if self.rank == 0:
                 # where the hub's library writes (its folder read at its import: a rank's is its launcher's)
@@ -171,12 +172,16 @@ class Rank:
                     model.module.recompile_s = self.seconds("recompile")
                 if self.at("sigstop") or self.at("forward"):  # as the Trainer prepares the inputs
                     self.act(f"before the forward of step {step}")
-                sections.progress()  # WholeCheckpoints.compute_loss
+                sections.reached(sections.FORWARD)  # StepPoints.compute_loss
                 loss = model(torch.randn(4, 8)).pow(2).mean()
+                loss.register_hook(sections._backward_begun)
+                sections.reached(sections.BEFORE_BACKWARD)
                 if self.at("backward"):
                     self.act(f"before the backward of step {step}")
                 loss.backward()
+                sections.reached(sections.OPTIMIZER)  # _OptimizerPoints
                 optimizer.step()
+                sections.reached(sections.AFTER_OPTIMIZER)
                 optimizer.zero_grad()
                 time.sleep(0.1)
                 if step <= len(saves):
@@ -190,7 +195,7 @@ class Rank:
         """``WholeCheckpoints._save_checkpoint``: rank 0 writes the model and optimizer (``seconds``, growing), each
         rank its RNG state; each stage done is progress; the ranks agree; rank 0 marks it whole, then rotates."""
         folder = self.out / f"{whole.CHECKPOINT_PREFIX}{step}"
-        with sections.section(f"the save of {folder.name}", "save"):
+        with sections.section(f"the save of {folder.name}", "save", files=str(folder)):
             whole.unmark(folder)
             folder.mkdir(parents=True, exist_ok=True)
             if step == int(self.case.get("stall_step", 0)) and self.rank == 0:
@@ -209,24 +214,26 @@ class Rank:
             sections.progress()
             if self.at("collective"):
                 self.act(f"before the save's agreement of {folder.name}")
-            dist.all_reduce(torch.ones(1))  # _every_rank_saved
+            with sections.collective("the all-reduce that agrees every rank saved"):  # _every_rank_saved
+                dist.all_reduce(torch.ones(1))
             if self.rank == 0:
                 whole.write_marker(folder, step, self.world, {})
-        if self.rank == 0:
-            per_file = self.seconds("rotate") / 150 if self.case.get("rotate") else 0.0
-            with slow_unlinks(per_file):
-                whole.rotate(self.out, 1 if self.case.get("rotate") else None, (None, folder))
+            if self.rank == 0:
+                per_file = self.seconds("rotate") / 150 if self.case.get("rotate") else 0.0
+                with slow_unlinks(per_file), sections.writing(str(self.out)):
+                    whole.rotate(self.out, 1 if self.case.get("rotate") else None, (None, folder))
 
     def final(self, model: nn.Module) -> None:
         """After ``super().train``: the final save (rank 0), then predict after training (LLaMA-Factory's workflow:
         ``trainer.predict``, each batch gathered over the ranks)."""
+        sections.enter("the end of training (its callbacks)", "final")  # _EndOfTraining
         sections.enter("the end of the run (final save)", "final")
         if self.rank == 0:
             torch.save(model.state_dict(), self.out / "adapter_model.bin")
         if not self.case.get("predict"):
             return
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), sections.section("the prediction after training (do_predict)", "final", forwards=True):
             for _ in range(round(self.seconds("predict") / PREDICT_S)):  # the same count on every rank
                 predicted = model(torch.randn(2, 8))
                 time.sleep(PREDICT_S)  # a generation's tokens
@@ -253,22 +260,27 @@ def grow(path: Path, seconds: float, rank: Rank, chunk: int) -> None:
             time.sleep(GROW_S)
 
 
-def busy(seconds: float) -> None:
-    """A recompile: the CPU busy in Python, the stack moving between functions, no forward ending."""
-    deadline = time.monotonic() + seconds
-    graph: dict[int, int] = {}
-    while time.monotonic() < deadline:
-        _trace(graph)
-        _lower(graph)
-
-
-def _trace(graph: dict[int, int]) -> None:
+# a recompile's work, as code of torch's compiler (its frames' file is what the watchdog reads): the CPU busy in
+# Python, moving between functions, no forward ending
+_COMPILER = {}
+exec(compile("""
+def trace(graph):
     for node in range(2000):
         graph[node] = (graph.get(node, 0) * 31 + node) % 1009
 
 
-def _lower(graph: dict[int, int]) -> None:
+def lower(graph):
     sum(sorted(graph.values())[:100])
+""", "/site-packages/torch/_inductor/compile_fx.py", "exec"), _COMPILER)
+
+
+def busy(seconds: float) -> None:
+    """A recompile: torch's compiler busy on the CPU (dynamo's trace, inductor's lowering), no forward ending."""
+    deadline = time.monotonic() + seconds
+    graph: dict[int, int] = {}
+    while time.monotonic() < deadline:
+        _COMPILER["trace"](graph)
+        _COMPILER["lower"](graph)
 
 
 def poll_forever() -> None:

@@ -120,9 +120,13 @@ class Judge:
         held = [rank for rank in sorted(stalled) if positions[rank] == lowest]
         if all(judged[rank].beat.get("kind") == "loading" for rank in held):
             held = _holding_up(held, judged)
+        if all(judged[rank].beat.get("kind") == "wait" for rank in held):
+            # the last barrier: a rank that entered its section but never reached the barrier holds up those in it
+            held = [rank for rank in held if not judged[rank].beat.get("collective")] or held
         running = sum(1 for seen in self.seen.values() if seen.heard and not seen.beat.get("left"))
         waiting = all(
-            judged[rank].beat.get("kind") != "loading" or judged[rank].beat.get("collective") for rank in held
+            judged[rank].beat.get("kind") not in ("loading", "wait") or judged[rank].beat.get("collective")
+            for rank in held
         )
         alike = len(held) > 1 and len(held) == running and waiting
         return [Named(rank, "stuck", now - judged[rank].moved_since, judged[rank].beat, alike) for rank in held]

@@ -30,6 +30,8 @@ COLLECTIVE_PATHS = (
     "/deepspeed/comm/",
 )
 BUSY = 0.05  # share of one CPU between two looks that is work, not a poll's wake-ups
+# torch's compiler: a step that recompiles (a new shape) reaches no point for minutes, its main thread busy in there
+COMPILER_PATHS = ("/torch/_dynamo/", "/torch/_inductor/")
 TICKS_S = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100  # /proc's CPU time unit a second
 POLLED = 256  # stacks remembered since the last move; a thread that finds new ones beyond that moves
 
@@ -50,6 +52,7 @@ class MainThread:
         self.bars: tuple[tuple[int, float], ...] = ()
         self.stacks: set[tuple[int, ...]] = set()  # the stacks seen since it last worked (a poll loop's few)
         self.in_collective = False
+        self.compiling = False  # at the last look: busy on the CPU inside torch's compiler
 
     def look(self) -> bool:
         """Whether the thread moved since the last look (the first: True): a bar moved, it used CPU time beyond a
@@ -58,14 +61,19 @@ class MainThread:
         innermost = frame.f_code.co_filename.replace("\\", "/") if frame is not None else ""
         in_collective = any(path in innermost for path in COLLECTIVE_PATHS)
         codes = []
+        compiler = False
         while frame is not None:
             codes.append(id(frame.f_code))  # the functions, not the line: a loop's turns are one stack
+            path = frame.f_code.co_filename.replace("\\", "/")
+            compiler = compiler or any(part in path for part in COMPILER_PATHS)
             frame = frame.f_back
         stack = tuple(codes)
         now = self.clock()
         ticks = None if in_collective else self._cpu_ticks()
         bars = _bars()
-        worked = self.looked is None or bars != self.bars or self._busy(ticks, now)
+        busy = self._busy(ticks, now)
+        self.compiling = compiler and busy
+        worked = self.looked is None or bars != self.bars or busy
         if worked or len(self.stacks) >= POLLED:
             self.stacks.clear()
         moved = worked or stack not in self.stacks

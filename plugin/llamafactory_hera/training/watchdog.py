@@ -195,6 +195,8 @@ class Watchdog:
         if self.main.look():
             self.moves += 1  # LLaMA-Factory's load counts nothing: its main thread's moves stand for progress
         self.work += self.growth.look(self.state[1], self._progress(), self.main.in_collective)
+        if self.main.compiling:
+            self.work += 1  # a recompile reaches no point for minutes: torch's compiler busy is its work
         position = (self.state[1], self.state[2], self._progress(), self.work)
         if position != self.seen_position:
             self.seen_position = position
