@@ -107,6 +107,11 @@ OLDEST_STACK_OPEN: tuple[str, ...] = ()
 # each stage on one process (DeepSpeed is not installed there, so its two-rank test skips by itself)
 OLDEST_STACK_ENGINE_RUNS = ("tests/harc/test_harc_stage.py::test_fsdp2_gives_the_losses_of_one_process",
                             "tests/harc/test_harc_stage.py::test_fsdp2_with_qlora_gives_the_losses_of_one_process")
+# left out on main, to fit its part of CI's 25 minutes (the pinned stack's suite about 20, the oldest stack's part 1.5,
+# main's 4.5 CPU minutes with it, on 2 cores): select's two-rank run (39 CPU s, the subset's longest test), whose
+# collectives are the plugin's own; main's launcher and stage patch points are run by test_torchrun_refusals.py and
+# the stages' tests, and the pinned and oldest stacks run it
+MAIN_STACK_LEFT_OUT = ("tests/hera/test_hera_selection.py::test_auto_heads_under_torchrun_are_chosen_once_and_shared",)
 DEMO_METHODS = ("hera", "rah", "harc")
 # the second stack's demos on two streams at once: each demo is mostly one process's imports, one core's work, so two
 # run beside each other on CI's two cores; RAH-LoRA after HeRA, whose tiny models it reuses (built once)
@@ -504,9 +509,9 @@ def cmd_test_second_stack(python: Path, pytest_args: list[str], stack: str = "ol
             codes += run_demos(python, output, env)
         with phase("pytest"):
             options = [*parallel_args(pytest_args), *report_args(python, pytest_args), *duration_args(pytest_args)]
-            left_out = (*OLDEST_STACK_OPEN, *OLDEST_STACK_ENGINE_RUNS)
-            open_bugs = [arg for test in left_out for arg in ("--deselect", test)]
-            codes.append(run([python, "-m", "pytest", "-q", *options, *tests, *open_bugs, *pytest_args], env=env,
+            left_out = [*OLDEST_STACK_OPEN, *OLDEST_STACK_ENGINE_RUNS, *MAIN_STACK_LEFT_OUT * (stack == "main")]
+            deselected = [arg for test in left_out for arg in ("--deselect", test)]
+            codes.append(run([python, "-m", "pytest", "-q", *options, *tests, *deselected, *pytest_args], env=env,
                              check=False))
     failed = [code for code in codes if code != 0]
     return failed[0] if failed else 0
