@@ -25,9 +25,8 @@ from ..engines import fsdp_loading
 
 def start_run(method: Any, keys: dict[str, Any], host_args: RawRecipe, machine: bool = True) -> Any:
     """``method``'s run from its ``keys``, after its raw checks: the plugin's environment variables, backend switches
-    (:mod:`..backends`), then
-    :meth:`check_raw`. Run in every rank, once in the launcher, and by ``llamafactory-hera plan`` (``machine``
-    false: no checks of this machine)."""
+    (:mod:`..backends`), then :meth:`check_raw`. Run in every rank, once in the launcher, and by ``llamafactory-hera
+    plan`` (``machine`` false: no checks of this machine)."""
     if machine:
         env_knobs.check(os.environ)
     refused = backends.refusal(method.stage, host_args, os.environ if machine else {})
