@@ -236,8 +236,8 @@ def main_source(pinned: bool = True) -> tuple[str, str]:
     and the fix, and SystemExit(2)."""
     given = os.environ.get(MAIN_SOURCE_ENV, "").strip()
     if not given:
-        # the newest by its time in the folder: a newer main comes as another archive beside the older ones
-        archives = sorted(SHARED_MAIN.glob("*.tar.gz"), key=lambda archive: archive.stat().st_mtime)
+        # a newer main comes as another archive beside the older ones
+        archives = sorted(SHARED_MAIN.glob("*.tar.gz"), key=committed_at)
         if not archives:
             refuse_main_source("", f"not set, and {SHARED_MAIN} holds no *.tar.gz")
         given = str(archives[-1])
@@ -266,6 +266,16 @@ def main_source(pinned: bool = True) -> tuple[str, str]:
         refuse_main_source(given, f"it holds main at {commit}, {TESTED_MAIN.name} pins {tested_main()['commit']}: "
                                   "pin it with python3 dev.py pin-main, or name a source at the pin")
     return kind, str(path)
+
+
+def committed_at(archive: Path) -> float:
+    """When an archive's main was committed: its files' time, as git archive stamps them (a copy of the shared folder
+    keeps it; the archive's own time may be the copy's); an unreadable archive's own time, so that it is said."""
+    try:
+        found = source_file("archive", archive, MAIN_VERSION_FILE)
+    except (tarfile.TarError, OSError):
+        found = None
+    return found[1] if found else archive.stat().st_mtime
 
 
 def refuse_main_source(given: str, why: str) -> NoReturn:

@@ -41,7 +41,7 @@ def _source(folder: Path, commit: str | None = PIN["commit"], version: str = "0.
     return folder
 
 
-def _archive(path: Path, **source: Any) -> Path:
+def _archive(path: Path, committed: int = COMMIT_TIME, **source: Any) -> Path:
     """``_source`` packed as ``git archive --prefix=LLaMA-Factory-<commit>/`` packs it, each file at the commit's
     time."""
     with tarfile.open(path, "w:gz") as archive:
@@ -50,7 +50,7 @@ def _archive(path: Path, **source: Any) -> Path:
                 info = tarfile.TarInfo(f"LLaMA-Factory-x/{file.relative_to(path.parent / f'{path.name}.d')}")
                 data = file.read_bytes()
                 info.size = len(data)
-                info.mtime = COMMIT_TIME
+                info.mtime = committed
                 archive.addfile(info, io.BytesIO(data))
     return path
 
@@ -79,11 +79,17 @@ def dev(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
 
 
 def test_main_comes_from_the_newest_shared_archive_by_default(dev: Any) -> None:
-    older = _archive(dev.SHARED_MAIN / "llamafactory-main-aaaaaaaaa.tar.gz", commit="a" * 40)
+    """The newest by its commit's time (its files'), whatever the archives' names and their own times (a copy's)."""
     newest = _archive(dev.SHARED_MAIN / "llamafactory-main-0000.tar.gz")
-    os.utime(older, (COMMIT_TIME, COMMIT_TIME))  # the older one by its time, whatever its name
+    older = _archive(dev.SHARED_MAIN / "llamafactory-main-aaaaaaaaa.tar.gz", COMMIT_TIME - 86_400, commit="a" * 40)
+    os.utime(newest, (COMMIT_TIME, COMMIT_TIME))
+    assert older.stat().st_mtime > newest.stat().st_mtime
     assert dev.main_source() == ("archive", str(newest))
     assert dev.main_requirement() == f"llamafactory @ {newest.as_uri()}"
+    broken = dev.SHARED_MAIN / "llamafactory-main-broken.tar.gz"
+    broken.write_text("cut short", encoding="utf-8")  # unreadable: taken by its own time, the newest, and said
+    with pytest.raises(SystemExit):
+        dev.main_source()
 
 
 def test_main_comes_from_an_archive_a_folder_a_clone_or_a_git_url(dev: Any, tmp_path: Path,
