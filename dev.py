@@ -107,10 +107,10 @@ OLDEST_STACK_OPEN: tuple[str, ...] = ()
 # each stage on one process (DeepSpeed is not installed there, so its two-rank test skips by itself)
 OLDEST_STACK_ENGINE_RUNS = ("tests/harc/test_harc_stage.py::test_fsdp2_gives_the_losses_of_one_process",
                             "tests/harc/test_harc_stage.py::test_fsdp2_with_qlora_gives_the_losses_of_one_process")
-# left out on main, to fit its part of CI's 25 minutes (the pinned stack's suite about 20, the oldest stack's part 1.5,
-# main's 4.5 CPU minutes with it, on 2 cores): select's two-rank run (39 CPU s, the subset's longest test), whose
-# collectives are the plugin's own; main's launcher and stage patch points are run by test_torchrun_refusals.py and
-# the stages' tests, and the pinned and oldest stacks run it
+# left out on main, to fit its part of CI's 25 minutes on 2 cores (the pinned stack about 20, the oldest stack's part
+# 1.5; main's part took 306 CPU s with it, 253 without, 2026-11-29): select's two-rank run (39 CPU s, the subset's
+# longest test), whose collectives are the plugin's own; main's launcher and stage patch points are run by
+# test_torchrun_refusals.py and the stages' tests, and the pinned and oldest stacks run it
 MAIN_STACK_LEFT_OUT = ("tests/hera/test_hera_selection.py::test_auto_heads_under_torchrun_are_chosen_once_and_shared",)
 DEMO_METHODS = ("hera", "rah", "harc")
 # the second stack's demos on two streams at once: each demo is mostly one process's imports, one core's work, so two
