@@ -36,9 +36,10 @@ def _bash_lines() -> list[str]:
 
 
 def test_ci_runs_exactly_the_readme_test_command() -> None:
-    """The README's first test command is CI's (both stacks); the others are a stack each."""
+    """The README's first test command is CI's (every stack); the others are a stack each."""
     commands = [line for line in _bash_lines() if line.startswith("python3 dev.py test")]
-    assert commands == ["python3 dev.py test --stack all", "python3 dev.py test", "python3 dev.py test --stack oldest"]
+    assert commands == ["python3 dev.py test --stack all", "python3 dev.py test", "python3 dev.py test --stack oldest",
+                        "python3 dev.py test --stack main"]
     commands = commands[:1]
     ci = REPO / ".ci" / "run"
     assert os.access(ci, os.X_OK), ".ci/run must be executable"
@@ -425,71 +426,6 @@ def test_dev_records_a_ci_runs_timings_outside_the_clone(tmp_path: Path, monkeyp
     assert math.isnan(dev.load_average())
     dev.record_ci_run("test", 0, 10.0, dev.load_average())
     assert "load1_start=nan load1_end=nan" in (tmp_path / "cache" / "ci-timings.log").read_text().splitlines()[-1]
-
-
-def test_dev_sets_up_each_stack_in_its_own_venv(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                capsys: pytest.CaptureFixture[str]) -> None:
-    """``--stack`` picks a stack's venv and constraints file; ``all`` (CI) runs the pinned stack's suite, then the
-    second stack's demos and subset, whose files exist, then main's where its source is reachable, else one line
-    saying why main was not tested."""
-    dev = _dev()
-    assert dev.stack_option("test", ["-x"]) == ("pinned", ["-x"])
-    assert dev.stack_option("test", ["-x", "--stack", "oldest", "-k", "a"]) == ("oldest", ["-x", "-k", "a"])
-    assert dev.stack_option("test", ["--stack", "all"]) == ("all", [])
-    assert dev.stack_option("demo", ["--stack", "all"])[0] is None and dev.stack_option("test", ["--stack"])[0] is None
-    for name, (venv_name, constraints) in dev.STACKS.items():
-        dev.use_stack(name)
-        assert dev.VENV == REPO / venv_name and dev.CONSTRAINTS == REPO / constraints and dev.CONSTRAINTS.is_file()
-        assert f"/{venv_name}/" in (REPO / ".gitignore").read_text() or venv_name == ".venv"
-    assert all((REPO / path.split("::")[0]).is_file() for path in (*dev.OLDEST_STACK_TESTS, *dev.MAIN_STACK_TESTS))
-    ran: list[tuple[str, str]] = []
-    monkeypatch.setattr(dev, "setup", lambda command, stack: ran.append(("setup", stack)) or Path(sys.executable))
-    monkeypatch.setattr(dev, "cmd_test", lambda python, args: ran.append(("suite", "pinned")) or 0)
-    monkeypatch.setattr(dev, "cmd_test_second_stack", lambda python, args, stack: ran.append(("subset", stack)) or 3)
-    monkeypatch.delenv(dev.MAIN_SOURCE_ENV, raising=False)
-    assert dev.main(["test", "--stack", "all"]) == 3
-    assert ran == [("setup", "pinned"), ("suite", "pinned"), ("setup", "oldest"), ("subset", "oldest")]
-    assert ("[dev.py] LLaMA-Factory main was not tested: LLAMAFACTORY_MAIN_SOURCE is not set (a git URL or a local "
-            "clone of LLaMA-Factory)\n") in capsys.readouterr().out
-    monkeypatch.setenv(dev.MAIN_SOURCE_ENV, str(tmp_path / "nowhere"))
-    ran.clear()
-    assert dev.main(["test", "--stack", "all"]) == 3 and ("setup", "main") not in ran
-    assert f"main was not tested: LLAMAFACTORY_MAIN_SOURCE={tmp_path / 'nowhere'} is not reachable (git ls-remote: " \
-        in capsys.readouterr().out
-    monkeypatch.setattr(dev, "main_source", lambda: ("file:///clone", ""))
-    ran.clear()
-    assert dev.main(["test", "--stack", "all"]) == 3
-    assert ran[-2:] == [("setup", "main"), ("subset", "main")]
-
-
-def test_dev_pins_llamafactory_main_at_a_commit_of_its_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """``dev.py pin-main [REF]`` writes the commit, its date and LLaMA-Factory's version of REF (default: the source's
-    HEAD) into the pin that ``--stack main`` installs and the version guard names; a local clone as the source."""
-    import json
-    import subprocess
-
-    dev = _dev()
-    clone = tmp_path / "LLaMA-Factory"
-    (clone / "src" / "llamafactory" / "extras").mkdir(parents=True)
-
-    def git(*args: str) -> str:
-        return subprocess.run(["git", "-C", str(clone), "-c", "user.name=t", "-c", "user.email=t@t", *args],
-                              check=True, capture_output=True, text=True).stdout.strip()
-
-    git("init", "-q", "-b", "main")
-    for version in ("0.9.6.dev0", "0.9.6.dev1"):
-        (clone / "src" / "llamafactory" / "extras" / "env.py").write_text(f'VERSION = "{version}"\n')
-        git("add", "-A")
-        git("commit", "-q", "-m", version)
-    monkeypatch.setattr(dev, "TESTED_MAIN", tmp_path / "tested_main.json")
-    monkeypatch.setenv(dev.MAIN_SOURCE_ENV, str(clone))
-    assert dev.main(["pin-main"]) == 0
-    pin = json.loads((tmp_path / "tested_main.json").read_text())
-    assert pin == {"version": "0.9.6.dev1", "commit": git("rev-parse", "HEAD"),
-                   "date": git("log", "-1", "--format=%cs")}
-    assert dev.main(["pin-main", git("rev-parse", "HEAD~1")]) == 0
-    assert json.loads((tmp_path / "tested_main.json").read_text())["version"] == "0.9.6.dev0"
-    assert dev.main_requirement() == f"llamafactory @ git+{clone.as_uri()}@{git('rev-parse', 'HEAD~1')}"
 
 
 def test_dev_runs_the_second_stacks_demos_two_at_once(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -76,8 +76,8 @@ def known(switch: Switch) -> bool:
 
 
 def _enabled(value: Any) -> bool:
-    # LLaMA-Factory's is_env_enabled: "true", "y" or "1"
-    return str(value).strip().lower() in {"true", "y", "1"}
+    # LLaMA-Factory's is_env_enabled: "true", "y" or "1", any case, nothing around it (" 1" and "yes" are off)
+    return str(value).lower() in {"true", "y", "1"}
 
 
 def forced_torchrun(environ: Mapping[str, str]) -> bool:

@@ -1,7 +1,7 @@
 """Shape checks of the host before patching, and which LLaMA-Factory the plugin was checked on: releases
 (``CHECKED_VERSIONS``) and, for main (one version number while it moves), the commit pinned in ``tested_main.json``
 (``dev.py test --stack main`` installs it, ``dev.py pin-main`` moves it). A main install at another commit (its
-``direct_url.json``, PEP 610) is warned about once.
+``direct_url.json``, PEP 610: a git URL's commit, a clone's HEAD, a source archive's ``COMMIT``) is warned about once.
 """
 
 from __future__ import annotations
@@ -71,9 +71,25 @@ def git_head(folder: Path) -> str | None:
     return next((line.split()[0] for line in packed if line.endswith(f" {ref}")), None)
 
 
+def source_commit(source: Path) -> str | None:
+    """The commit of a local source of main: the ``COMMIT`` file at the top of a source archive (unpacked: a folder)
+    or a clone's HEAD; None where it names none."""
+    import tarfile  # lazy: patches load at every start-up
+
+    if source.is_dir():
+        named = source / "COMMIT"
+        return named.read_text(encoding="utf-8").strip() if named.is_file() else git_head(source)
+    try:
+        with tarfile.open(source) as archive:  # the archive's files lie in one top folder
+            member = next((m for m in archive if m.isfile() and Path(m.name).parts[1:] == ("COMMIT",)), None)
+            return archive.extractfile(member).read().decode().strip() if member else None
+    except (tarfile.TarError, OSError):  # moved or removed since the install
+        return None
+
+
 def installed_commit(distribution: str = "llamafactory") -> str | None:
-    """The commit ``distribution`` was built from (``direct_url.json``: a git URL's commit, or the HEAD of the clone
-    it was installed from); None for an index release or unknown."""
+    """The commit ``distribution`` was built from (``direct_url.json``: a git URL's commit, or the commit of the
+    local source it was installed from, :func:`source_commit`); None for an index release or unknown."""
     # lazy: patches load at every start-up
     from importlib.metadata import PackageNotFoundError
     from importlib.metadata import distribution as installed
@@ -85,8 +101,8 @@ def installed_commit(distribution: str = "llamafactory") -> str | None:
     direct = json.loads(text) if text else {}
     commit = direct.get("vcs_info", {}).get("commit_id")
     url = urlparse(str(direct.get("url", "")))
-    if commit is None and "dir_info" in direct and url.scheme == "file":
-        return git_head(Path(unquote(url.path)))
+    if commit is None and url.scheme == "file":
+        return source_commit(Path(unquote(url.path)))
     return commit
 
 
@@ -108,7 +124,7 @@ def unchecked_note(version: str | None = None, commit: str | None = None) -> str
             "changed is not checked"
             if commit
             else f"main ({version}) at a commit its install does not record (installed neither from a git URL nor "
-            "from a clone), so which main is not known"
+            "from a clone or a source archive with its COMMIT), so which main is not known"
         )
     return (
         f"llamafactory-hera was checked on LLaMA-Factory {checked_hosts()}, found {found}; its internals have the "

@@ -14,6 +14,8 @@ import os
 import sys
 
 DISABLE_ENV = "LLAMAFACTORY_HERA_DISABLE"
+# its on values, runtime/env_knobs.py's ON (not imported: see above); a value neither on nor off is refused there
+DISABLE_ON = ("1", "true", "yes", "y", "on")
 
 # host module -> patch module(s) whose ``apply(module)`` adapts it, in order
 # every stage: FSDP2 LoRA checkpoints saved and loaded whole (accelerate before PR 4206 kept rank 0's shard); 4-bit
@@ -137,7 +139,7 @@ def register_methods() -> None:
 def install() -> None:
     """Register the finder (once) and patch the targets already imported; then this module and its package, if it
     holds nothing else yet, leave ``sys.modules``."""
-    disabled = os.environ.get(DISABLE_ENV, "").strip().lower() in {"1", "true", "yes", "y"}
+    disabled = os.environ.get(DISABLE_ENV, "").strip().lower() in DISABLE_ON
     if not disabled and not any(type(f).__name__ == "_PostImportFinder" for f in sys.meta_path):
         sys.meta_path.insert(0, _PostImportFinder())
         for name in _TARGETS:

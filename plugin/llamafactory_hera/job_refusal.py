@@ -23,10 +23,11 @@ from datetime import timedelta
 from types import TracebackType
 from typing import Any
 
+from llamafactory_hera.runtime import env_knobs
 from llamafactory_hera.runtime.errors import RecipeError
 from llamafactory_hera.runtime.log import PREFIX, line
 
-TRACEBACK_ENV = "LLAMAFACTORY_HERA_TRACEBACK"
+TRACEBACK_ENV = env_knobs.TRACEBACK
 RANK_WAIT_S = 30.0  # a rank > 0 waits this long for torchrun to stop it before printing its refusal
 REFUSED = "refused"
 POLL_S = 0.2  # how often a rank looks at the flag
@@ -236,8 +237,12 @@ def announce(report: str, env: Mapping[str, str] | None = None) -> tuple[bool, b
 def install() -> None:
     """Route uncaught plugin errors to :func:`short_report` (idempotent; off with LLAMAFACTORY_HERA_TRACEBACK=1)."""
     previous = sys.excepthook
-    if getattr(previous, "__module__", None) == __name__ or os.environ.get(TRACEBACK_ENV, "") not in {"", "0"}:
+    if getattr(previous, "__module__", None) == __name__:
         return
+    # a value neither on nor off: short reports, the first of them its own line (env_knobs.check, before the recipe)
+    with contextlib.suppress(RecipeError):
+        if env_knobs.switch(TRACEBACK_ENV):
+            return
 
     def excepthook(kind: type[BaseException], error: BaseException, tb: TracebackType | None) -> None:
         if not raised_by_plugin(error):

@@ -13,6 +13,7 @@ from typing import Any
 
 from transformers.utils import logging as transformers_logging
 
+from llamafactory_hera.runtime import env_knobs
 from llamafactory_hera.runtime.errors import RecipeError
 from llamafactory_hera.runtime.raw_recipe import RawRecipe, raw_value, truthy
 from llamafactory_hera.runtime.registry import registered_methods
@@ -23,9 +24,11 @@ from ..engines import fsdp_loading
 
 
 def start_run(method: Any, keys: dict[str, Any], host_args: RawRecipe, machine: bool = True) -> Any:
-    """``method``'s run from its ``keys``, after its raw checks: backend switches (:mod:`..backends`), then
-    :meth:`check_raw`. Run in every rank, once in the launcher, and by ``llamafactory-hera plan`` (``machine``
-    false: no checks of this machine)."""
+    """``method``'s run from its ``keys``, after its raw checks: the plugin's environment variables, backend switches
+    (:mod:`..backends`), then :meth:`check_raw`. Run in every rank, once in the launcher, and by ``llamafactory-hera
+    plan`` (``machine`` false: no checks of this machine)."""
+    if machine:
+        env_knobs.check(os.environ)
     refused = backends.refusal(method.stage, host_args, os.environ if machine else {})
     if refused:
         raise RecipeError(refused)
@@ -49,7 +52,9 @@ def quiet_transformers() -> Iterator[None]:
 
 def check_host_stage(host_args: RawRecipe, environ: Mapping[str, str]) -> None:
     """A host stage's recipe: the stage exists, and training under ``environ``'s FSDP would not fail after loading
-    (an unsaved state dict is warned about by the stage patch, not refused)."""
+    (an unsaved state dict is warned about by the stage patch, not refused), and the plugin's environment variables
+    parse."""
+    env_knobs.check(environ)
     check_stage(raw_value(host_args, "stage"), [m.stage for m in registered_methods()], host_stages())
     stage = str(raw_value(host_args, "stage") or "sft")
     refusal = truthy(raw_value(host_args, "do_train")) and fsdp_loading.bitsandbytes_refusal(stage, host_args, environ)

@@ -8,7 +8,6 @@ thawed into the next start) keeps its own mark, so it never changes this launch'
 
 from __future__ import annotations
 
-import contextlib
 import os
 import socket
 import uuid
@@ -17,18 +16,16 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
+from . import env_knobs
+
 ROOT = "llamafactory_hera/watch"
-START_ENV = "LLAMAFACTORY_HERA_START_TIMEOUT"  # bound: every node joined, every rank heard
-START_S = 600.0
+START_ENV = env_knobs.START_TIMEOUT  # bound: every node joined, every rank heard
 
 
 def start_bound(env: Mapping[str, str] | None = None) -> float:
-    """Seconds a launch's nodes have to join and its ranks to start (:data:`START_ENV`)."""
-    # not a default: datasets' map(num_proc=N) rebinds os.environ
-    env = os.environ if env is None else env
-    with contextlib.suppress(ValueError):
-        return float(env.get(START_ENV) or START_S)
-    return START_S
+    """Seconds a launch's nodes have to join and its ranks to start (:data:`START_ENV`; RecipeError where it is not
+    a number of seconds above 0)."""
+    return env_knobs.seconds(START_ENV, env)
 
 
 @dataclass(frozen=True)
