@@ -199,11 +199,12 @@ def hera_term(parts: HeraParts, reps: torch.Tensor, teacher_dim: int = 1024) -> 
     others = max(parts.candidates - size, 0)
     candidates = torch.cat([reps, reps.new_zeros(reps.shape[0], others, reps.shape[2])], 1) if others else reps
     teacher = torch.empty(candidates.shape[1], teacher_dim)
+    anchor_teacher = teacher[:size] if others else teacher  # one tensor: normalised once, as in training
     return hera_loss_anchored(
         reps,
         candidates,
         torch.arange(size),
-        teacher[:size],
+        anchor_teacher,
         teacher,
         min(parts.k, candidates.shape[1] - 1),
         used_temperature(parts.log_tau),
