@@ -136,6 +136,10 @@ def test_harc_micro_batch_is_the_sum_of_its_passes(tmp_path, capsys) -> None:
     assert "micro-batch of 1 harmful + 1 harmless + 1 pseudo rows of 16 tokens" in out and "DDP" in out
     assert "directions: 15 rows forward (5 row sets), 2 times (start + refreshes)" in out  # steps 1 and 6
     assert "fits:" in out and " (79.65 GiB)\n" in out and " GB)" not in out  # one unit: GiB, as HeRA's report
+    # two composed micro-batches a device step (per_device_train_batch_size: 2): twice the rows, as training takes
+    assert main(["plan", str(recipe), "per_device_train_batch_size=2"]) == 0
+    out = capsys.readouterr().out
+    assert "micro-batch of 2 harmful + 2 harmless + 2 pseudo rows of 16 tokens" in out
 
 
 def test_rah_plans_its_calibration(tmp_path, capsys) -> None:

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 MODEL_FILES = ("model.safetensors", "adapter_model.safetensors")
 # FSDP (FULL_STATE_DICT): the Trainer's resume copies of the model (or adapter) and of the optimizer, gathered
 STATE_FILES = ("optimizer.pt", "optimizer.bin", "pytorch_model_fsdp.bin", "hera_temperature_optimizer.pt",
-               "hera_queue_rank0.pt", "harc_state.pt")
+               "hera_queue_rank0.pt", "hera_queue_rank1.pt", "harc_state.pt")
 
 
 def _leaves(value: Any, path: str = "") -> dict[str, Any]:

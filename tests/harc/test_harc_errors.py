@@ -66,6 +66,9 @@ def test_defaults_are_the_reference_configs() -> None:
     ({"per_device_train_batch_size": 0}, "per_device_train_batch_size: got 0; with stage: harc it counts composed"),
     ({"per_device_train_batch_size": "two"}, "per_device_train_batch_size: got two; with stage: harc it counts"),
     ({"do_eval": True}, "do_eval: stage: harc has no evaluation split"),
+    ({"do_predict": True}, "do_predict: stage: harc has no evaluation split"),
+    ({"predict_with_generate": "true"}, "predict_with_generate: stage: harc has no evaluation split .* to write "
+     "predictions with the adapter, run stage: sft with do_train: false"),
     ({"packing": "true"}, "packing: true is not supported by stage: harc: it composes each micro-batch of whole rows"),
     ({"neat_packing": True}, "neat_packing: true is not supported by stage: harc: .* Remove neat_packing."),
     ({"val_size": 0.1}, "val_size: stage: harc holds out its own validation rows"),

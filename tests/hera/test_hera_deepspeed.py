@@ -28,7 +28,7 @@ def _run(assets, tmp: Path, deepspeed: str | None, precompute: str, **keys: Any)
     folder."""
     recipe = base_recipe(assets, "qwen2_5_vl", tmp / "out", finetuning_type="full", per_device_train_batch_size=4,
                          max_steps=2, hera_temperature_lr=0.05, deepspeed=deepspeed, hera_teacher_precompute=precompute,
-                         hera_monitor_steps=1, hera_k=3, **keys)
+                         hera_monitor_steps=1, hera_k=3, hera_queue_size=8, **keys)  # each rank's queue saved
     return {"recipe": recipe, "env": {"HERA_TEST_ENGINE_EVIDENCE": str(tmp / "engine")}}
 
 
@@ -90,9 +90,9 @@ def test_zero2_and_zero3_train_hera_like_ddp(assets, tmp_path: Path) -> None:
 
     for name in ("zero2", "zero3"):
         assert runs[f"{name}_resumed"] == runs[name][1:], name
-        assert {"hera_temperature_optimizer.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt",
-                "hera_state.json"} <= set(assert_resumed_equals_whole(tmp_path / name / "out",
-                                                                      tmp_path / f"{name}_resumed" / "out", 2)), name
+        compared = assert_resumed_equals_whole(tmp_path / name / "out", tmp_path / f"{name}_resumed" / "out", 2)
+        assert {"hera_temperature_optimizer.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt", "hera_state.json",
+                "hera_queue_rank0.pt", "hera_queue_rank1.pt"} <= set(compared), name
 
 
 def test_heras_heads_under_zero3_gather_nothing_beyond_the_sft_twin(tmp_path: Path) -> None:

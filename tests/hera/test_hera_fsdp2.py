@@ -33,6 +33,7 @@ from llamafactory_hera_testing.resume import assert_resumed_equals_whole
 
 LOGGED = ("loss", "lm_loss", "hera_loss", "hera_temperature", "hera_mknn", "hera_mknn_control")
 SAVED = {"save_strategy": "steps", "save_steps": 1}
+QUEUED = {"hera_queue_size": 8}  # each rank's feature queue in each checkpoint
 OFFLOAD = {"FSDP_OFFLOAD_PARAMS": "true"}
 
 
@@ -52,8 +53,8 @@ def test_fsdp2_lora_trains_saves_and_resumes_like_ddp(assets, tmp_path: Path) ->
     each step,
     at each save and after the resume's load; without the shim none is (no silent DDP either way)."""
     ddp, fsdp2, resumed = tmp_path / "ddp", tmp_path / "fsdp2", tmp_path / "resumed"
-    accelerate_launch_runs([fsdp_run(_recipe(assets, ddp), ddp, shim=False), fsdp_run(_recipe(assets, fsdp2), fsdp2)],
-                           tmp_path / "launch")
+    accelerate_launch_runs([fsdp_run(_recipe(assets, ddp, **QUEUED), ddp, shim=False),
+                            fsdp_run(_recipe(assets, fsdp2, **QUEUED), fsdp2)], tmp_path / "launch")
     assert {(r["distributed_type"], r["trainable_dtensors"], r["o_proj_dtensor"]) for r in read_fsdp_evidence(ddp)} \
         == {("DistributedType.MULTI_CPU", 0, False)}
     assert_fsdp2(fsdp2, {"step", "save"})
@@ -66,11 +67,13 @@ def test_fsdp2_lora_trains_saves_and_resumes_like_ddp(assets, tmp_path: Path) ->
     assert got.keys() == want.keys() and all(torch.allclose(got[k], want[k], rtol=0, atol=1e-6) for k in want)
 
     # resumed in a new process, as users start it: accelerate launch of LLaMA-Factory's launcher.py
-    accelerate_launch(_recipe(assets, resumed, resume_from_checkpoint=str(fsdp2 / "out" / "checkpoint-1")), resumed)
+    accelerate_launch(_recipe(assets, resumed, resume_from_checkpoint=str(fsdp2 / "out" / "checkpoint-1"), **QUEUED),
+                      resumed)
     assert_fsdp2(resumed, {"load", "step", "save"})
     assert _logged(resumed) == _logged(fsdp2)[1:]
-    assert {"model", "optimizer.bin", "pytorch_model_fsdp.bin", "hera_temperature_optimizer.pt",
-            "hera_state.json"} <= set(assert_resumed_equals_whole(fsdp2 / "out", resumed / "out", 2))
+    assert {"model", "optimizer.bin", "pytorch_model_fsdp.bin", "hera_temperature_optimizer.pt", "hera_state.json",
+            "hera_queue_rank0.pt", "hera_queue_rank1.pt"} <= set(assert_resumed_equals_whole(fsdp2 / "out",
+                                                                                           resumed / "out", 2))
 
 
 def test_the_shipped_configs_efficient_loading_gives_the_teacher_of_a_torchrun_run(assets, tmp_path: Path) -> None:

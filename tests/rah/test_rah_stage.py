@@ -77,6 +77,9 @@ def _refusal(assets, tmp_path: Path, **overrides: Any) -> str:
     ({"rah_probe_samples": 40, "rah_samples": 100}, "has 32 image rows, fewer than the 40 the probes need"),
     ({"rah_dleta": 0.1}, "Unknown RAH-LoRA key 'rah_dleta'. Did you mean 'rah_delta'?"),
     ({"rah_delta": 0}, "rah_delta: got 0; allowed range is > 0.0."),
+    ({"do_predict": True, "predict_with_generate": True}, "do_predict: stage: rah writes its adapter from a "
+     "calibration and evaluates nothing. Remove it; to write predictions with the adapter, run stage: sft with "
+     "do_train: false, adapter_name_or_path: this run's output_dir"),
     ({"rah_samples": 2}, "[llamafactory-hera] error: rah_samples: got 2; the CAF and KL probes (rah_probe_samples: 4, "
                          "rah_kl_samples: 4) are drawn from the calibration rows, so at least 4 are needed."),
 ])

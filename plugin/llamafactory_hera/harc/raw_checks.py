@@ -60,11 +60,13 @@ def validate_raw_host_args(host_args: dict[str, Any] | list[str], harc_args: Har
                 "its own instruction and assistant-header positions, which packing several rows into "
                 f"one sequence would mix. Remove {key}."
             )
-    for key in ("do_eval", "do_predict"):
+    for key in ("do_eval", "do_predict", "predict_with_generate"):
         if truthy(raw_value(host_args, key)):
             raise RecipeError(
                 f"{key}: stage: harc has no evaluation split of its own (it evaluates refusals on "
-                "held-out rows at the end, see harc_eval). Remove it."
+                "held-out rows at the end, see harc_eval). Remove it; to write predictions with the adapter, "
+                "run stage: sft with do_train: false, adapter_name_or_path: this run's output_dir, do_predict: "
+                "true and predict_with_generate: true."
             )
     if compiled := compile_setting(host_args):
         raise RecipeError(

@@ -67,6 +67,10 @@ class HeraCollatorMixin:
             raise RecipeError(f"HeRA cannot read {where} for the teacher: {type(err).__name__}: {err}") from None
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        if any(len(feature["labels"]) != len(feature["input_ids"]) for feature in features if "labels" in feature):
+            # predict_with_generate's batches: the prompt as input, the answer alone as labels; HeRA has no term there
+            # (the trainer's prediction_step drops its keys), and the pooled tokens are where labels mark the input
+            return super().__call__(features)
         images: list[Any] = []
         counts: list[int] = []
         for feature in features:

@@ -51,6 +51,9 @@ def save_optimizer_state(
     folder: str, tau_optimizer: torch.optim.Optimizer | None, queue: Any, process_index: int, should_save: bool
 ) -> None:
     """Save the temperature's own optimizer (DeepSpeed, FSDP) and this rank's feature queue."""
+    # Only the main process writes the model; another rank can get here first, so each makes the folder itself
+    # (as transformers' Trainer does for its per-rank RNG files).
+    os.makedirs(folder, exist_ok=True)
     if tau_optimizer is not None and should_save:
         torch.save(tau_optimizer.state_dict(), os.path.join(folder, TAU_OPTIMIZER_NAME))
     if queue.capacity:  # a file per rank (queues differ without hera_gather)

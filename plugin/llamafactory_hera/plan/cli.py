@@ -166,6 +166,7 @@ def plan_recipe(
         raise RecipeError(f"--gpu: unknown card '{gpu}'; known: {', '.join(CARDS)}.")
     # lazy: transformers, peft, datasets (seconds)
     from llamafactory_hera.hera.parsed_checks import check_heads_of
+    from llamafactory_hera.hera.preparation_checks import check_contrastive_geometry, contrastive_geometry
     from llamafactory_hera.plan import count, lengths, methods
 
     method_args = checked(recipe)
@@ -213,6 +214,10 @@ def plan_recipe(
         max_pixels = (side * vision.patch_size * vision.spatial_merge_size) ** 2
         image = families.images(config, max_pixels)
     hera = setup.stage == "hera"
+    geometry = None
+    if hera:  # the contrastive set training forms at this micro-batch and GPU count, queue included, checked as it is
+        geometry = contrastive_geometry(method_args, setup.batch, setup.gpus)
+        check_contrastive_geometry(geometry, method_args)
     heads, head_layers = (
         count.head_layers(
             method_args.hera_heads,
@@ -234,9 +239,10 @@ def plan_recipe(
         parts=methods.trained_parts(keys),
     )
     arm = "hera" if hera else "sft"
-    shapes = {"sft": shape} | (
-        {"hera": count.Shape(**{**shape.__dict__, "hera": {**keys, "heads": heads}})} if hera else {}
-    )
+    shapes = {"sft": shape}
+    if geometry:
+        hera_keys = {**keys, "heads": heads, "hera_candidates": geometry.largest}
+        shapes["hera"] = count.Shape(**{**shape.__dict__, "hera": hera_keys})
     with warnings.catch_warnings(), _quiet():
         warnings.simplefilter("ignore")
         counts = count.scaled(config, shapes, head_layers if hera else 0)
@@ -263,6 +269,11 @@ def plan_recipe(
         *(f"  note: {note}" for note in setup.notes),
         f"  {sizes.line}",
     ]
+    if geometry:
+        lines.append(
+            f"  HeRA: contrastive set up to {geometry.largest} samples; queue "
+            f"{geometry.queue or 'off'} ({geometry.queue_reason})"
+        )
     lines += memory_table(parts, arm)
     lines.append(fit_line(parts[arm]["needed"], card))
     if not fits:

@@ -270,7 +270,9 @@ def communicated(counts: dict[str, float], setup: Setup) -> tuple[float, float]:
     trained = counts["trainable"]
     ring = (n - 1) / n
     quantized = counts["quantizable"] if setup.bits else 0
-    weights = 2 * (total - quantized) + quantized * (quantized_bytes_per_weight(setup.bits) if setup.bits else 0)
+    weights = 2 * (total - quantized) + quantized * (
+        quantized_bytes_per_weight(setup.bits, setup.double_quant) if setup.bits else 0
+    )
     return {
         "fsdp2": (ring * (2 * weights + 4 * trained), 0.0),
         "zero3": (ring * (2 * weights + 2 * trained), 0.0),

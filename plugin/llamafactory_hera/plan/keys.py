@@ -30,6 +30,8 @@ def with_defaults(recipe: dict, method_args: Any) -> dict:
     keys = {name: key.default for name, key in host_keys().items()} | dict(recipe)
     if method_args is not None:
         keys |= {field.name: getattr(method_args, field.name) for field in dataclasses.fields(method_args)}
+    if keys.get("stage") == "harc" and recipe.get("per_device_train_batch_size") is None:
+        keys["per_device_train_batch_size"] = 1  # HARC's: one composed micro-batch a device step (harc/raw_checks.py)
     if keys.get("lora_alpha") is None:
         keys["lora_alpha"] = 2 * int(keys.get("lora_rank") or 8)
     return keys

@@ -44,7 +44,9 @@ def harc(
     recipe: dict, path: Path, config: Any, setup: estimate.Setup, card: Card, started: float, network: Network
 ) -> str:
     """One HARC optimizer step and its directions' extractions (docs/cost.md, "HARC")."""
-    rows = {name: int(recipe.get(f"harc_batch_{name}", default)) for name, default in STREAMS.items()}
+    # per_device_train_batch_size counts composed micro-batches, each of the streams' rows (harc/raw_checks.py)
+    composed = setup.batch
+    rows = {name: composed * int(recipe.get(f"harc_batch_{name}", default)) for name, default in STREAMS.items()}
     length = int(recipe.get("harc_max_length", 256))
     setup = replace(setup, batch=sum(rows.values()), cutoff=length)
     shape = count.Shape(

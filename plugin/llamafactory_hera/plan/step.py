@@ -170,10 +170,12 @@ class HeraParts:
     k: int
     lam: float
     similarity: str
+    candidates: int  # the contrastive set: the gathered batch set and the queue (0: the micro-batch alone)
 
 
 def hera_parts(model: nn.Module, heads: list[str], recipe: dict) -> HeraParts:
-    """``HeadCapture`` and ``LayerCheckpointing`` for ``heads``, with the recipe's hera_* settings."""
+    """``HeadCapture`` and ``LayerCheckpointing`` for ``heads``, with the recipe's hera_* settings and
+    ``hera_candidates``, the contrastive set's size (``preparation_checks.contrastive_geometry``)."""
     refs = [parse_head(h) for h in heads]
     capture = HeadCapture(model, refs, attention_geometry(model.config))
     checkpointing = LayerCheckpointing(model, [ref.layer for ref in refs])
@@ -185,21 +187,26 @@ def hera_parts(model: nn.Module, heads: list[str], recipe: dict) -> HeraParts:
         int(recipe.get("hera_k", 10)),
         float(recipe["hera_lambda"]),
         recipe.get("hera_similarity", "cosine"),
+        int(recipe.get("hera_candidates", 0)),
     )
 
 
 def hera_term(parts: HeraParts, reps: torch.Tensor, teacher_dim: int = 1024) -> torch.Tensor:
-    """HeraTrainer.hera_term at one rank, every sample an anchor, against cached teacher features
+    """HeraTrainer.hera_term at one rank, every sample an anchor, against cached teacher features; the candidates
+    beyond the micro-batch (the other ranks' anchors under ``hera_gather``, the queue) stand in without gradient
     (bench/cost_models.py gathers the global batch over a fake process group)."""
     size = reps.shape[1]
-    teacher = torch.empty(size, teacher_dim)
+    others = max(parts.candidates - size, 0)
+    candidates = torch.cat([reps, reps.new_zeros(reps.shape[0], others, reps.shape[2])], 1) if others else reps
+    teacher = torch.empty(candidates.shape[1], teacher_dim)
+    anchor_teacher = teacher[:size] if others else teacher  # one tensor: normalised once, as in training
     return hera_loss_anchored(
         reps,
-        reps,
+        candidates,
         torch.arange(size),
+        anchor_teacher,
         teacher,
-        teacher,
-        min(parts.k, size - 1),
+        min(parts.k, candidates.shape[1] - 1),
         used_temperature(parts.log_tau),
         parts.similarity,
     ).mean()

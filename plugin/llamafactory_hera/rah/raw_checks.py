@@ -55,6 +55,13 @@ def validate_raw_host_args(host_args: dict[str, Any] | list[str], rah_args: RahA
         )
     if raw_value(host_args, "do_train") is not None and not truthy(raw_value(host_args, "do_train")):
         raise RecipeError("stage: rah calibrates with llamafactory-cli train; set do_train: true.")
+    for key in ("do_eval", "do_predict", "predict_with_generate"):
+        if truthy(raw_value(host_args, key)):
+            raise RecipeError(
+                f"{key}: stage: rah writes its adapter from a calibration and evaluates nothing. Remove it; to write "
+                "predictions with the adapter, run stage: sft with do_train: false, adapter_name_or_path: this "
+                "run's output_dir, do_predict: true and predict_with_generate: true."
+            )
     for key in ("packing", "neat_packing"):
         if truthy(value := raw_value(host_args, key)):
             raise RecipeError(
