@@ -43,9 +43,10 @@ class MainThread:
     """
 
     def __init__(self, thread: threading.Thread | None = None, clock: Callable[[], float] = time.monotonic) -> None:
-        thread = thread or threading.current_thread()
-        self.ident = thread.ident
-        self.native_id = thread.native_id
+        looked = thread or threading.current_thread()
+        self.ident = looked.ident
+        # the OS's id of the calling thread: a process forked on Python 3.11 keeps its parent's in native_id
+        self.native_id = looked.native_id if thread is not None else threading.get_native_id()
         self.clock = clock
         self.looked: float | None = None  # when it last looked
         self.ticks: int | None = None  # the CPU time then (None in a collective)
