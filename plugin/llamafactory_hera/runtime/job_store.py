@@ -20,6 +20,7 @@ from typing import Any
 ROOT = "llamafactory_hera/watch"
 START_ENV = "LLAMAFACTORY_HERA_START_TIMEOUT"  # bound: every node joined, every rank heard
 START_S = 600.0
+STARTED = "started"  # the verdict of a launch whose nodes joined and ranks started
 
 
 def start_bound(env: Mapping[str, str] | None = None) -> float:
@@ -46,13 +47,18 @@ class Keys:
         return f"{self.prefix}node/{node}"
 
     @property
+    def joined(self) -> str:
+        """How many nodes' launchers reached the store."""
+        return f"{self.prefix}joined"
+
+    @property
     def started(self) -> str:
         """How many ranks' watchdogs started."""
         return f"{self.prefix}started"
 
     @property
     def verdict(self) -> str:
-        """The line a launcher ended the launch with (the first set)."""
+        """The line a launcher ended the launch with (the first set), or :data:`STARTED`."""
         return f"{self.prefix}verdict"
 
     def told(self, node: str) -> str:

@@ -2,11 +2,12 @@
 bound, with one line naming rank, host and section in every node's log. docs/multinode.md ("A node that freezes, dies or
 hangs").
 
-Each rank's thread writes a heartbeat every pulse to the job's c10d store (no file: a storage stall is no silence). Rank
-0's thread is the monitor: it reads every beat once a pulse (O(N)) and judges them; the others read rank 0's beat, which
-carries its verdict, and end the job themselves if rank 0 or the store falls silent. A guard thread bounds a store call
-that never returns. Torch's process-group timeout is set per section instead of ``ddp_timeout``, as a backstop. Under
-``ft_launcher``, ``watch_nvrx`` replaces it.
+Each rank's thread makes two store calls a pulse (no file: a storage stall is no silence): it reads, then writes its
+heartbeat (a new section kind at once, in place of the pulse's write). Rank 0's thread is the monitor: its read is one
+``multi_get`` of every beat, which it judges; the others read rank 0's beat, which carries its verdict and the step
+every rank stops at on the save signal (``watch_stop``), and end the job themselves if rank 0 or the store falls
+silent. A guard thread bounds a store call that never returns. Torch's process-group timeout is set per section
+instead of ``ddp_timeout``, as a backstop. Under ``ft_launcher``, ``watch_nvrx`` replaces it.
 """
 
 from __future__ import annotations
@@ -25,10 +26,11 @@ import torch.distributed as dist
 
 from llamafactory_hera.runtime import job_store
 from llamafactory_hera.runtime.log import say_apart
-from llamafactory_hera.training import sections, watch_lines, watch_nvrx
+from llamafactory_hera.training import sections, watch_lines, watch_nvrx, watch_stop
 from llamafactory_hera.training.watch_bounds import Place, StorageProbe, bound, job_client, place_of, pulse_for
 from llamafactory_hera.training.watch_judge import PHASES, PLACEHOLDER, Judge, described
 from llamafactory_hera.training.watch_stack import MainThread
+from llamafactory_hera.training.watch_stop import StopStep
 
 PAUSED = 3  # pulses: a longer gap in its own pulses means this rank was stopped (SIGSTOP, swap)
 MARGIN_S = 10.0  # step/save collectives' timeout: the bound, 3 pulses and this
@@ -74,7 +76,10 @@ class Watchdog:
         self.failing: float | None = None  # since when store calls fail
         self.guarded = self.moved = clock()
         self.seen_position: Any = None
-        self.published = ""  # the last beat's section kind
+        self.published: tuple[Any, ...] = ()  # what the last beat said that is news (:meth:`_news`)
+        self.due = clock()  # the next pulse
+        self.wrote_early = False  # this pulse's write was taken by news
+        self.stop_step = StopStep(self.entered)  # the training's stop on the save signal asks it each step
         self.paused_at: float | None = None  # when this rank found it was stopped
         self.paused_s = 0.0  # for how long
         self.threads = [
@@ -139,6 +144,7 @@ class Watchdog:
         }
         if self.verdict:
             beat["verdict"] = self.verdict
+        beat.update(self.stop_step.fields(self.judge is not None))
         if self.stopped.is_set():
             beat["left"] = True
         return json.dumps(beat).encode()
@@ -159,33 +165,48 @@ class Watchdog:
     # --- the threads ---
 
     def _run(self) -> None:
-        if self.judge is not None:  # every key the monitor reads exists from the start
+        self._placeholders()
+        while not self.stopped.is_set():
+            self.entered.clear()
+            self.entered.wait(self._turn())  # to the pulse, or news first
+
+    def _placeholders(self) -> None:
+        """Rank 0's: every key the monitor reads exists from the start (a ``multi_get`` waits for a missing one)."""
+        if self.judge is not None:
             for rank in range(self.place.world):
                 self._call(lambda rank=rank: self.store.compare_set(self.keys.beat(rank), "", PLACEHOLDER))
-        read = self.clock() - self.pulse_s
-        while not self.stopped.is_set():
-            published = self.clock()
-            self._publish()
-            if published - read >= self.pulse_s:  # the others' beats once a pulse
-                read = published
-                self._pulse()
-            elif self.judge is None and not self.monitor["beat"]:  # rank 0 unheard yet: at each beat
-                self._hear_monitor()
-            due = read + self.pulse_s
-            if self.judge is None and not self.monitor["beat"]:
-                due = min(due, published + self.pulse_s / 10)
-            self.entered.wait(max(0.0, due - self.clock()))  # a pulse, or a new section first
-            self.entered.clear()
-            if self.state[1] == self.published:  # same kind again (a step): at most 10 beats a pulse
-                self.stopped.wait(max(0.0, published + self.pulse_s / 10 - self.clock()))
+
+    def _turn(self) -> float:
+        """One wake of the pulse thread; the seconds to the next. At the pulse: one read, then this rank's beat unless
+        news took this pulse's write. Between pulses: the beat at once when there is news (:meth:`_news`; a rank
+        freezing as a save begins is named in its save) and this pulse's write is free; else news waits for the pulse.
+        At most one write a pulse."""
+        if self.judge is not None and self.stop_step.signalled is not None:
+            self.stop_step.agree(self.state[2])
+        now = self.clock()
+        if now >= self.due:
+            self.due = now + self.pulse_s
+            self._pulse()
+            taken = self.wrote_early
+            self.wrote_early = False
+            if not taken:
+                self._publish()
+        if self._news() != self.published and not self.wrote_early:
+            self._publish()  # the next pulse's write, at once
+            self.wrote_early = True
+        return max(0.0, self.due - self.clock())
+
+    def _news(self) -> tuple[Any, ...]:
+        """What a beat says at once: the section's kind, the save signal noted here, rank 0's stop step."""
+        return self.state[1], self.stop_step.signalled, self.stop_step.step if self.judge is not None else None
 
     def _publish(self) -> None:
-        """This rank's beat into the store (a new kind at once: a rank freezing as a save begins is named in its
-        save)."""
-        self.published = self.state[1]
+        """This rank's beat into the store."""
+        self.published = self._news()
         self._call(lambda: self.store.set(self.keys.beat(self.place.rank), self.beat()))
 
     def _pulse(self) -> None:
+        self.stop_step.pulse(self.state[2])
         if self.main.look():
             self.moves += 1  # LLaMA-Factory's load counts nothing: its main thread's moves stand for progress
         position = (self.state[1], self.state[2], self._progress())
@@ -205,6 +226,8 @@ class Watchdog:
         raws = self._call(lambda: self.store.multi_get(keys))
         for rank, raw in enumerate(raws or ()):
             self.judge.observe(rank, raw, self.clock())
+        if watch_stop.signalled(raws or ()):
+            self.stop_step.agree(self.state[2])
         named = self.judge.named(self.clock()) if raws is not None and not self.stopped.is_set() else []
         if named:
             self.verdict = watch_lines.ending(described(named))
@@ -213,11 +236,13 @@ class Watchdog:
 
     def _hear_monitor(self) -> None:
         key = self.keys.beat(0)
-        raw = self._call(lambda: self.store.get(key) if self.store.check([key]) else None)
+        # one call: rank 0's beat, or its placeholder set here before rank 0 started (a get would wait for it)
+        raw = self._call(lambda: self.store.compare_set(key, "", PLACEHOLDER))
         beat = json.loads(raw) if raw and raw != PLACEHOLDER else None
         if isinstance(beat, dict):
             if beat.get("pulse") != self.monitor["pulse"]:
                 self.monitor.update(beat=beat, pulse=beat.get("pulse"), since=self.clock())
+            self.stop_step.heard(beat)
             if beat.get("verdict"):
                 self.end(self._thawed(beat["verdict"]) if self._was_paused() else beat["verdict"])
                 return
@@ -318,9 +343,10 @@ class Watchdog:
         say_apart(watch_lines.collective_failed(self.place.rank, self.place.host, self.state[0], error))
 
     def start(self) -> None:
-        """First beat first (rank 0's before its thread writes the placeholders, so no rank reads one of rank 0's),
-        count it started, start the threads."""
+        """First beat first (rank 0's before its thread writes the placeholders, so no rank reads one of rank 0's), in
+        place of the first pulse's write; count it started, start the threads."""
         self._publish()
+        self.wrote_early = True
         self._call(lambda: self.store.add(self.keys.started, 1))
         for thread in self.threads:
             thread.start()
@@ -356,6 +382,11 @@ def watching(training_args: Any, timeout: float | None) -> Iterator[None]:
         if dog is not None:
             sections._running.remove(dog)
             dog.stop()
+
+
+def running() -> Watchdog | None:
+    """This process's watchdog (None: unwatched, or watched by ``ft_launcher``)."""
+    return next((dog for dog in sections._running if isinstance(dog, Watchdog)), None)
 
 
 def _started(training_args: Any, timeout: float | None) -> Watchdog | None:

@@ -1,0 +1,245 @@
+"""The job store's traffic, counted: every store call the plugin makes, by rank and kind, on a counting store
+(tests/counting_store.py) that behaves as TCPStore does, at 1,024 and 4,096 ranks (8 a node) on a simulated clock.
+
+The real objects run: each rank's :class:`Watchdog` (its pulse thread driven turn by turn as the thread would be, on a
+0.5 s grid), the steps' stop on the save signal (``training/checkpoints.py``), each node's :class:`StartWatch` and its
+shared-output probe (``runtime/shared_output.py``). One simulated job: the ranks load (rank 0 starting a pulse after the
+others), take a step every 0.5 s (ten a pulse), save in 2 s between two steps, and one rank alone gets the save signal;
+every rank stops at the same step. The counts it prints are docs/multinode.md's ("What the watch costs the store")."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch.distributed as dist
+from counting_store import CountingStore
+
+from llamafactory_hera.runtime import job_store
+from llamafactory_hera.runtime.launch_watch import StartWatch
+from llamafactory_hera.runtime.shared_output import check_shared
+from llamafactory_hera.training import checkpoints, watchdog
+from llamafactory_hera.training.watch_bounds import PULSE, Place
+from llamafactory_hera.training.watchdog import Watchdog
+
+PER_NODE = 8
+GRID = 0.5  # the simulation's tick: a tenth of the pulse
+STEP_S = 0.5  # ten steps a pulse
+START = 20.0  # the load's end, the first step's start
+SAVE_AT = 40  # a save after this step, 2 s
+SIGNAL_AT = 50.0  # when one rank gets the save signal
+
+
+class _Still:
+    """The run's main thread, seen from the pulse: never moved (the load counts nothing here)."""
+
+    in_collective = False
+
+    def look(self) -> bool:
+        return False
+
+
+def thread(dog: Watchdog) -> Iterator[float]:
+    """The pulse thread's loop (``Watchdog._run``), one turn a step: yields the seconds it waits for a new section."""
+    dog._placeholders()
+    while not dog.stopped.is_set():
+        dog.entered.clear()
+        yield dog._turn()
+
+
+class Job:
+    """``ranks`` ranks' watchdogs and step stops on one counting store, on a simulated clock."""
+
+    def __init__(self, ranks: int, thread_of: Callable[[Watchdog], Iterator[float]] = thread) -> None:
+        self.now = 0.0
+        self.ranks = ranks
+        self.store = CountingStore()
+        self.keys = job_store.launch_mark(self.store.client("set-up"))
+        self.dogs = [
+            Watchdog(Place(rank, ranks, rank % PER_NODE, str(rank // PER_NODE), ranks // PER_NODE,
+                           f"node{rank // PER_NODE}", "127.0.0.1:29500"),
+                     self.store.client(rank), self.keys, None, ".", clock=lambda: self.now)
+            for rank in range(ranks)]
+        self.stops = []
+        for dog in self.dogs:
+            dog.main = _Still()
+            stop = checkpoints._StopOnSignal("sigterm", "out")
+            stop.dog = dog
+            stop.noted = lambda: False
+            self.stops.append(stop)
+        self.thread_of = thread_of
+        self.threads: dict[int, Iterator[float]] = {}
+        self.wake: dict[int, float] = {}
+        self.caller = 0  # whose store the steps' stop reads (the process group's store, one a rank)
+        self.stopped_at: dict[int, int] = {}
+        self.learned: dict[int, int] = {}  # rank: its step when it learned the stop step
+
+    def start(self, rank: int) -> None:
+        self.dogs[rank].threads = []  # its pulse thread: :func:`thread`, driven here
+        self.dogs[rank].start()
+        self.threads[rank] = self.thread_of(self.dogs[rank])
+        self.wake[rank] = self.now
+
+    def run_threads(self) -> None:
+        """Every started rank's pulse thread, as far as it goes at this tick."""
+        for rank, turns in self.threads.items():
+            dog = self.dogs[rank]
+            while self.wake[rank] <= self.now or dog.entered.is_set():
+                try:
+                    self.wake[rank] = self.now + next(turns)
+                except StopIteration:
+                    self.wake[rank] = float("inf")
+                    break
+
+    def step_end(self, rank: int, step: int) -> bool:
+        """The steps' stop at step ``step``'s end (the real callback); whether the rank stops there."""
+        self.caller = rank
+        stop = self.stops[rank]
+        state = SimpleNamespace(global_step=step, max_steps=10**6)
+        control = SimpleNamespace(should_save=False, should_training_stop=False)
+        known = stop.stop_step
+        stop.on_step_end(None, state, control)
+        if known is None and stop.stop_step is not None:
+            self.learned[rank] = step
+        return control.should_training_stop
+
+    def tick(self) -> None:
+        """The main threads' work at this tick, then the pulse threads'."""
+        if self.now >= START and (self.now - START) % STEP_S == 0:
+            step = int((self.now - START) / STEP_S) + 1
+            for rank, dog in enumerate(self.dogs):
+                if rank in self.stopped_at:
+                    continue
+                if step > 1 and self.step_end(rank, step - 1):
+                    self.stopped_at[rank] = step - 1
+                    dog.enter(f"the save of checkpoint-{step - 1}", "save")
+                    continue
+                if step == SAVE_AT + 1 and dog.state[1] == "step":  # the save after SAVE_AT, 2 s long
+                    dog.enter(f"the save of checkpoint-{SAVE_AT}", "save")
+                    continue
+                dog.enter(f"step {step}", "step", step)
+                dog.progress()
+                dog.progress()
+        if self.now == SIGNAL_AT:
+            self.stops[self.ranks - 3].noted = lambda: True
+        self.run_threads()
+
+    def run(self, until: float) -> None:
+        while self.now < until:
+            self.tick()
+            self.now += GRID
+
+
+@pytest.fixture
+def counted(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Job]]:
+    """Jobs whose steps' stop, unwatched, would read its rank's client of the counting store; nobody ends."""
+    jobs: list[Job] = []
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist.distributed_c10d, "_get_default_store", lambda: jobs[-1].store.client(jobs[-1].caller))
+    monkeypatch.setattr(dist.distributed_c10d, "_set_pg_timeout", lambda timeout: None, raising=False)
+    monkeypatch.setattr(watchdog.Watchdog, "end", lambda self, line, store=True: pytest.fail(line))
+    yield jobs
+
+
+def simulate(jobs: list[Job], ranks: int, thread_of: Callable[[Watchdog], Iterator[float]] = thread) -> dict[str, Any]:
+    """One job of ``ranks``: its store calls a rank a pulse in the load (rank 0 starting a pulse late, its placeholders
+    included), in the steps (a save among them) and from the save signal to the stop."""
+    job = Job(ranks, thread_of)
+    jobs.append(job)
+    found: dict[str, Any] = {"job": job}
+    for rank in range(1, ranks):
+        job.start(rank)
+    job.run(PULSE + 2.0)
+    job.start(0)
+    for window, until in (("load", START), ("steps", SIGNAL_AT), ("signal", SIGNAL_AT + 4 * PULSE)):
+        begun = job.now
+        job.store.reset()
+        job.run(until)
+        pulses = (until - begun) / PULSE
+        found[window] = job.store.count() / ranks / pulses
+        found[f"{window} most"] = max(job.store.count(rank) for rank in range(ranks)) / pulses
+        found[f"{window} monitor"] = job.store.count(0) / pulses
+    found["waited"] = len(job.store.waited)
+    return found
+
+
+@pytest.mark.parametrize("ranks", [1024, 4096])
+def test_a_ranks_watchdog_makes_2_store_calls_a_pulse_and_every_rank_stops_at_one_step(
+        counted: list[Job], ranks: int) -> None:
+    """Two calls a rank a pulse in the steps and at the save signal, a save between two steps included (rank 0: its
+    read of every beat one ``multi_get``); in the load, rank 0's placeholders once more. Every rank learns the stop
+    step before it reaches it and stops there."""
+    found = simulate(counted, ranks)
+    job = found["job"]
+    stops = sorted(set(job.stopped_at.values()))
+    print(f"\n{ranks:,} ranks, a {PULSE:.0f} s pulse, store calls a rank a pulse: {found['steps']:.2f} in the steps "
+          f"(the most of one rank {found['steps most']:.2f}), {found['signal']:.2f} from the save signal to the stop "
+          f"(the most {found['signal most']:.2f}): {found['steps'] * ranks / PULSE:,.0f} calls/s; in the load "
+          f"{found['load']:.2f} (rank 0: {found['load monitor']:.0f}, its placeholders once); stopped at step {stops} "
+          f"{job.stopped_at[0] * STEP_S + START - SIGNAL_AT:.1f} s after the signal", flush=True)
+    assert found["waited"] == 0
+    assert found["steps most"] <= 2.0 and found["signal most"] <= 2.0 and found["steps"] <= 2.0
+    assert found["load"] <= 2.0 + PULSE / START
+    assert len(job.stopped_at) == ranks and len(stops) == 1
+    assert all(step < stops[0] for step in job.learned.values())
+
+
+def test_the_start_watch_reads_once_a_node_a_poll_and_node_0_twice(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each node's launcher joins (two calls once); then, while the ranks start, node 0's reads the counts of nodes
+    joined and ranks started, the others the verdict: nodes + 1 calls a poll for the job. Node 0 sets the launch
+    started and every watch ends."""
+    for nodes in (128, 512):
+        store = CountingStore()
+        clients = iter([store.client(node) for node in range(nodes)])
+        monkeypatch.setattr(job_store, "client", lambda host, port, timeout, clients=clients: next(clients))
+        watches = [StartWatch(("127.0.0.1", 29500), node, nodes, 600.0, pytest.fail, clock=lambda: 0.0)
+                   for node in range(nodes)]
+        for watch in watches:
+            watch.expect(PER_NODE * nodes)
+            assert watch.missing() is not None
+        store.reset()
+        for watch in watches:
+            watch.missing()
+        poll = store.count()
+        keys = job_store.launch_mark(store.client("ranks"))
+        store.client("ranks").add(keys.started, PER_NODE * nodes)
+        assert [watch.missing() for watch in watches] == [None] * nodes
+        print(f"\nthe start watch at {nodes} nodes: {poll} store calls a poll (a poll a second)", flush=True)
+        assert poll == nodes + 1 and all(watch.done.is_set() and not watch.ended for watch in watches)
+
+
+def test_the_shared_output_probe_makes_5_calls_a_node(tmp_path: Path) -> None:
+    """Each node's probe: its name set, the others' waited for and read in one call, its look set and waited for."""
+    nodes = 128
+    store = CountingStore()
+    probes = [threading.Thread(target=check_shared, args=(tmp_path, store.client(node), "p/", node, nodes, 60, 5))
+              for node in range(nodes)]
+    for probe in probes:
+        probe.start()
+    for probe in probes:
+        probe.join(60)
+    print(f"\nthe shared-output probe at {nodes} nodes: {store.count() / nodes:.0f} store calls a node, once",
+          flush=True)
+    assert store.count() == 5 * nodes and not any(tmp_path.iterdir())
+
+
+def test_a_rank_freezing_as_its_save_begins_is_named_in_its_save(counted: list[Job]) -> None:
+    """The save's beat goes at once, in place of the pulse's write: a rank frozen right after is seen in its save."""
+    job = Job(16)
+    counted.append(job)
+    for rank in range(16):
+        job.start(rank)
+    job.run(START + 3.0)
+    job.store.reset()
+    job.dogs[5].enter("the save of checkpoint-6", "save")
+    job.run_threads()
+    del job.threads[5]  # frozen: its pulse thread never turns again
+    job.run(job.now + 3 * PULSE)
+    assert job.store.count(5) == 1
+    assert json.loads(job.store.data[job.keys.beat(5)])["section"] == "the save of checkpoint-6"
+    assert job.dogs[0].judge.seen[5].beat["kind"] == "save"
