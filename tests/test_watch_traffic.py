@@ -10,6 +10,7 @@ every rank stops at the same step. The counts it prints are docs/multinode.md's 
 from __future__ import annotations
 
 import json
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -76,8 +77,7 @@ class Job:
         self.threads: dict[int, Iterator[float]] = {}
         self.wake: dict[int, float] = {}
         self.caller = 0  # whose store the steps' stop reads (the process group's store, one a rank)
-        self.stopped_at: dict[int, int] = {}
-        self.learned: dict[int, int] = {}  # rank: its step when it learned the stop step
+        self.stopped_at: dict[int, int] = {}  # rank: the step it stopped at
 
     def start(self, rank: int) -> None:
         self.dogs[rank].threads = []  # its pulse thread: :func:`thread`, driven here
@@ -102,10 +102,7 @@ class Job:
         stop = self.stops[rank]
         state = SimpleNamespace(global_step=step, max_steps=10**6)
         control = SimpleNamespace(should_save=False, should_training_stop=False)
-        known = stop.stop_step
         stop.on_step_end(None, state, control)
-        if known is None and stop.stop_step is not None:
-            self.learned[rank] = step
         return control.should_training_stop
 
     def tick(self) -> None:
@@ -172,8 +169,8 @@ def simulate(jobs: list[Job], ranks: int, thread_of: Callable[[Watchdog], Iterat
 def test_a_ranks_watchdog_makes_2_store_calls_a_pulse_and_every_rank_stops_at_one_step(
         counted: list[Job], ranks: int) -> None:
     """Two calls a rank a pulse in the steps and at the save signal, a save between two steps included (rank 0: its
-    read of every beat one ``multi_get``); in the load, rank 0's placeholders once more. Every rank learns the stop
-    step before it reaches it and stops there."""
+    read of every beat one ``multi_get``); in the load, rank 0's placeholders once more. Every rank stops at one step
+    (the one that got the signal too)."""
     found = simulate(counted, ranks)
     job = found["job"]
     stops = sorted(set(job.stopped_at.values()))
@@ -186,7 +183,19 @@ def test_a_ranks_watchdog_makes_2_store_calls_a_pulse_and_every_rank_stops_at_on
     assert found["steps most"] <= 2.0 and found["signal most"] <= 2.0 and found["steps"] <= 2.0
     assert found["load"] <= 2.0 + PULSE / START
     assert len(job.stopped_at) == ranks and len(stops) == 1
-    assert all(step < stops[0] for step in job.learned.values())
+
+
+def test_on_steps_longer_than_two_pulses_the_stop_is_the_step_after_the_signal(
+        counted: list[Job], monkeypatch: pytest.MonkeyPatch) -> None:
+    """30 s steps: a rank notes the signal at step 2's end; rank 0 reads it early in step 3, which every rank hears
+    before it ends: every rank stops at step 3, as when the ranks agreed through a store call a step."""
+    monkeypatch.setattr(sys.modules[__name__], "STEP_S", 30.0)
+    job = Job(64)
+    counted.append(job)
+    for rank in range(64):
+        job.start(rank)
+    job.run(START + 5 * 30.0)
+    assert set(job.stopped_at.values()) == {3} and len(job.stopped_at) == 64
 
 
 def test_the_start_watch_reads_once_a_node_a_poll_and_node_0_twice(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -79,7 +79,9 @@ class Watchdog:
         self.published: tuple[Any, ...] = ()  # what the last beat said that is news (:meth:`_news`)
         self.due = clock()  # the next pulse
         self.wrote_early = False  # this pulse's write was taken by news
-        self.stop_step = StopStep(self.entered)  # the training's stop on the save signal asks it each step
+        self.stop_step = StopStep(
+            self.entered, self.pulse_s
+        )  # the training's stop on the save signal asks it each step
         self.paused_at: float | None = None  # when this rank found it was stopped
         self.paused_s = 0.0  # for how long
         self.threads = [
@@ -182,7 +184,7 @@ class Watchdog:
         freezing as a save begins is named in its save) and this pulse's write is free; else news waits for the pulse.
         At most one write a pulse."""
         if self.judge is not None and self.stop_step.signalled is not None:
-            self.stop_step.agree(self.state[2])
+            self._agree()
         now = self.clock()
         if now >= self.due:
             self.due = now + self.pulse_s
@@ -196,6 +198,9 @@ class Watchdog:
             self.wrote_early = True
         return max(0.0, self.due - self.clock())
 
+    def _agree(self) -> None:
+        self.stop_step.agree(self.state[2], self.clock() - self.state[3], self.last.get("step"))
+
     def _news(self) -> tuple[Any, ...]:
         """What a beat says at once: the section's kind, the save signal noted here, rank 0's stop step."""
         return self.state[1], self.stop_step.signalled, self.stop_step.step if self.judge is not None else None
@@ -206,7 +211,7 @@ class Watchdog:
         self._call(lambda: self.store.set(self.keys.beat(self.place.rank), self.beat()))
 
     def _pulse(self) -> None:
-        self.stop_step.pulse(self.state[2])
+        self.stop_step.pulse(self.state[2], self.last.get("step"))
         if self.main.look():
             self.moves += 1  # LLaMA-Factory's load counts nothing: its main thread's moves stand for progress
         position = (self.state[1], self.state[2], self._progress())
@@ -227,7 +232,7 @@ class Watchdog:
         for rank, raw in enumerate(raws or ()):
             self.judge.observe(rank, raw, self.clock())
         if watch_stop.signalled(raws or ()):
-            self.stop_step.agree(self.state[2])
+            self._agree()
         named = self.judge.named(self.clock()) if raws is not None and not self.stopped.is_set() else []
         if named:
             self.verdict = watch_lines.ending(described(named))
