@@ -70,7 +70,7 @@ class Job:
         for dog in self.dogs:
             dog.main = _Still()
             stop = checkpoints._StopOnSignal("sigterm", "out")
-            stop.dog = dog
+            stop.agreeing = dog.stopping
             stop.noted = lambda: False
             self.stops.append(stop)
         self.thread_of = thread_of

@@ -25,7 +25,7 @@ from llamafactory_hera.runtime import stop_signal
 from llamafactory_hera.runtime import whole_checkpoints as whole
 from llamafactory_hera.runtime.errors import RecipeError
 from llamafactory_hera.runtime.log import say_on_each_node, say_once
-from llamafactory_hera.training import sections, watchdog
+from llamafactory_hera.training import sections
 
 # steps from a rank noting the signal to the stop: in lockstep (a collective a step), a rank past step s's end waits
 # in s + 1 for the rank that wrote the key at s's end, and sees it at s + 1's end
@@ -42,7 +42,8 @@ class _StopOnSignal(TrainerCallback):
         self.stop_step: int | None = None
         self.stopped = False
         self.noted = stop_signal.received  # noted since the stage started
-        self.dog = watchdog.running()  # the ranks' watchdog agrees on the stop step, else the store at each step
+        # the ranks' watchdog (not ft_launcher's) agrees on the stop step through its beats, else the store each step
+        self.agreeing = next((dog.stopping for dog in sections._running if hasattr(dog, "stopping")), None)
 
     @override
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -53,8 +54,8 @@ class _StopOnSignal(TrainerCallback):
         received = self.noted()
         if self.stop_step is None and received and not dist.is_initialized():
             self.stop_step = state.global_step
-        elif self.stop_step is None and self.signum is not None and self.dog is not None:
-            self.stop_step = self.dog.stop_step.noted(state.global_step, received)  # through the beats: no call a step
+        elif self.stop_step is None and self.signum is not None and self.agreeing is not None:
+            self.stop_step = self.agreeing.noted(state.global_step, received)
         elif self.stop_step is None and self.signum is not None and dist.is_initialized():
             store = dist.distributed_c10d._get_default_store()  # torchrun's TCPStore: host-side, no device sync
             if received:  # the first rank to write sets the step for all

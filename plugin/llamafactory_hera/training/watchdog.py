@@ -79,9 +79,7 @@ class Watchdog:
         self.published: tuple[Any, ...] = ()  # what the last beat said that is news (:meth:`_news`)
         self.due = clock()  # the next pulse
         self.wrote_early = False  # this pulse's write was taken by news
-        self.stop_step = StopStep(
-            self.entered, self.pulse_s
-        )  # the training's stop on the save signal asks it each step
+        self.stopping = StopStep(self.entered, self.pulse_s)  # asked at each step's end (checkpoints.py)
         self.paused_at: float | None = None  # when this rank found it was stopped
         self.paused_s = 0.0  # for how long
         self.threads = [
@@ -146,7 +144,7 @@ class Watchdog:
         }
         if self.verdict:
             beat["verdict"] = self.verdict
-        beat.update(self.stop_step.fields(self.judge is not None))
+        beat.update(self.stopping.fields(self.judge is not None))
         if self.stopped.is_set():
             beat["left"] = True
         return json.dumps(beat).encode()
@@ -183,7 +181,7 @@ class Watchdog:
         news took this pulse's write. Between pulses: the beat at once when there is news (:meth:`_news`; a rank
         freezing as a save begins is named in its save) and this pulse's write is free; else news waits for the pulse.
         At most one write a pulse."""
-        if self.judge is not None and self.stop_step.signalled is not None:
+        if self.judge is not None and self.stopping.signalled is not None:
             self._agree()
         now = self.clock()
         if now >= self.due:
@@ -199,11 +197,11 @@ class Watchdog:
         return max(0.0, self.due - self.clock())
 
     def _agree(self) -> None:
-        self.stop_step.agree(self.state[2], self.clock() - self.state[3], self.last.get("step"))
+        self.stopping.agree(self.state[2], self.clock() - self.state[3], self.last.get("step"))
 
     def _news(self) -> tuple[Any, ...]:
         """What a beat says at once: the section's kind, the save signal noted here, rank 0's stop step."""
-        return self.state[1], self.stop_step.signalled, self.stop_step.step if self.judge is not None else None
+        return self.state[1], self.stopping.signalled, self.stopping.step if self.judge is not None else None
 
     def _publish(self) -> None:
         """This rank's beat into the store."""
@@ -211,7 +209,7 @@ class Watchdog:
         self._call(lambda: self.store.set(self.keys.beat(self.place.rank), self.beat()))
 
     def _pulse(self) -> None:
-        self.stop_step.pulse(self.state[2], self.last.get("step"))
+        self.stopping.pulse(self.state[2], self.last.get("step"))
         if self.main.look():
             self.moves += 1  # LLaMA-Factory's load counts nothing: its main thread's moves stand for progress
         position = (self.state[1], self.state[2], self._progress())
@@ -247,7 +245,7 @@ class Watchdog:
         if isinstance(beat, dict):
             if beat.get("pulse") != self.monitor["pulse"]:
                 self.monitor.update(beat=beat, pulse=beat.get("pulse"), since=self.clock())
-            self.stop_step.heard(beat)
+            self.stopping.heard(beat)
             if beat.get("verdict"):
                 self.end(self._thawed(beat["verdict"]) if self._was_paused() else beat["verdict"])
                 return
@@ -387,11 +385,6 @@ def watching(training_args: Any, timeout: float | None) -> Iterator[None]:
         if dog is not None:
             sections._running.remove(dog)
             dog.stop()
-
-
-def running() -> Watchdog | None:
-    """This process's watchdog (None: unwatched, or watched by ``ft_launcher``)."""
-    return next((dog for dog in sections._running if isinstance(dog, Watchdog)), None)
 
 
 def _started(training_args: Any, timeout: float | None) -> Watchdog | None:
