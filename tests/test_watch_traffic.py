@@ -13,6 +13,7 @@ import json
 import sys
 import threading
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -71,6 +72,7 @@ class Job:
             dog.main = _Still()
             stop = checkpoints._StopOnSignal("sigterm", "out")
             stop.agreeing = dog.stopping
+            dog.stopping.sleep = self.pause  # the noting rank's wait: every main thread waits, the pulses go on
             stop.noted = lambda: False
             self.stops.append(stop)
         self.thread_of = thread_of
@@ -78,6 +80,9 @@ class Job:
         self.wake: dict[int, float] = {}
         self.caller = 0  # whose store the steps' stop reads (the process group's store, one a rank)
         self.stopped_at: dict[int, int] = {}  # rank: the step it stopped at
+        self.step = 0  # the step the ranks are in
+        self.next_step = START  # when the next begins
+        self.stop_time = 0.0  # when the last rank stopped
 
     def start(self, rank: int) -> None:
         self.dogs[rank].threads = []  # its pulse thread: :func:`thread`, driven here
@@ -105,15 +110,24 @@ class Job:
         stop.on_step_end(None, state, control)
         return control.should_training_stop
 
+    def pause(self, seconds: float) -> None:
+        """The main threads wait ``seconds`` (a rank's wait in its step's end holds the others in the next step's
+        collective); the pulse threads go on."""
+        self.now += seconds
+        self.run_threads()
+
     def tick(self) -> None:
         """The main threads' work at this tick, then the pulse threads'."""
-        if self.now >= START and (self.now - START) % STEP_S == 0:
-            step = int((self.now - START) / STEP_S) + 1
+        if self.now >= self.next_step:
+            self.next_step = self.now + STEP_S
+            self.step += 1
+            step = self.step
             for rank, dog in enumerate(self.dogs):
                 if rank in self.stopped_at:
                     continue
                 if step > 1 and self.step_end(rank, step - 1):
                     self.stopped_at[rank] = step - 1
+                    self.stop_time = self.now
                     dog.enter(f"the save of checkpoint-{step - 1}", "save")
                     continue
                 if step == SAVE_AT + 1 and dog.state[1] == "step":  # the save after SAVE_AT, 2 s long
@@ -122,7 +136,7 @@ class Job:
                 dog.enter(f"step {step}", "step", step)
                 dog.progress()
                 dog.progress()
-        if self.now == SIGNAL_AT:
+        if self.now == SIGNAL_AT:  # noted at the end of the step in flight
             self.stops[self.ranks - 3].noted = lambda: True
         self.run_threads()
 
@@ -157,7 +171,7 @@ def simulate(jobs: list[Job], ranks: int, thread_of: Callable[[Watchdog], Iterat
         begun = job.now
         job.store.reset()
         job.run(until)
-        pulses = (until - begun) / PULSE
+        pulses = (job.now - begun) / PULSE
         found[window] = job.store.count() / ranks / pulses
         found[f"{window} most"] = max(job.store.count(rank) for rank in range(ranks)) / pulses
         found[f"{window} monitor"] = job.store.count(0) / pulses
@@ -177,18 +191,19 @@ def test_a_ranks_watchdog_makes_2_store_calls_a_pulse_and_every_rank_stops_at_on
     print(f"\n{ranks:,} ranks, a {PULSE:.0f} s pulse, store calls a rank a pulse: {found['steps']:.2f} in the steps "
           f"(the most of one rank {found['steps most']:.2f}), {found['signal']:.2f} from the save signal to the stop "
           f"(the most {found['signal most']:.2f}): {found['steps'] * ranks / PULSE:,.0f} calls/s; in the load "
-          f"{found['load']:.2f} (rank 0: {found['load monitor']:.0f}, its placeholders once); stopped at step {stops} "
-          f"{job.stopped_at[0] * STEP_S + START - SIGNAL_AT:.1f} s after the signal", flush=True)
+          f"{found['load']:.2f} (rank 0: {found['load monitor']:.0f}, its placeholders once); the signal noted at "
+          f"step {job.stops[ranks - 3].agreeing.signalled}'s end, every rank stopped at step {stops} "
+          f"{job.stop_time - SIGNAL_AT:.1f} s after it", flush=True)
     assert found["waited"] == 0
     assert found["steps most"] <= 2.0 and found["signal most"] <= 2.0 and found["steps"] <= 2.0
     assert found["load"] <= 2.0 + PULSE / START
-    assert len(job.stopped_at) == ranks and len(stops) == 1
+    assert len(job.stopped_at) == ranks and stops == [job.stops[ranks - 3].agreeing.signalled + 1]
 
 
-def test_on_steps_longer_than_two_pulses_the_stop_is_the_step_after_the_signal(
+def test_on_steps_of_30_s_the_stop_is_the_step_after_the_signal(
         counted: list[Job], monkeypatch: pytest.MonkeyPatch) -> None:
-    """30 s steps: a rank notes the signal at step 2's end; rank 0 reads it early in step 3, which every rank hears
-    before it ends: every rank stops at step 3, as when the ranks agreed through a store call a step."""
+    """30 s steps: a rank notes the signal at step 2's end; rank 0, in step 3, reads it: every rank stops at step 3,
+    as when the ranks agreed through a store call a step."""
     monkeypatch.setattr(sys.modules[__name__], "STEP_S", 30.0)
     job = Job(64)
     counted.append(job)
@@ -252,3 +267,24 @@ def test_a_rank_freezing_as_its_save_begins_is_named_in_its_save(counted: list[J
     assert job.store.count(5) == 1
     assert json.loads(job.store.data[job.keys.beat(5)])["section"] == "the save of checkpoint-6"
     assert job.dogs[0].judge.seen[5].beat["kind"] == "save"
+
+
+def test_the_rank_that_noted_the_signal_waits_for_the_stop_step_on_real_threads(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two ranks' watchdogs, their threads on a real TCPStore (a 0.1 s pulse): rank 1 notes the signal at step 3's end
+    and waits there until rank 0's beat carries the stop step (rank 0 in step 4: step 4); rank 0 has it too."""
+    monkeypatch.setattr(watchdog, "pulse_for", lambda timeout: 0.1)
+    server = dist.TCPStore("127.0.0.1", 0, None, True, timedelta(seconds=5), wait_for_workers=False)
+    keys = job_store.launch_mark(server)
+    dogs = [Watchdog(Place(rank, 2, 0, str(rank), 2, f"node{rank}", f"127.0.0.1:{server.port}"),
+                     job_store.client("127.0.0.1", server.port, 1.0), keys, None, ".") for rank in (0, 1)]
+    dogs[0].enter("step 4", "step", 4)
+    dogs[1].enter("step 3", "step", 3)
+    for dog in dogs:
+        dog.start()
+    try:
+        assert dogs[1].stopping.noted(3, True) == 4
+        assert dogs[0].stopping.noted(4, False) == 4
+    finally:
+        for dog in dogs:
+            dog.stop()

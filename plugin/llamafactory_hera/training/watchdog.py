@@ -182,7 +182,7 @@ class Watchdog:
         freezing as a save begins is named in its save) and this pulse's write is free; else news waits for the pulse.
         At most one write a pulse."""
         if self.judge is not None and self.stopping.signalled is not None:
-            self._agree()
+            self.stopping.agree(self.state[2], [self.stopping.signalled])
         now = self.clock()
         if now >= self.due:
             self.due = now + self.pulse_s
@@ -196,9 +196,6 @@ class Watchdog:
             self.wrote_early = True
         return max(0.0, self.due - self.clock())
 
-    def _agree(self) -> None:
-        self.stopping.agree(self.state[2], self.clock() - self.state[3], self.last.get("step"))
-
     def _news(self) -> tuple[Any, ...]:
         """What a beat says at once: the section's kind, the save signal noted here, rank 0's stop step."""
         return self.state[1], self.stopping.signalled, self.stopping.step if self.judge is not None else None
@@ -209,7 +206,6 @@ class Watchdog:
         self._call(lambda: self.store.set(self.keys.beat(self.place.rank), self.beat()))
 
     def _pulse(self) -> None:
-        self.stopping.pulse(self.state[2], self.last.get("step"))
         if self.main.look():
             self.moves += 1  # LLaMA-Factory's load counts nothing: its main thread's moves stand for progress
         position = (self.state[1], self.state[2], self._progress())
@@ -229,8 +225,9 @@ class Watchdog:
         raws = self._call(lambda: self.store.multi_get(keys))
         for rank, raw in enumerate(raws or ()):
             self.judge.observe(rank, raw, self.clock())
-        if watch_stop.signalled(raws or ()):
-            self._agree()
+        signalled = watch_stop.signalled(raws or ())
+        if signalled:
+            self.stopping.agree(self.state[2], signalled)
         named = self.judge.named(self.clock()) if raws is not None and not self.stopped.is_set() else []
         if named:
             self.verdict = watch_lines.ending(described(named))
