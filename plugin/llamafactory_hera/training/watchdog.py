@@ -2,11 +2,10 @@
 bound, with one line naming rank, host and section in every node's log. docs/multinode.md ("A node that freezes, dies or
 hangs").
 
-Each rank's thread makes two store calls a pulse (no file: a storage stall is no silence): it reads, then writes its
-heartbeat (a new section kind at once, in place of the pulse's write). Rank 0's thread is the monitor: its read is one
-``multi_get`` of every beat, which it judges; the others read rank 0's beat, which carries its verdict and the step
-every rank stops at on the save signal (``watch_stop``), and end the job themselves if rank 0 or the store falls
-silent. A guard thread bounds a store call that never returns. Torch's process-group timeout is set per section
+Each rank's thread makes two store calls a pulse (no file: a storage stall is no silence): a read, then its heartbeat
+(a new section kind at once, in place of the pulse's). Rank 0's thread is the monitor: its read is one ``multi_get`` of
+every beat, which it judges; the others read rank 0's beat, which carries its verdict and the save signal's stop step
+(``watch_stop``), and end the job themselves if rank 0 or the store falls silent. A guard thread bounds a store call that never returns. Torch's process-group timeout is set per section
 instead of ``ddp_timeout``, as a backstop. Under ``ft_launcher``, ``watch_nvrx`` replaces it.
 """
 
@@ -187,10 +186,9 @@ class Watchdog:
         if now >= self.due:
             self.due = now + self.pulse_s
             self._pulse()
-            taken = self.wrote_early
-            self.wrote_early = False
-            if not taken:
+            if not self.wrote_early:
                 self._publish()
+            self.wrote_early = False  # the next pulse's write is free
         if self._news() != self.published and not self.wrote_early:
             self._publish()  # the next pulse's write, at once
             self.wrote_early = True
