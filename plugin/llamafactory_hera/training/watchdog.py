@@ -2,11 +2,12 @@
 bound, with one line naming rank, host and section in every node's log. docs/multinode.md ("A node that freezes, dies or
 hangs").
 
-Each rank's thread makes two store calls a pulse (no file: a storage stall is no silence): a read, then its heartbeat
-(a new section kind at once, in place of the pulse's). Rank 0's thread is the monitor: its read is one ``multi_get`` of
+Each rank's thread makes two store calls a pulse (no file: a storage stall is no silence): a read, then its heartbeat (a
+new section kind at once, in place of the pulse's). Rank 0's thread is the monitor: its read is one ``multi_get`` of
 every beat, which it judges; the others read rank 0's beat, which carries its verdict and the save signal's stop step
-(``watch_stop``), and end the job themselves if rank 0 or the store falls silent. A guard thread bounds a store call that never returns. Torch's process-group timeout is set per section
-instead of ``ddp_timeout``, as a backstop. Under ``ft_launcher``, ``watch_nvrx`` replaces it.
+(``watch_stop``), and end the job themselves if rank 0 or the store falls silent. A guard thread bounds a store call
+that never returns. Torch's process-group timeout is set per section instead of ``ddp_timeout``, as a backstop. Under
+``ft_launcher``, ``watch_nvrx`` replaces it.
 """
 
 from __future__ import annotations
@@ -199,7 +200,6 @@ class Watchdog:
         return self.state[1], self.stopping.signalled, self.stopping.step if self.judge is not None else None
 
     def _publish(self) -> None:
-        """This rank's beat into the store."""
         self.published = self._news()
         self._call(lambda: self.store.set(self.keys.beat(self.place.rank), self.beat()))
 
