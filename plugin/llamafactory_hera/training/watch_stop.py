@@ -63,4 +63,5 @@ class StopStep:
 
 def signalled(raws: Iterable[bytes]) -> list[int]:
     """The steps at whose end ranks noted the signal, from their beats (only those that say it are parsed)."""
-    return [int(json.loads(raw)["signal"]) for raw in raws if b'"signal"' in raw]
+    found = [json.loads(raw).get("signal") for raw in raws if b'"signal"' in raw]
+    return [int(step) for step in found if step is not None]
