@@ -25,8 +25,9 @@ from counting_store import CountingStore
 from llamafactory_hera.runtime import job_store
 from llamafactory_hera.runtime.launch_watch import StartWatch
 from llamafactory_hera.runtime.shared_output import check_shared
-from llamafactory_hera.training import checkpoints, watchdog
+from llamafactory_hera.training import checkpoints, watch_stop, watchdog
 from llamafactory_hera.training.watch_bounds import PULSE, Place
+from llamafactory_hera.training.watch_stop import StopStep
 from llamafactory_hera.training.watchdog import Watchdog
 
 PER_NODE = 8
@@ -288,3 +289,15 @@ def test_the_rank_that_noted_the_signal_waits_for_the_stop_step_on_real_threads(
     finally:
         for dog in dogs:
             dog.stop()
+
+
+def test_the_stop_step_is_rank_0s_step_at_least_the_one_after_the_noting_ranks() -> None:
+    """Rank 0 a step behind the rank that noted it at step 5's end: step 6; rank 0 in step 6 or 7 (the others wait in
+    its collective): that step. Only a beat's ``signal`` key counts, not a section named so."""
+    for rank_0_in, stop in ((5, 6), (6, 6), (7, 7)):
+        found = StopStep(threading.Event(), PULSE)
+        found.agree(rank_0_in, [5])
+        found.agree(rank_0_in + 1, [5])  # set once
+        assert found.step == stop and found.fields(True) == {"stop": stop} and found.fields(False) == {}
+    beats = [b"-", b'{"section": "signal", "pulse": 3}', b'{"pulse": 4, "signal": 5}']
+    assert watch_stop.signalled(beats) == [5]
