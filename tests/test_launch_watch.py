@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from datetime import timedelta
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -124,3 +125,36 @@ def test_the_watch_lasts_the_launch_and_leaves_no_port_behind(monkeypatch: pytes
     assert not start.thread.is_alive() and "MASTER_PORT" not in os.environ
     with launch_watch.watching(lambda: free_port(), None, 0) as start:
         assert start is None
+
+
+def test_a_node_whose_node_0_says_nothing_judges_the_launch_itself(
+        server: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only node 0's launcher counts the nodes and ranks; node 1's reads its verdict. With no node 0 there (its
+    launcher gone before the store's host), node 1 names it FOLLOW_S past its own bound (here 0.5 s)."""
+    monkeypatch.setattr(launch_watch, "FOLLOW_S", 0.5)
+    said: list[str] = []
+    watch = _watch(server.port, 1, 2, said, bound=0.5)
+    watch.expect(2)
+    started = time.monotonic()
+    _run(watch)
+    assert time.monotonic() - started >= 1.0 and len(said) == 1
+    assert f"1 of NNODES=2 nodes joined the job at 127.0.0.1:{server.port}: node(s) 0 did not" in said[0]
+
+
+def test_accelerate_launch_of_a_multi_gpu_config_is_watched_on_its_agents_store(server: Any) -> None:
+    """``accelerate launch`` (patches/.../accelerate_launch.py): after the recipe's checks, a start watch on
+    ``main_process_ip:main_process_port``; it ends once every rank's watchdog started, the launch said started in the
+    store. An elastic rendezvous: unwatched."""
+    from llamafactory_hera_patches.accelerate_launch import watch_start
+
+    run = SimpleNamespace(method=SimpleNamespace(one_process=False),
+                          controls=SimpleNamespace(watched=True, watchdog_timeout=None))
+    args = SimpleNamespace(main_process_ip="127.0.0.1", main_process_port=server.port, num_machines=1,
+                           machine_rank=0, num_processes=2, rdzv_backend="static")
+    watch = watch_start(args, run, {})
+    assert watch is not None and watch.address == ("127.0.0.1", server.port) and watch.ranks == 2
+    keys = job_store.launch_mark(server)
+    server.add(keys.started, 2)
+    watch.thread.join(10)
+    assert not watch.thread.is_alive() and not watch.ended and server.get(keys.verdict) == b"started"
+    assert watch_start(SimpleNamespace(**{**vars(args), "rdzv_backend": "c10d"}), run, {}) is None

@@ -17,7 +17,8 @@ from typing import Any
 import pytest
 from watch_fakes import Clock, FakeStore, beat, dog
 
-from llamafactory_hera.training import watch_stack, watchdog
+from llamafactory_hera.runtime import job_store
+from llamafactory_hera.training import watch_stack
 from llamafactory_hera.training.watch_bounds import place_of, pulse_for
 from llamafactory_hera.training.watch_judge import Judge
 
@@ -153,10 +154,9 @@ def test_rank_0_waits_for_every_nodes_log_before_it_exits(monkeypatch: pytest.Mo
         if len(polls) == 3:
             store.add("job/told/count", 1)
 
-    monkeypatch.setattr(watchdog.time, "sleep", sleep)
+    monkeypatch.setattr(job_store.time, "sleep", sleep)
     rank = dog(store, Clock(), 0)
-    rank.place = place
-    rank._told()
+    job_store.wait_told(store, rank.keys, place.node, place.says, True, place.nodes, 60.0)
     assert len(polls) == 3 and store.data["job/told/count"] == b"2"
 
 

@@ -1,6 +1,8 @@
 """``accelerate launch`` of the host's training (``-m llamafactory.launcher``, ``launcher.py``, ``src/train.py``,
 ``llamafactory-cli train``): :func:`.launch.check_before_ranks` runs in the launcher with the ranks' environment, so a
-refused recipe is one line and no rank starts.
+refused recipe is one line and no rank starts; then a multi-GPU launch's start is watched as torchrun's
+(:class:`~llamafactory_hera.runtime.launch_watch.StartWatch` on the store its agent hosts at ``main_process_ip:
+main_process_port``; DeepSpeed's launcher and an elastic rendezvous have theirs elsewhere: unwatched).
 
 Checked on accelerate 1.11 (on another shape the ranks check the recipe themselves): ``accelerate.commands.launch``
 calls the :data:`_PREPARES` globals (``args``: command merged with config) just before starting the ranks; each
@@ -17,6 +19,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from llamafactory_hera.runtime import job_store, launch_watch
 from llamafactory_hera.runtime.errors import RecipeError
 
 _PREPARES = ("prepare_multi_gpu_env", "prepare_deepspeed_cmd_env", "prepare_simple_launcher_cmd_env")
@@ -77,10 +80,29 @@ def checked(prepare: Callable[[Any], Any], args: Any) -> Any:
     if argv is not None:
         from .launch import check_before_ranks  # lazy: other scripts load no host
 
-        with _environ(result[1] if isinstance(result, tuple) else result):
+        environ = result[1] if isinstance(result, tuple) else result
+        with _environ(environ):
             _check_cli_form(args)
-            check_before_ranks(argv)
+            run = check_before_ranks(argv)
+        if getattr(prepare, "__name__", "") == "prepare_multi_gpu_env":
+            watch_start(args, run, environ)
     return result
+
+
+def watch_start(args: Any, run: Any, environ: Mapping[str, str]) -> launch_watch.StartWatch | None:
+    """The launch's start watched until every rank's watchdog runs (the thread ends itself); None where the store is
+    not torchrun's static one (``rdzv_backend`` other than static)."""
+    from .launch import watched_ranks  # lazy: other scripts load no host
+
+    if str(getattr(args, "rdzv_backend", None) or "static") != "static":
+        return None
+    address = (str(getattr(args, "main_process_ip", None) or "127.0.0.1"), int(args.main_process_port))
+    nodes = int(getattr(args, "num_machines", None) or 1)
+    node = int(getattr(args, "machine_rank", None) or 0)
+    watch = launch_watch.StartWatch(address, node, nodes, job_store.start_bound(environ), launch_watch.end_launch)
+    watch.expect(watched_ranks(run, int(getattr(args, "num_processes", None) or 1)))
+    watch.thread.start()
+    return watch
 
 
 def apply(launch: ModuleType) -> None:

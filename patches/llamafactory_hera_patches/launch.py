@@ -95,12 +95,11 @@ def _int_env(name: str, default: int) -> int | None:
     return int(value) if value.isdigit() else None
 
 
-def _watched_ranks(run: Any, nodes: int) -> int:
-    """Ranks starting a watchdog: all of a method's run unless ``<prefix>watchdog_timeout: 0``; none for a host
-    stage or a one-process method."""
+def watched_ranks(run: Any, ranks: int) -> int:
+    """Of a launch's ``ranks``, those starting a watchdog: all of a method's run unless ``<prefix>watchdog_timeout:
+    0``; none for a host stage or a one-process method."""
     if run is None or run.method.one_process or not run.controls.watched or run.controls.watchdog_timeout == 0:
         return 0
-    ranks = nodes * int(os.environ.get("NPROC_PER_NODE") or misc.get_device_count())
     return ranks if ranks > 1 else 0  # one process: no watchdog
 
 
@@ -128,7 +127,8 @@ def launch(original: Any) -> None:
         launch_watch.check_master_address()
         run = check_before_ranks(sys.argv)
         if start is not None:
-            start.expect(_watched_ranks(run, nodes or 1))
+            per_node = int(os.environ.get("NPROC_PER_NODE") or misc.get_device_count())
+            start.expect(watched_ranks(run, (nodes or 1) * per_node))
         if run is not None and run.method.one_process and not forces_torchrun():
             # one rank spreads the model over every visible GPU. Not run_exp(): transformers' arguments ask for
             # torchrun in a process seeing several GPUs and no launcher

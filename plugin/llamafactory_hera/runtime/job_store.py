@@ -8,8 +8,10 @@ thawed into the next start) keeps its own mark, so it never changes this launch'
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -20,6 +22,7 @@ from . import env_knobs
 
 ROOT = "llamafactory_hera/watch"
 START_ENV = env_knobs.START_TIMEOUT  # bound: every node joined, every rank heard
+STARTED = "started"  # the verdict of a launch whose nodes joined and ranks started
 
 
 def start_bound(env: Mapping[str, str] | None = None) -> float:
@@ -43,13 +46,18 @@ class Keys:
         return f"{self.prefix}node/{node}"
 
     @property
+    def joined(self) -> str:
+        """How many nodes' launchers reached the store."""
+        return f"{self.prefix}joined"
+
+    @property
     def started(self) -> str:
         """How many ranks' watchdogs started."""
         return f"{self.prefix}started"
 
     @property
     def verdict(self) -> str:
-        """The line a launcher ended the launch with (the first set)."""
+        """The line a launcher ended the launch with (the first set), or :data:`STARTED`."""
         return f"{self.prefix}verdict"
 
     def told(self, node: str) -> str:
@@ -80,3 +88,19 @@ def launch_mark(store: Any, restart: str = "0") -> Keys:
     """This launch's keys: the mark the first process drew, the same for every later one."""
     mark = store.compare_set(f"{ROOT}/{restart}/mark", "", uuid.uuid4().hex).decode()
     return Keys(f"{ROOT}/{mark}/")
+
+
+def wait_told(store: Any, keys: Keys, node: str, says: bool, monitor: bool, nodes: int, seconds: float) -> None:
+    """Mark the job's last line said on ``node`` (by its sayer, ``says``), then wait up to ``seconds``: the monitor for
+    every node's mark, the others for their node's."""
+    deadline = time.monotonic() + seconds
+    with contextlib.suppress(RuntimeError, ValueError, OSError):
+        if says:
+            store.set(keys.told(node), "1")
+            told = store.add(keys.told("count"), 1)
+            while monitor and told < nodes and time.monotonic() < deadline:
+                time.sleep(0.1)
+                told = store.add(keys.told("count"), 0)
+        else:
+            while not store.check([keys.told(node)]) and time.monotonic() < deadline:
+                time.sleep(0.1)

@@ -3,9 +3,11 @@
 before their run give one line within ``LLAMAFACTORY_HERA_START_TIMEOUT`` (600 s), naming what is missing, in every
 node's log that reaches the job's store.
 
-Each node's launcher, once the store answers, marks its node and reads which nodes joined and how many ranks started;
-the first to see the bound pass sets the line for all, says it and ends its torchrun (SIGTERM: the agent ends its
-ranks). An elastic launch (``RDZV_ID``) has its store elsewhere: unwatched.
+Each node's launcher, once the store answers, marks its node and counts it joined. Node 0's reads the counts of nodes
+joined and ranks started (two calls a poll) and sets the verdict: the launch started, or, once the bound passed, the
+line naming what is missing. The others read the verdict alone (one call a poll), say a line and end their torchrun
+(SIGTERM: the agent ends its ranks); one whose node 0 set none :data:`FOLLOW_S` after the bound judges for itself. An
+elastic launch (``RDZV_ID``) has its store elsewhere: unwatched.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from llamafactory_hera.runtime.errors import RecipeError
 POLL_S = 1.0  # store reads; name-lookup retries
 RESOLVE_S = 30.0
 KILL_AFTER_S = 40.0  # torchrun's agent ends its ranks within 30 s of SIGTERM
+FOLLOW_S = 10.0  # past its bound, a node other than 0 waits this long for node 0's verdict, then judges itself
 
 
 def check_master_address(env: Mapping[str, str] | None = None, retry_s: float = RESOLVE_S) -> None:
@@ -83,17 +86,27 @@ class StartWatch:
 
     def _run(self) -> None:
         while not self.done.is_set():
-            missing = self.missing()
+            overdue = self._overdue()
+            missing = self.missing(overdue)
             if missing is None:
                 return
-            if self.clock() - self.started > self.bound:
-                self.ended = True
-                self.end(self._said(missing))
+            if overdue:
+                said = self._said(missing)
+                if said != job_store.STARTED:  # node 0 saw the start meanwhile
+                    self.ended = True
+                    self.end(said)
                 return
             self.done.wait(POLL_S)
 
-    def missing(self) -> str | None:
-        """What the launch still lacks, in words; None: nothing, the watch is done."""
+    def _overdue(self) -> bool:
+        """Whether this launcher says the line now: node 0's past the bound; another's once node 0's has said none
+        :data:`FOLLOW_S` later (its launcher gone or stuck), or at the bound when it reaches no store."""
+        late = self.clock() - self.started - self.bound
+        return late > (0.0 if self.node == 0 or self.keys is None else FOLLOW_S)
+
+    def missing(self, overdue: bool = False) -> str | None:
+        """What the launch still lacks, in words (``overdue``: to be said, naming the nodes absent); None: nothing, the
+        watch is done."""
         where = f"{self.address[0]}:{self.address[1]}"
         if self.keys is None and not self._connect():
             return (
@@ -101,34 +114,44 @@ class StartWatch:
                 "launcher has not started, or MASTER_ADDR / MASTER_PORT point elsewhere, or a firewall is between"
             )
         try:
-            verdict = self.store.get(self.keys.verdict) if self.store.check([self.keys.verdict]) else b""
-            if verdict:
-                self.ended = True
-                self.end(verdict.decode())
-                self.done.set()
-                return None
-            joined = [node for node in range(self.nodes) if self.store.check([self.keys.node(node)])]
-            started = int(self.store.add(self.keys.started, 0))
+            if self.node != 0 and self.store.check([self.keys.verdict]):
+                return self._heard(self.store.get(self.keys.verdict).decode())
+            if self.node != 0 and not overdue:
+                return "node 0's launcher has not said whether the launch started"
+            joined = int(self.store.add(self.keys.joined, 0))
+            started = int(self.store.add(self.keys.started, 0)) if joined >= self.nodes else 0
+            absent = self._absent() if overdue and joined < self.nodes else []  # a call a node: once, when said
         except (RuntimeError, ValueError, OSError):
             return f"the job's store at {where} stopped answering"
-        if len(joined) < self.nodes:
-            absent = ", ".join(str(node) for node in range(self.nodes) if node not in joined)
+        if joined < self.nodes:
             return (
-                f"{len(joined)} of NNODES={self.nodes} nodes joined the job at {where}: node(s) {absent} did not "
-                "(never started, or stuck before its launcher reached the store: see that node's log)"
+                f"{joined} of NNODES={self.nodes} nodes joined the job at {where}: node(s) "
+                f"{', '.join(str(node) for node in absent)} did not (never started, or stuck before its launcher "
+                "reached the store: see that node's log)"
             )
         if not self.expected.is_set() or started < self.ranks:
             return (
                 f"every node joined, but {started} of {self.ranks or '?'} ranks started their run (the others are "
                 "stuck before it: LLaMA-Factory's start, the recipe's checks, the process group's rendezvous)"
             )
-        return None
+        return self._heard(self._said_once(job_store.STARTED))
+
+    def _absent(self) -> list[int]:
+        return [node for node in range(self.nodes) if not self.store.check([self.keys.node(node)])]
+
+    def _heard(self, verdict: str) -> None:
+        """The watch ends on node 0's verdict: the launch started, or the line this launcher says too."""
+        self.done.set()
+        if verdict != job_store.STARTED:
+            self.ended = True
+            self.end(verdict)
 
     def _connect(self) -> bool:
         try:
             self.store = job_store.client(*self.address, POLL_S * 5)
             self.keys = job_store.launch_mark(self.store)
             self.store.set(self.keys.node(self.node), socket.gethostname())
+            self.store.add(self.keys.joined, 1)
             return True
         except (RuntimeError, ValueError, OSError):
             self.store = self.keys = None
@@ -141,10 +164,14 @@ class StartWatch:
             "job ends (exit 1) instead of waiting on the rendezvous; fix what is missing and run the same command "
             "again."
         )
+        return self._said_once(line)
+
+    def _said_once(self, verdict: str) -> str:
+        """``verdict`` set for every node, unless one was set first (that one)."""
         if self.store is not None:
             with contextlib.suppress(RuntimeError, ValueError, OSError):
-                return self.store.compare_set(self.keys.verdict, "", line).decode()
-        return line
+                return self.store.compare_set(self.keys.verdict, "", verdict).decode()
+        return verdict
 
     def stop(self) -> None:
         self.done.set()

@@ -89,8 +89,9 @@ def check_shared(
         store.set(f"{prefix}wrote/{node}", json.dumps({"host": host, "file": mine.name}))
         store.wait([f"{prefix}wrote/{k}" for k in range(nodes)], timedelta(seconds=wait))
         missing = []
-        for other in range(nodes):
-            written = json.loads(store.get(f"{prefix}wrote/{other}"))
+        every = store.multi_get([f"{prefix}wrote/{k}" for k in range(nodes)])  # one call: O(nodes) for the job
+        for other, raw in enumerate(every):
+            written = json.loads(raw)
             if other != node and not _seen(folder / written["file"], seen):
                 missing.append(f"node {other} ({written['host']}) wrote {written['file']}")
         store.set(f"{prefix}looked/{node}", "1")  # probes go once every node looked

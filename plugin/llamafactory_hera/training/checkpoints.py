@@ -1,6 +1,6 @@
 """A plugin run's checkpoints: the mixin every method's workflow puts in front of the host's trainer. Checkpoints a run
 can trust, and a signal stop that saves one (docs/hera.md, "Killed, preempted, disk full"); the ranks agree on the stop
-step through the process group's store (host-side: no device sync).
+step through their watchdog's beats, else the process group's store (host-side: no device sync).
 """
 
 from __future__ import annotations
@@ -42,6 +42,8 @@ class _StopOnSignal(TrainerCallback):
         self.stop_step: int | None = None
         self.stopped = False
         self.noted = stop_signal.received  # noted since the stage started
+        # the ranks' watchdog (not ft_launcher's) agrees on the stop step through its beats, else the store each step
+        self.agreeing = next((dog.stopping for dog in sections._running if hasattr(dog, "stopping")), None)
 
     @override
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -52,6 +54,8 @@ class _StopOnSignal(TrainerCallback):
         received = self.noted()
         if self.stop_step is None and received and not dist.is_initialized():
             self.stop_step = state.global_step
+        elif self.stop_step is None and self.signum is not None and self.agreeing is not None:
+            self.stop_step = self.agreeing.noted(state.global_step, received)
         elif self.stop_step is None and self.signum is not None and dist.is_initialized():
             store = dist.distributed_c10d._get_default_store()  # torchrun's TCPStore: host-side, no device sync
             if received:  # the first rank to write sets the step for all

@@ -21,6 +21,8 @@ FIRST |= {"save": 900.0, "final": 1800.0, "wait": 1800.0}  # a kind's bound befo
 LATER_FLOOR = 300.0  # later step/save bound: max(LATER_FLOOR, FACTOR x last time)
 FACTOR = 4.0
 PULSE = 5.0  # seconds between beats (shorter for a short recipe bound)
+NOTICE_S = 3.0  # the ending rank's wait for each node's log to hold the line
+NAMING_PULSES = 4  # past a bound: the monitor's read and verdict, each rank's read of it, its told mark
 
 
 def pulse_for(timeout: float | None) -> float:
@@ -136,3 +138,17 @@ def _timeout(group: Any) -> timedelta | None:
     with contextlib.suppress(AttributeError, RuntimeError, IndexError):
         return group._get_backend(group._device_types[0]).options._timeout
     return None
+
+
+def short_ddp_timeout(ddp_timeout: float | None, timeout: float | None) -> str | None:
+    """The warning for a ``ddp_timeout`` under the seconds the watchdog may take to name a rank (its longest first
+    bound, or the recipe's ``timeout``, and the pulses after it): torch would end a hung collective first, unnamed."""
+    pulse = pulse_for(timeout)
+    naming = (timeout or max(FIRST.values())) + NAMING_PULSES * pulse + NOTICE_S
+    if not ddp_timeout or ddp_timeout >= naming:
+        return None
+    return (
+        f"warning: ddp_timeout: {ddp_timeout:g} s is shorter than the watchdog's time to name a hung rank (up to "
+        f"{naming:.0f} s): torch ends a hung collective first, without naming the rank that stopped. Set ddp_timeout: "
+        "180000000 (as LLaMA-Factory's examples and the shipped recipes do)."
+    )

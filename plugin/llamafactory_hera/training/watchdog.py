@@ -2,11 +2,12 @@
 bound, with one line naming rank, host and section in every node's log. docs/multinode.md ("A node that freezes, dies or
 hangs").
 
-Each rank's thread writes a heartbeat every pulse to the job's c10d store (no file: a storage stall is no silence). Rank
-0's thread is the monitor: it reads every beat once a pulse (O(N)) and judges them; the others read rank 0's beat, which
-carries its verdict, and end the job themselves if rank 0 or the store falls silent. A guard thread bounds a store call
-that never returns. No process group's timeout is set: none may end a rank before the watchdog names it (the
-reasoning: docs/multinode.md). Under ``ft_launcher``, ``watch_nvrx`` replaces it.
+Each rank's thread makes two store calls a pulse (no file: a storage stall is no silence): a read, then its heartbeat (a
+new section kind at once, in place of the pulse's). Rank 0's thread is the monitor: its read is one ``multi_get`` of
+every beat, which it judges; the others read rank 0's beat, which carries its verdict and the save signal's stop step
+(``watch_stop``), and end the job themselves if rank 0 or the store falls silent. A guard thread bounds a store call
+that never returns. No process group's timeout is shortened: none may end a rank before the watchdog names it
+(docs/multinode.md). Under ``ft_launcher``, ``watch_nvrx`` replaces it.
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ import torch.distributed as dist
 
 from llamafactory_hera.runtime import job_store
 from llamafactory_hera.runtime.log import say, say_apart
-from llamafactory_hera.training import sections, watch_bounds, watch_lines, watch_nvrx
+from llamafactory_hera.training import sections, watch_lines, watch_nvrx, watch_stop
 from llamafactory_hera.training.watch_bounds import (
+    NOTICE_S,
     Place,
     StorageProbe,
     bound,
@@ -33,14 +35,14 @@ from llamafactory_hera.training.watch_bounds import (
     lengthen_groups,
     place_of,
     pulse_for,
+    short_ddp_timeout,
 )
 from llamafactory_hera.training.watch_growth import Growth
 from llamafactory_hera.training.watch_judge import PHASES, PLACEHOLDER, Judge, described
 from llamafactory_hera.training.watch_stack import MainThread
+from llamafactory_hera.training.watch_stop import StopStep
 
 PAUSED = 3  # pulses: a longer gap in its own pulses means this rank was stopped (SIGSTOP, swap)
-NOTICE_S = 3.0  # the ending rank's wait for each node's log to hold the line
-NAMING_PULSES = 4  # past a bound: the monitor's read and verdict, each rank's read of it, its told mark
 
 
 class Watchdog:
@@ -82,7 +84,10 @@ class Watchdog:
         self.failing: float | None = None  # since when store calls fail
         self.guarded = self.moved = clock()
         self.seen_position: Any = None
-        self.published = ""  # the last beat's section kind
+        self.published: tuple[Any, ...] = ()  # what the last beat said that is news (:meth:`_news`)
+        self.due = clock()  # the next pulse
+        self.wrote_early = False  # this pulse's write was taken by news
+        self.stopping = StopStep(self.entered, self.pulse_s)  # asked at each step's end (checkpoints.py)
         self.paused_at: float | None = None  # when this rank found it was stopped
         self.paused_s = 0.0  # for how long
         self.threads = [
@@ -145,6 +150,7 @@ class Watchdog:
             beat["point"] = self.point
         if self.verdict:
             beat["verdict"] = self.verdict
+        beat.update(self.stopping.fields(self.judge is not None))
         if self.stopped.is_set():
             beat["left"] = True
         return json.dumps(beat).encode()
@@ -165,30 +171,42 @@ class Watchdog:
     # --- the threads ---
 
     def _run(self) -> None:
-        if self.judge is not None:  # every key the monitor reads exists from the start
+        self._placeholders()
+        while not self.stopped.is_set():
+            self.entered.clear()
+            self.entered.wait(self._turn())  # to the pulse, or news first
+
+    def _placeholders(self) -> None:
+        """Rank 0's: every key the monitor reads exists from the start (a ``multi_get`` waits for a missing one)."""
+        if self.judge is not None:
             for rank in range(self.place.world):
                 self._call(lambda rank=rank: self.store.compare_set(self.keys.beat(rank), "", PLACEHOLDER))
-        read = self.clock() - self.pulse_s
-        while not self.stopped.is_set():
-            published = self.clock()
-            self._publish()
-            if published - read >= self.pulse_s:  # the others' beats once a pulse
-                read = published
-                self._pulse()
-            elif self.judge is None and not self.monitor["beat"]:  # rank 0 unheard yet: at each beat
-                self._hear_monitor()
-            due = read + self.pulse_s
-            if self.judge is None and not self.monitor["beat"]:
-                due = min(due, published + self.pulse_s / 10)
-            self.entered.wait(max(0.0, due - self.clock()))  # a pulse, or a new section first
-            self.entered.clear()
-            if self.state[1] == self.published:  # same kind again (a step): at most 10 beats a pulse
-                self.stopped.wait(max(0.0, published + self.pulse_s / 10 - self.clock()))
+
+    def _turn(self) -> float:
+        """One wake of the pulse thread; the seconds to the next. At the pulse: one read, then this rank's beat unless
+        news took this pulse's write. Between pulses: the beat at once when there is news (:meth:`_news`; a rank
+        freezing as a save begins is named in its save) and this pulse's write is free; else news waits for the pulse.
+        At most one write a pulse."""
+        if self.judge is not None and self.stopping.signalled is not None:
+            self.stopping.agree(self.state[2], [self.stopping.signalled])
+        now = self.clock()
+        if now >= self.due:
+            self.due = now + self.pulse_s
+            self._pulse()
+            if not self.wrote_early:
+                self._publish()
+            self.wrote_early = False  # the next pulse's write is free
+        if self._news() != self.published and not self.wrote_early:
+            self._publish()  # the next pulse's write, at once
+            self.wrote_early = True
+        return max(0.0, self.due - self.clock())
+
+    def _news(self) -> tuple[Any, ...]:
+        """What a beat says at once: the section's kind, the save signal noted here, rank 0's stop step."""
+        return self.state[1], self.stopping.signalled, self.stopping.step if self.judge is not None else None
 
     def _publish(self) -> None:
-        """This rank's beat into the store (a new kind at once: a rank freezing as a save begins is named in its
-        save)."""
-        self.published = self.state[1]
+        self.published = self._news()
         self._call(lambda: self.store.set(self.keys.beat(self.place.rank), self.beat()))
 
     def _pulse(self) -> None:
@@ -214,6 +232,9 @@ class Watchdog:
         raws = self._call(lambda: self.store.multi_get(keys))
         for rank, raw in enumerate(raws or ()):
             self.judge.observe(rank, raw, self.clock())
+        signalled = watch_stop.signalled(raws or ())
+        if signalled:
+            self.stopping.agree(self.state[2], signalled)
         named = self.judge.named(self.clock()) if raws is not None and not self.stopped.is_set() else []
         if named:
             self.verdict = watch_lines.ending(described(named))
@@ -222,11 +243,13 @@ class Watchdog:
 
     def _hear_monitor(self) -> None:
         key = self.keys.beat(0)
-        raw = self._call(lambda: self.store.get(key) if self.store.check([key]) else None)
+        # one call: rank 0's beat, or its placeholder set here before rank 0 started (a get would wait for it)
+        raw = self._call(lambda: self.store.compare_set(key, "", PLACEHOLDER))
         beat = json.loads(raw) if raw and raw != PLACEHOLDER else None
         if isinstance(beat, dict):
             if beat.get("pulse") != self.monitor["pulse"]:
                 self.monitor.update(beat=beat, pulse=beat.get("pulse"), since=self.clock())
+            self.stopping.heard(beat)
             if beat.get("verdict"):
                 self.end(self._thawed(beat["verdict"]) if self._was_paused() else beat["verdict"])
                 return
@@ -294,25 +317,11 @@ class Watchdog:
         if self.place.says:
             say_apart(line)
         if store:  # bounded: a silent store must not keep this process
-            waiting = threading.Thread(target=self._told, daemon=True)
+            told = (self.store, self.keys, self.place.node, self.place.says, self.place.rank == 0, self.place.nodes)
+            waiting = threading.Thread(target=job_store.wait_told, args=(*told, NOTICE_S + self.pulse_s), daemon=True)
             waiting.start()
             waiting.join(NOTICE_S + self.pulse_s)
         os._exit(watch_lines.EXIT_CODE)
-
-    def _told(self) -> None:
-        """Mark the line said (by each node's sayer); rank 0 waits for every node's, the others for their node's."""
-        node = self.place.node
-        deadline = time.monotonic() + NOTICE_S + self.pulse_s
-        with contextlib.suppress(RuntimeError, ValueError, OSError):
-            if self.place.says:
-                self.store.set(self.keys.told(node), "1")
-                told = self.store.add(self.keys.told("count"), 1)
-                while self.place.rank == 0 and told < self.place.nodes and time.monotonic() < deadline:
-                    time.sleep(0.1)
-                    told = self.store.add(self.keys.told("count"), 0)
-            else:
-                while not self.store.check([self.keys.told(node)]) and time.monotonic() < deadline:
-                    time.sleep(0.1)
 
     def ended_meanwhile(self, error: BaseException) -> None:
         """A collective failed in the main thread: if this rank was itself stopped meanwhile (thawed after the job
@@ -328,9 +337,10 @@ class Watchdog:
         say_apart(watch_lines.collective_failed(self.place.rank, self.place.host, section, error))
 
     def start(self) -> None:
-        """First beat first (rank 0's before its thread writes the placeholders, so no rank reads one of rank 0's),
-        count it started, start the threads."""
+        """First beat first (rank 0's before its thread writes the placeholders, so no rank reads one of rank 0's), in
+        place of the first pulse's write; count it started, start the threads."""
         self._publish()
+        self.wrote_early = True
         self._call(lambda: self.store.add(self.keys.started, 1))
         for thread in self.threads:
             thread.start()
@@ -379,17 +389,3 @@ def _started(training_args: Any, timeout: float | None) -> Watchdog | None:
         say(warning)
     dog.start()
     return dog
-
-
-def short_ddp_timeout(ddp_timeout: float | None, timeout: float | None) -> str | None:
-    """The warning for a ``ddp_timeout`` under the seconds the watchdog may take to name a rank (its longest first
-    bound, or the recipe's ``timeout``, and the pulses after it): torch would end a hung collective first, unnamed."""
-    pulse = pulse_for(timeout)
-    naming = (timeout or max(watch_bounds.FIRST.values())) + NAMING_PULSES * pulse + NOTICE_S
-    if not ddp_timeout or ddp_timeout >= naming:
-        return None
-    return (
-        f"warning: ddp_timeout: {ddp_timeout:g} s is shorter than the watchdog's time to name a hung rank (up to "
-        f"{naming:.0f} s): torch ends a hung collective first, without naming the rank that stopped. Set ddp_timeout: "
-        "180000000 (as LLaMA-Factory's examples and the shipped recipes do)."
-    )
