@@ -23,6 +23,7 @@ from . import env_knobs
 ROOT = "llamafactory_hera/watch"
 START_ENV = env_knobs.START_TIMEOUT  # bound: every node joined, every rank heard
 STARTED = "started"  # the verdict of a launch whose nodes joined and ranks started
+CONNECT_S = 30.0  # the longest a store client waits to connect
 
 
 def start_bound(env: Mapping[str, str] | None = None) -> float:
@@ -79,9 +80,14 @@ def client(host: str, port: int, timeout: float) -> Any:
     with a C++ stack."""
     from torch.distributed import TCPStore  # lazy: the launcher reaches here before it needs torch
 
-    with socket.create_connection((host, port), timeout=timeout):
+    # connecting waits longer than a call: every rank of a job connects at once as it starts, on loaded hosts, and a
+    # pulse's bound (0.5 s for a short recipe bound) once ended a healthy rank there
+    connect = max(timeout, CONNECT_S)
+    with socket.create_connection((host, port), timeout=connect):
         pass
-    return TCPStore(host, port, None, False, timedelta(seconds=timeout), wait_for_workers=False)
+    store = TCPStore(host, port, None, False, timedelta(seconds=connect), wait_for_workers=False)
+    store.set_timeout(timedelta(seconds=timeout))
+    return store
 
 
 def launch_mark(store: Any, restart: str = "0") -> Keys:
