@@ -330,6 +330,6 @@ def test_true_in_a_folder_holding_only_a_jobs_own_files_starts_the_run(tmp_path:
     (out / WATCHDOG_FOLDER).mkdir(parents=True)
     (out / WATCHDOG_FOLDER / "rank-1.json").write_text("{}")
     (out / CLAIM).write_text("{}")
-    (out / f"{PROBE_PREFIX}0123abcd").write_text("{}")  # a failed two-node start's probe, left behind
+    (out / f"{PROBE_PREFIX}token").write_text("{}")  # a failed two-node start's probe, left behind
     check_resume("hera", {"resume_from_checkpoint": True, "output_dir": str(out), "do_train": True})
     assert f"output_dir: {out} holds no run yet: starting it" in capsys.readouterr().out

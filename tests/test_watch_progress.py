@@ -169,7 +169,7 @@ def test_a_first_download_in_head_selection_is_not_named_while_its_bytes_arrive(
     """Rank 0's scoring copy of a hub model, downloaded for 2,000 s before its first forward (bound 1,800 s): its
     blob in the hub's cache grows each pulse, so it is not named; once the bytes stop, it is, a bound later."""
     downloaded = hub_folder("org/large-model", str(tmp_path / "hub"))
-    blob = Path(downloaded) / "blobs" / "0123abcd.incomplete"
+    blob = Path(downloaded) / "blobs" / "a-blob.incomplete"
     with sections.section("head selection", "selection", forwards=True, files=downloaded):
         for _ in range(0, 2000, 5):
             _grow(blob, 4096)

@@ -43,6 +43,7 @@ class _Still:
     """The run's main thread, seen from the pulse: never moved (the load counts nothing here)."""
 
     in_collective = False
+    compiling = False
 
     def look(self) -> bool:
         return False

@@ -123,7 +123,10 @@ def lengthen_groups() -> list[str]:
     if not (dist.is_available() and dist.is_initialized()):
         return []
     c10d = dist.distributed_c10d
-    wanted = _timeout(c10d._get_default_group())
+    try:
+        wanted = _timeout(c10d._get_default_group())
+    except (ValueError, RuntimeError):  # no default group after all (a torn-down or stand-in one)
+        return []
     lengthened = []
     for group in list(c10d._world.pg_map):
         have = _timeout(group)
