@@ -23,7 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,16 @@ import yaml
 from dist_runs import launch_runs
 from safetensors.torch import load_file
 
-from conftest import CLI, base_recipe, harc_recipe, offline_env, processes_marked, read_trainer_log, run_train
+from conftest import (
+    CLI,
+    base_recipe,
+    harc_recipe,
+    offline_env,
+    processes_marked,
+    read_trainer_log,
+    run_train,
+    still_running,
+)
 from llamafactory_hera.runtime import run_record
 from llamafactory_hera_patches import ray_driver
 
@@ -68,7 +77,8 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[str]]
     temp = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))
     mark = f"{os.getpid()}-{time.time_ns()}"
     env = offline_env(logs, **_ray_env(), **{CLUSTER_MARK: mark})
-    head, address = None, []
+    head = None
+    address: list[str] = []
     try:
         for start in range(STARTS):
             with (logs / f"head{start}.log").open("w") as log:
@@ -96,9 +106,7 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[str]]
 
 def _end_cluster(mark: str) -> list[str]:
     """Waits for the cluster's processes to end (a minute), kills those left; returns their command lines."""
-    import psutil
-
-    from conftest import still_running
+    import psutil  # as conftest does: not at the collection of every module
 
     left = still_running(processes_marked(CLUSTER_MARK, mark), timeout=60)
     names = []
@@ -142,8 +150,10 @@ def _record(output_dir: Path, method: str) -> dict[str, Any]:
 
 
 @needs_ray
-def test_hera_and_harc_train_in_rays_workers_as_on_two_torchrun_ranks(
+def test_hera_harc_and_stock_sft_train_in_rays_workers_as_on_two_torchrun_ranks(
         ray_cluster: list[str], assets: Any, harc_assets: Any, tmp_path: Path) -> None:
+    """Each recipe through ``USE_RAY=1 llamafactory-cli train`` on two workers, then all three in one launch of two
+    torchrun ranks (warm probe): the same logged values, method records and adapter tensors."""
     recipes = {
         "hera": lambda out: base_recipe(assets, "qwen2_5_vl", out, max_steps=2, save_strategy="no"),
         "harc": lambda out: harc_recipe(harc_assets, "llama3", out, max_steps=3, harc_eval=False,
@@ -157,7 +167,8 @@ def test_hera_and_harc_train_in_rays_workers_as_on_two_torchrun_ranks(
     launch_runs([{"recipe": recipe(tmp_path / "torchrun" / method)} for method, recipe in recipes.items()],
                 tmp_path / "torchrun_launch", 2)
     for method in recipes:
-        ray_out, torchrun_out = tmp_path / "ray" / method, tmp_path / "torchrun" / method
+        ray_out = tmp_path / "ray" / method
+        torchrun_out = tmp_path / "torchrun" / method
         assert _logged(ray_out) == _logged(torchrun_out), method
         assert any("loss" in line for line in _logged(ray_out)), method
         if method in RECORDS:
@@ -205,10 +216,13 @@ class _TaskError(Exception):
 
 
 def _started(output_dir: Path, stage: str = "hera") -> Path:
+    """The record a rank writes after the parse: ``running``."""
     return run_record.write_started(output_dir, stage, {"output_dir": str(output_dir)}, marks=True)
 
 
-def _raising(error: BaseException, before=lambda: None):
+def _raising(error: BaseException, before: Callable[[], None] = lambda: None) -> Callable[[Any, Any], None]:
+    """A stand-in for LLaMA-Factory's ``_ray_training_function`` whose ``ray.get`` raises ``error``."""
+
     def host(ray_args: Any, config: dict[str, Any]) -> None:
         before()
         raise error
@@ -238,7 +252,9 @@ def test_the_driver_records_a_run_ray_ended_as_failed(tmp_path: Path, error: Bas
 def test_the_driver_leaves_a_record_its_rank_ended_or_an_older_runs(tmp_path: Path) -> None:
     """A record its rank ended keeps the rank's word; a record older than the driver's start (another run's, left
     ``running`` before) is not this run's to end; a run that returns is left to its rank."""
-    ended, older, finished = (tmp_path / name for name in ("ended", "older", "finished"))
+    ended = tmp_path / "ended"
+    older = tmp_path / "older"
+    finished = tmp_path / "finished"
     run_record.write_ended(_started(ended), ValueError("the rank's own error"))
     _started(older)
     for folder, host in ((ended, _raising(KeyboardInterrupt())), (older, _raising(KeyboardInterrupt())),
