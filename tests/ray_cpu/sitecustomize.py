@@ -1,11 +1,12 @@
 """Test-only start-up hook: LLaMA-Factory's ``USE_RAY=1`` path schedules on a CPU-only Ray cluster.
 
-LLaMA-Factory 0.9.5 (``llamafactory/train/trainer_utils.py``) asks ``{"CPU": 10}`` for each placement bundle, one
-bundle per device of the cluster (on a CPU: per CPU), and ``num_cpus: 10`` for each worker: a Ray cluster whose nodes
-have fewer than 10 CPUs never places the group, and ``ray.get(pg.ready())`` waits for ever. With this folder on
-``PYTHONPATH`` (the driver's, and through Ray's ``runtime_env`` its workers'), each bundle asks 1 CPU and each worker 1
-CPU; nothing else of the path changes (the workers' ranks, ``MASTER_ADDR``, ``run_exp`` in each worker). The patch
-lands when ``trainer_utils`` has executed, before ``llamafactory.train.tuner`` binds the names it imports from it.
+LLaMA-Factory 0.9.5 and main (``llamafactory/train/trainer_utils.py``) ask ``{"CPU": 10}`` for each placement bundle,
+one bundle per device of the cluster (on a cluster without GPUs: per CPU), and ``num_cpus: 10`` for each worker: such
+a group can never be placed, and ``ray.get(pg.ready())`` waits for ever. With this folder on ``PYTHONPATH`` (the
+driver's, and through Ray's ``runtime_env`` its workers'), the same bundles ask 1 CPU each and each worker 1 CPU (a
+cluster of 2 CPUs: 2 bundles, 2 workers); nothing else of the path changes (the workers' ranks, ``MASTER_ADDR``,
+``run_exp`` in each worker). The patch lands when ``trainer_utils`` has executed, before ``llamafactory.train.tuner``
+binds the names it imports from it.
 Like every process a test starts, the process does not see the packages its run does not use
 (tests/process_hooks/unused_packages.py, which it puts on ``sys.path``: Python runs the first ``sitecustomize``).
 """
@@ -23,7 +24,8 @@ CPUS_PER_WORKER = 1
 
 
 def _one_cpu_bundles(num_workers: int, placement_group) -> tuple:
-    """``get_placement_group``'s stand-in: ``num_workers`` bundles of one CPU."""
+    """``get_placement_group``'s stand-in: ``num_workers`` bundles (LLaMA-Factory passes the cluster's device count)
+    of one CPU."""
     bundle = {"CPU": CPUS_PER_WORKER}
     return placement_group([bundle] * num_workers, strategy="PACK"), bundle
 
