@@ -184,7 +184,8 @@ def test_hera_harc_and_stock_sft_train_in_rays_workers_as_on_two_torchrun_ranks(
 @needs_ray
 def test_a_ray_driver_interrupted_records_the_run_failed(ray_cluster: list[str], assets: Any, tmp_path: Path) -> None:
     """Ctrl-C to ``llamafactory-cli train`` under Ray once the run is recorded ``running``: Ray kills the workers, the
-    rank that writes the record among them; the driver records the run ``failed`` by the interrupt."""
+    rank that writes the record among them, and the driver records the run ``failed`` by the interrupt; where that
+    rank outlived the other long enough to fail in a collective, it recorded its own error first (seen once in 6)."""
     out = tmp_path / "out"
     recipe = {**base_recipe(assets, "qwen2_5_vl", out, max_steps=1000, save_strategy="no"), **_recipe_keys(ray_cluster)}
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
@@ -204,7 +205,8 @@ def test_a_ray_driver_interrupted_records_the_run_failed(ray_cluster: list[str],
             os.killpg(driver.pid, signal.SIGKILL)
     record = run_record.read_record(out / run_record.RUN_RECORD)
     assert driver.returncode != 0 and "KeyboardInterrupt" in stderr
-    assert record["status"] == run_record.FAILED and record["error"].startswith("KeyboardInterrupt"), record
+    assert record["status"] == run_record.FAILED, record
+    assert record["error"].startswith(("KeyboardInterrupt", "RuntimeError")), record  # the driver's, or the rank's
 
 
 class _TaskError(Exception):
