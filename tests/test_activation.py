@@ -38,6 +38,7 @@ def test_stage_patch_is_all_or_nothing_on_an_unknown_host_shape() -> None:
 
     fake = ModuleType("llamafactory.train.tuner")
     fake._training_function = lambda config: None  # run_sft and get_train_args are missing
+    fake._ray_training_function = lambda ray_args, config: None
     before = dict(vars(fake))
     with pytest.raises(HostMismatchError) as info:
         stage.apply(fake)

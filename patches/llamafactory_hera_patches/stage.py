@@ -30,6 +30,7 @@ from llamafactory_hera.runtime.registry import registered_methods
 from llamafactory_hera.runtime.stage_run import HostArguments
 
 from . import logging as log_patch
+from . import ray_driver
 from .engines import fsdp_adapter, fsdp_loading
 from .engines.kv_sharing import reentrant_kv_note
 from .guard import require, warn_if_unchecked
@@ -37,7 +38,7 @@ from .recipe import recipe_file
 from .recipe.arguments import keys_of, split_args
 from .recipe.raw_checks import check_host_stage, quiet_transformers, start_run
 
-_TUNER_NAMES = ("_training_function", "get_train_args", "run_sft")
+_TUNER_NAMES = ("_training_function", "_ray_training_function", "get_train_args", "run_sft")
 # bitsandbytes' CPU backend logs this at import without the ``kernels`` package; PEFT imports it in every LoRA run,
 # yet the kernel serves 4-bit weights only
 _BITSANDBYTES_CPU = logging.getLogger("bitsandbytes.backends.cpu.ops")
@@ -106,6 +107,8 @@ def apply(tuner: ModuleType) -> None:
     recipe_file.apply(tuner)  # run_exp's read of the recipe file: its mistakes named
     log_patch.apply(callbacks)
     tuner._training_function = functools.partial(training_function, tuner, tuner._training_function)
+    # USE_RAY=1: the driver records a run whose workers Ray ended
+    tuner._ray_training_function = functools.partial(ray_driver.ray_training_function, tuner._ray_training_function)
     tuner._llamafactory_hera_patched = True
 
 

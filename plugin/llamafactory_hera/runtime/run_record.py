@@ -222,7 +222,7 @@ def _whole_zip(path: Path) -> bool:
 
 def _first_line(error: BaseException) -> str:
     text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0] if text else ''}".strip()
+    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__  # Ctrl-C: KeyboardInterrupt
 
 
 def write_record(path: Path, record: dict[str, Any]) -> None:
