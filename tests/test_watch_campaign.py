@@ -34,7 +34,7 @@ DOC = HERE.parent / "docs" / "multinode.md"
 MARKERS = ("<!-- campaign table -->", "<!-- campaign table end -->")
 BOUND = 3.0  # seconds: hera_watchdog_timeout of every case (pulse: a quarter)
 SLACK = 3 * BOUND  # a hang's line within BOUND + SLACK of its fault
-ENDING = re.compile(r"watchdog: (.*?)\. The job ends")
+ENDING = re.compile(r"watchdog: (.*?)\. Every rank exits")
 COLLECTIVE = re.compile(r"watchdog: rank \d+ on \S+: a collective in .* failed")
 THAWED = re.compile(r"watchdog: rank (\d+) on (\S+) was stopped")
 TWO_NODES = os.geteuid() == 0 and shutil.which("unshare") is not None  # a UTS namespace per node needs root

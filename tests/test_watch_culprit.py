@@ -137,6 +137,7 @@ def test_at_scale_the_culprit_is_named_in_a_short_line(world: int) -> None:
                                                    f"{world // PER_HOST - 3} more hosts, no progress"), text
     assert "every rank stopped at the same point" in text
     lengths["all"] = len(text)
+    lengths = {case: len(watch_lines.ending("x" * length)) for case, length in lengths.items()}  # the job's whole line
     assert max(lengths.values()) < LONGEST, lengths
     print(f"{world} ranks: the line's characters {lengths}; the job's last line around the 'all' one "
           f"{len(watch_lines.ending(text))}")

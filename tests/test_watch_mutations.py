@@ -50,9 +50,8 @@ def test_a_reset_connection_does_not_end_the_pulse() -> None:
     store.fail = ConnectionResetError(104, "Connection reset by peer")
     beat(rank, 1.0)  # a monotonic clock is never 0
     beat(rank, 12.0)
-    assert rank.ended == ["watchdog: the job's store at store-host:29500 has not answered for 10 s. The job ends (exit "
-                          "1 on every rank) instead of waiting for ddp_timeout; to go on, run the same command again "
-                          "(with resume_from_checkpoint: true it continues from the newest whole checkpoint)."]
+    assert rank.ended == ["watchdog: the job's store at store-host:29500 has not answered for 10 s. Every rank exits "
+                          "1; run the same command again to go on."]
 
 
 def test_a_failed_read_names_the_store_not_every_rank() -> None:

@@ -123,7 +123,7 @@ def test_a_frozen_rank_is_named_by_the_monitor(server: Any, ends: dict[str, Any]
     _wait_for(ends, 1)
     assert ends["codes"] == [1] and 1.0 <= time.monotonic() - started < 3.0
     assert re.match(r"watchdog: rank 1 on node1, unheard for 1 s in loading \(bound 1 s\): its process or host is "
-                    r"frozen or gone\. The job ends", ends["said"][0]), ends["said"]
+                    r"frozen or gone\. Every rank exits", ends["said"][0]), ends["said"]
     assert "run the same command again" in ends["said"][0] and "\n" not in ends["said"][0]
 
 
