@@ -191,7 +191,8 @@ class Watchdog:
             self.stopping.agree(self.state[2], [self.stopping.signalled])
         now = self.clock()
         if now >= self.due:
-            self.due = now + self.pulse_s
+            # a stop being agreed: a tenth of a pulse apart, a few seconds once (training/watch_stop.py)
+            self.due = now + (self.pulse_s / 10 if self.stopping.pending(self.judge is not None) else self.pulse_s)
             self._pulse()
             if not self.wrote_early:
                 self._publish()
@@ -202,8 +203,9 @@ class Watchdog:
         return max(0.0, self.due - self.clock())
 
     def _news(self) -> tuple[Any, ...]:
-        """What a beat says at once: the section's kind, the save signal noted here, rank 0's stop step."""
-        return self.state[1], self.stopping.signalled, self.stopping.step if self.judge is not None else None
+        """What a beat says at once: the section's kind, the save signal noted here, the stop step heard (rank 0's:
+        set), whether every rank heard it."""
+        return self.state[1], self.stopping.signalled, self.stopping.step, self.stopping.everyone
 
     def _publish(self) -> None:
         self.published = self._news()
@@ -235,6 +237,7 @@ class Watchdog:
         signalled = watch_stop.signalled(raws or ())
         if signalled:
             self.stopping.agree(self.state[2], signalled)
+        self.stopping.count(seen.beat for seen in self.judge.seen.values())
         named = self.judge.named(self.clock()) if raws is not None and not self.stopped.is_set() else []
         if named:
             self.verdict = watch_lines.ending(described(named))
