@@ -158,3 +158,5 @@ def test_accelerate_launch_of_a_multi_gpu_config_is_watched_on_its_agents_store(
     watch.thread.join(10)
     assert not watch.thread.is_alive() and not watch.ended and server.get(keys.verdict) == b"started"
     assert watch_start(SimpleNamespace(**{**vars(args), "rdzv_backend": "c10d"}), run, {}) is None
+    # standalone: accelerate chose its own port (29500 was taken): not the store the watch would read
+    assert watch_start(SimpleNamespace(**{**vars(args), "standalone": True}), run, {}) is None

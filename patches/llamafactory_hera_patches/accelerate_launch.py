@@ -91,10 +91,11 @@ def checked(prepare: Callable[[Any], Any], args: Any) -> Any:
 
 def watch_start(args: Any, run: Any, environ: Mapping[str, str]) -> launch_watch.StartWatch | None:
     """The launch's start watched until every rank's watchdog runs (the thread ends itself); None where the store is
-    not torchrun's static one (``rdzv_backend`` other than static)."""
+    not torchrun's static one (``rdzv_backend`` other than static, or ``standalone``)."""
     from .launch import watched_ranks  # lazy: other scripts load no host
 
-    if str(getattr(args, "rdzv_backend", None) or "static") != "static":
+    # standalone: accelerate's own store on a port of its choosing (29500 was taken), which the watch cannot know
+    if str(getattr(args, "rdzv_backend", None) or "static") != "static" or getattr(args, "standalone", False):
         return None
     address = (str(getattr(args, "main_process_ip", None) or "127.0.0.1"), int(args.main_process_port))
     nodes = int(getattr(args, "num_machines", None) or 1)

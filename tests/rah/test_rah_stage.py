@@ -155,3 +155,9 @@ def test_ray_with_several_workers_is_one_line_before_ray_starts(assets, tmp_path
     assert "Set ray_num_workers: 1, or unset USE_RAY." in said and "FORCE_TORCHRUN" not in said, said
     assert "Traceback" not in said, said
     validate_raw_host_args({"ray_num_workers": 1}, parse_rah_arguments({}))  # one worker is one process: taken
+
+
+def test_predict_with_generate_alone_is_taken_as_before() -> None:
+    """Without do_eval or do_predict the key does nothing in stage: rah, which always ignored it: a recipe that ran
+    before still runs (do_eval and do_predict are refused above)."""
+    validate_raw_host_args({"predict_with_generate": True}, parse_rah_arguments({}))
