@@ -165,6 +165,36 @@ def test_a_save_whose_files_keep_growing_is_not_named_past_its_bound(dog: Watchd
     assert dog.lines and "rank 0" in dog.lines[0] and "the save of checkpoint-3" in dog.lines[0], dog.lines
 
 
+class _Moving:
+    """The run's main thread as the pulse sees it: moving while ``moving`` (an upload hashing and sending its files, its
+    bars counting), never in a collective, never compiling."""
+
+    in_collective = False
+    compiling = False
+
+    def __init__(self) -> None:
+        self.moving = True
+
+    def look(self) -> bool:
+        return self.moving
+
+
+def test_an_upload_at_the_end_is_not_named_while_its_main_thread_moves(dog: Watchdog) -> None:
+    """push_to_hub (LLaMA-Factory's model card and push), a logger's model upload in on_train_end: 900 s after the
+    final save (bound 300 s), nothing counted, nothing written under output_dir; the main thread's moves are the work.
+    Once it stands still, the rank is named a bound later."""
+    dog.main = _Moving()
+    dog.last = {"save": 50.0}
+    dog.enter("the end of training (its callbacks)", "final")
+    for _ in range(180):
+        _pulse(dog)
+    assert dog.lines == []
+    dog.main.moving = False
+    for _ in range(70):
+        _pulse(dog)
+    assert dog.lines and "rank 0" in dog.lines[0] and "the end of training" in dog.lines[0], dog.lines
+
+
 def test_a_first_download_in_head_selection_is_not_named_while_its_bytes_arrive(dog: Watchdog, tmp_path: Path) -> None:
     """Rank 0's scoring copy of a hub model, downloaded for 2,000 s before its first forward (bound 1,800 s): its
     blob in the hub's cache grows each pulse, so it is not named; once the bytes stop, it is, a bound later."""
@@ -292,6 +322,7 @@ def test_a_thread_polling_in_place_does_not_move_and_a_working_one_does(monkeypa
     clock = _Clock()
     ticks = [0]
     monkeypatch.setattr(watch_stack, "_thread_ticks", lambda native_id: ticks[0])
+    monkeypatch.setattr(watch_stack, "_children", list)  # the test process's own (a warm launcher) are not the run's
     looked = MainThread(poller, clock)
 
     def moves(looks: int, ticks_a_pulse: int) -> int:

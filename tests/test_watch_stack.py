@@ -146,3 +146,38 @@ def test_a_thread_busy_in_torchs_compiler_is_compiling_and_a_spinning_one_is_not
             assert sum(seen) >= 4 if expected else not any(seen), (expected, seen)
     finally:
         stop.set()
+
+
+def test_a_polling_main_thread_whose_child_processes_work_moves() -> None:
+    """datasets' ``map(num_proc)`` with its bars off: the main thread polls the workers' queue on almost no CPU while
+    the workers, child processes, tokenize. Their CPU time is the work seen: the thread moves while a child works,
+    and no longer once none does (a deadlocked pool)."""
+    stop = threading.Event()
+
+    def poll() -> None:
+        while not stop.is_set():
+            time.sleep(0.05)
+
+    try:
+        looked = MainThread(_thread(poll))
+        looked.look()
+        child = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        try:
+            time.sleep(0.3)
+            working = []
+            for _ in range(3):
+                time.sleep(0.3)
+                working.append(looked.look())
+        finally:
+            child.kill()
+            child.wait()
+        for _ in range(3):  # the poll's stacks, seen
+            time.sleep(0.1)
+            looked.look()
+        idle = []
+        for _ in range(3):
+            time.sleep(0.3)
+            idle.append(looked.look())
+        assert all(working) and not any(idle), (working, idle)
+    finally:
+        stop.set()

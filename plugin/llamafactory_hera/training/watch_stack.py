@@ -93,16 +93,40 @@ class MainThread:
         return ticks - self.ticks >= max(1.0, BUSY * (now - self.looked) * TICKS_S)
 
     def _cpu_ticks(self) -> int:
-        """CPU time so far of the thread and the pools' workers, in clock ticks (0 where /proc does not tell: the
-        stack and bars alone)."""
+        """CPU time so far of the thread, the pools' workers and this process's child processes, in clock ticks (0
+        where /proc does not tell: the stack and bars alone). The children: datasets' ``map(num_proc)`` workers,
+        which tokenize while the main thread polls their queue (with its bars off, their CPU is the work seen)."""
         workers = [t.native_id for t in threading.enumerate() if t.name.startswith("ThreadPoolExecutor")]
-        return sum(_thread_ticks(native_id) for native_id in [self.native_id, *workers])
+        own = sum(_thread_ticks(native_id) for native_id in [self.native_id, *workers])
+        return own + sum(_stat_ticks(f"/proc/{child}/stat") for child in _children())
+
+
+def _children() -> list[str]:
+    """This process's child processes (its threads' ``children`` files; none where /proc does not list them)."""
+    found: list[str] = []
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return found
+    for task in tasks:
+        try:
+            with open(f"/proc/self/task/{task}/children") as children:
+                found += children.read().split()
+        except OSError:
+            continue
+    return found
 
 
 def _thread_ticks(native_id: int | None) -> int:
     """One thread's CPU time so far, in clock ticks (0 where /proc does not tell)."""
+    return _stat_ticks(f"/proc/self/task/{native_id}/stat")
+
+
+def _stat_ticks(path: str) -> int:
+    """A thread's or process's CPU time so far (its ``stat`` at ``path``), in clock ticks (0 where /proc does not
+    tell)."""
     try:
-        with open(f"/proc/self/task/{native_id}/stat") as stat:
+        with open(path) as stat:
             fields = stat.read().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
         return 0
