@@ -30,6 +30,37 @@ from llamafactory_hera.training.watch_stack import MainThread
 from llamafactory_hera.training.watchdog import Watchdog
 
 
+@pytest.fixture(autouse=True)
+def _no_bytes_of_the_tests_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    """This process's bytes written count as a rank's own writes; the test process writes its folders itself, so the
+    walk's tests see the walk alone (the bytes' own test puts them back)."""
+    monkeypatch.setattr(watch_growth, "written_bytes", lambda: 0)
+
+
+def test_a_ranks_own_bytes_written_are_growth_and_only_a_nodes_first_rank_walks(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bytes this process wrote to files (``/proc/self/io``) are growth, at no cost to the file system: a rank
+    writing its own shard of a ZeRO-3 checkpoint moves. Only a node's first rank walks the folder (4,096 ranks walking
+    a checkpoint of 8,000 files asked a metadata server millions of stats a second), and a walk stats at most
+    ``WALKED`` files."""
+    counted = [100]
+    monkeypatch.setattr(watch_growth, "written_bytes", lambda: counted[0])
+    folder = tmp_path / "checkpoint-4"
+    growth = Growth(str(tmp_path), walks=False)
+    with sections.writing(str(folder)):
+        assert not _looked(growth, "save")
+        counted[0] += 4096  # a log's lines (its output is a file under SLURM): no save's bytes
+        assert not _looked(growth, "save")
+        counted[0] += watch_growth.WROTE  # its shard's pages dirtied
+        assert _looked(growth, "save") and not _looked(growth, "save")
+        _grow(folder / "optimizer.pt", 1000)  # another rank's file: not this rank's, and it does not walk
+        assert not _looked(growth, "save") and growth.thread is None
+    for index in range(watch_growth.WALKED + 10):
+        _grow(tmp_path / "many" / f"shard-{index}.pt", 1)
+    assert watch_growth.measure(str(tmp_path / "many")) == (str(tmp_path / "many"), watch_growth.WALKED + 10,
+                                                           watch_growth.WALKED)
+
+
 def _grow(path: Path, size: int) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "ab") as file:
@@ -391,3 +422,19 @@ def test_the_last_barrier_is_judged_a_rank_hung_before_it_is_named_and_the_waiti
         judge.observe(0, _beat(t, [9, 6, 0], "final", 300, work=t // 5), float(t))
         judge.observe(1, _beat(t, [9, 7, 0], "wait", 1800, rank=1, collective=True), float(t))
         assert _named(judge, float(t)) == [], t
+
+
+def test_this_processs_bytes_written_are_read_from_proc(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The counter the growth reads: it rises as this process writes a file (where /proc tells; 0 elsewhere)."""
+    import os
+    import tempfile
+
+    monkeypatch.undo()  # the module's own counter, not the fixture's stand-in
+    real = watch_growth.written_bytes
+    before = real()
+    with tempfile.NamedTemporaryFile() as file:
+        file.write(b"x" * 65536)
+        file.flush()
+        os.fsync(file.fileno())
+        after = real()
+    assert after >= before + 65536 or (before == after == 0), (before, after)

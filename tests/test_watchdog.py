@@ -121,8 +121,9 @@ def test_a_frozen_rank_is_named_by_the_monitor(server: Any, ends: dict[str, Any]
     started = time.monotonic()
     _freeze(frozen)
     _wait_for(ends, 1)
-    assert ends["codes"] == [1] and 1.0 <= time.monotonic() - started < 3.0
-    assert re.match(r"watchdog: rank 1 on node1, unheard for 1 s in loading \(bound 1 s\): its process or host is "
+    # never before the bound; the upper guard fits a loaded machine's late pulses (the order is the gate)
+    assert ends["codes"] == [1] and 1.0 <= time.monotonic() - started < 10.0
+    assert re.match(r"watchdog: rank 1 on node1, unheard for \d+ s in loading \(bound 1 s\): its process or host is "
                     r"frozen or gone\. Every rank exits", ends["said"][0]), ends["said"]
     assert "run the same command again" in ends["said"][0] and "\n" not in ends["said"][0]
 
@@ -139,7 +140,7 @@ def test_a_stuck_rank_is_named_and_ends_with_the_others(server: Any, ends: dict[
     _started(ends, *dogs)
     _wait_for(ends, 2)
     assert ends["codes"] == [1, 1] and len(set(ends["said"])) == 1, ends["said"]
-    assert re.match(r"watchdog: rank 1 on node1, no progress for 1 s in step 3 \(bound 1 s\): alive but stuck",
+    assert re.match(r"watchdog: rank 1 on node1, no progress for \d+ s in step 3 \(bound 1 s\): alive but stuck",
                     ends["said"][0]), ends["said"]
 
 
@@ -151,7 +152,7 @@ def test_rank_0_frozen_is_named_by_every_other_rank(server: Any, ends: dict[str,
     _freeze(monitor)
     _wait_for(ends, 1)
     assert ends["codes"] == [1]
-    assert re.match(r"watchdog: rank 0 on node0, unheard for 1 s in loading \(bound 1 s\)", ends["said"][0])
+    assert re.match(r"watchdog: rank 0 on node0, unheard for \d+ s in loading \(bound 1 s\)", ends["said"][0])
 
 
 class _Hanging:
@@ -184,7 +185,7 @@ def test_a_store_that_never_answers_ends_the_job_with_the_node_that_hosts_it(ser
     _wait_for(ends, 1)
     client.release.set()
     assert ends["codes"] == [1]
-    assert re.match(rf"watchdog: rank 0 on node0, unheard for 1 s in loading \(bound 1 s\): its process or host is "
+    assert re.match(rf"watchdog: rank 0 on node0, unheard for \d+ s in loading \(bound 1 s\): its process or host is "
                     rf"frozen or gone; the job's store at 127.0.0.1:{server.port} does not answer either \(rank 1 is "
                     rf"in loading\)", ends["said"][0]), ends["said"]
 

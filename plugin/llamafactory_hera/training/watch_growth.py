@@ -2,11 +2,14 @@
 writes for longer than its bound still makes progress while its bytes arrive (a busy parallel file system, a large
 model's full state dict), and so does a download into the hub's cache.
 
-The folder is the one the run names (``sections.writing``: a checkpoint's, a download's, a rotation's); in the final
-save, where the host writes, ``output_dir``'s files outside its checkpoints. One walk of that folder a pulse, in a
-thread of its own: a stalled file system holds that thread alone (the storage probe tells that stall). A rank waiting
-in a collective does not walk (under DDP the other ranks wait for rank 0's writes), nor one whose count moved since
-the last pulse (a prediction's forwards): the walks stay where nothing else moves.
+Two measures. This process's bytes written to files (``/proc/self/io``'s ``write_bytes``, charged as pages are dirtied:
+local disks, NFS, Lustre), read once a pulse at no cost to the file system: every rank's own writes. And a walk of the
+folder the run names (``sections.writing``: a checkpoint's, a download's, a rotation's; in the final save, where the
+host writes, ``output_dir``'s files outside its checkpoints), for what the bytes miss: files going (a rotation), a file
+system that charges no pages. The walk is each node's first rank's alone, stats at most :data:`WALKED` files, runs in
+a thread of its own (a stalled file system holds that thread alone; the storage probe tells that stall), and only
+where nothing else moves: not in a collective, not when the rank's count moved since the last pulse. At 4,096 ranks
+every rank walking a ZeRO-3 checkpoint of 8,000 files would have asked a metadata server millions of stats a second.
 """
 
 from __future__ import annotations
@@ -17,14 +20,19 @@ import threading
 from llamafactory_hera.training import sections
 
 CHECKPOINTS = ("checkpoint-", "tmp-checkpoint-")  # the saves' folders in output_dir, not the final save's
+WALKED = 512  # the most files a walk stats; the rest it counts by name
+# bytes written between two looks that are a save's, not a log's lines (a rank's output goes to a file under SLURM)
+WROTE = 1 << 20
 Measure = tuple[str, int, int]  # the folder, its files, their bytes
 
 
 class Growth:
     """Each :meth:`look` says whether the folder being written changed between the last two walks."""
 
-    def __init__(self, output_dir: str) -> None:
+    def __init__(self, output_dir: str, walks: bool = True) -> None:
         self.output_dir = output_dir
+        self.walks = walks  # this node's first rank: the one that walks
+        self.written = written_bytes()  # this process's bytes written to files at the last look
         self.measured: Measure | None = None  # the last walk's (set by the walking thread)
         self.seen: Measure | None = None  # the walk compared at the last look
         self.thread: threading.Thread | None = None
@@ -35,6 +43,10 @@ class Growth:
         one is still running, this rank waits in a collective, or its count (``progress``) moved since the last look."""
         still = progress == self.progress
         self.progress = progress
+        written = written_bytes()
+        wrote = written - self.written >= WROTE
+        if wrote or written < self.written:
+            self.written = written
         folder = sections.written()
         if folder is None and kind != "final":
             self.seen = self.measured = None
@@ -42,12 +54,13 @@ class Growth:
         measured = self.measured
         grew = measured is not None and self.seen is not None and measured[0] == self.seen[0] and measured != self.seen
         self.seen = measured
-        if still and not waiting and (self.thread is None or not self.thread.is_alive()):
+        idle = self.thread is None or not self.thread.is_alive()
+        if self.walks and still and not waiting and not wrote and idle:
             self.thread = threading.Thread(
                 target=self._walk, args=(folder,), name="llamafactory-hera-growth", daemon=True
             )
             self.thread.start()
-        return grew
+        return wrote or grew
 
     def _walk(self, folder: str | None) -> None:
         self.measured = measure(folder) if folder is not None else measure(self.output_dir, skip=CHECKPOINTS)
@@ -58,6 +71,7 @@ def measure(folder: str, skip: tuple[str, ...] = ()) -> Measure:
     goes meanwhile is left out."""
     files = 0
     size = 0
+    stated = 0
     pending = [folder]
     while pending:
         try:
@@ -71,8 +85,22 @@ def measure(folder: str, skip: tuple[str, ...] = ()) -> Measure:
                     if not entry.name.startswith(skip):
                         pending.append(entry.path)
                     continue
-                size += entry.stat(follow_symlinks=False).st_size
+                if stated < WALKED:
+                    size += entry.stat(follow_symlinks=False).st_size
+                    stated += 1
             except OSError:  # gone meanwhile
                 continue
             files += 1
     return folder, files, size
+
+
+def written_bytes() -> int:
+    """This process's bytes written to files so far (0 where /proc does not tell)."""
+    try:
+        with open("/proc/self/io") as counters:
+            for line in counters:
+                if line.startswith("write_bytes:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0

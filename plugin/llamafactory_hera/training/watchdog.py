@@ -73,7 +73,7 @@ class Watchdog:
         self.probe = StorageProbe(output_dir, clock)
         self.main = MainThread()  # the run's thread: built on it
         self.moves = 0  # the pulses at which it had moved (the load's progress)
-        self.growth = Growth(output_dir)
+        self.growth = Growth(output_dir, walks=place.says)  # one walker a node: its first rank
         self.work = 0  # the pulses at which the files being written grew: progress no two ranks compare
         self.judge = Judge(list(range(place.world)), clock(), job_store.start_bound()) if place.rank == 0 else None
         self.monitor = {"beat": {}, "pulse": None, "since": clock()}  # rank 0's beat as last read
