@@ -163,13 +163,29 @@ def dog(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
 
 
 def _pulse(dog: Watchdog, seconds: float = 5.0) -> None:
-    """A pulse ``seconds`` later: the beat written and read back, the growth walk finished."""
+    """A pulse ``seconds`` later: the beat written and read back, the growth walk and the storage probe finished."""
     dog.clock.now += seconds
     dog.guarded = dog.clock.now  # its guard's tick (no guard thread here)
     dog._publish()
     dog._pulse()
     if dog.growth.thread is not None:
         dog.growth.thread.join(30)
+    if dog.probe.thread is not None:  # the storage probe answered too: a pulse later in a run
+        dog.probe.thread.join(30)
+
+
+class _Moving:
+    """The run's main thread as the pulse sees it: moving while ``moving`` (an upload hashing and sending its files, its
+    bars counting), never in a collective, never compiling."""
+
+    in_collective = False
+    compiling = False
+
+    def __init__(self) -> None:
+        self.moving = True
+
+    def look(self) -> bool:
+        return self.moving
 
 
 def _save(dog: Watchdog, folder: Path, seconds: int, growing_for: int) -> None:
@@ -196,20 +212,6 @@ def test_a_save_whose_files_keep_growing_is_not_named_past_its_bound(dog: Watchd
     assert dog.lines and "rank 0" in dog.lines[0] and "the save of checkpoint-3" in dog.lines[0], dog.lines
 
 
-class _Moving:
-    """The run's main thread as the pulse sees it: moving while ``moving`` (an upload hashing and sending its files, its
-    bars counting), never in a collective, never compiling."""
-
-    in_collective = False
-    compiling = False
-
-    def __init__(self) -> None:
-        self.moving = True
-
-    def look(self) -> bool:
-        return self.moving
-
-
 def test_an_upload_at_the_end_is_not_named_while_its_main_thread_moves(dog: Watchdog) -> None:
     """push_to_hub (LLaMA-Factory's model card and push), a logger's model upload in on_train_end: 900 s after the
     final save (bound 300 s), nothing counted, nothing written under output_dir; the main thread's moves are the work.
@@ -226,11 +228,28 @@ def test_an_upload_at_the_end_is_not_named_while_its_main_thread_moves(dog: Watc
     assert dog.lines and "rank 0" in dog.lines[0] and "the end of training" in dog.lines[0], dog.lines
 
 
+def test_the_load_of_selections_scoring_copy_is_not_named_while_its_main_thread_moves(dog: Watchdog) -> None:
+    """Rank 0 loads its scoring copy of a 72B model inside head selection (bound 1,800 s) from a slow shared file
+    system for 2,500 s, before its first forward: its loader's threads reading the shards move the main thread (its
+    CPU time counts theirs); once it stands still, it is named a bound later."""
+    dog.main = _Moving()
+    dog.enter("head selection", "selection")
+    for _ in range(500):
+        _pulse(dog)
+    assert dog.lines == []
+    dog.main.moving = False
+    for _ in range(370):
+        _pulse(dog)
+    assert dog.lines and "rank 0" in dog.lines[0] and "head selection" in dog.lines[0], dog.lines
+
+
 def test_a_first_download_in_head_selection_is_not_named_while_its_bytes_arrive(dog: Watchdog, tmp_path: Path) -> None:
     """Rank 0's scoring copy of a hub model, downloaded for 2,000 s before its first forward (bound 1,800 s): its
     blob in the hub's cache grows each pulse, so it is not named; once the bytes stop, it is, a bound later."""
     downloaded = hub_folder("org/large-model", str(tmp_path / "hub"))
     blob = Path(downloaded) / "blobs" / "a-blob.incomplete"
+    dog.main = _Moving()
+    dog.main.moving = False  # its main thread waits on the download's threads: the bytes alone are the work here
     with sections.section("head selection", "selection", forwards=True, files=downloaded):
         for _ in range(0, 2000, 5):
             _grow(blob, 4096)

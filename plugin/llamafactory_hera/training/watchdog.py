@@ -214,8 +214,9 @@ class Watchdog:
     def _pulse(self) -> None:
         if self.main.look():
             self.moves += 1  # LLaMA-Factory's load counts nothing: its main thread's moves stand for progress
-            # nor do the end's uploads (push_to_hub, a logger's model upload): its moves are work there too
-            if self.state[1] == "final":
+            # nor do the end's uploads (push_to_hub, a logger's model upload) and the load of selection's scoring copy
+            # (its loader's threads reading shards): the main thread's moves are work there too
+            if self.state[1] in ("final", "selection"):
                 self.work += 1
         self.work += self.growth.look(self.state[1], self._progress(), self.main.in_collective)
         if self.main.compiling:
