@@ -8,8 +8,8 @@
     ... --stack main                       the same on LLaMA-Factory main (.venv-main, constraints-main.txt) at the
                                            commit of TESTED_MAIN, from LLAMAFACTORY_MAIN_SOURCE (a source archive
                                            with its COMMIT, that archive unpacked, a git URL or a clone; default:
-                                           the newest ../shared/llamafactory-main/*.tar.gz): test runs the three
-                                           demos and MAIN_STACK_TESTS there
+                                           the pinned, else newest, ../shared/llamafactory-main/*.tar.gz): test
+                                           runs the three demos and MAIN_STACK_TESTS there
     python3 dev.py test --stack all        the stacks one after another (what CI runs), main's source checked first
     python3 dev.py pin-main [REF]          pin main as LLAMAFACTORY_MAIN_SOURCE holds it (a git source: at REF,
                                            default its HEAD)
@@ -60,9 +60,9 @@ STACKS = {
     "main": (".venv-main", "constraints-main.txt"),
 }
 # LLaMA-Factory main is on no package index: "main" installs it from LLAMAFACTORY_MAIN_SOURCE (a source archive of it
-# with its COMMIT, that archive unpacked, a git URL or a clone), by default from the newest archive in SHARED_MAIN (the
-# shared folder beside the repository, which CI's clone has too), at the commit TESTED_MAIN pins (which the plugin's
-# version guard names too); `dev.py pin-main` moves the pin
+# with its COMMIT, that archive unpacked, a git URL or a clone), by default from the archive at the pin in SHARED_MAIN
+# (the shared folder beside the repository, which CI's clone has too), at the commit TESTED_MAIN pins (which the
+# plugin's version guard names too); `dev.py pin-main` moves the pin
 MAIN_SOURCE_ENV = "LLAMAFACTORY_MAIN_SOURCE"
 MAIN_SOURCE_FIX = (f"set {MAIN_SOURCE_ENV} to a source archive of LLaMA-Factory main with its COMMIT file (as in "
                    "../shared/llamafactory-main/), that archive unpacked, or a git URL or clone of LLaMA-Factory")
@@ -231,16 +231,20 @@ def setup(command: str, stack: str = "pinned", host: str | None = None) -> Path:
 def main_source(pinned: bool = True) -> tuple[str, str]:
     """Where LLaMA-Factory main comes from, checked before anything is built: ``("archive", path)`` (a source archive
     with ``COMMIT`` at its top), ``("folder", path)`` (such an archive unpacked) or ``("git", url)`` (a git URL or a
-    clone, installed at the pin), from ``LLAMAFACTORY_MAIN_SOURCE``, else the newest archive in :data:`SHARED_MAIN`;
+    clone, installed at the pin), from ``LLAMAFACTORY_MAIN_SOURCE``, else the archive at the pin (else the newest) in
+    :data:`SHARED_MAIN`;
     an archive's or folder's commit is the pinned one where ``pinned``. Else one line naming the variable, its value
     and the fix, and SystemExit(2)."""
     given = os.environ.get(MAIN_SOURCE_ENV, "").strip()
     if not given:
-        # a newer main comes as another archive beside the older ones
+        # a newer main comes as another archive beside the older ones: the pinned one is tested until the pin moves
         archives = sorted(SHARED_MAIN.glob("*.tar.gz"), key=committed_at)
         if not archives:
             refuse_main_source("", f"not set, and {SHARED_MAIN} holds no *.tar.gz")
-        given = str(archives[-1])
+        at_pin = [archive for archive in archives if archive_commit(archive) == tested_main()["commit"]]
+        given = str(at_pin[-1] if at_pin and pinned else archives[-1])
+        if at_pin and archives[-1] != at_pin[-1]:
+            log(f"{archives[-1].name} holds a newer main than the pin: python3 dev.py pin-main moves the pin to it")
     if "://" in given or given.startswith("git@"):
         return "git", reachable(given, given)
     path = Path(given).expanduser().resolve()
@@ -266,6 +270,15 @@ def main_source(pinned: bool = True) -> tuple[str, str]:
         refuse_main_source(given, f"it holds main at {commit}, {TESTED_MAIN.name} pins {tested_main()['commit']}: "
                                   "pin it with python3 dev.py pin-main, or name a source at the pin")
     return kind, str(path)
+
+
+def archive_commit(archive: Path) -> str | None:
+    """The commit an archive's ``COMMIT`` names; None where it cannot be read."""
+    try:
+        found = source_file("archive", archive, SOURCE_COMMIT)
+    except (tarfile.TarError, OSError):
+        return None
+    return found[0].strip() if found else None
 
 
 def committed_at(archive: Path) -> float:

@@ -78,16 +78,20 @@ def dev(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
     return module
 
 
-def test_main_comes_from_the_newest_shared_archive_by_default(dev: Any) -> None:
-    """The newest by its commit's time (its files'), whatever the archives' names and their own times (a copy's)."""
-    newest = _archive(dev.SHARED_MAIN / "llamafactory-main-0000.tar.gz")
+def test_main_comes_from_the_pinned_shared_archive_else_the_newest_by_default(dev: Any) -> None:
+    """The archive at the pin, whatever else lies beside it (a newer main keeps CI on the pin until pin-main moves
+    it); without one, the newest by its commit's time (its files'), whatever the archives' names and their own
+    times (a copy's), which is then refused for its commit, with the fix."""
+    pinned = _archive(dev.SHARED_MAIN / "llamafactory-main-0000.tar.gz")
     older = _archive(dev.SHARED_MAIN / "llamafactory-main-aaaaaaaaa.tar.gz", COMMIT_TIME - 86_400, commit="a" * 40)
-    os.utime(newest, (COMMIT_TIME, COMMIT_TIME))
-    assert older.stat().st_mtime > newest.stat().st_mtime
-    assert dev.main_source() == ("archive", str(newest))
-    assert dev.main_requirement() == f"llamafactory @ {newest.as_uri()}"
+    os.utime(pinned, (COMMIT_TIME, COMMIT_TIME))
+    assert older.stat().st_mtime > pinned.stat().st_mtime
+    assert dev.main_source() == ("archive", str(pinned))
+    assert dev.main_requirement() == f"llamafactory @ {pinned.as_uri()}"
     broken = dev.SHARED_MAIN / "llamafactory-main-broken.tar.gz"
-    broken.write_text("cut short", encoding="utf-8")  # unreadable: taken by its own time, the newest, and said
+    broken.write_text("cut short", encoding="utf-8")  # unreadable: taken by its own time, the newest
+    assert dev.main_source() == ("archive", str(pinned))
+    pinned.unlink()
     with pytest.raises(SystemExit):
         dev.main_source()
 
