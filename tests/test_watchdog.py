@@ -97,7 +97,11 @@ def _started(ends: dict[str, Any], *dogs: Watchdog) -> None:
 
 
 def _freeze(dog: Watchdog) -> None:
-    """As SIGSTOP: its threads stop where they are, its last beat stays (no ``left``)."""
+    """As SIGSTOP: its threads stop where they are, its last beat stays (no ``left``). The stand-in stops its threads
+    through ``stopped``, which a beat written meanwhile would report as the rank having left: its beats say what
+    they said before instead (a frozen rank says nothing new)."""
+    still = dog.beat()
+    dog.beat = lambda: still
     dog.stopped.set()
     for thread in dog.threads:
         thread.join(5)
