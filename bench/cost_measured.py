@@ -13,8 +13,8 @@ by more than 0.5 % from the table's (update the table and docs/cost.md with it).
 
 from __future__ import annotations
 
+import importlib.util
 import statistics
-import sys
 import tempfile
 import time
 import warnings
@@ -33,11 +33,12 @@ def count_table() -> dict[tuple[str, str], tuple[float, float]]:
     from llamafactory_hera.plan import count
     from llamafactory_hera.plan.measured import ROW_TOKENS, ROWS
 
-    sys.path.insert(0, str(REPO / "tests"))
-    from plan_configs import hub_cache
-
+    # loaded from its file, as tests/hera/test_hera_bench.py loads bench's helpers: no sys.path into tests/
+    spec = importlib.util.spec_from_file_location("hera_plan_configs", REPO / "tests" / "plan_configs.py")
+    plan_configs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plan_configs)
     with tempfile.TemporaryDirectory() as folder:
-        huggingface_hub.constants.HF_HUB_CACHE = str(hub_cache(Path(folder)))
+        huggingface_hub.constants.HF_HUB_CACHE = str(plan_configs.hub_cache(Path(folder)))
         config = AutoConfig.from_pretrained(MODEL, local_files_only=True)
     heads, layers = count.head_layers(HEADS, len(HEADS))
     out = {}
