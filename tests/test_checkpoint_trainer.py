@@ -15,7 +15,7 @@ from test_whole_checkpoints import _SignalAt
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from llamafactory_hera.runtime import stop_signal
+from llamafactory_hera.runtime import save_signal
 from llamafactory_hera.runtime import whole_checkpoints as whole_checkpoints_module
 from llamafactory_hera.runtime.whole_checkpoints import MARKER, whole_checkpoints
 from llamafactory_hera.training import checkpoints, sections
@@ -33,7 +33,7 @@ class _Tiny(nn.Module):
 
 class _Trainer(sections.StepPoints, WholeCheckpoints, Trainer):
     """A plugin trainer, as the methods' workflows build one: its save signal is the one its stage notes (here the
-    test's ``stop_signal.noting``)."""
+    test's ``save_signal.noting``)."""
 
 
 def _trainer(out: Path, **keys: Any) -> _Trainer:
@@ -50,7 +50,7 @@ def test_a_signal_stop_keeps_its_checkpoint_whatever_the_best_model_and_the_limi
     trainer = _trainer(tmp_path, max_steps=6, eval_strategy="steps", eval_steps=1, load_best_model_at_end=True,
                        metric_for_best_model="loss", greater_is_better=True, save_total_limit=1)  # best: an early one
     trainer.add_callback(_SignalAt(3))
-    with stop_signal.noting("sigterm"), pytest.raises(SystemExit) as stop:  # the stage's save signal, as it notes it
+    with save_signal.noting("sigterm"), pytest.raises(SystemExit) as stop:  # the stage's save signal, as it notes it
         trainer.train()
     assert stop.value.code == 0 and trainer.state.global_step == 3
     best = Path(trainer.state.best_model_checkpoint)
@@ -201,7 +201,7 @@ class _OtherSignalAt(TrainerCallback):
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if state.global_step + 1 == 2:
-            stop_signal._note_other(signal.SIGUSR1, None)
+            save_signal._note_other(signal.SIGUSR1, None)
 
 
 def test_the_stop_in_the_steps_names_the_signal_that_came(tmp_path: Path, capsys: pytest.CaptureFixture,
@@ -211,7 +211,7 @@ def test_the_stop_in_the_steps_names_the_signal_that_came(tmp_path: Path, capsys
     monkeypatch.delenv("LOCAL_RANK", raising=False)
     trainer = _trainer(tmp_path, max_steps=4)
     trainer.add_callback(_OtherSignalAt())
-    with stop_signal.noting("sigusr2", key="hera_save_on_signal"), pytest.raises(SystemExit) as stop:
+    with save_signal.noting("sigusr2", key="hera_save_on_signal"), pytest.raises(SystemExit) as stop:
         trainer.train()
     said = [line for line in capsys.readouterr().out.splitlines() if "SIGUSR1: " in line]
     assert stop.value.code == 0 and said == [

@@ -22,8 +22,8 @@ from llamafactory_hera import cli, methods
 from llamafactory_hera.recipe.declaration import Method
 from llamafactory_hera.recipe.keys import parse_keys, recipe_key
 from llamafactory_hera.recipe.run import MethodRun
+from llamafactory_hera.runtime.parsed_arguments import HostArguments
 from llamafactory_hera.runtime.raw_recipe import RawRecipe
-from llamafactory_hera.runtime.stage_run import HostArguments
 from llamafactory_hera_patches.recipe.arguments import keys_of, split_args
 from llamafactory_hera_patches.webui import stage_list as webui
 

@@ -1,5 +1,5 @@
 """One command, every requeue: a preemptible queue reruns the very same command, and it continues the run from
-wherever it was (runtime/stop_signal.py, recipe/resume.py, runtime/output_dir.py, training/checkpoints.py).
+wherever it was (runtime/save_signal.py, recipe/resume.py, runtime/output_dir.py, training/checkpoints.py).
 
 Every run in this process through LLaMA-Factory's ``run_exp`` (tests/conftest.py's ``run_train``) on the tiny
 Qwen2.5-VL, HeRA with LoRA. A signal is sent by the process to itself from inside a phase (the teacher's forward, the
@@ -30,7 +30,7 @@ from llamafactory_hera.hera.config import parse_hera_arguments
 from llamafactory_hera.hera.selection import auto
 from llamafactory_hera.hera.selection.select import SelectionOptions, prepare, score_head_neighbours
 from llamafactory_hera.hera.teacher import VisionTeacher
-from llamafactory_hera.runtime import stop_signal
+from llamafactory_hera.runtime import save_signal
 from llamafactory_hera.runtime.run_record import RUN_RECORD
 from llamafactory_hera.runtime.whole_checkpoints import checkpoint_folders
 
@@ -171,18 +171,18 @@ def test_a_stop_in_head_selection_keeps_the_batches_it_finished(assets, tmp_path
                                batch_size=4)
     pairs, _ = prepare(recipe_args, options)
     kept = tmp_path / "kept"
-    with signals_raise(signal.SIGTERM), stop_signal.noting("sigterm"):
+    with signals_raise(signal.SIGTERM), save_signal.noting("sigterm"):
         os.kill(os.getpid(), signal.SIGTERM)
-        with pytest.raises(stop_signal.Stopped) as stopped:
+        with pytest.raises(save_signal.Stopped) as stopped:
             score_head_neighbours(recipe_args, options, pairs, kept)
     assert stopped.value.code == 0 and sorted(path.name for path in kept.iterdir()) == ["0.pt"]
-    assert not stop_signal.received()
+    assert not save_signal.received()
 
 
 def test_a_forked_worker_dies_of_the_signal_as_before(tmp_path: Path) -> None:
     """A child forked while the stage notes SIGTERM (a datasets or DataLoader worker) gets the signal's default back:
     a pool's terminate() ends it at once (noted only, the worker would live on and the pool's join hang)."""
-    with signals_raise(signal.SIGTERM), stop_signal.noting("sigterm"):
+    with signals_raise(signal.SIGTERM), save_signal.noting("sigterm"):
         ready, started = os.pipe()
         child = os.fork()
         if child == 0:  # the worker: says it runs, then waits up to 10 s to be terminated
@@ -194,7 +194,7 @@ def test_a_forked_worker_dies_of_the_signal_as_before(tmp_path: Path) -> None:
         os.kill(child, signal.SIGTERM)
         _, status = os.waitpid(child, 0)
     assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM
-    assert not stop_signal.received()
+    assert not save_signal.received()
 
 
 @pytest.mark.parametrize(("name", "steps"), [("sigusr1", False), ("sigterm", True)])
@@ -203,7 +203,7 @@ def test_a_forked_worker_leaves_the_save_signal_to_its_rank(name: str, steps: bo
     while the run notes the save signal (SIGUSR1 from the start; SIGTERM in the steps, where no pool is terminated)
     ignores it and lives on, so the rank saves rather than failing on a worker killed under it."""
     signum = getattr(signal, name.upper())
-    with signals_raise(signum), stop_signal.noting(name, steps=steps):
+    with signals_raise(signum), save_signal.noting(name, steps=steps):
         ready, started = os.pipe()
         child = os.fork()
         if child == 0:  # the worker: says it runs, lives 0.5 s, ends with its own code
@@ -220,13 +220,13 @@ def test_the_ranks_of_a_distributed_pass_stop_together_after_it() -> None:
     """Inside a distributed pass (the teacher's precompute on several ranks) a rank that noted the signal goes on
     to the pass's end, where the ranks agree (an all-reduce of the flag, hera/teacher_run.py): a rank stopping alone
     would leave the others waiting in the pass's gather. Every rank stops on the agreement, signalled or not."""
-    with signals_raise(signal.SIGUSR1), stop_signal.noting("sigusr1"):
+    with signals_raise(signal.SIGUSR1), save_signal.noting("sigusr1"):
         os.kill(os.getpid(), signal.SIGUSR1)
-        with stop_signal.deferred():
-            stop_signal.stop_before_step("rows kept")  # held back: no stop inside the pass
-        stop_signal.stop_before_step("rows kept", agreed=False)  # no rank noted it: on
-        with pytest.raises(stop_signal.Stopped):
-            stop_signal.stop_before_step("rows kept", agreed=True)
+        with save_signal.deferred():
+            save_signal.stop_before_step("rows kept")  # held back: no stop inside the pass
+        save_signal.stop_before_step("rows kept", agreed=False)  # no rank noted it: on
+        with pytest.raises(save_signal.Stopped):
+            save_signal.stop_before_step("rows kept", agreed=True)
 
 
 def test_the_signals_handler_is_given_back_when_the_stage_ends() -> None:
@@ -234,15 +234,15 @@ def test_the_signals_handler_is_given_back_when_the_stage_ends() -> None:
     process had before is back: a signal after the run is the process's own again, not noted by a run that ended."""
     with signals_raise(signal.SIGUSR1):
         before = signal.getsignal(signal.SIGUSR1)
-        with stop_signal.noting("sigusr1"):
-            with stop_signal.noting("sigusr1", steps=True):
+        with save_signal.noting("sigusr1"):
+            with save_signal.noting("sigusr1", steps=True):
                 assert signal.getsignal(signal.SIGUSR1) is not before
             assert signal.getsignal(signal.SIGUSR1) is not before
         assert signal.getsignal(signal.SIGUSR1) is before
         with pytest.raises(Unhandled):
             os.kill(os.getpid(), signal.SIGUSR1)
             time.sleep(1)  # the handler runs in this thread before the sleep ends
-    assert not stop_signal.received()
+    assert not save_signal.received()
 
 
 @pytest.mark.parametrize("main", [True, False])
@@ -250,7 +250,7 @@ def test_a_stop_in_head_selection_stops_every_rank_with_rank_0(main: bool, monke
     """Rank 0 stopped on the save signal inside head selection (its line said): it, and every other rank on the
     broadcast of that, stops with exit 0, instead of taking no heads for a failure."""
     def stopped(*args: Any, **kwargs: Any) -> None:
-        raise stop_signal.Stopped(0)
+        raise save_signal.Stopped(0)
 
     def broadcast(payload: list[Any], src: int) -> None:  # rank 0's payload, as the process group hands it over
         payload[:] = [None, None, None]
@@ -259,7 +259,7 @@ def test_a_stop_in_head_selection_stops_every_rank_with_rank_0(main: bool, monke
     monkeypatch.setattr(auto.torch.distributed, "is_initialized", lambda: True)
     monkeypatch.setattr(auto.torch.distributed, "broadcast_object_list", broadcast)
     recipe = SimpleNamespace(data_args=SimpleNamespace(max_samples=None))
-    with pytest.raises(stop_signal.Stopped) as caught:
+    with pytest.raises(save_signal.Stopped) as caught:
         auto.resolve_auto_heads(recipe, parse_hera_arguments({"hera_heads": "auto"}), 0, "cpu", "out", main,
                                 dtype="float32")
     assert caught.value.code == 0

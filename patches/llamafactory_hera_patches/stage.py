@@ -25,9 +25,9 @@ import llamafactory.train.callbacks as callbacks
 import llamafactory.train.sft.workflow as sft_workflow
 
 from llamafactory_hera.runtime import output_dir, run_claim, run_record, shared_output
+from llamafactory_hera.runtime.parsed_arguments import HostArguments
 from llamafactory_hera.runtime.raw_recipe import RawRecipe, raw_value
 from llamafactory_hera.runtime.registry import registered_methods
-from llamafactory_hera.runtime.stage_run import HostArguments
 
 from . import logging as log_patch
 from . import ray_driver

@@ -183,7 +183,7 @@ ENTRIES = ("hera.trainer", "hera.workflow", "rah.workflow", "harc.trainer", "har
 # weights read in the modules' calls under ZeRO-3) beside the projection; a module raises RecipeError from where it is
 # defined (runtime/errors.py), not through the one-line report's module (job_refusal.py); a
 # trainer the sections it tells its watchdog (training/sections.py), which time the passes, steps and saves, and the
-# save signal noted from the stage's start (runtime/stop_signal.py), which the passes before step 1 stop on; a
+# save signal noted from the stage's start (runtime/save_signal.py), which the passes before step 1 stop on; a
 # workflow the watchdog itself (training/watchdog.py: its bounds, its monitor's judgement, the job's store keys it
 # shares with the launcher, nvidia-resiliency-ext's reporter) and its placement the quantized bytes a weight takes
 # (recipe/quantization.py, torch-free: plan reads it too); HeRA's trainer its per-log sums (hera/step_sums.py: the

@@ -19,8 +19,8 @@ from llamafactory_hera.harc.roles import load_role_rows
 from llamafactory_hera.harc.state import HarcState
 from llamafactory_hera.harc.trainer import HarcTrainerMixin
 from llamafactory_hera.runtime.log import progress_once, say_again_on_board, say_once
+from llamafactory_hera.runtime.parsed_arguments import HostArguments
 from llamafactory_hera.runtime.run_record import plain, write_record
-from llamafactory_hera.runtime.stage_run import HostArguments
 from llamafactory_hera.training.checkpoint_weights import RestoresCheckpointWeights
 from llamafactory_hera.training.checkpoints import WholeCheckpoints
 from llamafactory_hera.training.eval_forward import keep_4bit_layout

@@ -21,7 +21,7 @@ from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
-from llamafactory_hera.runtime import stop_signal
+from llamafactory_hera.runtime import save_signal
 from llamafactory_hera.runtime.errors import RecipeError
 from llamafactory_hera.runtime.log import line, progress_file, show
 from llamafactory_hera_patches.engines.deepspeed import loaded_whole
@@ -334,7 +334,7 @@ def image_features(
             if keep is not None and ((index + 1 - kept) * batch_size >= KEEP_ROWS or index + 1 == len(batches)):
                 keep(kept * batch_size, torch.cat(chunks[kept:]))
                 kept = index + 1
-                stop_signal.stop_before_step("the teacher features computed so far kept in its store")
+                save_signal.stop_before_step("the teacher features computed so far kept in its store")
     if not chunks:
         param = next(teacher.parameters())
         return torch.zeros(0, int(teacher.encoder.config.hidden_size), dtype=torch.float32, device=param.device)

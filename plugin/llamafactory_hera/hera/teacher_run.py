@@ -24,7 +24,7 @@ from llamafactory_hera.hera.teacher import (
     teacher_batch_size,
 )
 from llamafactory_hera.hera.teacher_cache import TeacherFeatureCache, TeacherFeatureStore, feature_store, image_key
-from llamafactory_hera.runtime import stop_signal
+from llamafactory_hera.runtime import save_signal
 from llamafactory_hera.runtime.errors import RecipeError
 from llamafactory_hera.runtime.log import say
 from llamafactory_hera.training import sections
@@ -114,7 +114,7 @@ def precompute_teacher_features(
         if store is not None:
             store.add(rows, persist=True)
 
-    with stop_signal.deferred() if world > 1 else contextlib.nullcontext():  # ranks stop together below
+    with save_signal.deferred() if world > 1 else contextlib.nullcontext():  # ranks stop together below
         local = image_features(
             teacher,
             image_processor,
@@ -129,10 +129,10 @@ def precompute_teacher_features(
         return len(mine), len(stored)
     backend = torch.distributed.get_backend()
     comm = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
-    noted = torch.tensor([float(stop_signal.received())], device=comm)
+    noted = torch.tensor([float(save_signal.received())], device=comm)
     with sections.collective("the teacher pass's all-reduce of the stop signal"):
         torch.distributed.all_reduce(noted)  # every rank, signalled or not: one stop for all
-    stop_signal.stop_before_step("the teacher features computed so far kept in its store", agreed=noted.item() > 0)
+    save_signal.stop_before_step("the teacher features computed so far kept in its store", agreed=noted.item() > 0)
     per_rank = -(-len(keys) // world)
     padded = torch.zeros(per_rank, local.shape[-1], dtype=local.dtype, device=comm)
     padded[: len(mine)] = local.to(comm)

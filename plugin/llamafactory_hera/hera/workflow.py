@@ -37,8 +37,8 @@ from llamafactory_hera.recipe.dataset_info import describe_data, first_unreadabl
 from llamafactory_hera.recipe.model_paths import hub_folder
 from llamafactory_hera.runtime.errors import RecipeError
 from llamafactory_hera.runtime.log import PREFIX, line, say_again_on_board
+from llamafactory_hera.runtime.parsed_arguments import HostArguments
 from llamafactory_hera.runtime.run_record import plain, write_record
-from llamafactory_hera.runtime.stage_run import HostArguments
 from llamafactory_hera.training import sections
 from llamafactory_hera.training.checkpoint_weights import RestoresCheckpointWeights
 from llamafactory_hera.training.checkpoints import WholeCheckpoints

@@ -9,8 +9,8 @@ from typing_extensions import override
 
 from llamafactory_hera.rah.config import RahArguments, parse_rah_arguments
 from llamafactory_hera.recipe.run import MethodRun
+from llamafactory_hera.runtime.parsed_arguments import HostArguments
 from llamafactory_hera.runtime.raw_recipe import RawRecipe
-from llamafactory_hera.runtime.stage_run import HostArguments
 
 if TYPE_CHECKING:
     from llamafactory_hera.rah.workflow import RahCalibrated, RahPreparation

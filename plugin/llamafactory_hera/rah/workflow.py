@@ -25,8 +25,8 @@ from llamafactory_hera.rah.probe import token_kinds
 from llamafactory_hera.recipe.dataset_info import describe_data, image_rows
 from llamafactory_hera.runtime.errors import RecipeError
 from llamafactory_hera.runtime.log import progress, say, start_board_files
+from llamafactory_hera.runtime.parsed_arguments import HostArguments
 from llamafactory_hera.runtime.run_record import write_record
-from llamafactory_hera.runtime.stage_run import HostArguments
 from llamafactory_hera.training.eval_forward import keep_4bit_layout
 from llamafactory_hera_patches.data.media_warnings import media_warnings_held
 from llamafactory_hera_patches.data.templates import image_placeholder

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 from llamafactory_hera.job_refusal import watch
-from llamafactory_hera.runtime import stop_signal
+from llamafactory_hera.runtime import save_signal
+from llamafactory_hera.runtime.parsed_arguments import HostArguments
 from llamafactory_hera.runtime.raw_recipe import RawRecipe
-from llamafactory_hera.runtime.stage_run import HostArguments
 
 Arguments = TypeVar("Arguments")
 
@@ -77,7 +77,7 @@ class MethodRun(Generic[Arguments]):
     def noting_save_signal(self) -> contextlib.AbstractContextManager[None]:
         """The save signal noted for the block (the stage patch's: the parse, the load, the passes before step 1 and
         the steps), for the trainer's checkpoints (``training/checkpoints.py``) to save and stop on."""
-        return stop_signal.noting(self.controls.save_signal, key=self.controls.save_signal_key)
+        return save_signal.noting(self.controls.save_signal, key=self.controls.save_signal_key)
 
     def check_raw(self, host_args: RawRecipe, machine: bool = True) -> None:
         """Phase 1: the launch's checks, :meth:`check_method_raw`, LLaMA-Factory's keys, the resumed checkpoint;

@@ -1,5 +1,5 @@
 """The launching process's side of a save signal (``llamafactory-cli`` before torchrun, ``accelerate launch``;
-:mod:`.stop_signal` is the ranks'). Imports nothing heavy.
+:mod:`.save_signal` is the ranks'). Imports nothing heavy.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 
 from llamafactory_hera.runtime.log import line
 from llamafactory_hera.runtime.run_record import FINISHED, RUN_RECORD, STOPPED, read_record
-from llamafactory_hera.runtime.stop_signal import RERUN, WARNINGS, others, signal_number
+from llamafactory_hera.runtime.save_signal import RERUN, WARNINGS, others, signal_number
 
 _launch: dict[str, Any] = {"name": None, "output_dir": None, "since": 0, "received": False}
 

@@ -31,7 +31,7 @@ from llamafactory_hera.runtime.errors import RecipeError
 from llamafactory_hera.runtime.log import line
 from llamafactory_hera.runtime.raw_recipe import raw_value
 from llamafactory_hera.runtime.run_record import write_record
-from llamafactory_hera.runtime.stop_signal import RERUN
+from llamafactory_hera.runtime.save_signal import RERUN
 
 _ATTEMPTS = 8
 LEASE_SECONDS = 600  # a claim not refreshed this long is a dead run's (any host)

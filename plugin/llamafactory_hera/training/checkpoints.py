@@ -21,7 +21,7 @@ from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME
 from transformers.trainer_pt_utils import reissue_pt_warnings
 from typing_extensions import override
 
-from llamafactory_hera.runtime import stop_signal
+from llamafactory_hera.runtime import save_signal
 from llamafactory_hera.runtime import whole_checkpoints as whole
 from llamafactory_hera.runtime.errors import RecipeError
 from llamafactory_hera.runtime.log import say_on_each_node, say_once
@@ -41,7 +41,7 @@ class _StopOnSignal(TrainerCallback):
         self.key = f"llamafactory_hera_stop:{output_dir}"
         self.stop_step: int | None = None
         self.stopped = False
-        self.noted = stop_signal.received  # noted since the stage started
+        self.noted = save_signal.received  # noted since the stage started
         # the ranks' watchdog (not ft_launcher's) agrees on the stop step through its beats, else the store each step
         self.agreeing = next((dog.stopping for dog in sections._running if hasattr(dog, "stopping")), None)
 
@@ -97,10 +97,10 @@ class WholeCheckpoints(Trainer):
         if self.resumed_from:
             self._say_other_settings(Path(self.resumed_from))
         # the stage's save signal, noted since the stage started
-        self.stop = stop = _StopOnSignal(stop_signal.noted_name() or "none", self.args.output_dir)
+        self.stop = stop = _StopOnSignal(save_signal.noted_name() or "none", self.args.output_dir)
         self.add_callback(stop)
         self.callback_handler.callbacks.insert(0, _EndOfTraining())
-        with stop_signal.noting(stop.name, steps=True), sections.counting_forwards(self.model):
+        with save_signal.noting(stop.name, steps=True), sections.counting_forwards(self.model):
             result = super().train(self.resumed_from, *args, **kwargs)
         # the final training_args.bin and the callbacks see the recipe's limit
         self.args.save_total_limit = self.checkpoint_limit
@@ -114,8 +114,8 @@ class WholeCheckpoints(Trainer):
             else ""
         )
         say_on_each_node(
-            f"{stop_signal.came() or stop.name}: saved the whole checkpoint {self.args.output_dir}/checkpoint-"
-            f"{self.state.global_step} and stopped; to go on, {stop_signal.RERUN}{moved}."
+            f"{save_signal.came() or stop.name}: saved the whole checkpoint {self.args.output_dir}/checkpoint-"
+            f"{self.state.global_step} and stopped; to go on, {save_signal.RERUN}{moved}."
         )
         if dist.is_initialized():
             with sections.collective("the barrier after the stop's save"):
@@ -296,5 +296,5 @@ def _full_line(folder: Path, run: Path, error: BaseException) -> str | None:
     return (
         f"disk full: the checkpoint {folder} could not be written ({why}); {size}"
         f"{free:,} bytes are free there. It is not marked whole; {kept}. Free space (or "
-        f"set save_total_limit, or another output_dir) and {stop_signal.RERUN}."
+        f"set save_total_limit, or another output_dir) and {save_signal.RERUN}."
     )

@@ -23,7 +23,7 @@ from llamafactory_hera.hera.selection.collect import release_memory
 from llamafactory_hera.hera.selection.recipe_write import SelectionResult, write_outputs
 from llamafactory_hera.hera.selection.select import SelectionOptions, run_selection
 from llamafactory_hera.hera.teacher_cache import cache_root, cache_unwritable
-from llamafactory_hera.runtime import stop_signal
+from llamafactory_hera.runtime import save_signal
 from llamafactory_hera.runtime.errors import RecipeError
 from llamafactory_hera.runtime.log import line, say
 from llamafactory_hera.training import sections
@@ -94,7 +94,7 @@ def resolve_auto_heads(
 
             release_memory(device)  # before this rank loads its model
             payload = [result.selected, None, False]
-        except stop_signal.Stopped:  # the save signal: every rank stops with rank 0
+        except save_signal.Stopped:  # the save signal: every rank stops with rank 0
             payload = [None, None, None]
         except Exception as err:  # noqa: BLE001 - re-raised on every rank below
             by_user = isinstance(err, RecipeError)  # a bug keeps its type name
@@ -104,7 +104,7 @@ def resolve_auto_heads(
             torch.distributed.broadcast_object_list(payload, src=0)
     heads, error, by_user = payload
     if by_user is None:
-        raise stop_signal.Stopped(0)
+        raise save_signal.Stopped(0)
     if error is not None:
         raise (RecipeError if by_user else RuntimeError)(f"hera_heads: auto: head selection failed on rank 0: {error}")
     return [parse_head(name) for name in heads]

@@ -27,7 +27,7 @@ from llamafactory_hera.hera import teacher_cache
 from llamafactory_hera.hera.projection import effective_weight_columns
 from llamafactory_hera.hera.teacher import VisionTeacher, batches_of, continuing, image_features, per_sample_features
 from llamafactory_hera.hera.teacher_cache import TeacherFeatureStore, stored_image_features
-from llamafactory_hera.runtime import stop_signal
+from llamafactory_hera.runtime import save_signal
 from llamafactory_hera.runtime.errors import RecipeError
 from llamafactory_hera.runtime.log import progress_file
 
@@ -165,7 +165,7 @@ class PooledInputRecorder:
                 teacher_cache.cache_unwritable(self.folder, err)
                 self.folder = None
                 return
-            stop_signal.stop_before_step(f"head selection's first {len(self.batches)} batches kept")
+            save_signal.stop_before_step(f"head selection's first {len(self.batches)} batches kept")
 
     def remaining(self, batches: list[Any], desc: str) -> list[Any]:
         """``batches`` less those read back from the folder (said)."""

@@ -1,4 +1,4 @@
-"""The save signal's one-line slips a user would meet (llamafactory_hera/runtime/stop_signal.py, hera/teacher_run.py,
+"""The save signal's one-line slips a user would meet (llamafactory_hera/runtime/save_signal.py, hera/teacher_run.py,
 training/checkpoints.py), without sending a signal: the handlers are called as the signal would call them. The
 teacher's distributed pass stops on every rank together; a stage started off the main thread runs unnoted instead of
 failing; the job's other warning signal is said once, on each node's first rank; the stop lines name the signal that
@@ -15,7 +15,7 @@ import torch
 
 from llamafactory_hera.hera import teacher_run
 from llamafactory_hera.hera.teacher_cache import TeacherFeatureCache
-from llamafactory_hera.runtime import stop_signal
+from llamafactory_hera.runtime import save_signal
 
 OTHER = "SIGUSR1 came, but hera_save_on_signal is sigusr2"  # the other warning signal's line begins so
 
@@ -37,10 +37,10 @@ def test_the_teachers_pass_stops_on_every_rank_together(here: bool, there: bool,
 
     def features(teacher: Any, processor: Any, images: list[Any], batch_size: int, **kwargs: Any) -> torch.Tensor:
         if here:
-            stop_signal._note(signal.SIGUSR1, None)
+            save_signal._note(signal.SIGUSR1, None)
             events.append("noted")
         kwargs["keep"](0, torch.zeros(len(images), 2))
-        stop_signal.stop_before_step("rows kept")  # as the real pass does after each kept batch
+        save_signal.stop_before_step("rows kept")  # as the real pass does after each kept batch
         events.append("pass")
         return torch.zeros(len(images), 2)
 
@@ -58,10 +58,10 @@ def test_the_teachers_pass_stops_on_every_rank_together(here: bool, there: bool,
     monkeypatch.setattr(distributed, "all_reduce", all_reduce)
     monkeypatch.setattr(distributed, "all_gather", lambda gathered, piece: events.append("all_gather"))
     by_key = {f"image{index}": index for index in range(4)}
-    with stop_signal.noting("sigusr1"):
+    with save_signal.noting("sigusr1"):
         try:
             teacher_run.precompute_teacher_features(None, None, by_key, TeacherFeatureCache(), 2, None, False)
-        except stop_signal.Stopped:
+        except save_signal.Stopped:
             events.append("stopped")
     assert events == done
 
@@ -73,8 +73,8 @@ def test_a_stage_started_off_the_main_thread_runs_without_noting() -> None:
 
     def stage() -> None:
         try:
-            with stop_signal.noting("sigusr1"):
-                found.append(stop_signal.noted_name())
+            with save_signal.noting("sigusr1"):
+                found.append(save_signal.noted_name())
         except ValueError as error:
             found.append(error)
 
@@ -90,19 +90,19 @@ def test_the_other_warning_signal_is_said_once_on_each_nodes_first_rank(
     """SLURM signals every process, and again: the line comes once, from each node's first rank; each rank takes it
     for the save signal."""
     monkeypatch.setenv("LOCAL_RANK", local_rank)
-    with stop_signal.noting("sigusr2", key="hera_save_on_signal"):
-        stop_signal._note_other(signal.SIGUSR1, None)
-        stop_signal._note_other(signal.SIGUSR1, None)
-        assert stop_signal.received() and stop_signal.came() == "SIGUSR1"
+    with save_signal.noting("sigusr2", key="hera_save_on_signal"):
+        save_signal._note_other(signal.SIGUSR1, None)
+        save_signal._note_other(signal.SIGUSR1, None)
+        assert save_signal.received() and save_signal.came() == "SIGUSR1"
     assert len(_said(capsys, OTHER)) == lines
 
 
 def test_the_stop_before_step_1_names_the_signal_that_came(capsys: pytest.CaptureFixture,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("LOCAL_RANK", raising=False)
-    with stop_signal.noting("sigusr2", key="hera_save_on_signal"), pytest.raises(stop_signal.Stopped):
-        stop_signal._note_other(signal.SIGUSR1, None)
-        stop_signal.stop_before_step("rows kept")
+    with save_signal.noting("sigusr2", key="hera_save_on_signal"), pytest.raises(save_signal.Stopped):
+        save_signal._note_other(signal.SIGUSR1, None)
+        save_signal.stop_before_step("rows kept")
     assert _said(capsys, "SIG") == [
         f"[llamafactory-hera] {OTHER}: the job's signal and the recipe's differ. Taken for SIGUSR2: the run saves and "
         "stops. Make them one: hera_save_on_signal: sigusr1, or the job's --signal=USR2@N.",
