@@ -20,6 +20,7 @@ from llamafactory_hera.runtime import whole_checkpoints as whole_checkpoints_mod
 from llamafactory_hera.runtime.whole_checkpoints import MARKER, whole_checkpoints
 from llamafactory_hera.training import checkpoints, sections
 from llamafactory_hera.training.checkpoints import WholeCheckpoints, _StopOnSignal
+from llamafactory_hera.training.sections import SectionKind, Where
 
 
 class _Tiny(nn.Module):
@@ -115,13 +116,13 @@ class _Recorder:
     left."""
 
     def __init__(self) -> None:
-        self.state = ("loading", "loading", 0)
+        self.state = Where("loading", SectionKind.LOADING, 0)
         self.count = 0
         self.entered = []
 
     def enter(self, section: str, kind: str, step: int | None = None) -> None:
         self.entered.append((*self.state, self.count))
-        self.state = (section, kind, self.state[2] if step is None else step)
+        self.state = Where(section, kind, self.state.step if step is None else step)
         self.count = 0
 
     def progress(self) -> None:
@@ -130,7 +131,7 @@ class _Recorder:
     def reached(self, point: str) -> None:
         self.count += 1
 
-    def where(self) -> tuple[str, str, int]:
+    def where(self) -> Where:
         return self.state
 
 

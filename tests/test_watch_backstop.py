@@ -16,7 +16,7 @@ import torch.distributed as dist
 from watch_fakes import Clock, FakeStore, dog
 
 from llamafactory_hera.training import sections, watchdog
-from llamafactory_hera.training.watch_judge import PHASES
+from llamafactory_hera.training.sections import SectionKind
 
 USERS = timedelta(seconds=4321)  # a ddp_timeout no default of torch's has
 
@@ -36,9 +36,9 @@ def test_every_group_waits_at_least_as_long_as_ddp_timeout_from_the_first_step()
         longer = dist.new_group([0], timeout=timedelta(seconds=9999))
         watched = dog(FakeStore(), Clock(), 0, world=1, timeout=None)
         for step in (1, 2):
-            for kind in PHASES:
+            for kind in SectionKind:
                 watched.enter(f"a {kind} section", kind, step)
-                stepped = step > 1 or PHASES[kind] >= PHASES["step"]
+                stepped = step > 1 or kind.place >= SectionKind.STEP.place
                 expected = (USERS, USERS if stepped else timedelta(seconds=1234), timedelta(seconds=9999))
                 assert (_timeout(dist.group.WORLD), _timeout(shorter), _timeout(longer)) == expected, kind
         watched.stop()

@@ -23,6 +23,7 @@ from llamafactory_hera.recipe.model_paths import hub_folder
 from llamafactory_hera.runtime import job_store
 from llamafactory_hera.training import checkpoints, sections, watch_growth, watch_stack
 from llamafactory_hera.training.checkpoints import WholeCheckpoints
+from llamafactory_hera.training.sections import SectionKind, Where
 from llamafactory_hera.training.watch_bounds import Place
 from llamafactory_hera.training.watch_growth import Growth
 from llamafactory_hera.training.watch_judge import Judge
@@ -313,11 +314,11 @@ class _Recorder:
     """A watchdog as ``training/sections.py`` sees one: each section entered with the folder being written then."""
 
     def __init__(self) -> None:
-        self.state = ("loading", "loading", 0)
+        self.state = Where("loading", SectionKind.LOADING, 0)
         self.entered: list[tuple[str, str]] = []
 
     def enter(self, section: str, kind: str, step: int | None = None) -> None:
-        self.state = (section, kind, self.state[2] if step is None else step)
+        self.state = Where(section, kind, self.state.step if step is None else step)
         self.entered.append((section, kind))
 
     def progress(self) -> None:
@@ -326,7 +327,7 @@ class _Recorder:
     def reached(self, point: str) -> None:
         pass
 
-    def where(self) -> tuple[str, str, int]:
+    def where(self) -> Where:
         return self.state
 
 

@@ -133,7 +133,7 @@ class Job:
                     self.stop_time = self.now
                     dog.enter(f"the save of checkpoint-{step - 1}", "save")
                     continue
-                if step == SAVE_AT + 1 and dog.state[1] == "step":  # the save after SAVE_AT, 2 s long
+                if step == SAVE_AT + 1 and dog.state.kind == "step":  # the save after SAVE_AT, 2 s long
                     dog.enter(f"the save of checkpoint-{SAVE_AT}", "save")
                     continue
                 dog.enter(f"step {step}", "step", step)

@@ -25,6 +25,7 @@ from llamafactory_hera.hera.config import parse_hera_arguments
 from llamafactory_hera.runtime import job_store, log
 from llamafactory_hera.runtime.errors import RecipeError
 from llamafactory_hera.training import sections, watchdog
+from llamafactory_hera.training.sections import SectionKind, Where
 from llamafactory_hera.training.watch_bounds import FIRST, LATER_FLOOR, Place, bound
 from llamafactory_hera.training.watchdog import Watchdog
 
@@ -252,12 +253,12 @@ class _Recorder:
     """A watchdog as sections.py sees one: every section entered and the progress in it."""
 
     def __init__(self) -> None:
-        self.state = ("loading", "loading", 0)
+        self.state = Where("loading", SectionKind.LOADING, 0)
         self.entered = []
         self.count = 0
 
     def enter(self, section: str, kind: str, step: int | None = None) -> None:
-        self.state = (section, kind, self.state[2] if step is None else step)
+        self.state = Where(section, kind, self.state.step if step is None else step)
         self.count = 0
         self.entered.append(self.state)
 
@@ -267,7 +268,7 @@ class _Recorder:
     def reached(self, point: str) -> None:
         self.count += 1
 
-    def where(self) -> tuple[str, str, int]:
+    def where(self) -> Where:
         return self.state
 
 

@@ -1,7 +1,7 @@
 """Where a rank is in its run, told to its watchdog by the trainers and workflows: its section and progress.
 
-A section's kind sets its bound and watch (``watch_judge.py``): ``loading``, ``selection``, ``directions``, ``teacher``
-(before step 1), ``step``, ``save``, ``final``, ``wait`` (on another rank's work). Progress only grows while the rank
+A section's kind (:class:`SectionKind`, the one list of them) sets its bound and watch (``watch_bounds.py``,
+``watch_judge.py``). Progress only grows while the rank
 works: the points of a training micro-step (:class:`StepPoints`: the forward begun and returned, the backward begun and
 ended, the optimizer step begun and ended; the plugin's collectives, :func:`collective`), forwards begun and done, save
 stages done, and the files of a folder being written growing (:func:`writing`, measured by ``watch_growth.py``). A point
@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import Any, Protocol
+from enum import StrEnum
+from typing import Any, NamedTuple, Protocol
 
 import torch
 from torch.nn.modules import module as nn_module
@@ -22,16 +23,42 @@ from transformers import Trainer, TrainerCallback
 from typing_extensions import override
 
 
+class SectionKind(StrEnum):
+    """What a section is: it sets the section's first bound and how its progress is read. In the order of a kind's place
+    along a step (:attr:`place`: a rank's positions compare along the run, a save ends its step)."""
+
+    LOADING = "loading"  # LLaMA-Factory's load: its main thread's moves stand for progress (watch_stack.py)
+    SELECTION = "selection"  # HeRA's head selection, rank 0's scoring
+    DIRECTIONS = "directions"  # HARC's direction extraction
+    TEACHER = "teacher"  # HeRA's teacher pass before step 1
+    STEP = "step"
+    SAVE = "save"
+    FINAL = "final"  # the end of the run: its final save, callbacks, evaluation, uploads
+    WAIT = "wait"  # on another rank's work
+
+    @property
+    def place(self) -> int:
+        return list(SectionKind).index(self)
+
+
+class Where(NamedTuple):
+    """Where a rank is: its section's name, kind and step."""
+
+    name: str
+    kind: SectionKind
+    step: int
+
+
 class Watched(Protocol):
     """What a running watchdog takes from the run."""
 
-    def enter(self, section: str, kind: str, step: int | None = None) -> None: ...
+    def enter(self, section: str, kind: SectionKind | str, step: int | None = None) -> None: ...
 
     def progress(self) -> None: ...
 
     def reached(self, point: str) -> None: ...
 
-    def where(self) -> tuple[str, str, int]: ...
+    def where(self) -> Where: ...
 
 
 _running: list[Watched] = []  # this process's watchdog (none or one)
@@ -45,8 +72,9 @@ def failed_in(error: BaseException) -> str | None:
     return getattr(error, FAILED_IN, None)
 
 
-def enter(section: str, kind: str, step: int | None = None) -> None:
-    """This rank is now in ``section`` of ``kind`` (``step``: default the current); no-op unwatched."""
+def enter(section: str, kind: SectionKind | str, step: int | None = None) -> None:
+    """This rank is now in ``section`` of ``kind`` (a :class:`SectionKind` or its value; ``step``: default the
+    current); no-op unwatched."""
     for dog in _running:
         dog.enter(section, kind, step)
 
@@ -78,11 +106,11 @@ def collective(name: str) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def section(name: str, kind: str | None = None, *, forwards: bool = False, files: str | None = None) -> Iterator[None]:
-    """``name`` (of ``kind``, default ``name``) for the block, then the previous section. ``forwards``: any module's
-    forward is progress (a pass whose model the caller does not hold); ``files``: a folder the block writes."""
+def section(name: str, kind: SectionKind | str, *, forwards: bool = False, files: str | None = None) -> Iterator[None]:
+    """``name`` of ``kind`` for the block, then the previous section. ``forwards``: any module's forward is progress (a
+    pass whose model the caller does not hold); ``files``: a folder the block writes."""
     before = [(dog, dog.where()) for dog in _running]
-    enter(name, kind or name)
+    enter(name, kind)
     try:
         with contextlib.ExitStack() as counted:
             if forwards:
@@ -93,11 +121,11 @@ def section(name: str, kind: str | None = None, *, forwards: bool = False, files
         # the block's end restores the section before it: the error keeps where it happened, for its line
         if _running and failed_in(error) is None:
             with contextlib.suppress(AttributeError, TypeError):
-                setattr(error, FAILED_IN, _running[0].where()[0])
+                setattr(error, FAILED_IN, _running[0].where().name)
         raise
     finally:
-        for dog, (previous, previous_kind, step) in before:
-            dog.enter(previous, previous_kind, step)
+        for dog, previous in before:
+            dog.enter(previous.name, previous.kind, previous.step)
 
 
 @contextlib.contextmanager

@@ -15,9 +15,11 @@ from typing import Any
 import torch.distributed as dist
 
 from llamafactory_hera.runtime import job_store
+from llamafactory_hera.training.sections import SectionKind
 
-FIRST = {"loading": 1800.0, "selection": 1800.0, "directions": 1800.0, "teacher": 1800.0, "step": 900.0}
-FIRST |= {"save": 900.0, "final": 1800.0, "wait": 1800.0}  # a kind's bound before one was timed
+# a kind's bound before one was timed
+FIRST = {kind: 1800.0 for kind in SectionKind} | {SectionKind.STEP: 900.0, SectionKind.SAVE: 900.0}
+TIMED = (SectionKind.STEP, SectionKind.SAVE, SectionKind.FINAL)  # bound later by the last one's time
 LATER_FLOOR = 300.0  # later step/save bound: max(LATER_FLOOR, FACTOR x last time)
 FACTOR = 4.0
 PULSE = 5.0  # seconds between beats (shorter for a short recipe bound)
@@ -30,16 +32,16 @@ def pulse_for(timeout: float | None) -> float:
     return min(PULSE, max(0.5, timeout / 4)) if timeout else PULSE
 
 
-def bound(kind: str, last: dict[str, float], timeout: float | None) -> float:
+def bound(kind: SectionKind, last: dict[SectionKind, float], timeout: float | None) -> float:
     """Seconds a rank in a ``kind`` section may go unheard or still: the recipe's ``timeout`` if set; for a step or save
     ``FACTOR`` x the last one's time (the final save: the last save's), at least ``LATER_FLOOR``; else the kind's first
     bound."""
     if timeout:
         return float(timeout)
-    timed = last.get("save" if kind == "final" else kind)
-    if kind in ("step", "save", "final") and timed is not None:
+    timed = last.get(SectionKind.SAVE if kind == SectionKind.FINAL else kind)
+    if kind in TIMED and timed is not None:
         return max(LATER_FLOOR, FACTOR * timed)
-    return FIRST.get(kind, FIRST["loading"])
+    return FIRST.get(kind, FIRST[SectionKind.LOADING])
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,7 @@ class Growth:
         self.thread: threading.Thread | None = None
         self.progress: int | None = None  # the rank's count at the last look
 
-    def look(self, kind: str, progress: int, waiting: bool) -> bool:
+    def look(self, kind: sections.SectionKind, progress: int, waiting: bool) -> bool:
         """Whether the files grew (or went) since the walk before, in a ``kind`` section; the next walk starts unless
         one is still running, this rank waits in a collective, or its count (``progress``) moved since the last look."""
         still = progress == self.progress
@@ -48,7 +48,7 @@ class Growth:
         if wrote or written < self.written:
             self.written = written
         folder = sections.written()
-        if folder is None and kind != "final":
+        if folder is None and kind != sections.SectionKind.FINAL:
             self.seen = self.measured = None
             return False
         measured = self.measured

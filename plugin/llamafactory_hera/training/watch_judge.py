@@ -1,10 +1,10 @@
 """What the watchdog's monitor concludes from the ranks' heartbeats (pure). Whom it names and why: docs/multinode.md,
 "What it watches".
 
-A beat (JSON) has a pulse count (the rank's watchdog lives) and a position ``[step, phase, progress]`` (:data:`PHASES`)
-that only grows while the rank works (each point of a micro-step a unit: a rank that stopped short of a collective
-stays behind the ranks waiting in it), and the ``point`` where it is. The monitor uses only its own clock. An
-unreadable beat changes nothing: only a rank's own last beat says it left.
+A beat (JSON) has a pulse count (the rank's watchdog lives) and a position ``[step, place, progress]`` (``place``: its
+section kind's, :class:`.sections.SectionKind`) that only grows while the rank works (each point of a micro-step a
+unit: a rank that stopped short of a collective stays behind the ranks waiting in it), and the ``point`` where it is.
+The monitor uses only its own clock. An unreadable beat changes nothing: only a rank's own last beat says it left.
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-# a kind's place in a step: positions compare along the run (a save ends its step)
-PHASES = {"loading": 0, "selection": 1, "directions": 2, "teacher": 3, "step": 4, "save": 5, "final": 6, "wait": 7}
-# watched for progress, not only life (a load: its main thread's moves, training/watch_stack.py)
-JUDGED = ("loading", "selection", "directions", "teacher", "step", "save", "final", "wait")
+from llamafactory_hera.training.sections import SectionKind
+
+# watched for progress, not only life: every kind (a load: its main thread's moves, training/watch_stack.py)
+JUDGED = frozenset(SectionKind)
 STORAGE_BOUND = 1800.0  # seconds an output_dir probe may go unanswered
 PLACEHOLDER = b"-"  # a beat before its rank's first write (the monitor creates every key)
 
@@ -118,14 +118,15 @@ class Judge:
         if any(positions[rank] == lowest and rank not in stalled for rank in judged):
             return []
         held = [rank for rank in sorted(stalled) if positions[rank] == lowest]
-        if all(judged[rank].beat.get("kind") == "loading" for rank in held):
+        if all(judged[rank].beat.get("kind") == SectionKind.LOADING for rank in held):
             held = _holding_up(held, judged)
-        if all(judged[rank].beat.get("kind") == "wait" for rank in held):
+        if all(judged[rank].beat.get("kind") == SectionKind.WAIT for rank in held):
             # the last barrier: a rank that entered its section but never reached the barrier holds up those in it
             held = [rank for rank in held if not judged[rank].beat.get("collective")] or held
         running = sum(1 for seen in self.seen.values() if seen.heard and not seen.beat.get("left"))
         waiting = all(
-            judged[rank].beat.get("kind") not in ("loading", "wait") or judged[rank].beat.get("collective")
+            judged[rank].beat.get("kind") not in (SectionKind.LOADING, SectionKind.WAIT)
+            or judged[rank].beat.get("collective")
             for rank in held
         )
         alike = len(held) > 1 and len(held) == running and waiting
@@ -146,16 +147,17 @@ def _stalled(seen: Seen, now: float) -> bool:
     """Not moved within its bound, in a section watched for progress, not waiting on its storage."""
     beat = seen.beat
     return (
-        beat.get("kind") in JUDGED
+        str(beat.get("kind")) in JUDGED
         and not float(beat.get("storage") or 0.0)
         and now - seen.moved_since > float(beat.get("bound") or 0.0)
     )
 
 
 def _order(beat: dict[str, Any]) -> tuple[float, ...]:
-    """A rank's place along the run: its position, or its kind's phase where none was sent."""
-    position = list(beat.get("position") or [0, PHASES.get(str(beat.get("kind")), 0), 0])
-    if beat.get("kind") == "loading":  # its count is of its main thread's moves: no two ranks' compare
+    """A rank's place along the run: its position, or its kind's place where none was sent."""
+    kind = str(beat.get("kind"))
+    position = list(beat.get("position") or [0, SectionKind(kind).place if kind in JUDGED else 0, 0])
+    if kind == SectionKind.LOADING:  # its count is of its main thread's moves: no two ranks' compare
         position[2:] = [0]
     return tuple(float(value) for value in position)
 

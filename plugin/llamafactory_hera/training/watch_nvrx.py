@@ -12,6 +12,7 @@ import time
 from typing import Any
 
 from llamafactory_hera.runtime.log import say_once
+from llamafactory_hera.training.sections import SectionKind, Where
 
 SOCKET_ENV = "FT_RANK_MONITOR_IPC_SOCKET"  # set by ft_launcher in every rank it starts
 HEARTBEAT_S = 1.0
@@ -23,19 +24,20 @@ class Reporter:
     def __init__(self, client: Any) -> None:
         self.client = client
         self.open = None
-        self.state = ("loading", "loading", 0)
+        self.state = Where("loading", SectionKind.LOADING, 0)
         self.beaten = 0.0
         self.known = set(getattr(getattr(client, "cfg", None), "rank_section_timeouts", None) or ())
 
-    def enter(self, section: str, kind: str, step: int | None = None) -> None:
-        self.state = (section, kind, self.state[2] if step is None else step)
+    def enter(self, section: str, kind: SectionKind | str, step: int | None = None) -> None:
+        self.state = Where(section, SectionKind(kind), self.state.step if step is None else step)
         if kind == self.open:
             return
         if self.open is not None:
             self.client.end_section(self.open)
-        self.open = kind if kind in self.known else None
+        # its value: the rank monitor's section names are strings
+        self.open = self.state.kind.value if kind in self.known else None
         if self.open is not None:
-            self.client.start_section(kind)
+            self.client.start_section(self.open)
 
     def progress(self) -> None:
         now = time.monotonic()
@@ -46,7 +48,7 @@ class Reporter:
     def reached(self, point: str) -> None:
         self.progress()
 
-    def where(self) -> tuple[str, str, int]:
+    def where(self) -> Where:
         return self.state
 
     def stop(self) -> None:
@@ -65,7 +67,7 @@ def reporter() -> Reporter | None:
     client = tolerance.RankMonitorClient()
     client.init_workload_monitoring()
     found = Reporter(client)
-    found.enter("loading", "loading")
+    found.enter("loading", SectionKind.LOADING)
     say_once(
         "watchdog: this run's sections go to nvidia-resiliency-ext's rank monitor (ft_launcher), whose "
         f"rank_section_timeouts bound them ({', '.join(sorted(found.known)) or 'none listed'})."

@@ -38,7 +38,7 @@ from llamafactory_hera.training.watch_bounds import (
     short_ddp_timeout,
 )
 from llamafactory_hera.training.watch_growth import Growth
-from llamafactory_hera.training.watch_judge import PHASES, PLACEHOLDER, Judge, described
+from llamafactory_hera.training.watch_judge import PLACEHOLDER, Judge, described
 from llamafactory_hera.training.watch_stack import MainThread
 from llamafactory_hera.training.watch_stop import StopStep
 
@@ -63,8 +63,9 @@ class Watchdog:
         self.timeout = timeout
         self.clock = clock
         self.pulse_s = pulse_for(timeout)
-        self.last: dict[str, float] = {}  # kind -> the last such section's seconds
-        self.state = ("loading", "loading", 0, clock())  # section, kind, step, entered (one write)
+        self.last: dict[sections.SectionKind, float] = {}  # kind -> the last such section's seconds
+        self.state = sections.Where("loading", sections.SectionKind.LOADING, 0)  # read by the threads: one write
+        self.since = clock()  # when the run's thread entered it
         self.count = 0
         self.point = ""  # where in the section the last progress left this rank (sections.reached)
         self.lengthened = False  # whether the groups made for the steps have the default group's timeout
@@ -97,15 +98,16 @@ class Watchdog:
 
     # --- the run's side (main thread) ---
 
-    def enter(self, section: str, kind: str, step: int | None = None) -> None:
+    def enter(self, section: str, kind: sections.SectionKind | str, step: int | None = None) -> None:
         """This rank is now in ``section`` of ``kind``; the previous section is timed (for its bounds)."""
         now = self.clock()
         previous = self.state
-        self.last[previous[1]] = now - previous[3]
-        self.state = (section, kind, previous[2] if step is None else step, now)
+        self.last[previous.kind] = now - self.since
+        self.state = sections.Where(section, sections.SectionKind(kind), previous.step if step is None else step)
+        self.since = now
         self.count = 0
         self.point = ""
-        if kind == "step" and not self.lengthened:
+        if kind == sections.SectionKind.STEP and not self.lengthened:
             # the Trainer has made its engine's groups by now (DeepSpeed's, FSDP2's meshes): each waits as ddp_timeout
             self.lengthened = True
             lengthen_groups()
@@ -119,29 +121,28 @@ class Watchdog:
         self.count += 1
 
     def _progress(self) -> int:
-        return self.moves if self.state[1] == "loading" else self.count
+        return self.moves if self.state.kind == sections.SectionKind.LOADING else self.count
 
-    def where(self) -> tuple[str, str, int]:
-        section, kind, step, _ = self.state
-        return section, kind, step
+    def where(self) -> sections.Where:
+        return self.state
 
     def bound(self) -> float:
-        return bound(self.state[1], self.last, self.timeout)
+        return bound(self.state.kind, self.last, self.timeout)
 
     # --- the beat ---
 
     def beat(self) -> bytes:
-        section, kind, step, _ = self.state
+        where = self.state
         self.pulses += 1
         beat = {
             "host": self.place.host,
             "node": self.place.node,
             "pid": os.getpid(),
-            "section": section,
-            "kind": kind,
+            "section": where.name,
+            "kind": where.kind.value,
             "bound": self.bound(),
             "pulse": self.pulses,
-            "position": [step, PHASES.get(kind, 0), self._progress()],
+            "position": [where.step, where.kind.place, self._progress()],
             "work": self.work,
             "storage": self.probe.waiting(self.pulse_s),
             "collective": self.main.in_collective,
@@ -188,7 +189,7 @@ class Watchdog:
         freezing as a save begins is named in its save) and this pulse's write is free; else news waits for the pulse.
         At most one write a pulse."""
         if self.judge is not None and self.stopping.signalled is not None:
-            self.stopping.agree(self.state[2], [self.stopping.signalled])
+            self.stopping.agree(self.state.step, [self.stopping.signalled])
         now = self.clock()
         if now >= self.due:
             # a stop being agreed: a tenth of a pulse apart, a few seconds once (training/watch_stop.py)
@@ -205,7 +206,7 @@ class Watchdog:
     def _news(self) -> tuple[Any, ...]:
         """What a beat says at once: the section's kind, the save signal noted here, the stop step heard (rank 0's:
         set), whether every rank heard it."""
-        return self.state[1], self.stopping.signalled, self.stopping.step, self.stopping.everyone
+        return self.state.kind, self.stopping.signalled, self.stopping.step, self.stopping.everyone
 
     def _publish(self) -> None:
         self.published = self._news()
@@ -216,12 +217,12 @@ class Watchdog:
             self.moves += 1  # LLaMA-Factory's load counts nothing: its main thread's moves stand for progress
             # nor do the end's uploads (push_to_hub, a logger's model upload) and the load of selection's scoring copy
             # (its loader's threads reading shards): the main thread's moves are work there too
-            if self.state[1] in ("final", "selection"):
+            if self.state.kind in (sections.SectionKind.FINAL, sections.SectionKind.SELECTION):
                 self.work += 1
-        self.work += self.growth.look(self.state[1], self._progress(), self.main.in_collective)
+        self.work += self.growth.look(self.state.kind, self._progress(), self.main.in_collective)
         if self.main.compiling:
             self.work += 1  # a recompile reaches no point for minutes: torch's compiler busy is its work
-        position = (self.state[1], self.state[2], self._progress(), self.work)
+        position = (self.state.kind, self.state.step, self._progress(), self.work)
         if position != self.seen_position:
             self.seen_position = position
             self.moved = self.clock()
@@ -240,7 +241,7 @@ class Watchdog:
             self.judge.observe(rank, raw, self.clock())
         signalled = watch_stop.signalled(raws or ())
         if signalled:
-            self.stopping.agree(self.state[2], signalled)
+            self.stopping.agree(self.state.step, signalled)
         self.stopping.count(seen.beat for seen in self.judge.seen.values())
         named = self.judge.named(self.clock()) if raws is not None and not self.stopped.is_set() else []
         if named:
@@ -274,7 +275,7 @@ class Watchdog:
         if self.clock() - since > limit:
             store = (  # rank 0's beat is as old as the last read: say where this rank is
                 f"; the job's store at {self.place.store} does not answer either (rank {self.place.rank} is in "
-                f"{self.state[0]})"
+                f"{self.state.name})"
             )
             if self._was_paused():
                 self.end(self._thawed(f"the job's store at {self.place.store} no longer answers"), store=False)
@@ -340,7 +341,7 @@ class Watchdog:
             raw = self._call(lambda: self.store.get(self.keys.beat(0))) if self.in_call is None else None
             verdict = (json.loads(raw).get("verdict") if raw and raw != PLACEHOLDER else None) or ""
             self.end(self._thawed(verdict or f"its collective failed ({first})"), store=False)
-        section = sections.failed_in(error) or self.state[0]  # a section block restored the one before it
+        section = sections.failed_in(error) or self.state.name  # a section block restored the one before it
         say_apart(watch_lines.collective_failed(self.place.rank, self.place.host, section, error))
 
     def start(self) -> None:
@@ -372,7 +373,7 @@ def watching(training_args: Any, timeout: float | None) -> Iterator[None]:
         sections._running.append(dog)
     try:
         yield
-        sections.enter("the last barrier (every rank's end)", "wait")
+        sections.enter("the last barrier (every rank's end)", sections.SectionKind.WAIT)
         if dist.is_available() and dist.is_initialized():
             dist.barrier()
     except BaseException as error:
