@@ -12,22 +12,30 @@ import os
 import signal
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass, replace
 from typing import Any
 
 from llamafactory_hera.runtime.log import first_on_node, line, say_on_each_node
 
 RERUN = "run the same command again"  # every stop line's advice
 WARNINGS = ("SIGUSR1", "SIGUSR2")  # a scheduler's warnings (SLURM's --signal=USR1@N); the host uses neither
-_noted: dict[str, Any] = {
-    "name": None,
-    "received": False,
-    "steps": False,
-    "depth": 0,
-    "deferred": False,
-    "key": None,
-    "came": None,
-    "told": False,
-}
+
+
+@dataclass
+class _Noted:
+    """This process's save signal as noted now."""
+
+    name: str | None = None  # the save signal (``SIGTERM`` ...); None outside a noting block
+    received: bool = False
+    steps: bool = False  # in the steps: stopping is training/checkpoints.py's
+    depth: int = 0  # noting blocks open
+    deferred: bool = False  # in a distributed pass: its ranks stop together after it
+    key: str | None = None  # the recipe key that set it, for the other warning signal's line
+    came: str | None = None  # the signal that came (the save signal, or a warning signal taken for it)
+    told: bool = False  # the other warning signal's line was said
+
+
+_noted = _Noted()
 
 
 class Stopped(SystemExit):
@@ -35,32 +43,34 @@ class Stopped(SystemExit):
 
 
 def received() -> bool:
-    return bool(_noted["received"])
+    return _noted.received
 
 
 def noted_name() -> str | None:
     """The save signal noted now (``SIGTERM`` ...); None where none is (``none``, outside a plugin stage)."""
-    return _noted["name"]
+    return _noted.name
 
 
 def came() -> str | None:
     """The signal that came (the save signal, or a warning signal taken for it); None before."""
-    return _noted["came"]
+    return _noted.came
 
 
 def _note(signum: int, frame: Any) -> None:
-    _noted.update(received=True, came=_noted["came"] or signal.Signals(signum).name)
+    _noted.received = True
+    _noted.came = _noted.came or signal.Signals(signum).name
 
 
 def _note_other(signum: int, frame: Any) -> None:
     """A warning signal that is not the save signal: taken for it, said once by each node's local rank 0."""
     name = signal.Signals(signum).name
-    _noted.update(received=True, came=_noted["came"] or name)
-    if _noted["told"] or not first_on_node():
+    _noted.received = True
+    _noted.came = _noted.came or name
+    if _noted.told or not first_on_node():
         return
-    _noted["told"] = True
-    key = _noted["key"] or "the recipe's save signal"
-    wanted = _noted["name"]
+    _noted.told = True
+    key = _noted.key or "the recipe's save signal"
+    wanted = _noted.name
     text = line(
         f"{name} came, but {key} is {wanted.lower()}: the job's signal and the recipe's differ. "
         f"Taken for {wanted}: the run saves and stops. Make them one: {key}: {name.lower()}, or the job's "
@@ -94,35 +104,42 @@ def noting(name: str | None, steps: bool = False, key: str | None = None) -> Ite
     own = signal.Signals(signum).name
     handlers = {signum: _note, **dict.fromkeys(others(own), _note_other)}
     previous = {number: signal.signal(number, handler) for number, handler in handlers.items()}
-    before = dict(_noted)
-    _noted.update(name=own, steps=steps or _noted["steps"], depth=_noted["depth"] + 1, key=key or _noted["key"])
+    before = replace(_noted)
+    _noted.name = own
+    _noted.steps = steps or _noted.steps
+    _noted.depth += 1
+    _noted.key = key or _noted.key
     try:
         yield
     finally:
         for number, handler in previous.items():
             signal.signal(number, handler)
-        _noted.update(before if before["depth"] == 0 else {"steps": before["steps"], "depth": before["depth"]})
+        if before.depth == 0:  # the outermost block: what it noted goes with it
+            vars(_noted).update(vars(before))
+        else:
+            _noted.steps = before.steps
+            _noted.depth = before.depth
 
 
 @contextlib.contextmanager
 def deferred() -> Iterator[None]:
     """No stop in the block: a distributed pass's ranks stop together after it (``agreed``); one stopping alone would
     leave the others in the pass's gather."""
-    before = _noted["deferred"]
-    _noted["deferred"] = True
+    before = _noted.deferred
+    _noted.deferred = True
     try:
         yield
     finally:
-        _noted["deferred"] = before
+        _noted.deferred = before
 
 
 def stop_before_step(kept: str, agreed: bool | None = None) -> None:
     """After a kept batch of a pass before step 1: if the signal came (``agreed``: any rank noted it, decided together),
     one line (each node's first rank) and :class:`Stopped`."""
-    noted = _noted["received"] and not _noted["deferred"] if agreed is None else agreed
-    if noted and not _noted["steps"]:
+    noted = _noted.received and not _noted.deferred if agreed is None else agreed
+    if noted and not _noted.steps:
         say_on_each_node(
-            f"{_noted['came'] or _noted['name']}: stopped before step 1, {kept}; to go on, {RERUN}: it starts the "
+            f"{_noted.came or _noted.name}: stopped before step 1, {kept}; to go on, {RERUN}: it starts the "
             "run, reusing what was kept."
         )
         raise Stopped(0)
@@ -131,14 +148,17 @@ def stop_before_step(kept: str, agreed: bool | None = None) -> None:
 def _default_in_child() -> None:
     """A forked worker leaves the save signal to its rank (a killed worker ends the rank unsaved): SIGTERM before the
     steps gets its default back (``Pool.terminate()`` uses it); else ignored, as are the other warning signals."""
-    name = _noted["name"]
+    name = _noted.name
     if name and signal.getsignal(getattr(signal, name)) is _note:
-        default = name == "SIGTERM" and not _noted["steps"]
+        default = name == "SIGTERM" and not _noted.steps
         signal.signal(getattr(signal, name), signal.SIG_DFL if default else signal.SIG_IGN)
         for other in others(name):
             if signal.getsignal(other) is _note_other:
                 signal.signal(other, signal.SIG_IGN)
-        _noted.update(name=None, received=False, depth=0, came=None)
+        _noted.name = None
+        _noted.received = False
+        _noted.depth = 0
+        _noted.came = None
 
 
 if hasattr(os, "register_at_fork"):  # POSIX: Windows has no fork
