@@ -16,6 +16,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from typing_extensions import override
+
 from llamafactory_hera.runtime.errors import RecipeError
 
 CONVERTER_LOGGER = "llamafactory.data.converter"
@@ -51,6 +53,7 @@ class _Hold(logging.Filter):
         self.path = path
         self.seen: set[str] = set()  # a forked worker starts from its parent's
 
+    @override
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
         if not is_media_warning(message):

@@ -19,6 +19,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from typing_extensions import override
+
 from llamafactory_hera.evaluation.demo_tasks import write_demo_tasks
 from llamafactory_hera.evaluation.presets import DEMO_MLLM_TASK, DEMO_TEXT_TASK, LM, LMMS, PlannedTask
 from llamafactory_hera.evaluation.protocols import DERIVED, derived_entries, write_protocol_tasks
@@ -147,6 +149,7 @@ def lmms_model(engine: Any, label: str) -> Any:
             super().__init__()
             self.batch_size_per_gpu = 1
 
+        @override
         def generate_until(self, requests: list[Any]) -> list[str]:
             """One greedy answer per request, cut at its first ``until`` string."""
             answers = []
@@ -172,6 +175,7 @@ def lmms_model(engine: Any, label: str) -> Any:
                 answers.append(text)
             return answers
 
+        @override
         def loglikelihood(self, requests: list[Any]) -> list[tuple[float, bool]]:
             task = requests[0].args[-2] if requests and len(requests[0].args) > 2 else "?"
             raise RecipeError(
@@ -179,6 +183,7 @@ def lmms_model(engine: Any, label: str) -> Any:
                 "generate answers (generate_until), as every preset's"
             )
 
+        @override
         def generate_until_multi_round(self, requests: list[Any]) -> list[str]:
             raise RecipeError("multi-round tasks are not served by llamafactory-hera eval; choose single-turn tasks")
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from transformers import TrainerCallback
+from typing_extensions import override
 
 from llamafactory_hera.harc.data import ROLE_HARMFUL, ROLE_HARMLESS, ROLE_PSEUDO, EncodedRow
 
@@ -84,6 +85,7 @@ class StreamEpochs(TrainerCallback):
     def __init__(self, dataset: ComposedMicroBatches) -> None:
         self.dataset = dataset
 
+    @override
     def on_epoch_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.dataset.begin_epoch(state.global_step * self.dataset.step_items // len(self.dataset))
 

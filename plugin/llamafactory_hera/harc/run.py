@@ -18,7 +18,7 @@ class HarcRun(MethodRun[HarcArguments]):
     its trainer's ``train``, where the model is at hand."""
 
     arguments = HarcArguments
-    parse = staticmethod(parse_harc_arguments)
+    parse = override(staticmethod(parse_harc_arguments))
 
     @property
     @override

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from typing_extensions import override
 
 from llamafactory_hera.heads.architecture import head_projections, trainable_upstream
 from llamafactory_hera.heads.geometry import AttentionGeometry, HeadRef
@@ -42,6 +43,7 @@ class _CopyWithGradient(torch.autograd.Function):
     disarmed in a checkpoint's recomputation), so a saved tensor would differ between the two forwards."""
 
     @staticmethod
+    @override
     def forward(ctx: Any, weight: torch.Tensor, columns: torch.Tensor | None) -> torch.Tensor:
         ctx.shape = weight.shape
         ctx.dtype = weight.dtype
@@ -49,6 +51,7 @@ class _CopyWithGradient(torch.autograd.Function):
         return (weight if columns is None else weight[:, columns]).to(torch.float32, copy=True)
 
     @staticmethod
+    @override
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         if ctx.columns is None:
             return grad.to(ctx.dtype), None

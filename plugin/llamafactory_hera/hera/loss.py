@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import TrainerCallback
+from typing_extensions import override
 
 from llamafactory_hera.training import sections
 
@@ -99,6 +100,7 @@ class _GatherWithGrad(torch.autograd.Function):
     """
 
     @staticmethod
+    @override
     def forward(ctx: Any, tensor: torch.Tensor) -> torch.Tensor:
         world = torch.distributed.get_world_size()
         rank = torch.distributed.get_rank()
@@ -109,6 +111,7 @@ class _GatherWithGrad(torch.autograd.Function):
         return torch.cat(parts, dim=1)
 
     @staticmethod
+    @override
     def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
         grad = grad.contiguous().clone()
         with sections.collective("HeRA's all-reduce of the representations' gradients"):
@@ -214,6 +217,7 @@ class TemperatureGradHandler(TrainerCallback):
         self.base_lr = base_lr
         self.own_optimizer: torch.optim.Optimizer | None = None
 
+    @override
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             if self.log_tau.grad is None:
@@ -228,6 +232,7 @@ class TemperatureGradHandler(TrainerCallback):
                 group["lr"] = self.base_lr * factor
             self.own_optimizer.step()
 
+    @override
     def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         with torch.no_grad():
             self.log_tau.clamp_(LOG_TAU_MIN, LOG_TAU_MAX)

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import TrainerCallback
+from typing_extensions import override
 
 from llamafactory_hera.heads.architecture import head_projections
 from llamafactory_hera.heads.geometry import HeadRef
@@ -232,14 +233,17 @@ class MonitorCallback(TrainerCallback):
                 torch.distributed.broadcast(scores, src=0)
         return self.logs(scores.tolist())  # the monitor's one device-to-host copy
 
+    @override
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:  # noqa: D102
         self.steps = monitor_steps(self.every, int(state.max_steps))
         if state.global_step == 0:
             self.trainer.log(self.point(self.trainer.model))
 
+    @override
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:  # noqa: D102
         self.flush()
 
+    @override
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:  # noqa: D102
         if state.global_step not in self.steps:
             return
@@ -249,6 +253,7 @@ class MonitorCallback(TrainerCallback):
         else:
             self.trainer.log(logs)
 
+    @override
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:  # noqa: D102
         self.flush()
 

@@ -20,7 +20,7 @@ class HeraRun(MethodRun[HeraArguments]):
     """LLaMA-Factory's SFT run with HeRA's collator and trainer (docs/hera.md)."""
 
     arguments = HeraArguments
-    parse = staticmethod(parse_hera_arguments)
+    parse = override(staticmethod(parse_hera_arguments))
     prepared: HeraPreparation | None = None
 
     @property

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
+from typing_extensions import override
 
 from llamafactory_hera.runtime import save_signal
 from llamafactory_hera.runtime.errors import RecipeError
@@ -202,11 +203,13 @@ class VisionTeacher(nn.Module):
         assert layout is not None
         self.layout = layout
 
+    @override
     def train(self, mode: bool = True) -> VisionTeacher:
         """Stay in eval mode whatever the trainer asks."""
         return super().train(False)
 
     @torch.no_grad()
+    @override
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """``[N, 3, h, w]`` pixels (SigLIP2: ``[N, P, D + 2]`` packed) -> ``[N, E]`` float32 features (bf16 rounding
         would reorder near-tied neighbours); the encoder runs in its own dtype."""

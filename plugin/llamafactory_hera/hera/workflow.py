@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from transformers import TrainerCallback
+from typing_extensions import override
 
 from llamafactory_hera import __version__
 from llamafactory_hera.heads.geometry import head_names
@@ -61,6 +62,7 @@ class RunSummary(TrainerCallback):
         self.monitor = monitor
         self.said = False  # once: auto_find_batch_size restarts training after an OOM
 
+    @override
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:  # noqa: D102
         if state.is_world_process_zero and not self.said:
             self.said = True
@@ -116,6 +118,7 @@ class RunSummary(TrainerCallback):
             f"{checkpointing_line}"
         )
 
+    @override
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Read the steps after the last log, then print the micro-batches with a HeRA term (this process)."""
         sums = self.trainer.hera_sums

@@ -14,6 +14,7 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 from torch.nn import functional as F
 from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+from typing_extensions import override
 
 from llamafactory_hera.harc.losses import kl_to_reference
 from llamafactory_hera.heads.geometry import attention_geometry, parse_head
@@ -93,11 +94,13 @@ class Dequantized(torch.autograd.Function):
     stored weight is kept (the caller counts its storage)."""
 
     @staticmethod
+    @override
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         ctx.save_for_backward(weight)
         return F.linear(x, weight.clone().to(x.dtype), bias)
 
     @staticmethod
+    @override
     def backward(ctx: Any, grad: torch.Tensor) -> tuple:
         (weight,) = ctx.saved_tensors
         return grad @ weight.clone().to(grad.dtype), None, None
@@ -134,6 +137,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     LoRA)."""
 
     @staticmethod
+    @override
     def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         rows, width = hidden.shape
         factor = math.ceil(weight.shape[0] / width)
@@ -149,6 +153,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         return total
 
     @staticmethod
+    @override
     def backward(ctx: Any, grad: torch.Tensor) -> tuple:
         (grad_hidden,) = ctx.saved_tensors
         return grad_hidden * grad.to(grad_hidden.dtype), None, None

@@ -21,7 +21,7 @@ class RahRun(MethodRun[RahArguments]):
     signal, no watchdog."""
 
     arguments = RahArguments
-    parse = staticmethod(parse_rah_arguments)
+    parse = override(staticmethod(parse_rah_arguments))
     prepared: RahPreparation | None = None  # the rows, read before the model loads
     calibrated: RahCalibrated | None = None  # the calibration, for the finish to write
 
