@@ -15,6 +15,7 @@ from __future__ import annotations
 from conftest import REPO
 from llamafactory_hera_testing.import_graph import (
     ENTRIES,
+    INNER_IMPORTS,
     PATCHES,
     PLUGIN,
     RUNTIME,
@@ -25,6 +26,7 @@ from llamafactory_hera_testing.import_graph import (
     cycles,
     folder_graph,
     graph,
+    import_counts,
     imported_names,
     lazy_imports,
     modules,
@@ -127,3 +129,14 @@ def test_an_import_for_type_checking_alone_is_no_edge(tmp_path) -> None:
     path = tmp_path / "mod.py"
     path.write_text("from typing import TYPE_CHECKING\nimport a\nif TYPE_CHECKING:\n    import b\n", encoding="utf-8")
     assert imported_names("mod", path) == {"typing", "typing.TYPE_CHECKING", "a"}
+
+
+def test_imports_inside_functions_stay_within_their_budget_and_say_why() -> None:
+    """An import inside a function is lazy for a reason its line says (start-up, a one-line error before torch, an
+    optional extra): at most ``INNER_IMPORTS`` in the plugin and the patches; the rest sit at their module's top."""
+    statements, inside = import_counts(REPO)
+    assert statements > 1000  # the count reaches the package
+    assert inside <= INNER_IMPORTS, inside
+    offenders = {module: lines for module, path in modules(REPO).items() if not within(module, TESTING)
+                 for lines in [[line for line, why in lazy_imports(path) if not why]] if lines}
+    assert offenders == {}

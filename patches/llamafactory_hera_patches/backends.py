@@ -70,7 +70,8 @@ def known(switch: Switch) -> bool:
     """Whether the installed host reads ``switch`` (a recipe key: always)."""
     if switch.reader is None:
         return True
-    import llamafactory.extras.packages as packages  # lazy
+    # lazy: the host loads when it runs, not with the patches at start-up
+    import llamafactory.extras.packages as packages
 
     return hasattr(packages, switch.reader)
 

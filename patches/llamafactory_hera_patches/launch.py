@@ -53,7 +53,7 @@ def _import_v0_arguments() -> None:
     checks = misc.check_dependencies
     misc.check_dependencies = _no_checks
     try:
-        import llamafactory.hparams  # noqa: F401 (lazy: checks off here)
+        import llamafactory.hparams  # noqa: F401  # lazy: checks off here
     finally:
         misc.check_dependencies = checks
 

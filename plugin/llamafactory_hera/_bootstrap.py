@@ -103,7 +103,7 @@ def _apply(patch, module) -> None:
     # lazy: the module doc
     import importlib
 
-    from llamafactory_hera_patches.stacks import unsupported_transformers
+    from llamafactory_hera_patches.stacks import unsupported_transformers  # lazy: the module doc
 
     refusal = unsupported_transformers()
     if refusal:  # an unsupported transformers: one line, before anything is patched
@@ -118,7 +118,7 @@ def _apply(patch, module) -> None:
             if pending in sys.modules:
                 _apply(_ACCELERATE[pending], sys.modules[pending])
     if patch in ("stage", "launch", "accelerate_launch", "v1"):  # training or its launcher: job_refusal's module doc
-        from llamafactory_hera import job_refusal
+        from llamafactory_hera import job_refusal  # lazy: the module doc
 
         job_refusal.install()
 

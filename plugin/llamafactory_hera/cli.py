@@ -9,7 +9,10 @@ import sys
 from collections.abc import Callable
 
 from llamafactory_hera._bootstrap import register_methods
+from llamafactory_hera.evaluation.cli import add_verbs as add_eval_verb
+from llamafactory_hera.llava.cli import add_verbs as add_llava_verbs
 from llamafactory_hera.methods import declared_methods
+from llamafactory_hera.plan.cli import add_verbs as add_plan_verb
 
 
 def _parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argparse.Namespace], None]]]:
@@ -25,10 +28,6 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argparse.Nam
     for method in declared_methods():
         if method.add_cli_verbs:
             handlers.update(method.add_cli_verbs(commands))
-    from llamafactory_hera.evaluation.cli import add_verbs as add_eval_verb
-    from llamafactory_hera.llava.cli import add_verbs as add_llava_verbs
-    from llamafactory_hera.plan.cli import add_verbs as add_plan_verb
-
     handlers.update(add_eval_verb(commands))
     handlers.update(add_llava_verbs(commands))
     handlers.update(add_plan_verb(commands))

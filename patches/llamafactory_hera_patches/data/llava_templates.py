@@ -39,7 +39,8 @@ FAMILY_TEMPLATES: dict[str, LlavaTemplate] = {
 def apply(module: ModuleType) -> None:
     """Register :data:`FAMILY_TEMPLATES` (a name the host has is left as it is)."""
     require(module, ("TEMPLATES",), "llava_templates")
-    import llamafactory.data.mm_plugin as mm_plugin  # lazy
+    # lazy: the host loads when it runs, not with the patches at start-up
+    import llamafactory.data.mm_plugin as mm_plugin
 
     require(mm_plugin, ("get_mm_plugin",), "llava_templates")
     missing = [template.base for template in FAMILY_TEMPLATES.values() if template.base not in module.TEMPLATES]
@@ -48,7 +49,8 @@ def apply(module: ModuleType) -> None:
             f"llamafactory-hera: LLaMA-Factory {host_version()} has no template "
             f"{', '.join(missing)}, whose conversation formats the LLaVA templates copy."
         )
-    import llamafactory.data.formatter as formatter  # lazy
+    # lazy: the host loads when it runs, not with the patches at start-up
+    import llamafactory.data.formatter as formatter
 
     require(formatter, ("EmptyFormatter",), "llava_templates")
     for name, base, bos_first in FAMILY_TEMPLATES.values():

@@ -43,7 +43,8 @@ def _slots(formatter: object) -> list[str]:
 
 def template_tokens() -> dict[str, TemplateTokens]:
     """Every registered template's tokens, by name."""
-    import llamafactory.data.template as module  # lazy
+    # lazy: the host loads when it runs, not with the patches at start-up
+    import llamafactory.data.template as module
 
     require(module, ("TEMPLATES",), "templates")
     out = {}
@@ -64,7 +65,8 @@ def template_tokens() -> dict[str, TemplateTokens]:
 
 def host_stages() -> tuple[str, ...] | None:
     """The stages ``FinetuningArguments.stage`` accepts (None if not a ``Literal``)."""
-    import llamafactory.hparams as hparams  # lazy
+    # lazy: the host loads when it runs, not with the patches at start-up
+    import llamafactory.hparams as hparams
 
     require(hparams, ("FinetuningArguments",), "stage")
     try:
@@ -77,7 +79,8 @@ def host_stages() -> tuple[str, ...] | None:
 
 def composite_model_types() -> set[str]:
     """Model types the host treats as multimodal (vision tower, projector, language model)."""
-    import llamafactory.model.model_utils.visual as visual  # lazy
+    # lazy: the host loads when it runs, not with the patches at start-up
+    import llamafactory.model.model_utils.visual as visual
 
     require(visual, ("COMPOSITE_MODELS",), "templates")
     return set(visual.COMPOSITE_MODELS)
@@ -86,7 +89,8 @@ def composite_model_types() -> set[str]:
 def image_placeholder() -> str:
     """``IMAGE_PLACEHOLDER`` (``<image>`` unless the environment says otherwise): multimodal plugins require one per
     image of a row."""
-    import llamafactory.extras.constants as constants  # lazy
+    # lazy: the host loads when it runs, not with the patches at start-up
+    import llamafactory.extras.constants as constants
 
     require(constants, ("IMAGE_PLACEHOLDER",), "templates")
     return str(constants.IMAGE_PLACEHOLDER)
@@ -94,7 +98,8 @@ def image_placeholder() -> str:
 
 def ignore_index() -> int:
     """An untrained token's label (``IGNORE_INDEX``, -100)."""
-    import llamafactory.extras.constants as constants  # lazy
+    # lazy: the host loads when it runs, not with the patches at start-up
+    import llamafactory.extras.constants as constants
 
     require(constants, ("IGNORE_INDEX",), "image tokens")
     return int(constants.IGNORE_INDEX)

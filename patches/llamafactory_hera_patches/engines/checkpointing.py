@@ -20,7 +20,8 @@ from ..guard import mismatch
 
 def _trainable_only_wrapper() -> Callable[[Callable], Callable]:
     """The host's ``get_custom_gradient_checkpointing_func``."""
-    import llamafactory.model.model_utils.checkpointing as module  # lazy
+    # lazy: the host loads when it runs, not with the patches at start-up
+    import llamafactory.model.model_utils.checkpointing as module
 
     custom = getattr(module, "get_custom_gradient_checkpointing_func", None)
     if custom is None:

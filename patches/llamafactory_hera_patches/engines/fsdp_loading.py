@@ -63,7 +63,8 @@ def _host_misc(name: str) -> Any:
     """``llamafactory.extras.misc.<name>``, or None: the prediction needing it is skipped (fsdp_qlora still checks
     the loaded model)."""
     try:
-        import llamafactory.extras.misc as misc  # lazy
+        # lazy: the host loads when it runs, not with the patches at start-up
+        import llamafactory.extras.misc as misc
 
         return getattr(misc, name, None)
     except ImportError:

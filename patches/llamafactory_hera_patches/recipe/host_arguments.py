@@ -67,7 +67,8 @@ def _single(hint: typing.Any) -> typing.Any:
 @functools.cache
 def host_keys() -> dict[str, HostKey]:
     """Every key a training recipe may give the host, by name."""
-    import llamafactory.hparams as hparams  # lazy
+    # lazy: LLaMA-Factory's arguments, read once asked
+    import llamafactory.hparams as hparams
 
     require(hparams, _CLASSES, "arguments")
     keys: dict[str, HostKey] = {}
@@ -97,7 +98,8 @@ def host_keys() -> dict[str, HostKey]:
 
 def unknown_keys_pass() -> bool:
     """Whether unknown keys may be right: ignored (``ALLOW_EXTRA_ARGS=1``) or Megatron-Core's (``USE_MCA=1``)."""
-    import llamafactory.extras.misc as misc  # lazy
+    # lazy: LLaMA-Factory's arguments, read once asked
+    import llamafactory.extras.misc as misc
 
     require(misc, ("is_env_enabled",), "arguments")
     return bool(misc.is_env_enabled("ALLOW_EXTRA_ARGS") or misc.is_env_enabled("USE_MCA"))
@@ -105,7 +107,8 @@ def unknown_keys_pass() -> bool:
 
 def template_names() -> tuple[str, ...]:
     """The registered chat templates (the plugin's LLaVA-1.5 ones included), sorted."""
-    import llamafactory.data.template as module  # lazy
+    # lazy: LLaMA-Factory's arguments, read once asked
+    import llamafactory.data.template as module
 
     require(module, ("TEMPLATES",), "templates")
     return tuple(sorted(module.TEMPLATES))

@@ -11,8 +11,9 @@ from ..guard import require
 
 def check_host() -> None:
     """Raise ``HostMismatchError`` unless every host name used here exists."""
-    import llamafactory.chat.hf_engine as hf_engine  # lazy
-    import llamafactory.hparams as hparams  # lazy
+    # lazy: the host's chat engine, only when eval answers
+    import llamafactory.chat.hf_engine as hf_engine
+    import llamafactory.hparams as hparams
 
     require(hparams, ("get_infer_args",), "inference")
     require(hf_engine, ("HuggingfaceEngine",), "inference")
@@ -22,8 +23,9 @@ def check_host() -> None:
 def load_engine(recipe: dict[str, Any]) -> Any:
     """The host's ``HuggingfaceEngine`` for ``recipe``, its model in eval mode."""
     check_host()
-    import llamafactory.chat.hf_engine as hf_engine  # lazy
-    import llamafactory.hparams as hparams  # lazy
+    # lazy: the host's chat engine, only when eval answers
+    import llamafactory.chat.hf_engine as hf_engine
+    import llamafactory.hparams as hparams
 
     model_args, data_args, finetuning_args, generating_args = hparams.get_infer_args(
         {**recipe, "infer_backend": "huggingface"}
@@ -35,7 +37,8 @@ def load_engine(recipe: dict[str, Any]) -> Any:
 
 def answer(engine: Any, messages: list[dict[str, str]], images: list[Any] | None, input_kwargs: dict[str, Any]) -> str:
     """The engine's first response text, as the host's chat answers."""
-    import llamafactory.chat.hf_engine as hf_engine  # lazy
+    # lazy: the host's chat engine, only when eval answers
+    import llamafactory.chat.hf_engine as hf_engine
 
     responses = hf_engine.HuggingfaceEngine._chat(
         engine.model,

@@ -38,11 +38,12 @@ class RecipeArgs:
 
 def check_host() -> None:
     """Raise ``HostMismatchError`` unless every host name used here exists."""
-    import llamafactory.data as data  # lazy
-    import llamafactory.data.data_utils as data_utils  # lazy
-    import llamafactory.data.loader as loader  # lazy
-    import llamafactory.hparams as hparams  # lazy
-    import llamafactory.model as model  # lazy
+    # lazy: the verbs' one-line checks import this module, before the host
+    import llamafactory.data as data
+    import llamafactory.data.data_utils as data_utils
+    import llamafactory.data.loader as loader
+    import llamafactory.hparams as hparams
+    import llamafactory.model as model
 
     require(hparams, ("ModelArguments", "DataArguments", "FinetuningArguments", "get_infer_args"), "selection")
     require(model, ("load_tokenizer", "load_model"), "selection")
@@ -55,7 +56,8 @@ def parse_recipe(recipe: dict[str, Any]) -> RecipeArgs:
     """Parse a recipe's model/data/fine-tuning keys; a method's stage reads as its host stage; ``max_samples`` is
     dropped (calibration pairs come from the whole dataset)."""
     check_host()
-    import llamafactory.hparams as hparams  # lazy
+    # lazy: the verbs' one-line checks import this module, before the host
+    import llamafactory.hparams as hparams
 
     known = {
         f.name
@@ -90,7 +92,8 @@ def load_aligned_rows(args: RecipeArgs, seed: int, dataset: list[str] | None = N
     Inside a run pass its ``training_args`` and call under its ``main_process_first``: non-first ranks of each node
     then read the datasets cache, and no new training arguments reset accelerate's state.
     """
-    import llamafactory.data.loader as loader  # lazy
+    # lazy: the verbs' one-line checks import this module, before the host
+    import llamafactory.data.loader as loader
 
     names = dataset or args.data_args.dataset
     if not names:
@@ -110,8 +113,9 @@ def load_model_for_scoring(
     args: RecipeArgs, device: str, device_map: dict[str, Any] | None = None
 ) -> tuple[Any, dict[str, Any], Any]:
     """(model in eval mode on ``device`` or by ``device_map``, tokenizer module, template) as the host loads them."""
-    import llamafactory.data as data  # lazy
-    import llamafactory.model as model_module  # lazy
+    # lazy: the verbs' one-line checks import this module, before the host
+    import llamafactory.data as data
+    import llamafactory.model as model_module
 
     args.model_args.device_map = device_map or scoring_device_map(device)
     tokenizer_module = model_module.load_tokenizer(args.model_args)
@@ -152,8 +156,9 @@ def tokenized_rows_and_collator(
 ) -> tuple[Any, Any]:
     """Aligned rows ``chosen`` tokenized as in training (row ``i`` is ``chosen[i]``), and the SFT collator (no HeRA
     keys). Inside a run pass its ``training_args``: new ones would reset accelerate's state."""
-    import llamafactory.data as data  # lazy
-    import llamafactory.data.loader as loader  # lazy
+    # lazy: the verbs' one-line checks import this module, before the host
+    import llamafactory.data as data
+    import llamafactory.data.loader as loader
 
     reading = training_args or training_args_for_reading(seed)
     tokenized = loader._get_preprocessed_dataset(
@@ -186,7 +191,8 @@ def _val_size_split(args: RecipeArgs, seed: int, rows: Any) -> tuple[Any, Any] |
     data_args = args.data_args
     if not holds_out_by_val_size(data_args):
         return None
-    import llamafactory.data.data_utils as data_utils  # lazy
+    # lazy: the verbs' one-line checks import this module, before the host
+    import llamafactory.data.data_utils as data_utils
 
     train, held_out = data_utils.split_dataset(rows, None, data_args, seed=seed)
     return train["train"], held_out["validation"]
@@ -226,9 +232,10 @@ def _offline() -> Iterator[None]:
 def sampled_rows(recipe: dict[str, Any], count: int, seed: int) -> tuple[int, list[tuple[int, int, int]]]:
     """(rows a run of ``recipe`` trains on, ``count`` of them drawn by ``seed`` as (tokens, images, image tokens)),
     tokenized as in training. Offline: an uncached model or dataset raises."""
-    import llamafactory.data as data  # lazy
-    import llamafactory.data.loader as loader  # lazy
-    import llamafactory.model as model  # lazy
+    # lazy: the verbs' one-line checks import this module, before the host
+    import llamafactory.data as data
+    import llamafactory.data.loader as loader
+    import llamafactory.model as model
 
     with _offline():
         args = parse_recipe(recipe)

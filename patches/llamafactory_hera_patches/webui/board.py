@@ -127,6 +127,7 @@ def _wrap_create_train_tab(
     data_dir: str,
 ) -> Callable[..., Any]:
     def create_train_tab(engine: Any) -> dict[str, Any]:
+        # lazy: gradio, only when LlamaBoard runs
         import gradio as gr
 
         built = []  # (method, panel, its accordion, its elements)

@@ -63,6 +63,7 @@ def build_harc_recipe(
 
 def convert_sources(ctx: DemoContext) -> int:
     """Write the tiny sources and run ``harc-data`` on them, its lines shown; return its exit code."""
+    # lazy: torch, once the HARC demo runs
     from llamafactory_hera.fixtures.harc_assets import write_source_files
 
     sources = write_source_files(ctx.folder / SOURCES_NAME, count=SOURCE_ROWS)
@@ -149,6 +150,7 @@ def harc_summary(ctx: DemoContext, elapsed: float, model: Path, template: str) -
 
 def run(ctx: DemoContext) -> int:
     """Build the tiny model, convert the sources, train, print the summary; return the exit code."""
+    # lazy: torch, once the HARC demo runs
     from llamafactory_hera.fixtures.harc_assets import build_harc_assets
 
     assets = prepare_assets(ctx, "tiny text models", build_harc_assets)

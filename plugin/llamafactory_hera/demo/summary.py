@@ -4,6 +4,7 @@ demos' next steps share.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shlex
 import sys
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from llamafactory_hera.demo.runner import DemoContext
+from llamafactory_hera.evaluation.cli import EXTRA_PACKAGES
 
 
 def read_log(run_dir: Path) -> list[dict[str, Any]]:
@@ -43,10 +45,6 @@ def command(*parts: str | Path) -> str:
 
 def eval_extra_lines() -> list[str]:
     """The line installing the ``eval`` extra when lmms-eval or lm-eval is missing (the demo installs only its own)."""
-    import importlib.util
-
-    from llamafactory_hera.evaluation.cli import EXTRA_PACKAGES
-
     if all(importlib.util.find_spec(module) for module in ("lmms_eval", "lm_eval")):
         return []
     return [

@@ -4,7 +4,9 @@ line, raised before any model or library loads."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,10 @@ from llamafactory_hera.evaluation.presets import (
     check_task_setup,
     plan_tasks,
 )
+from llamafactory_hera.evaluation.runs import read_pair
+from llamafactory_hera.evaluation.table2 import RAH_TABLE1, TABLE2
+from llamafactory_hera.evaluation.tradeoff import cell
+from llamafactory_hera.evaluation.tradeoff import markdown_lines as tradeoff_lines
 from llamafactory_hera.runtime.errors import RecipeError
 from llamafactory_hera.runtime.log import say
 
@@ -128,10 +134,6 @@ def require_library(library: str) -> None:
 
 def run_eval(args: argparse.Namespace) -> None:
     """Cheap checks first, then evaluate the run (and baseline) and write the reports."""
-    import os
-
-    from llamafactory_hera.evaluation.runs import read_pair
-
     # LLaMA-Factory's and transformers' logging at warnings: progress bars stay readable
     os.environ.setdefault("LLAMAFACTORY_VERBOSITY", "WARN")
 
@@ -148,6 +150,7 @@ def run_eval(args: argparse.Namespace) -> None:
     require_library(library)
     known = None
     if needs_registry:
+        # lazy: the eval extra's registries
         from llamafactory_hera.evaluation.libraries import known_tasks
 
         known = known_tasks(library)
@@ -165,6 +168,7 @@ def run_eval(args: argparse.Namespace) -> None:
 
 def _jailbreak_setup(args: argparse.Namespace, stage: str) -> Any:
     """The checked jailbreak settings (:mod:`.jailbreak`); None without the task."""
+    # lazy: only for eval (every verb's parser imports this module)
     from llamafactory_hera.evaluation.jailbreak import DEFAULT_ATTACKS, setup_from_args
 
     wanted = JAILBREAK in [item.strip() for item in args.tasks.split(",")]
@@ -198,8 +202,6 @@ def _with_transfer(setup: Any, baseline: Any) -> Any:
     """``setup`` plus the baseline's GCG suffixes, tried on the run as ``gcg_transfer``."""
     if baseline is None:
         return setup
-    import dataclasses
-
     answers = (baseline.results.get(JAILBREAK) or {}).get("answers", [])
     transfer = tuple((a["prompt"], a["suffix"]) for a in answers if a["attack"] == "gcg_adaptive")
     if not transfer:
@@ -211,11 +213,9 @@ def _with_transfer(setup: Any, baseline: Any) -> Any:
 
 
 def _evaluate(args: argparse.Namespace, run: Any, baseline: Any, tasks: list[Any], jailbreak: Any = None) -> None:
+    # lazy: torch, after the cheap checks
     from llamafactory_hera.evaluation.report import table2_lines, write_reports
     from llamafactory_hera.evaluation.runner import evaluate_model
-    from llamafactory_hera.evaluation.table2 import RAH_TABLE1, TABLE2
-    from llamafactory_hera.evaluation.tradeoff import cell
-    from llamafactory_hera.evaluation.tradeoff import markdown_lines as tradeoff_lines
 
     names = ", ".join(t.name for t in tasks)
     say(

@@ -73,9 +73,11 @@ def text_rows() -> list[dict[str, Any]]:
 def mllm_doc_to_visual(doc: dict[str, Any]) -> list[Any]:
     """The row's RGB PIL image of ``size`` [width, height], drawn from its seed as the fixtures draw theirs: the
     shape on a square of the shorter side, centred on a background-coloured canvas."""
+    # lazy: the demo task's images, drawn only for it
     import numpy as np
     from PIL import Image
 
+    # lazy: as above
     from llamafactory_hera.fixtures.dataset import IMAGE_SIZE, draw_shape
 
     width, height = doc.get("size") or (IMAGE_SIZE, IMAGE_SIZE)

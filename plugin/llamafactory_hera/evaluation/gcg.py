@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from llamafactory_hera.evaluation.gcg_budget import Budget, algorithm_source
 from llamafactory_hera.runtime.run_record import write_record
@@ -218,8 +219,6 @@ def optimised_suffixes(
 ) -> dict[str, Suffix]:
     """A suffix per prompt (``problems``: prompt -> (problem, target text)), read from ``cache_dir`` or optimised
     and written there at once."""
-    from tqdm.auto import tqdm
-
     allowed = None
     found: dict[str, Suffix] = {}
     cached = 0

@@ -10,11 +10,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from llamafactory_hera.evaluation.attack_data import AttackData, read_attack_data
 from llamafactory_hera.evaluation.gcg_budget import DEFAULT_STEPS, Budget, algorithm_source
 from llamafactory_hera.evaluation.harmbench_judge import HARMBENCH
 from llamafactory_hera.evaluation.judge import JudgeSpec, check_judge, judge_answers, scorer_name
 from llamafactory_hera.evaluation.presets import JAILBREAK
+from llamafactory_hera.harc.config import parse_harc_arguments
+from llamafactory_hera.harc.data import answer_tail, split_rows, template_tail
 from llamafactory_hera.runtime.errors import RecipeError
 from llamafactory_hera.runtime.log import progress_once, say_once
 
@@ -115,8 +119,6 @@ def setup_from_args(
 def load_templates() -> tuple[int, dict[str, str]]:
     """:data:`TEMPLATES_FILE`'s version and framings: id -> text with ``{prompt}`` or ``{first_half}`` /
     ``{second_half}``."""
-    import yaml
-
     data = yaml.safe_load(TEMPLATES_FILE.read_text(encoding="utf-8"))
     return int(data["version"]), {str(t["id"]): str(t["text"]) for t in data["templates"]}
 
@@ -151,8 +153,6 @@ def attack_cases(attacks: tuple[str, ...], prompts: list[str]) -> list[Case]:
 
 def _prompt_and_prefix(template: Any, tokenizer: Any, message: str, prefix: str) -> tuple[list[int], list[int]]:
     """Prompt ids up to the assistant header, and ``prefix`` encoded as an answer without its closing tokens."""
-    from llamafactory_hera.harc.data import answer_tail
-
     messages = [{"role": "user", "content": message}, {"role": "assistant", "content": prefix or "x"}]
     prompt_ids, answer_ids = template.encode_oneturn(tokenizer, messages)
     if not prefix:
@@ -173,10 +173,11 @@ def encode_case(template: Any, tokenizer: Any, case: Case) -> tuple[int, ...]:
 
 def gcg_problem(engine: Any, prompt: str, target: str = PREFIX) -> Any:
     """:class:`.gcg.Problem` for ``prompt`` on ``engine``'s device; ``target`` encoded as an answer's start."""
+    # lazy: eval's cheap checks import this module: no torch
     import torch
 
+    # lazy: as above
     from llamafactory_hera.evaluation import gcg
-    from llamafactory_hera.harc.data import template_tail
 
     prompt_ids, target_ids = _prompt_and_prefix(engine.template, engine.tokenizer, prompt, target)
     tail = list(template_tail(engine.template, engine.tokenizer))
@@ -194,6 +195,7 @@ def gcg_problem(engine: Any, prompt: str, target: str = PREFIX) -> Any:
 def gcg_cases(engine: Any, prompts: list[str], setup: JailbreakSetup, suffix_cache: Path | None = None) -> list[Case]:
     """``gcg_adaptive``: a suffix per prompt optimised on ``engine``'s model (cached in ``suffix_cache``);
     ``gcg_transfer``: the other model's suffix, encoded by this tokenizer."""
+    # lazy: torch: eval's cheap checks import this module
     from llamafactory_hera.evaluation.gcg import optimised_suffixes
 
     targets = dict(setup.targets)
@@ -239,8 +241,7 @@ def gcg_cases(engine: Any, prompts: list[str], setup: JailbreakSetup, suffix_cac
 
 def harc_prompts(rows_from: Any) -> list[str]:
     """The last user message of a HARC run's held-out ``harc_harmful`` rows."""
-    from llamafactory_hera.harc.config import parse_harc_arguments
-    from llamafactory_hera.harc.data import split_rows
+    # lazy: the host's loaders, only for a HARC run's rows
     from llamafactory_hera_patches.tools.model_data import load_aligned_rows, parse_recipe
 
     args = parse_harc_arguments(dict(rows_from.harc))
@@ -279,6 +280,7 @@ def run_jailbreak(
     suffix_cache: Path | None = None,
 ) -> dict[str, Any]:
     """Answer every case greedily and score it: ``{"entries", "answers", "settings"}``."""
+    # lazy: torch: eval's cheap checks import this module
     from llamafactory_hera.harc.evaluate import MATCHER, generate_answers, is_refusal
 
     prompts = list(setup.prompts) or harc_prompts(rows_from)

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import os
@@ -63,6 +64,7 @@ def _offline() -> bool:
 
 
 def _read_config(name: str) -> Any:
+    # lazy: eval's cheap checks import this module: no transformers
     from transformers import AutoConfig
 
     looks_local = name.startswith(("/", ".", "~")) or os.path.exists(name)
@@ -141,6 +143,7 @@ def check_judge(name: str) -> JudgeSpec:
 
 
 def _chat_template(name: str) -> str | None:
+    # lazy: eval's cheap checks import this module: no transformers
     from transformers import AutoTokenizer
 
     try:
@@ -165,8 +168,7 @@ def judge_answers(
 ) -> tuple[list[bool], list[str]]:
     """Load the judge, score each (prompt, answer) deterministically ``batch_size`` at a time, free it; (harmful,
     raw label or verdict) in input order. ``contexts``: per pair, a HarmBench behaviour's context ("" none)."""
-    import gc
-
+    # lazy: eval's cheap checks import this module: no torch
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
@@ -194,6 +196,7 @@ def judge_answers(
 
 
 def _classify(model: Any, tokenizer: Any, pairs: list[tuple[str, str]], batch_size: int, device: str) -> list[str]:
+    # lazy: eval's cheap checks import this module: no torch
     import torch
 
     if tokenizer.pad_token_id is None:
@@ -233,6 +236,7 @@ def guard_input(tokenizer: Any, prompt: str, answer: str) -> tuple[int, ...]:
 
 
 def _guard(model: Any, tokenizer: Any, pairs: list[tuple[str, str]], batch_size: int) -> list[str]:
+    # lazy: torch: eval's cheap checks import this module
     from llamafactory_hera.harc.evaluate import generate_ids
 
     inputs = [guard_input(tokenizer, prompt, answer) for prompt, answer in pairs]

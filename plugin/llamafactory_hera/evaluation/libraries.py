@@ -44,6 +44,7 @@ def _demo_folder(library: str) -> Path:
 def task_manager(library: str, registry: bool) -> Any:
     """The library's ``TaskManager`` with the demo tasks and, if ``registry``, its own (seconds: lmms-eval reads
     ~2,000 task files); once per process."""
+    # lazy: the eval extra (lmms-eval's logger)
     from loguru import logger
 
     logger.remove()  # lmms-eval's loguru logs a DEBUG line per registry file
@@ -51,10 +52,12 @@ def task_manager(library: str, registry: bool) -> Any:
     logging.getLogger("lm-eval").setLevel(logging.WARNING)
     logging.getLogger("lm_eval").setLevel(logging.WARNING)
     if library == LMMS:
+        # lazy: the eval extra
         from lmms_eval.tasks import TaskManager
 
         verbosity: tuple[str, ...] = ("WARNING",)
     else:
+        # lazy: the eval extra
         from lm_eval.tasks import TaskManager
 
         verbosity = ()
@@ -104,10 +107,12 @@ def _without_run_metadata(evaluator: Any) -> Iterator[None]:
 def run_library(model: Any, task: PlannedTask, limit: int | None) -> list[dict[str, Any]]:
     """``task`` through ``simple_evaluate`` (a demo task without indexing the registry)."""
     if task.library == LMMS:
+        # lazy: the eval extra
         from lmms_eval import evaluator
 
         options: dict[str, Any] = {"batch_size": 1, "verbosity": "WARNING", "process_docs_parallel": 1}
     else:
+        # lazy: the eval extra
         from lm_eval import evaluator
 
         options = {}
@@ -136,6 +141,7 @@ def _flatten(visuals: Any) -> list[Any]:
 
 def lmms_model(engine: Any, label: str) -> Any:
     """A simple-type lmms-eval model answering with ``engine``."""
+    # lazy: the eval extra, with lmms-eval's model class
     import PIL.Image
     from lmms_eval.api.model import lmms
     from tqdm.auto import tqdm
@@ -192,6 +198,7 @@ def lmms_model(engine: Any, label: str) -> Any:
 
 def lm_model(engine: Any, batch_size: int) -> Any:
     """lm-eval's ``HFLM`` around the engine's (merged) model."""
+    # lazy: the eval extra
     from lm_eval.models.huggingface import HFLM
 
     return HFLM(pretrained=engine.model, tokenizer=engine.tokenizer, batch_size=batch_size)

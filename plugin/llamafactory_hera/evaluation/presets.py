@@ -213,6 +213,7 @@ def _nltk_missing() -> list[str]:
     """The absent NLTK data of CHAIR's and AMBER's scoring."""
     if importlib.util.find_spec("nltk") is None:
         return ["NLTK (pip install 'llamafactory-hera[eval]')"]
+    # lazy: the eval extra's, found above
     import nltk
 
     absent = []

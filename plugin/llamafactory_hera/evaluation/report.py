@@ -130,6 +130,7 @@ def table2_lines(record: dict[str, Any], paper_table: PaperTable = TABLE2) -> li
 
 
 def _plot(record: dict[str, Any], path: Path) -> None:
+    # lazy: matplotlib, only for the plot
     from matplotlib.figure import Figure
 
     rows = [r for r in record["rows"] if r["run"] is not None or r["baseline"] is not None]

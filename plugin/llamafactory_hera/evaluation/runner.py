@@ -17,6 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+from tqdm.auto import tqdm
+
+from llamafactory_hera.evaluation import demo_tasks
 from llamafactory_hera.evaluation import jailbreak as jailbreak_module
 from llamafactory_hera.evaluation.jailbreak import JailbreakSetup, run_jailbreak
 from llamafactory_hera.evaluation.libraries import lm_model, lmms_model, run_library
@@ -32,6 +36,7 @@ from llamafactory_hera.evaluation.presets import (
 )
 from llamafactory_hera.evaluation.protocols import DERIVED, DERIVED_REVISION
 from llamafactory_hera.evaluation.runs import ModelSpec
+from llamafactory_hera.harc.config import parse_harc_arguments
 from llamafactory_hera.runtime.log import progress_once, say_once
 from llamafactory_hera.runtime.run_record import read_record, write_record
 from llamafactory_hera.training.eval_forward import keep_4bit_layout
@@ -45,7 +50,7 @@ PIN = "CUDA_VISIBLE_DEVICES=0 llamafactory-hera eval ..."
 def run_refusal(engine: Any, rows_from: ModelSpec, limit: int | None) -> list[dict[str, Any]]:
     """HARC's end-of-run refusal check: greedy answers to ``rows_from``'s held-out harmful and pseudo-harmful rows
     (training's seeded split), scored by :mod:`llamafactory_hera.harc.evaluate`'s matcher."""
-    from llamafactory_hera.harc.config import parse_harc_arguments
+    # lazy: transformers and the host's loaders, only for HARC's refusal task
     from llamafactory_hera.harc.evaluate import generate_answers, refusal_record, stop_ids
     from llamafactory_hera.harc.roles import load_role_rows
     from llamafactory_hera_patches.tools.model_data import load_aligned_rows, parse_recipe
@@ -99,8 +104,6 @@ def task_revision(task: PlannedTask, jailbreak: JailbreakSetup | None = None) ->
     if task.library == REFUSAL:  # HARC's matcher and greedy generation
         return "refusal:" + hashlib.sha256(jailbreak_module.MATCHER_SOURCE.read_bytes()).hexdigest()[:16]
     if task.name in (DEMO_MLLM_TASK, DEMO_TEXT_TASK):
-        from llamafactory_hera.evaluation import demo_tasks
-
         return "demo:" + hashlib.sha256(Path(demo_tasks.__file__).read_bytes()).hexdigest()[:16]
     library = MODULES.get(task.library, "llamafactory-hera")
     derived = f"+derived{DERIVED_REVISION}" if task.name in DERIVED else ""
@@ -109,8 +112,6 @@ def task_revision(task: PlannedTask, jailbreak: JailbreakSetup | None = None) ->
 
 def device_note() -> str | None:
     """A line when several GPUs are visible: ``device_map: auto`` pipelines over all (docs/eval.md)."""
-    import torch
-
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if count <= 1:
         return None
@@ -146,6 +147,7 @@ def run_task(
     elif task.library == LM:
         entries = run_library(lm_model(engine, batch_size), task, limit)
     elif task.library == JAILBREAK:
+        # lazy: transformers, only for HARC's refusal task
         from llamafactory_hera.harc.evaluate import stop_ids
 
         extra = run_jailbreak(
@@ -212,8 +214,6 @@ def evaluate_model(
     jailbreak: Any = None,
 ) -> Outcome:
     """Run (or read cached) every task; a failure is recorded and the next task runs. ``jailbreak`` None: defaults."""
-    from tqdm.auto import tqdm
-
     outcome = Outcome(spec)
     engine = None
     for task in tqdm(tasks, desc=f"eval {spec.label}: {spec.title}", unit="task"):

@@ -214,6 +214,7 @@ def is_multimodal(model_name_or_path: str, template: str | None = None) -> bool:
         if any(key in data for key in ("vision_config", "vision_tower", "mm_vision_tower", "visual")):
             return True
     if template:
+        # lazy: the host's templates, only for a template given
         from llamafactory_hera_patches.data.templates import template_tokens
 
         found = template_tokens().get(template)

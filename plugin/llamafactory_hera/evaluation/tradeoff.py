@@ -189,6 +189,7 @@ def markdown_lines(record: dict[str, Any]) -> list[str]:
 def plot(record: dict[str, Any], path: Path) -> None:
     """Three panels (robustness, usability, capability) of labelled run and baseline bars per measure, titled with
     the better direction."""
+    # lazy: matplotlib, only for the plot
     from matplotlib.figure import Figure
 
     held = record["tradeoff"]

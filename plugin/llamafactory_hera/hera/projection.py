@@ -14,6 +14,7 @@ from typing import NamedTuple
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor, Partial
 
 
 def effective_weight_columns(o_proj: nn.Module, columns: torch.Tensor) -> torch.Tensor:
@@ -76,8 +77,6 @@ def _dora_norm(base: nn.Module, lora_a: torch.Tensor, lora_b: torch.Tensor, scal
     weight = base.weight
     with torch.no_grad():
         if _quant_state(base) is None and hasattr(weight, "full_tensor") and hasattr(lora_b, "to_local"):
-            from torch.distributed.tensor import DTensor  # lazy: only a DTensor gets here
-
             device = weight.device_mesh.device_type  # offloaded shards (fsdp_offload_params) are read there
             local = dora_row_norm(
                 weight.to_local().to(device),
@@ -174,7 +173,6 @@ def sharded_columns(weight: torch.Tensor, quant_state: object, columns: torch.Te
         return None
     # lazy: only a 4-bit layer sharded by FSDP2 gets here
     from bitsandbytes.functional import QuantState, dequantize_4bit
-    from torch.distributed.tensor import DTensor
 
     device = weight.device_mesh.device_type  # offloaded shards (fsdp_offload_params) are read there
     local = weight.to_local().detach().to(device)  # [rows * width / k, 1]
@@ -226,8 +224,6 @@ def whole(weight: torch.Tensor, columns: torch.Tensor | None = None) -> torch.Te
     CPU-offloaded shard moves to the accelerator first, as torch's full state-dict gather does."""
     if not hasattr(weight, "full_tensor"):
         return weight if columns is None else weight[:, columns]
-    from torch.distributed.tensor import DTensor, Partial  # lazy: only a DTensor gets here
-
     if weight.device.type != weight.device_mesh.device_type:
         weight = weight.to(weight.device_mesh.device_type)
     if columns is not None and any(p.is_shard() and p.dim != 0 for p in weight.placements):

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from llamafactory_hera.llava.compose_plan import DEFAULT_VISION
+from llamafactory_hera.llava.compose_plan import DEFAULT_VISION, plan_compose
 from llamafactory_hera.runtime.errors import RecipeError
 
 DEFAULT_WORKERS = min(16, os.cpu_count() or 1)
@@ -81,10 +81,12 @@ def add_verbs(commands: Any) -> dict[str, Callable[[argparse.Namespace], None]]:
 def run_data_verb(args: argparse.Namespace) -> None:
     """``data check`` or ``data convert``."""
     if args.data_command == "convert":
+        # lazy: only for data convert (every verb's parser imports this module)
         from llamafactory_hera.llava.data_convert import convert_file
 
         print(convert_file(args.source, args.output, force=args.force).summary())
         return
+    # lazy: datasets and the host, only for data check
     from llamafactory_hera.llava.data_check import check_recipe, failure, report
 
     counts, media_dir = check_recipe(args.recipe, decode=args.verify_images, workers=args.workers)
@@ -96,10 +98,10 @@ def run_data_verb(args: argparse.Namespace) -> None:
 
 def run_compose(args: argparse.Namespace) -> None:
     """Plan (refusals before any weight loads), build, write; print what was made and the template line."""
-    from llamafactory_hera.llava.compose_build import RECORD, compose
-    from llamafactory_hera.llava.compose_plan import plan_compose
-
     plan, tokenizer = plan_compose(args.llm, args.vision, args.output, args.family, args.seed)
+    # lazy: torch and the model classes, after the plan's refusals
+    from llamafactory_hera.llava.compose_build import RECORD, compose
+
     record = compose(plan, tokenizer)
     strategy = {"default": "its [CLS] dropped", "full": "every patch token (no [CLS])"}[plan.geometry.select_strategy]
     print(f"composed {record['architecture']} in {plan.output}")

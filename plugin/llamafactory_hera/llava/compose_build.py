@@ -13,6 +13,20 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import torch
+from tokenizers import AddedToken
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModelForCausalLM,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+)
+from transformers.models.auto.modeling_auto import MODEL_MAPPING
+from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
+from transformers.utils import logging
+
 from llamafactory_hera.llava.compose_plan import ComposePlan
 from llamafactory_hera.runtime.run_record import (
     COMPOSE_RECORD as RECORD,  # a run's record reads it back (its chain)
@@ -23,9 +37,6 @@ from llamafactory_hera_patches.stacks import dtype_key
 
 def add_image_token(tokenizer: Any, llm: Any) -> str:
     """Add ``<image>`` to ``tokenizer`` with an embedding row in ``llm``; what was done, in words."""
-    import torch
-    from tokenizers import AddedToken
-
     if IMAGE_TOKEN in tokenizer.get_vocab():
         return f"{IMAGE_TOKEN} already in the LLM's tokenizer (id {tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)}): kept"
     known = len(tokenizer)
@@ -53,10 +64,6 @@ def add_image_token(tokenizer: Any, llm: Any) -> str:
 def _vision_tower(name: str) -> Any:
     """The vision tower with weights (``CLIPVisionModel`` / ``SiglipVisionModel``), from a two-tower or vision-only
     model."""
-    from transformers import AutoConfig
-    from transformers.models.auto.modeling_auto import MODEL_MAPPING
-    from transformers.utils import logging
-
     config = AutoConfig.from_pretrained(name)
     vision_config = getattr(config, "vision_config", None) or config
     verbosity = logging.get_verbosity()
@@ -79,10 +86,6 @@ def _vision_tower(name: str) -> Any:
 
 def _llava_model(plan: ComposePlan, llm: Any, tower: Any, token_id: int) -> Any:
     """LLaVA of ``llm``'s modules, ``tower`` and a seeded projector."""
-    import torch
-    from transformers import LlavaConfig, LlavaForConditionalGeneration
-    from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
-
     geometry = plan.geometry
     config = LlavaConfig(
         text_config=llm.config,
@@ -113,8 +116,6 @@ def _llava_model(plan: ComposePlan, llm: Any, tower: Any, token_id: int) -> Any:
 
 
 def _processor(plan: ComposePlan, tokenizer: Any) -> Any:
-    from transformers import AutoImageProcessor, LlavaProcessor
-
     geometry = plan.geometry
     return LlavaProcessor(
         image_processor=AutoImageProcessor.from_pretrained(plan.vision),
@@ -128,8 +129,6 @@ def _processor(plan: ComposePlan, tokenizer: Any) -> Any:
 
 def compose(plan: ComposePlan, tokenizer: Any) -> dict[str, Any]:
     """Build and write the model, processor and :data:`RECORD` to ``plan.output``; return the record."""
-    from transformers import AutoModelForCausalLM
-
     llm = AutoModelForCausalLM.from_pretrained(plan.llm, **{dtype_key(): "auto"})
     tower = _vision_tower(plan.vision)
     dtype, vision_dtype = (str(module.dtype).removeprefix("torch.") for module in (llm, tower))

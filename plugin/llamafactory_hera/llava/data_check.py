@@ -12,6 +12,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from datasets.exceptions import DatasetGenerationError
+from tqdm import tqdm
+
+from llamafactory_hera.hera.selection.command import load_recipe
+from llamafactory_hera.plots.heads import format_head_table
 from llamafactory_hera.recipe.dataset_info import (
     MISSING,
     UNREADABLE,
@@ -20,7 +25,10 @@ from llamafactory_hera.recipe.dataset_info import (
     image_marks,
     image_problem,
 )
+from llamafactory_hera.recipe.parsed_checks import check_dataset_names
 from llamafactory_hera.runtime.errors import RecipeError
+from llamafactory_hera_patches.data.templates import image_placeholder
+from llamafactory_hera_patches.tools.model_data import load_aligned_rows, parse_recipe
 
 FIRST_PATHS = 10  # bad paths listed
 IMAGE_CHUNK = 4096  # images handed to the threads at a time
@@ -88,8 +96,6 @@ def _aligned(rows: Any) -> Any:
 
 def check_images(paths: list[str], decode: bool, workers: int, desc: str) -> dict[str, str]:
     """``path -> MISSING | UNREADABLE`` for the bad ``paths``, on ``workers`` threads."""
-    from tqdm import tqdm
-
     problems: dict[str, str] = {}
     with (
         ThreadPoolExecutor(max_workers=workers) as pool,
@@ -106,8 +112,6 @@ def check_images(paths: list[str], decode: bool, workers: int, desc: str) -> dic
 
 def count_rows(name: str, rows: Any, placeholder: str, media_dir: str, decode: bool, workers: int) -> DatasetCounts:
     """Count aligned ``rows`` and check each distinct image once (``workers`` threads; bars on a terminal)."""
-    from tqdm import tqdm
-
     counts = DatasetCounts(name, rows=len(rows))
     image_rows: list[tuple[list[str], bool]] = []  # files, marks match
     for row, (prompt, response, images) in enumerate(
@@ -139,10 +143,6 @@ def count_rows(name: str, rows: Any, placeholder: str, media_dir: str, decode: b
 
 def _load(recipe_args: Any, seed: int, name: str, file_name: Any) -> Any:
     """Aligned rows of ``name``; RecipeError for a file the loader cannot read as a table."""
-    from datasets.exceptions import DatasetGenerationError
-
-    from llamafactory_hera_patches.tools.model_data import load_aligned_rows
-
     try:
         return load_aligned_rows(recipe_args, seed, [name])
     except DatasetGenerationError as err:
@@ -158,11 +158,6 @@ def _load(recipe_args: Any, seed: int, name: str, file_name: Any) -> Any:
 def check_recipe(recipe_path: Path, decode: bool, workers: int) -> tuple[list[DatasetCounts], str]:
     """Every dataset counted, and the run's ``media_dir``. RecipeError for no datasets, a dataset not in
     ``dataset_info.json`` or without its file, a non-folder ``media_dir``, an unloadable file, ``workers`` < 1."""
-    from llamafactory_hera.hera.selection.command import load_recipe
-    from llamafactory_hera.recipe.parsed_checks import check_dataset_names
-    from llamafactory_hera_patches.data.templates import image_placeholder
-    from llamafactory_hera_patches.tools.model_data import parse_recipe
-
     if workers < 1:
         raise RecipeError(f"data check: --workers must be at least 1, got {workers}.")
     _, recipe = load_recipe(recipe_path)
@@ -196,8 +191,6 @@ def check_recipe(recipe_path: Path, decode: bool, workers: int) -> tuple[list[Da
 
 def report(counts: list[DatasetCounts], media_dir: str, decode: bool) -> str:
     """Table, histograms, a note on text-only rows, how images were checked, the first bad paths."""
-    from llamafactory_hera.plots.heads import format_head_table
-
     rows = [c.table_row() for c in counts]
     lines = [format_head_table(rows, list(rows[0])), *(c.histogram() for c in counts)]
     if any(c.text_only_rows for c in counts):

@@ -116,7 +116,8 @@ def _annotate_cells(ax: Any, array: np.ndarray, signed: bool) -> None:
 
 def _hatch(ax: Any, cells: np.ndarray) -> None:
     """Hatch every ``True`` cell of ``cells`` ``[layers, heads]`` (within noise)."""
-    from matplotlib.patches import Rectangle  # lazy
+    # lazy: matplotlib, only when a figure is drawn
+    from matplotlib.patches import Rectangle
 
     for layer, head in zip(*np.nonzero(cells), strict=True):
         ax.add_patch(

@@ -86,7 +86,8 @@ def read_series(output_dir: str | Path) -> Series:
 
 def integer_steps(ax: Any, steps: list[int], label: str = "step") -> None:
     """Integer step ticks on ``ax`` (one tick for one step)."""
-    from matplotlib.ticker import MaxNLocator  # lazy
+    # lazy: matplotlib, only when a figure is drawn
+    from matplotlib.ticker import MaxNLocator
 
     if len(set(steps)) == 1:
         ax.set_xlim(steps[0] - 1, steps[0] + 1)
