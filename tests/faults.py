@@ -163,25 +163,25 @@ def random_fault(rng: random.Random, point: str | None = None) -> dict[str, Any]
     return fault
 
 
-def phase_fault(rng: random.Random, phase: str, signal: str, rank: int) -> dict[str, Any]:
+def section_fault(rng: random.Random, section: str, signal: str, rank: int) -> dict[str, Any]:
     """A fault of ``signal`` (tests/fault_injection/: ``sigkill``, ``sigterm``, ``sigusr1``, ``sigstop``) from
-    ``rank`` at a random point of ``phase`` of a launch: ``load``, ``selection`` (rank 1 only as it begins: rank 0
+    ``rank`` at a random point of ``section`` of a launch: ``load``, ``selection`` (rank 1 only as it begins: rank 0
     scores the heads), ``precompute`` (the teacher's pass), ``directions`` (HARC's), ``step``, ``save`` (a checkpoint's
     file or marker; rank 1 writes only its RNG state), ``final`` (the end-of-run save, which rank 0 alone writes).
     Steps and saves are counted from the launch's first or second, so that a resumed launch reaches them too."""
-    kill, fault = signal == "sigkill", {"phase": phase, "signal": signal, "rank": rank, "at": 1}
-    if phase == "selection" and rank == 0:
+    kill, fault = signal == "sigkill", {"section": section, "signal": signal, "rank": rank, "at": 1}
+    if section == "selection" and rank == 0:
         fault["at"] = rng.randint(1, 5)  # as it begins, or before one of its 4 batches is kept
-    elif phase == "precompute":
+    elif section == "precompute":
         fault.update(point="precompute", at=rng.randint(1, 4), when=rng.choice(["forward", "kept"]))
-    elif phase == "step":
+    elif section == "step":
         point = rng.choice(["forward", "optimizer"] if kill else ["step", "forward", "optimizer"])
         fault.update(point=point, step=rng.randint(1, 2))
         if point == "forward":
             fault["at"] = rng.randint(1, LAYERS)
         elif point == "optimizer":
             fault["when"] = rng.choice(["pre", "post"])
-    elif phase == "save":
+    elif section == "save":
         whens = ["before", "torn"] if kill else ["before"]
         if rank == 1 or rng.random() < 0.5:
             fault.update(point="write", at=1 if rank else rng.randint(1, 4), when=rng.choice(whens),
@@ -189,6 +189,6 @@ def phase_fault(rng: random.Random, phase: str, signal: str, rank: int) -> dict[
         else:
             fault.update(point="marker", at=rng.randint(1, 2),
                          when=rng.choice(["before", "after", "rotate"] if kill else ["before", "after"]))
-    elif phase == "final":
+    elif section == "final":
         fault.update(rank=0, at=rng.randint(1, 2), when=rng.choice(["before", "torn"] if kill else ["before"]))
-    return {"point": phase, **fault}
+    return {"point": section, **fault}

@@ -5,8 +5,8 @@ node.sh's launcher as slurmstepd outlives a step's task, and its end ends every 
 SLURM ends a step whose task ended. Every start of the job is the SAME command on both nodes
 (``resume_from_checkpoint: true`` and the job's save signal: ``hera_save_on_signal: sigusr1`` as the sbatch passes it
 for its ``--signal=USR1@N``, or the default SIGTERM); nothing is edited between starts. A start's fault
-(tests/faults.py :func:`phase_fault`, acted by tests/fault_injection/) is a signal at a phase of one rank's run (load,
-head selection, the teacher's pass, HARC's directions, a step, a save, the final save):
+(tests/faults.py :func:`section_fault`, acted by tests/fault_injection/) is a signal in a section of one rank's run
+(load, head selection, the teacher's pass, HARC's directions, a step, a save, the final save):
 
 - ``sigkill``: every process of that rank's node killed (a lost host);
 - ``sigterm`` / ``sigusr1``: sent by this test to every task of both nodes, as SLURM signals a job's tasks
@@ -24,12 +24,12 @@ The campaign (not in the suite; one command)::
 
     HERA_MULTINODE_CAMPAIGN=N python3 dev.py test tests/test_multinode.py -m faults -p no:xdist
 
-runs chains of seeded random (signal, phase, node) starts, each followed by the same command, until N faulted starts
+runs chains of seeded random (signal, section, node) starts, each followed by the same command, until N faulted starts
 reached their fault, HeRA runs (the teacher's pass before step 1), HeRA runs with ``hera_heads: auto`` (head selection
 before step 1) and HARC runs (its directions before step 1) in turn (``HERA_MULTINODE_STAGES=hera,harc``: some of
 them), and prints the table: tries,
 chains ended equal, lost, hand edits (a start of the same command that failed without a fault: an edit would have
-been needed), per stage, phase and signal, and the watchdog's time to end the job per phase of a frozen node.
+been needed), per stage, section and signal, and the watchdog's time to end the job per section of a frozen node.
 
 A launch of its own: two torchrun agents rendezvousing across namespaces, a frozen node and the requeue are what no
 in-process test has."""
@@ -57,7 +57,7 @@ import psutil
 import pytest
 import yaml
 from dist_runs import launch_runs
-from faults import HOOK, ROWS, STEPS, fault_env, phase_fault, recipe
+from faults import HOOK, ROWS, STEPS, fault_env, recipe, section_fault
 from fsdp_checks import FSDP_HOOK, assert_fsdp2, fsdp2_config_file
 
 from conftest import LAUNCH_ENV, free_port, offline_env, processes_marked
@@ -237,16 +237,16 @@ def assert_watchdog_ended(started: Start, node: int) -> None:
 
 def test_a_seeded_chain_of_a_frozen_node_and_a_preemption_ends_as_never_stopped(assets: Any, tmp_path: Path) -> None:
     """A job on the default save signal (SIGTERM: a partition that preempts with a grace time, no ``--signal``).
-    Start 1: one node frozen at a seeded phase (the other ends the job, the watchdog's line). Start 2: SIGTERM to every
+    Start 1: a node frozen in a seeded section (the other ends the job, the watchdog's line). Start 2: SIGTERM to every
     task at a seeded step or save (SLURM's preemption): every rank saves and stops, both nodes exit 0, each node's log
     says so (its first rank's line and its launcher's), the record ``stopped`` (before: it ended ``llamafactory-cli``
     itself, 143, and the step's processes with it: no stop line, the record ``running``). Start 3 finishes equal to
     the reference, computed while the frozen node's partner waits out the bound (the machine's cores are idle then).
     (A SIGKILL of a node: the campaign.)"""
     rng = random.Random(SEED)
-    frozen_phase, node = rng.choice(["load", "precompute", "step", "save"]), rng.randrange(2)
-    first = phase_fault(rng, frozen_phase, "sigstop", node)
-    preempted = phase_fault(rng, rng.choice(["step", "save"]), "sigterm", rng.randrange(2))
+    frozen_section, node = rng.choice(["load", "precompute", "step", "save"]), rng.randrange(2)
+    first = section_fault(rng, frozen_section, "sigstop", node)
+    preempted = section_fault(rng, rng.choice(["step", "save"]), "sigterm", rng.randrange(2))
     print(f"HERA_MULTINODE_SEED={SEED}: {first} then {preempted}")
     # two steps more than faults.py's run, so that every seed's preemption stops before the last step: start 1 leaves
     # a whole checkpoint of step 2 at most (a node frozen before checkpoint-2's marker writes it once thawed), start
@@ -262,7 +262,7 @@ def test_a_seeded_chain_of_a_frozen_node_and_a_preemption_ends_as_never_stopped(
         assert "holds no run yet: starting it" in starts[0].logs[0], starts[0].logs[0][-5000:]  # resume: true
         assert starts[0].reached and not starts[0].finished, said
         assert_watchdog_ended(starts[0], node)
-        print(f"two nodes: node {node} frozen ({frozen_phase}); the other ended the job {starts[0].ended:.0f} s "
+        print(f"two nodes: node {node} frozen ({frozen_section}); the other ended the job {starts[0].ended:.0f} s "
               "after the freeze")
         # every node's log says why it ended: its first rank's stop line and its launcher's
         stops = [log.count("SIGTERM: saved the whole checkpoint") for log in starts[1].logs]
@@ -286,7 +286,7 @@ def test_the_fsdp2_launch_on_two_nodes_shards_and_stops_on_the_jobs_signal(asset
     same code on one node: tests/test_fault_injection.py's FSDP2 chain). Before, node.sh launched DDP only: the 72B
     recipe had no multi-node launch."""
     rng = random.Random(SEED)
-    stop = phase_fault(rng, "step", "sigusr1", rng.randrange(2))
+    stop = section_fault(rng, "step", "sigusr1", rng.randrange(2))
     print(f"HERA_MULTINODE_SEED={SEED}: {stop}")
     env = {"ACCELERATE_CONFIG": str(fsdp2_config_file(tmp_path)), "PYTHONPATH": f"{HOOK}{os.pathsep}{FSDP_HOOK}",
            "HERA_TEST_FSDP_ON_CPU": "1", "HERA_TEST_FSDP_EVIDENCE": str(tmp_path / "fsdp")}
@@ -297,7 +297,7 @@ def test_the_fsdp2_launch_on_two_nodes_shards_and_stops_on_the_jobs_signal(asset
     assert_fsdp2(tmp_path, {"step", "save"})
 
 
-STAGES = {  # a chain's run -> (its phases, its recipe for output_dir ``out``)
+STAGES = {  # a chain's run -> (its sections, its recipe for output_dir ``out``)
     "hera": (("load", "precompute", "step", "save", "final"), lambda assets, harc_assets, out: recipe(assets, out)),
     # head selection computes every teacher feature in its own pass: the teacher's pass before step 1 has none left
     "hera-auto": (("selection", "load", "step", "save", "final"),  # the selection loads its own model first
@@ -314,7 +314,7 @@ STAGES = {  # a chain's run -> (its phases, its recipe for output_dir ``out``)
                     reason="the campaign: HERA_MULTINODE_CAMPAIGN=N faulted starts")
 def test_campaign_of_seeded_signals_at_every_phase_loses_no_run(assets: Any, harc_assets: Any,
                                                                  tmp_path: Path) -> None:
-    """Chains of up to 3 seeded (signal, phase, node) faults, each start the same command, until N faults were
+    """Chains of up to 3 seeded (signal, section, node) faults, each start the same command, until N faults were
     reached: HeRA (the teacher's pass before step 1), HeRA with ``hera_heads: auto`` (head selection before step 1)
     and HARC (its directions) chains in turn, or only the runs ``HERA_MULTINODE_STAGES`` lists
     (``hera,hera-auto,harc``). Each reached fault counts as equal (its chain finished bit for bit as the reference)
@@ -328,25 +328,27 @@ def test_campaign_of_seeded_signals_at_every_phase_loses_no_run(assets: Any, har
     freezes: list[tuple[str, str, float | None, bool]] = []
     chain = 0
     while len(rows) < wanted:
-        stage, phases = stages[chain % len(stages)], STAGES[stages[chain % len(stages)]][0]
-        # in the order of a run's phases: a start's phase is then seldom one its chain has passed for good (the
+        stage, sections = stages[chain % len(stages)], STAGES[stages[chain % len(stages)]][0]
+        # in the order of a run's sections: a start's section is then seldom one its chain has passed for good (the
         # teacher's pass and the selection, once complete, are not run again)
-        faults = sorted((phase_fault(rng, rng.choice(phases), rng.choice(["sigkill", "sigterm", "sigusr1", "sigstop"]),
-                                     rng.randrange(2)) for _ in range(min(3, wanted - len(rows)))),
-                        key=lambda fault: phases.index(fault["phase"]))
+        signals = ["sigkill", "sigterm", "sigusr1", "sigstop"]
+        faults = sorted((section_fault(rng, rng.choice(sections), rng.choice(signals), rng.randrange(2))
+                         for _ in range(min(3, wanted - len(rows)))),
+                        key=lambda fault: sections.index(fault["section"]))
         job = Job(tmp_path / f"chain{chain}", makes[stage], stage.split("-")[0])
         starts = job.chain(faults)
         equal = starts[-1].finished and not differences(model_tensors(expected[stage]), model_tensors(job.out))
         for index, start in enumerate(starts):
-            phase, name = (start.fault["phase"], start.fault.get("signal", "sigkill")) if start.fault else ("-", "-")
+            fault = start.fault or {}
+            section, name = (fault["section"], fault.get("signal", "sigkill")) if fault else ("-", "-")
             if start.fault and start.reached:
-                rows.append((stage, phase, name, start.fault["rank"], "equal" if equal else "lost"))
+                rows.append((stage, section, name, start.fault["rank"], "equal" if equal else "lost"))
                 if name == "sigstop":
                     node = start.fault["rank"]
                     named = len(re.findall(rf"watchdog: rank {node} on node{node},", start.logs[1 - node])) == 1
-                    freezes.append((stage, phase, start.ended, named))
+                    freezes.append((stage, section, start.ended, named))
             elif not start.finished:  # the same command failed with no fault: an edit would be needed
-                edits[(starts[index - 1].fault or {}).get("phase", "-") if index else "-"] += 1
+                edits[(starts[index - 1].fault or {}).get("section", "-") if index else "-"] += 1
         print(f"chain {chain} ({stage}, ended equal: {equal}): "
               f"{[(start.fault, start.reached, start.codes, start.finished) for start in starts]}", flush=True)
         for index, start in enumerate(starts):  # what a failed start printed, for the reader of the table
@@ -355,11 +357,11 @@ def test_campaign_of_seeded_signals_at_every_phase_loses_no_run(assets: Any, har
         chain += 1
     table = Counter(row[:3] for row in rows)
     print(f"HERA_MULTINODE_SEED={SEED}: faulted starts {len(rows)}, chains {chain}")
-    print(f"{'run':<10}{'phase':<11}{'signal':<9}{'tries':>6}{'equal':>6}{'lost':>6}")
-    for (stage, phase, name), tries in sorted(table.items()):
-        equal = sum(row[:3] == (stage, phase, name) and row[4] == "equal" for row in rows)
-        print(f"{stage:<10}{phase:<11}{name:<9}{tries:>6}{equal:>6}{tries - equal:>6}")
+    print(f"{'run':<10}{'section':<11}{'signal':<9}{'tries':>6}{'equal':>6}{'lost':>6}")
+    for (stage, section, name), tries in sorted(table.items()):
+        equal = sum(row[:3] == (stage, section, name) and row[4] == "equal" for row in rows)
+        print(f"{stage:<10}{section:<11}{name:<9}{tries:>6}{equal:>6}{tries - equal:>6}")
     print(f"hand edits needed: {sum(edits.values())} {dict(edits)}")
-    print("frozen node -> job ended (stage, phase, seconds, watchdog line naming it):", freezes)
+    print("frozen node -> job ended (stage, section, seconds, watchdog line naming it):", freezes)
     assert not [row for row in rows if row[4] == "lost"] and not edits and all(row[3] for row in freezes), (
         rows, edits, freezes)
