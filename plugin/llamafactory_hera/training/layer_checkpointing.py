@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -38,6 +38,13 @@ def checkpointing_kind(module: nn.Module) -> str:
     return "custom"
 
 
+class _Switch(NamedTuple):
+    """A decoder layer's checkpointing as last seen: on or off, and the function it checkpoints with."""
+
+    on: bool
+    function: Any
+
+
 class LayerCheckpointing:
     """Switches the method's ``layers`` (named by ``owner``) and every KV-sharing chain's from reentrant to
     non-reentrant (LLaMA-Factory's ``use_reentrant_gc: false`` function). With ``reentrant(index, function)``, the
@@ -60,7 +67,7 @@ class LayerCheckpointing:
         self.recipe: dict[int, str] = {}  # wanted layer -> its kind before the switch
         self.read_through: set[int] = set()  # the method's layers kept reentrant
         self._function: Any = None  # built at the first switch
-        self._seen: dict[int, tuple[bool, Any]] = {}
+        self._seen: dict[int, _Switch] = {}
         self.ensure()
 
     def _wanted(self) -> list[int]:
@@ -71,7 +78,7 @@ class LayerCheckpointing:
         """Switch the wanted layers that checkpoint reentrantly (cheap when nothing changed)."""
         for index in self._wanted():
             layer = self._decoder_layers[index]
-            state = (
+            state = _Switch(
                 getattr(layer, "gradient_checkpointing", False),
                 getattr(layer, "_gradient_checkpointing_func", None),
             )
@@ -80,14 +87,14 @@ class LayerCheckpointing:
             self.recipe[index] = checkpointing_kind(layer)
             self.read_through.discard(index)
             if self.recipe[index] == "reentrant" and self._reentrant is not None and index not in self._shared:
-                layer._gradient_checkpointing_func = self._reentrant(index, state[1])
+                layer._gradient_checkpointing_func = self._reentrant(index, state.function)
                 self.read_through.add(index)
-                state = (state[0], layer._gradient_checkpointing_func)
+                state = state._replace(function=layer._gradient_checkpointing_func)
             elif self.recipe[index] == "reentrant":
                 if self._function is None:
                     self._function = non_reentrant_checkpointing()
                 layer._gradient_checkpointing_func = self._function
-                state = (state[0], self._function)
+                state = state._replace(function=self._function)
             self._seen[index] = state
 
     def switched(self) -> list[int]:

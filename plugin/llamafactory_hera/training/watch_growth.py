@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import threading
+from typing import NamedTuple
 
 from llamafactory_hera.training import sections
 
@@ -23,7 +24,14 @@ CHECKPOINTS = ("checkpoint-", "tmp-checkpoint-")  # the saves' folders in output
 WALKED = 512  # the most files a walk stats; the rest it counts by name
 # bytes written between two looks that are a save's, not a log's lines (a rank's output goes to a file under SLURM)
 WROTE = 1 << 20
-Measure = tuple[str, int, int]  # the folder, its files, their bytes
+
+
+class Measure(NamedTuple):
+    """A walk of a folder: its files and their bytes."""
+
+    folder: str
+    files: int
+    size: int  # their bytes
 
 
 class Growth:
@@ -52,7 +60,8 @@ class Growth:
             self.seen = self.measured = None
             return False
         measured = self.measured
-        grew = measured is not None and self.seen is not None and measured[0] == self.seen[0] and measured != self.seen
+        same_folder = measured is not None and self.seen is not None and measured.folder == self.seen.folder
+        grew = same_folder and measured != self.seen
         self.seen = measured
         idle = self.thread is None or not self.thread.is_alive()
         if self.walks and still and not waiting and not wrote and idle:
@@ -91,7 +100,7 @@ def measure(folder: str, skip: tuple[str, ...] = ()) -> Measure:
             except OSError:  # gone meanwhile
                 continue
             files += 1
-    return folder, files, size
+    return Measure(folder, files, size)
 
 
 def written_bytes() -> int:
