@@ -1,8 +1,5 @@
-"""Build and write ``LlavaForConditionalGeneration`` from a text-only LLM, an encoder's vision tower and a fresh
-projector, with its ``LlavaProcessor`` and a record (docs/hera.md, "Compose a LLaVA-1.5 model from an LLM"). SigLIP's
-attention-pooling head is left out: a trainable tower holds no parameters without gradients. Written to a temporary
-sibling folder moved to ``--output`` at the end: a failed compose leaves nothing.
-"""
+"""Build and write ``LlavaForConditionalGeneration`` (docs/hera.md, "Compose a LLaVA-1.5 model from an LLM"), in a
+temporary sibling folder moved to ``--output`` at the end."""
 
 from __future__ import annotations
 
@@ -22,7 +19,7 @@ from llamafactory_hera_patches.stacks import dtype_key
 
 
 def add_image_token(tokenizer: Any, llm: Any) -> str:
-    """Add ``<image>`` to ``tokenizer`` with an embedding row in ``llm``; what was done, in words."""
+    """Add ``<image>`` with an embedding row in ``llm``; what was done, in words."""
     import torch
     from tokenizers import AddedToken
 
@@ -51,8 +48,6 @@ def add_image_token(tokenizer: Any, llm: Any) -> str:
 
 
 def _vision_tower(name: str) -> Any:
-    """The vision tower with weights (``CLIPVisionModel`` / ``SiglipVisionModel``), from a two-tower or vision-only
-    model."""
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_MAPPING
     from transformers.utils import logging
@@ -78,7 +73,6 @@ def _vision_tower(name: str) -> Any:
 
 
 def _llava_model(plan: ComposePlan, llm: Any, tower: Any, token_id: int) -> Any:
-    """LLaVA of ``llm``'s modules, ``tower`` and a seeded projector."""
     import torch
     from transformers import LlavaConfig, LlavaForConditionalGeneration
     from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
@@ -127,7 +121,6 @@ def _processor(plan: ComposePlan, tokenizer: Any) -> Any:
 
 
 def compose(plan: ComposePlan, tokenizer: Any) -> dict[str, Any]:
-    """Build and write the model, processor and :data:`RECORD` to ``plan.output``; return the record."""
     from transformers import AutoModelForCausalLM
 
     llm = AutoModelForCausalLM.from_pretrained(plan.llm, **{dtype_key(): "auto"})
