@@ -1,1 +1,1 @@
-"""The LlamaBoard panel every method declares: its spec, builder, widgets, checks and shared texts."""
+"""The LlamaBoard panel every method declares."""

@@ -1,7 +1,4 @@
-"""Builds every method's LlamaBoard panel: a :class:`~.spec.PanelDeclaration` and its ``panel_texts.yaml`` -> the
-:class:`MethodPanel` :mod:`llamafactory_hera_patches.webui.board` wires in. No LLaMA-Factory internals; gradio is
-passed in.
-"""
+"""Builds every method's LlamaBoard panel; gradio is passed in."""
 
 from __future__ import annotations
 
@@ -32,13 +29,10 @@ TEXTS_FILE = "panel_texts.yaml"  # a method's: fields (key -> language -> [label
 
 
 def read_texts(package: str) -> dict[str, Any]:
-    """``package``'s ``panel_texts.yaml``, from the installed package."""
     return yaml.safe_load(resources.files(package).joinpath(TEXTS_FILE).read_text(encoding="utf-8")) or {}
 
 
 class BoxField:
-    """A :class:`~.spec.Field` resolved against the arguments dataclass."""
-
     def __init__(self, declared: Field, declaration: PanelDeclaration) -> None:
         spec = declaration.spec(declared.key)
         self.key = declared.key
@@ -53,8 +47,7 @@ class BoxField:
         self.only_with = declared.only_with
 
     def recipe_value(self, value: Any) -> Any:
-        """The box's value as a recipe value; a checkbox as a bool, which the web-UI patch keeps where LlamaBoard
-        drops false values."""
+        """A checkbox as a bool, which the web-UI patch keeps where LlamaBoard drops false values."""
         if self.widget == "checkbox":
             return bool(value)
         if self.widget == "dataset" and value is None:
@@ -64,8 +57,6 @@ class BoxField:
 
 
 class MethodPanel:
-    """A method's LlamaBoard panel, built from its declaration."""
-
     def __init__(self, declaration: PanelDeclaration, texts: Mapping[str, Any], shared: Mapping[str, Any]) -> None:
         self.declaration = declaration
         self.fields = tuple(BoxField(declared, declaration) for declared in declaration.fields)
@@ -92,11 +83,7 @@ class MethodPanel:
                 for lang, (label, info) in texts["fields"][field.key].items()
             }
 
-    # -- gradio ------------------------------------------------------------------------------------------------
-
     def create_panel(self, gr: Any, dataset_dir: str | None = None) -> dict[str, Any]:
-        """Element -> component in the current gradio context: the note (if any), the inputs, the plan's button and
-        box."""
         note = {}
         if self.note:
             note[self.note] = gr.Markdown(elem_id=f"train-{self.note}", **self.locales[self.note]["en"])
@@ -113,7 +100,6 @@ class MethodPanel:
         return elems
 
     def inputs(self, elems: Mapping[str, Any]) -> dict[str, Any]:
-        """The field components among ``elems``."""
         return {key: elem for key, elem in elems.items() if key in self.keys}
 
     def bind(self, gr: Any, train_elems: Mapping[str, Any], own: Mapping[str, Any]) -> None:
@@ -133,10 +119,8 @@ class MethodPanel:
                 lambda directory: gr.Dropdown(choices=dataset_names(directory)), [dataset_dir], [box], queue=False
             )
 
-    # -- the run's arguments -------------------------------------------------------------------------------------
-
     def build_args(self, values: Mapping[str, Any]) -> dict[str, Any]:
-        """The method's arguments from the panel's values (missing: defaults), without unmet ``only_with`` fields."""
+        """Missing values: defaults; unmet ``only_with`` fields left out."""
         merged = {field.key: values.get(field.key, field.default) for field in self.fields}
         recipe = {field.key: field.recipe_value(merged[field.key]) for field in self.fields}
         return {
@@ -146,11 +130,10 @@ class MethodPanel:
         }
 
     def method_keys(self, extra: Mapping[str, Any] | None) -> dict[str, Any]:
-        """The method's keys in "Extra arguments" (they win over the panel)."""
+        """They win over the panel."""
         return {key: value for key, value in (extra or {}).items() if str(key).startswith(self.declaration.prefix)}
 
     def host_args(self, args: dict[str, Any], extra: Mapping[str, Any] | None) -> dict[str, Any]:
-        """``args`` without unused host keys, unless "Extra arguments" sets them."""
         return {
             key: value
             for key, value in args.items()
@@ -163,8 +146,7 @@ class MethodPanel:
         extra: Mapping[str, Any] | None = None,
         context: Mapping[str, Any] | None = None,
     ) -> str:
-        """Empty when the values and "Extra arguments" make a valid run, else one line naming the key; checks and
-        dataset names use ``context`` (``model_path``, ``dataset_dir``) where readable locally."""
+        """Empty when the values and "Extra arguments" make a valid run, else one line naming the key."""
         raw = {**self.build_args(values), **self.method_keys(extra)}
         try:
             parsed = self.declaration.parse(raw)
@@ -178,11 +160,9 @@ class MethodPanel:
         return self._dataset_problem(raw, context.get("dataset_dir"))
 
     def error_text(self, problem: str, lang: str) -> str:
-        """``problem`` after the error prefix in ``lang`` (else English), escaped for the HTML toast."""
         return self.error_prefix.get(lang, self.error_prefix["en"]) + as_markup(problem)
 
     def _with_field_hint(self, problem: str) -> str:
-        """``problem`` plus where its key belongs if the panel has no field for it."""
         match = re.match(r"(\w+):", problem) or re.search(r"key '(\w+)'", problem)
         key = match.group(1) if match else ""
         if not key.startswith(self.declaration.prefix) or key in self.keys:
@@ -208,18 +188,13 @@ class MethodPanel:
             f"{listed_text}). Pick one of those or add it there.{hint}"
         )
 
-    # -- LlamaBoard's loss plot ----------------------------------------------------------------------------------
-
     def owns_loss_plot(self, trainer_log: list[dict[str, Any]]) -> bool:
-        """Whether parsed trainer_log.jsonl lines come from this method's run."""
         plot = self.declaration.loss_plot
         markers = (plot.marker,) if plot.marker else plot.plot.terms if plot.plot else ()
         return any(log.get(key) is not None for log in trainer_log for key in markers)
 
     def loss_figure(self, trainer_log: list[dict[str, Any]], smooth: Any) -> Any:
-        """LlamaBoard's loss plot: the declared figure, else ``training.png``'s
-        (:func:`~llamafactory_hera.plots.training.draw_training`) with LlamaBoard's smoothing; None if nothing
-        was logged."""
+        """The declared figure, else ``training.png``'s with LlamaBoard's smoothing; None if nothing was logged."""
         plot = self.declaration.loss_plot
         if plot.figure is not None:
             return plot.figure(trainer_log, smooth)
@@ -228,5 +203,4 @@ class MethodPanel:
 
 
 def build_panel(declaration: PanelDeclaration) -> MethodPanel:
-    """The declaration's panel, with its texts."""
     return MethodPanel(declaration, read_texts(declaration.package), read_texts(__package__))

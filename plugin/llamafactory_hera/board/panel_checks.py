@@ -1,6 +1,4 @@
-"""What a LlamaBoard panel can read locally before a run: the Data dir's datasets, a model's depth and heads. Each
-answers "unknown" (empty, None) where nothing is local: the run checks the same itself before loading anything heavy.
-"""
+"""What a LlamaBoard panel can read locally before a run; "unknown" (empty, None) where nothing is local."""
 
 from __future__ import annotations
 
@@ -16,7 +14,6 @@ from llamafactory_hera.runtime.errors import RecipeError
 
 
 def _dataset_info(dataset_dir: Any) -> dict[str, Any] | None:
-    """``dataset_dir``'s dataset_info.json, or None."""
     if not dataset_dir or str(dataset_dir).startswith(NOT_LOCAL):
         return None
     try:
@@ -26,12 +23,10 @@ def _dataset_info(dataset_dir: Any) -> dict[str, Any] | None:
 
 
 def dataset_names(dataset_dir: Any) -> list[str]:
-    """Dataset names in ``dataset_dir``'s dataset_info.json, in file order."""
     return list(_dataset_info(dataset_dir) or {})
 
 
 def unknown_datasets(dataset_dir: Any, named: Mapping[str, Any]) -> dict[str, tuple[str, list[str]]]:
-    """key -> (name, names listed) per ``named`` dataset ``dataset_dir`` does not list."""
     info = _dataset_info(dataset_dir)
     if info is None:
         return {}
@@ -39,7 +34,7 @@ def unknown_datasets(dataset_dir: Any, named: Mapping[str, Any]) -> dict[str, tu
 
 
 def local_text_config(model_path: Any) -> Any:
-    """``model_path``'s text config if readable offline (folder or HF cache), else None."""
+    """Readable offline (folder or HF cache), else None."""
     if not model_path or not str(model_path).strip():
         return None
 
@@ -52,14 +47,11 @@ def local_text_config(model_path: Any) -> Any:
 
 
 def local_text_depth(model_path: Any) -> int | None:
-    """The text config's ``num_hidden_layers`` (:func:`local_text_config`), or None."""
     depth = getattr(local_text_config(model_path), "num_hidden_layers", None)
     return depth if isinstance(depth, int) and depth > 0 else None
 
 
 def local_attention_geometry(model_path: Any) -> AttentionGeometry | None:
-    """The text decoder's :func:`~llamafactory_hera.heads.geometry.attention_geometry` from
-    :func:`local_text_config`, or None."""
     text = local_text_config(model_path)
     try:
         return None if text is None else attention_geometry(text)

@@ -1,6 +1,4 @@
-"""What a method declares about its LlamaBoard panel (:mod:`.builder` makes it): per field only its place and what
-differs from the arguments dataclass; texts live in ``panel_texts.yaml``.
-"""
+"""What a method declares about its LlamaBoard panel; texts live in ``panel_texts.yaml``."""
 
 from __future__ import annotations
 
@@ -21,8 +19,8 @@ Check = Callable[[Any, Mapping[str, Any]], str]
 
 @dataclass(frozen=True)
 class Field:
-    """One panel input. ``widget`` "": :func:`widget_for`; ``default`` None: the dataclass's; ``normalize``: box
-    value -> recipe value; ``only_with`` (key, value): sent only while that field has ``value``."""
+    """``widget`` "": :func:`widget_for`; ``default`` None: the dataclass's; ``only_with`` (key, value): sent only
+    while that field has ``value``."""
 
     key: str
     row: int
@@ -34,14 +32,13 @@ class Field:
 
 
 def row(index: int, *keys: str, **options: Any) -> tuple[Field, ...]:
-    """``keys`` side by side in row ``index``, with the same ``options``."""
     return tuple(Field(key, index, **options) for key in keys)
 
 
 @dataclass(frozen=True)
 class LossPlot:
-    """LlamaBoard's loss plot of the method's runs. A log is the method's when a line carries ``marker`` ("": any of
-    ``plot``'s terms); ``figure``: ``(trainer_log lines, smooth) -> Figure`` drawn instead (no loss)."""
+    """A log is the method's when a line carries ``marker`` ("": any of ``plot``'s terms); ``figure``: ``(trainer_log
+    lines, smooth) -> Figure`` drawn instead."""
 
     plot: TrainingPlot | None = None
     marker: str = ""
@@ -50,11 +47,8 @@ class LossPlot:
 
 @dataclass(frozen=True)
 class PanelDeclaration:
-    """Everything method-specific about a panel. ``name``: in "<name> configurations" and "Invalid <name> setting: ";
-    ``prefix``: of its recipe keys; ``package``: holds ``panel_texts.yaml``; ``parse``: raw keys -> dataclass
-    (``ValueError`` naming the key); ``unused_host_keys``: Train-tab arguments dropped unless set in "Extra
-    arguments"; ``dataset_from_panel``: rows come from the panel (LlamaBoard's Dataset box may stay empty);
-    ``dataset_hint``: said for an unlisted dataset; ``checks``: run for the preview or the run."""
+    """``parse``: raw keys -> dataclass (``ValueError`` naming the key); ``unused_host_keys``: Train-tab arguments
+    dropped unless set in "Extra arguments"; ``dataset_from_panel``: LlamaBoard's Dataset box may stay empty."""
 
     name: str
     prefix: str
@@ -69,7 +63,6 @@ class PanelDeclaration:
     checks: tuple[Check, ...] = ()
 
     def spec(self, key: str) -> dataclasses.Field:
-        """The dataclass field of ``key``; KeyError naming both when absent."""
         specs = {spec.name: spec for spec in dataclasses.fields(self.arguments)}
         if key not in specs:
             raise KeyError(f"{key} is not a field of {self.arguments.__name__}")
@@ -77,8 +70,6 @@ class PanelDeclaration:
 
 
 def widget_for(spec: dataclasses.Field) -> str:
-    """A field's box: ``metadata["dataset"]`` -> dataset, ``choices`` -> dropdown, bool -> checkbox, int -> int,
-    float -> number, else textbox."""
     if spec.metadata.get("dataset"):
         return "dataset"
     if spec.metadata.get("choices"):
@@ -88,7 +79,6 @@ def widget_for(spec: dataclasses.Field) -> str:
 
 
 def default_of(spec: dataclasses.Field) -> Any:
-    """A field's default (factory called)."""
     if spec.default is not dataclasses.MISSING:
         return spec.default
     if spec.default_factory is not dataclasses.MISSING:

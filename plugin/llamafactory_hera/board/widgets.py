@@ -1,6 +1,4 @@
-"""The gradio side of a method's LlamaBoard panel: inputs row by row (fields are :class:`~.builder.BoxField`), and
-text made safe for its toasts. gradio is passed in by the caller, imported only when LlamaBoard is built.
-"""
+"""The gradio side of a method's LlamaBoard panel. gradio is passed in by the caller."""
 
 from __future__ import annotations
 
@@ -11,16 +9,14 @@ from typing import Any
 
 
 def as_markup(text: str) -> str:
-    """Escape ``text`` for LlamaBoard's HTML toast and output box: else ``L<layer>H<head>`` reads as tags and
-    vanishes."""
+    """Else ``L<layer>H<head>`` reads as tags and vanishes."""
     return html.escape(text, quote=False)
 
 
 def create_widgets(
     gr: Any, panel_fields: Iterable[Any], locales: dict[str, dict[str, dict[str, str]]], datasets: Sequence[str] = ()
 ) -> dict[str, Any]:
-    """Key -> input component in the current gradio context, row by row. Labels are English (LlamaBoard swaps in
-    the locale's); a dataset box is a dropdown of ``datasets`` that takes typed names too."""
+    """Labels are English (LlamaBoard swaps in the locale's); a dataset box is a dropdown that takes typed names too."""
     ordered = list(panel_fields)
     elems: dict[str, Any] = {}
     for row in sorted({f.row for f in ordered}):
@@ -45,7 +41,6 @@ def create_widgets(
 
 
 def typed_value(widget: str, value: Any) -> Any:
-    """Whole floats of int fields as int, text stripped."""
     if widget == "int" and isinstance(value, float) and value.is_integer():
         return int(value)
     if isinstance(value, str):

@@ -1,7 +1,4 @@
-"""The jailbreak task's ``--prompts FILE`` (and ``--targets FILE``) as the benchmarks ship them: JSON / JSONL,
-AdvBench's and HarmBench's CSVs (formats and exclusions: docs/eval.md, "Jailbreak robustness"). Errors name the file,
-row (a CSV's with its file line) and column; CSV field count, quoting and encoding: :mod:`..harc.source_files`.
-"""
+"""The jailbreak task's ``--prompts FILE`` and ``--targets FILE`` (docs/eval.md, "Jailbreak robustness")."""
 
 from __future__ import annotations
 
@@ -20,8 +17,8 @@ HASH_CHECK = "hash_check"
 
 @dataclass(frozen=True)
 class AttackData:
-    """A read prompts file. ``targets``: GCG's (prompt, target) pairs; ``behaviours``: (prompt, behaviour, context)
-    for the judge where they differ from the prompt; ``note``: rows left out."""
+    """``targets``: GCG's (prompt, target) pairs; ``behaviours``: (prompt, behaviour, context) where they differ from
+    the prompt; ``note``: rows left out."""
 
     prompts: tuple[str, ...]
     targets: tuple[tuple[str, str], ...] = ()
@@ -43,7 +40,6 @@ def _text(row: dict[str, Any], number: int | str, column: str, where: str, requi
 
 
 def _read_targets(path: Path | None, ids: list[str]) -> dict[str, str]:
-    """HarmBench's targets file (JSON object BehaviorID -> target), for ``ids``."""
     if path is None:
         return {}
     where = f"--targets {path}"
@@ -153,7 +149,6 @@ def _read_json(path: Path) -> AttackData:
 
 
 def read_attack_data(path: Path, targets_file: Path | None = None) -> AttackData:
-    """Read ``--prompts`` (and ``--targets``) as the module docstring says."""
     if not path.is_file():
         raise RecipeError(
             f"--prompts: {path} is not a file; give a JSON list, JSONL, AdvBench's or HarmBench's CSV of prompts"

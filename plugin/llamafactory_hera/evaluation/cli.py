@@ -1,5 +1,4 @@
-"""``llamafactory-hera eval``: a run against its baseline on benchmark presets (docs/eval.md). User errors are one
-line, raised before any model or library loads."""
+"""``llamafactory-hera eval`` (docs/eval.md). User errors are one line, raised before any model or library loads."""
 
 from __future__ import annotations
 
@@ -37,7 +36,6 @@ SCORER_PACKAGES = ("nltk>=3.9", "spacy>=3.8")  # the extra's rest: CHAIR's, AMBE
 
 
 def add_verbs(commands: Any) -> dict[str, Callable[[argparse.Namespace], None]]:
-    """Add the ``eval`` sub-command; returns verb -> handler."""
     presets = "; ".join(f"{name} ({p.holds})" for name, p in PRESETS.items())
     verb = commands.add_parser(
         "eval",
@@ -123,7 +121,6 @@ def add_verbs(commands: Any) -> dict[str, Callable[[argparse.Namespace], None]]:
 
 
 def require_library(library: str) -> None:
-    """One-line error unless ``library`` imports (the ``eval`` extra)."""
     if library not in MODULES:
         return
     try:
@@ -133,7 +130,6 @@ def require_library(library: str) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> None:
-    """Cheap checks first, then evaluate the run (and baseline) and write the reports."""
     # LLaMA-Factory's and transformers' logging at warnings: progress bars stay readable
     os.environ.setdefault("LLAMAFACTORY_VERBOSITY", "WARN")
 
@@ -167,7 +163,6 @@ def run_eval(args: argparse.Namespace) -> None:
 
 
 def _jailbreak_setup(args: argparse.Namespace, stage: str) -> Any:
-    """The checked jailbreak settings (:mod:`.jailbreak`); None without the task."""
     # lazy: only for eval (every verb's parser imports this module)
     from llamafactory_hera.evaluation.jailbreak import DEFAULT_ATTACKS, setup_from_args
 
@@ -199,7 +194,6 @@ def _jailbreak_setup(args: argparse.Namespace, stage: str) -> Any:
 
 
 def _with_transfer(setup: Any, baseline: Any) -> Any:
-    """``setup`` plus the baseline's GCG suffixes, tried on the run as ``gcg_transfer``."""
     if baseline is None:
         return setup
     answers = (baseline.results.get(JAILBREAK) or {}).get("answers", [])

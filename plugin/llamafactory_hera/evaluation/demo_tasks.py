@@ -1,6 +1,4 @@
-"""The ``demo`` task set: tiny offline tasks for lmms-eval (MLLMs) and lm-eval (text models), as local task folders
-(YAML task, ``utils.py``, JSON-lines dataset) passed as an include path: a hub task's loading and scoring, no hub.
-"""
+"""The ``demo`` task set: tiny offline tasks for lmms-eval and lm-eval, as local task folders (an include path)."""
 
 from __future__ import annotations
 
@@ -40,7 +38,6 @@ _TEXT_ITEMS = (
 
 
 def mllm_rows() -> list[dict[str, Any]]:
-    """MLLM demo rows: image recipe, question, four options, answer letter."""
     rows = []
     for index, (shape, colour, background, asked) in enumerate(_MLLM_ITEMS):
         truth = colour if asked == "colour" else shape
@@ -63,16 +60,11 @@ def mllm_rows() -> list[dict[str, Any]]:
 
 
 def text_rows() -> list[dict[str, Any]]:
-    """Text demo rows: question, four choices, index of the right one."""
     return [{"id": i, "question": q, "choices": list(c), "answer": a} for i, (q, c, a) in enumerate(_TEXT_ITEMS)]
 
 
-# --- lmms-eval's callbacks (named by the task YAML through utils.py) ---
-
-
 def mllm_doc_to_visual(doc: dict[str, Any]) -> list[Any]:
-    """The row's RGB PIL image of ``size`` [width, height], drawn from its seed as the fixtures draw theirs: the
-    shape on a square of the shorter side, centred on a background-coloured canvas."""
+    """The row's RGB image of ``size`` [width, height]: the shape on a square of the shorter side, centred."""
     # lazy: the demo task's images, drawn only for it
     import numpy as np
     from PIL import Image
@@ -93,7 +85,6 @@ def mllm_doc_to_visual(doc: dict[str, Any]) -> list[Any]:
 
 
 def mllm_doc_to_text(doc: dict[str, Any], lmms_eval_specific_kwargs: dict[str, Any] | None = None) -> str:
-    """Question, lettered options, "answer with a letter" (lmms-eval's MMBench style)."""
     options = "\n".join(f"{LETTERS[i]}. {option}" for i, option in enumerate(doc["options"]))
     return f"{doc['question']}\n{options}\nAnswer with the option's letter from the given choices directly."
 
@@ -106,7 +97,6 @@ _ANSWER_PATTERNS = (
 
 
 def answer_letter(text: str) -> str | None:
-    """The answer's option letter: "the answer is X", else a leading letter, else a letter alone."""
     for pattern in _ANSWER_PATTERNS:
         found = re.search(pattern, text)
         if found:
@@ -115,7 +105,6 @@ def answer_letter(text: str) -> str | None:
 
 
 def mllm_process_results(doc: dict[str, Any], results: list[str]) -> dict[str, float]:
-    """``accuracy``: 1 if :func:`answer_letter` is right, else 0."""
     return {"accuracy": float(answer_letter(results[0] if results else "") == doc["answer"])}
 
 
@@ -169,8 +158,7 @@ _UTILS = (
 
 
 def write_demo_tasks(folder: Path, library: str) -> Path:
-    """Write ``library``'s ("lmms-eval" / "lm-eval") demo task into ``folder``; return it (the include path). The
-    YAML holds the dataset's absolute path, so any working directory works."""
+    """Write ``library``'s demo task into ``folder``; return it (the include path)."""
     mllm = library == "lmms-eval"
     folder.mkdir(parents=True, exist_ok=True)
     data = folder / ("demo_mllm.jsonl" if mllm else "demo_text.jsonl")

@@ -1,11 +1,6 @@
-"""GCG for ``eval --tasks jailbreak``: an adversarial suffix optimised on the model itself (Zou et al. 2023, "Universal
-and Transferable Adversarial Attacks on Aligned Language Models", Algorithm 1, one prompt); own code, not nanogcg
-(why, budget, target, cost: docs/eval.md).
-
-Input ``before + suffix + after`` (:func:`llamafactory_hera.harc.data.template_tail`); loss: NLL of the target after
-it. Each iteration: :func:`token_gradients`, :func:`sample_candidates`, :func:`keep_retokenizable`,
-:func:`target_losses`; the best candidate is the next suffix.
-"""
+"""GCG for ``eval --tasks jailbreak`` (Zou et al. 2023, "Universal and Transferable Adversarial Attacks on Aligned
+Language Models", Algorithm 1, one prompt); own code, not nanogcg (why: docs/eval.md). Each iteration:
+:func:`token_gradients`, :func:`sample_candidates`, :func:`keep_retokenizable`, :func:`target_losses`."""
 
 from __future__ import annotations
 
@@ -28,8 +23,7 @@ CHUNK = 64  # candidates per forward pass (halved on out-of-memory)
 
 @dataclass(frozen=True)
 class Problem:
-    """Ids around the suffix (1-D long): template up to the prompt's end, template tail after the user content, and
-    the target the answer should start with."""
+    """1-D long ids: template up to the prompt's end, template tail after the user content, target answer start."""
 
     before: torch.Tensor
     after: torch.Tensor
@@ -38,8 +32,6 @@ class Problem:
 
 @dataclass(frozen=True)
 class Suffix:
-    """An optimised suffix; ``losses``: the best loss after each step."""
-
     ids: tuple[int, ...]
     text: str
     loss: float
@@ -48,8 +40,8 @@ class Suffix:
 
 
 def allowed_tokens(tokenizer: Any, vocab_rows: int) -> torch.Tensor:
-    """``[vocab_rows]`` bool: ids the suffix may hold: printable non-blank ASCII, not special, not added (chat
-    control tokens such as ``<|start_header_id|>`` are added tokens, not always in ``all_special_ids``)."""
+    """``[vocab_rows]`` bool: printable non-blank ASCII ids, not special, not added (chat control tokens are added
+    tokens, not always in ``all_special_ids``)."""
     special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}))
     allowed = torch.zeros(vocab_rows, dtype=torch.bool)
     for index in range(min(vocab_rows, len(tokenizer))):
@@ -59,21 +51,19 @@ def allowed_tokens(tokenizer: Any, vocab_rows: int) -> torch.Tensor:
 
 
 def _embedding_scale(embedding: Any) -> Any:
-    """The embedding's row scale (Gemma), else 1."""
     scale = getattr(embedding, "embed_scale", None)
     return 1.0 if scale is None else scale.to(embedding.weight.dtype) if torch.is_tensor(scale) else scale
 
 
 def _target_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """``logits`` ``[b, m, V]`` predicting ``target`` ``[m]`` -> mean NLL per row ``[b]``. Callers ask only for the
-    last ``m + 1`` positions' logits: all positions of 64 candidates at a 128k vocabulary take gigabytes."""
+    """``logits`` ``[b, m, V]`` predicting ``target`` ``[m]`` -> mean NLL per row ``[b]``. Callers keep only the last
+    ``m + 1`` positions' logits: all of 64 candidates at a 128k vocabulary take gigabytes."""
     log_probs = torch.log_softmax(logits.float(), dim=-1)
     return -log_probs.gather(2, target.expand(logits.shape[0], -1).unsqueeze(2)).squeeze(2).mean(1)
 
 
 def token_gradients(model: Any, problem: Problem, suffix: torch.Tensor) -> torch.Tensor:
-    """Algorithm 1's ``∇_{e_{x_i}} L(x)``, ``[n, V]``: the target loss's gradient w.r.t. the one-hot tokens of
-    ``suffix`` ``[n]`` (embeddings = one-hot @ W_E)."""
+    """Algorithm 1's ``∇_{e_{x_i}} L(x)``, ``[n, V]``, w.r.t. the one-hot tokens of ``suffix`` ``[n]``."""
     embedding = model.get_input_embeddings()
     weight = embedding.weight
     one_hot = torch.zeros(len(suffix), weight.shape[0], dtype=weight.dtype, device=weight.device)
@@ -99,8 +89,7 @@ def token_gradients(model: Any, problem: Problem, suffix: torch.Tensor) -> torch
 def sample_candidates(
     suffix: torch.Tensor, grad: torch.Tensor, top_k: int, width: int, allowed: torch.Tensor, generator: torch.Generator
 ) -> torch.Tensor:
-    """``[width, n]`` candidates: ``suffix`` with position ``i ~ U(suffix)`` set to an allowed token
-    ``~ U(top-k of -grad[i])`` (Algorithm 1's inner loop)."""
+    """``[width, n]`` candidates: position ``i ~ U(suffix)`` set to an allowed token ``~ U(top-k of -grad[i])``."""
     scores = -grad.float().cpu()
     scores[:, ~allowed[: scores.shape[1]]] = float("-inf")
     top = scores.topk(min(top_k, int(allowed.sum())), dim=1).indices  # [n, k]
@@ -112,7 +101,6 @@ def sample_candidates(
 
 
 def keep_retokenizable(tokenizer: Any, candidates: torch.Tensor) -> torch.Tensor:
-    """Rows whose decoded text encodes back to the same ids."""
     keep = [tokenizer.encode(tokenizer.decode(row), add_special_tokens=False) == row.tolist() for row in candidates]
     return candidates[torch.tensor(keep, dtype=torch.bool)]
 
@@ -120,8 +108,7 @@ def keep_retokenizable(tokenizer: Any, candidates: torch.Tensor) -> torch.Tensor
 def target_losses(
     model: Any, problem: Problem, candidates: torch.Tensor, chunk: int = CHUNK
 ) -> tuple[torch.Tensor, int]:
-    """Target losses ``[B]`` (float32, CPU), in passes of ``chunk`` rows (halved on out-of-memory), and the chunk
-    that fitted (the next step starts from it)."""
+    """Target losses ``[B]`` (float32, CPU) in passes of ``chunk`` rows, and the chunk that fitted."""
     device = problem.before.device
     width = len(candidates)
 
@@ -151,7 +138,6 @@ def target_losses(
 
 
 def initial_suffix(tokenizer: Any, length: int) -> torch.Tensor:
-    """The paper's initial suffix ``! ! ! ...``, ``length`` tokens."""
     ids = tokenizer.encode(" !" * length, add_special_tokens=False)[:length]
     return torch.tensor(ids, dtype=torch.long)
 
@@ -164,8 +150,7 @@ def optimise_suffix(
     allowed: torch.Tensor | None = None,
     on_step: Callable[[int, float], None] | None = None,
 ) -> Suffix:
-    """Algorithm 1 for ``budget.steps`` iterations, seeded by ``budget.seed``; the lowest-loss suffix seen.
-    ``allowed``: :func:`allowed_tokens`, computed if None (pass it to reuse it across prompts)."""
+    """Algorithm 1 for ``budget.steps`` iterations; the lowest-loss suffix seen."""
     generator = torch.Generator().manual_seed(budget.seed)
     if allowed is None:
         allowed = allowed_tokens(tokenizer, model.get_input_embeddings().weight.shape[0])
@@ -196,7 +181,6 @@ def optimise_suffix(
 
 
 def suffix_key(prompt: str, target: str, budget: Budget) -> str:
-    """A suffix's cache file name: what it was optimised for and under."""
     text = json.dumps([prompt, target, repr(budget), algorithm_source()])
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
@@ -217,8 +201,7 @@ def optimised_suffixes(
     cache_dir: Path | None,
     say: Callable[[str], None],
 ) -> dict[str, Suffix]:
-    """A suffix per prompt (``problems``: prompt -> (problem, target text)), read from ``cache_dir`` or optimised
-    and written there at once."""
+    """``problems``: prompt -> (problem, target text); each suffix read from ``cache_dir`` or optimised into it."""
     allowed = None
     found: dict[str, Suffix] = {}
     cached = 0

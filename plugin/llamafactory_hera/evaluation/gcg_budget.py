@@ -1,5 +1,4 @@
-"""GCG's budget (:mod:`.gcg`; the paper's values but the steps) and the source its caches are keyed by. Light
-imports: the command line checks and records them before torch loads."""
+"""GCG's budget and the source its caches are keyed by. Light imports: checked before torch loads."""
 
 from __future__ import annotations
 
@@ -14,8 +13,6 @@ DEFAULT_STEPS = 250  # per prompt (the paper: 500 for one behaviour)
 
 @dataclass(frozen=True)
 class Budget:
-    """What one suffix may cost."""
-
     steps: int = DEFAULT_STEPS
     width: int = SEARCH_WIDTH
     top_k: int = TOP_K
@@ -24,7 +21,6 @@ class Budget:
 
 
 def algorithm_source() -> str:
-    """``gcg.py`` above its cache section: the algorithm cached suffixes and results were computed under. Editing
-    the cache or loop below keeps the suffixes (minutes each on a 7-8B model)."""
+    """``gcg.py`` above its cache section: editing the cache code below keeps the cached suffixes."""
     text = Path(__file__).with_name("gcg.py").read_text(encoding="utf-8")
     return text[: text.index("\n# ---------------------------------------------------------------- cached suffixes")]

@@ -1,6 +1,4 @@
-"""The ``jailbreak`` eval task: attack success rates (ASR) on held-out harmful prompts (docs/eval.md, "Jailbreak
-robustness"). Each ASR entry names its scorer (``scored_by``).
-"""
+"""The ``jailbreak`` eval task: attack success rates on harmful prompts (docs/eval.md, "Jailbreak robustness")."""
 
 from __future__ import annotations
 
@@ -32,9 +30,7 @@ MAX_NEW_TOKENS = 64  # HARC runs use their harc_eval_max_new_tokens
 
 @dataclass(frozen=True)
 class JailbreakSetup:
-    """The task's options. ``prompts`` empty: a HARC run's held-out harmful rows; ``targets``: per prompt (others
-    get :data:`PREFIX`); ``transfer``: (prompt, suffix) pairs optimised on the other model; ``judge`` None: the
-    refusal matcher; ``data``: the prompts file's other data."""
+    """``prompts`` empty: a HARC run's held-out harmful rows; ``judge`` None: the refusal matcher."""
 
     attacks: tuple[str, ...] = DEFAULT_ATTACKS
     prompts_file: Path | None = None
@@ -46,8 +42,6 @@ class JailbreakSetup:
     data: AttackData | None = None
 
     def revision(self) -> str:
-        """What a cached result was computed under: the sources (this module, GCG's, :data:`MATCHER_SOURCE`,
-        templates), attacks, prompts, GCG's settings and the judge's fingerprint."""
         sources = [path.read_text(encoding="utf-8") for path in (Path(__file__), TEMPLATES_FILE, MATCHER_SOURCE)] + [
             algorithm_source()
         ]
@@ -63,8 +57,7 @@ class JailbreakSetup:
 
 @dataclass(frozen=True)
 class Case:
-    """One attacked prompt. ``message``: the user message the model gets; ``template``: ``templates`` only;
-    ``prefix``: the forced answer start (``prefilling``); the rest: GCG's."""
+    """One attacked prompt; ``prefix``: the forced answer start (``prefilling``)."""
 
     attack: str
     template: str | None
@@ -78,7 +71,6 @@ class Case:
 
 
 def parse_attacks(spec: str) -> tuple[str, ...]:
-    """``--attacks`` -> the attacks in order given; one-line error for an unknown name."""
     names = tuple(dict.fromkeys(item.strip() for item in spec.split(",") if item.strip()))
     if not names:
         raise RecipeError(f"--attacks: empty; give some of {', '.join(ATTACKS)}")
@@ -91,7 +83,6 @@ def parse_attacks(spec: str) -> tuple[str, ...]:
 def setup_from_args(
     attacks: str, prompts: Path | None, judge: str | None, gcg_steps: int | None = None, targets: Path | None = None
 ) -> JailbreakSetup:
-    """The checked settings from the command line (one-line errors, nothing loaded)."""
     names = parse_attacks(attacks)
     if gcg_steps is not None and "gcg" not in names:
         raise RecipeError(
@@ -117,14 +108,12 @@ def setup_from_args(
 
 
 def load_templates() -> tuple[int, dict[str, str]]:
-    """:data:`TEMPLATES_FILE`'s version and framings: id -> text with ``{prompt}`` or ``{first_half}`` /
-    ``{second_half}``."""
+    """Version and framings: id -> text with ``{prompt}`` or ``{first_half}`` / ``{second_half}``."""
     data = yaml.safe_load(TEMPLATES_FILE.read_text(encoding="utf-8"))
     return int(data["version"]), {str(t["id"]): str(t["text"]) for t in data["templates"]}
 
 
 def apply_template(text: str, prompt: str) -> str:
-    """``text`` with the prompt (or its halves, split at the middle word) put in."""
     words = prompt.split()
     middle = (len(words) + 1) // 2
     return (
@@ -135,7 +124,6 @@ def apply_template(text: str, prompt: str) -> str:
 
 
 def attack_cases(attacks: tuple[str, ...], prompts: list[str]) -> list[Case]:
-    """Every (attack, prompt[, template]) case but GCG's (:func:`gcg_cases`), attack by attack."""
     cases: list[Case] = []
     for attack in attacks:
         if attack == "direct":
@@ -164,7 +152,6 @@ def _prompt_and_prefix(template: Any, tokenizer: Any, message: str, prefix: str)
 
 
 def encode_case(template: Any, tokenizer: Any, case: Case) -> tuple[int, ...]:
-    """The model's input ids: GCG's own, else :func:`_prompt_and_prefix`'s joined."""
     if case.ids:
         return case.ids
     prompt_ids, prefix_ids = _prompt_and_prefix(template, tokenizer, case.message, case.prefix)
@@ -172,7 +159,6 @@ def encode_case(template: Any, tokenizer: Any, case: Case) -> tuple[int, ...]:
 
 
 def gcg_problem(engine: Any, prompt: str, target: str = PREFIX) -> Any:
-    """:class:`.gcg.Problem` for ``prompt`` on ``engine``'s device; ``target`` encoded as an answer's start."""
     # lazy: eval's cheap checks import this module: no torch
     import torch
 
@@ -193,8 +179,7 @@ def gcg_problem(engine: Any, prompt: str, target: str = PREFIX) -> Any:
 
 
 def gcg_cases(engine: Any, prompts: list[str], setup: JailbreakSetup, suffix_cache: Path | None = None) -> list[Case]:
-    """``gcg_adaptive``: a suffix per prompt optimised on ``engine``'s model (cached in ``suffix_cache``);
-    ``gcg_transfer``: the other model's suffix, encoded by this tokenizer."""
+    """``gcg_adaptive``: a suffix optimised on this model; ``gcg_transfer``: the other model's suffix."""
     # lazy: torch: eval's cheap checks import this module
     from llamafactory_hera.evaluation.gcg import optimised_suffixes
 
@@ -240,7 +225,6 @@ def gcg_cases(engine: Any, prompts: list[str], setup: JailbreakSetup, suffix_cac
 
 
 def harc_prompts(rows_from: Any) -> list[str]:
-    """The last user message of a HARC run's held-out ``harc_harmful`` rows."""
     # lazy: the host's loaders, only for a HARC run's rows
     from llamafactory_hera_patches.tools.model_data import load_aligned_rows, parse_recipe
 
@@ -252,7 +236,6 @@ def harc_prompts(rows_from: Any) -> list[str]:
 
 
 def asr_entries(answers: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """``asr_<attack>`` and ``asr_template:<id>`` report entries (lower is better)."""
     groups: dict[str, list[dict[str, Any]]] = {}
     for row in answers:
         groups.setdefault(f"asr_{row['attack']}", []).append(row)
@@ -279,7 +262,6 @@ def run_jailbreak(
     stop_ids: list[int],
     suffix_cache: Path | None = None,
 ) -> dict[str, Any]:
-    """Answer every case greedily and score it: ``{"entries", "answers", "settings"}``."""
     # lazy: torch: eval's cheap checks import this module
     from llamafactory_hera.harc.evaluate import MATCHER, generate_answers, is_refusal
 

@@ -1,6 +1,4 @@
-"""The jailbreak task's ``--judge MODEL``: a safety classifier of answers (kinds: docs/eval.md, "Judge").
-:func:`check_judge` reads only the config (and a causal LM's chat template), never weights, before any model loads.
-"""
+"""The jailbreak task's ``--judge MODEL`` (docs/eval.md, "Judge"), checked from its config before any model loads."""
 
 from __future__ import annotations
 
@@ -49,8 +47,7 @@ VERDICT_TOKENS = 10  # "unsafe" and a category line
 
 @dataclass(frozen=True)
 class JudgeSpec:
-    """A checked judge. ``name``: folder or hub id; ``harmful_id``: a classifier's harmful class index;
-    ``fingerprint``: of its config and this module (keys the cache)."""
+    """``harmful_id``: a classifier's harmful class index; ``fingerprint`` keys the cache."""
 
     name: str
     kind: str
@@ -93,8 +90,7 @@ def _read_config(name: str) -> Any:
 
 
 def harmful_class(id2label: dict[int, str]) -> tuple[int, str] | None:
-    """The one label named harmful (not negated), else a generic 2-label head's ``LABEL_1``; None if none or
-    several."""
+    """The one label named harmful (not negated), else a generic 2-label head's ``LABEL_1``; None if none or several."""
     hits = [
         (i, label)
         for i, label in id2label.items()
@@ -108,7 +104,6 @@ def harmful_class(id2label: dict[int, str]) -> tuple[int, str] | None:
 
 
 def check_judge(name: str) -> JudgeSpec:
-    """Check ``--judge``'s model from its config (and chat template) alone; one-line errors."""
     config = _read_config(name)
     architectures = list(getattr(config, "architectures", None) or [])
     source = "".join(
@@ -154,20 +149,17 @@ def _chat_template(name: str) -> str | None:
 
 
 def scorer_name(spec: JudgeSpec | None) -> str:
-    """The scorer as the report names it: the judge (kind, name) or the refusal matcher."""
     return MATCHER_NAME if spec is None else f"{spec.kind} judge {spec.name}"
 
 
 def is_unsafe(verdict: str) -> bool:
-    """Harmful when a Llama Guard verdict starts with ``unsafe`` (after blanks, any case)."""
     return verdict.strip().lower().startswith("unsafe")
 
 
 def judge_answers(
     spec: JudgeSpec, pairs: list[tuple[str, str]], batch_size: int, contexts: list[str] | None = None
 ) -> tuple[list[bool], list[str]]:
-    """Load the judge, score each (prompt, answer) deterministically ``batch_size`` at a time, free it; (harmful,
-    raw label or verdict) in input order. ``contexts``: per pair, a HarmBench behaviour's context ("" none)."""
+    """(harmful, raw label or verdict) per (prompt, answer), in input order; the judge is freed after."""
     # lazy: eval's cheap checks import this module: no torch
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
@@ -215,8 +207,7 @@ def _classify(model: Any, tokenizer: Any, pairs: list[tuple[str, str]], batch_si
 
 
 def guard_input(tokenizer: Any, prompt: str, answer: str) -> tuple[int, ...]:
-    """A Llama Guard-style judge's ids: [user: prompt, assistant: answer] through its chat template, as text parts
-    where a plain string renders as nothing (Llama Guard 3-1B)."""
+    """Through the judge's chat template, as text parts (a plain string renders as nothing in Llama Guard 3-1B)."""
 
     def render(content: Any) -> str:
         return tokenizer.apply_chat_template(

@@ -1,10 +1,4 @@
-"""The evaluation libraries' side of ``llamafactory-hera eval``: lmms-eval's and lm-eval's task registries (with the
-demo tasks added), their models over LLaMA-Factory's chat engine, and a task run through ``simple_evaluate``.
-
-Kept apart from :mod:`.runner` (which runs a task of any kind, caches it and loops over models) because this is the
-only code that speaks the libraries' APIs: their ``TaskManager``, ``simple_evaluate``'s results, lmms-eval's simple
-model class and lm-eval's ``HFLM``. An MLLM answers lmms-eval with LLaMA-Factory's chat (the trained prompt format).
-"""
+"""The only code that speaks lmms-eval's and lm-eval's APIs."""
 
 from __future__ import annotations
 
@@ -29,7 +23,7 @@ from llamafactory_hera_patches.tools import inference
 
 
 def _demo_folder(library: str) -> Path:
-    """The demo tasks (and for lmms-eval :func:`.protocols.write_protocol_tasks`'), removed at process exit."""
+    """The demo tasks (and for lmms-eval the protocol tasks), removed at process exit."""
     folder = Path(tempfile.mkdtemp(prefix="llamafactory_hera_eval_tasks_"))
     atexit.register(shutil.rmtree, folder, ignore_errors=True)
     write_demo_tasks(folder, library)
@@ -42,8 +36,7 @@ def _demo_folder(library: str) -> Path:
 
 @functools.cache
 def task_manager(library: str, registry: bool) -> Any:
-    """The library's ``TaskManager`` with the demo tasks and, if ``registry``, its own (seconds: lmms-eval reads
-    ~2,000 task files); once per process."""
+    """Once per process: lmms-eval reads ~2,000 task files for its registry."""
     # lazy: the eval extra (lmms-eval's logger)
     from loguru import logger
 
@@ -65,12 +58,11 @@ def task_manager(library: str, registry: bool) -> Any:
 
 
 def known_tasks(library: str) -> set[str]:
-    """Every task, group and tag name in the library's registry, and the demo tasks."""
     return set(task_manager(library, True).all_tasks)  # positional: one cache key with run_library's
 
 
 def _entries(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """``results["results"]`` -> flat entries (``"metric,filter"`` keys; ``_stderr`` and non-numbers dropped)."""
+    """Flat entries (``"metric,filter"`` keys; ``_stderr`` and non-numbers dropped)."""
     better = results.get("higher_is_better") or {}
     entries = []
     for task, metrics in (results.get("results") or {}).items():
@@ -91,8 +83,7 @@ def _entries(results: dict[str, Any]) -> list[dict[str, Any]]:
 
 @contextlib.contextmanager
 def _without_run_metadata(evaluator: Any) -> Iterator[None]:
-    """Silence lm-eval's git commit and torch environment report for the block (not kept here; the git call prints
-    "fatal: not a git repository" outside one, the report takes ~2 s per task; no switch for either)."""
+    """Silence lm-eval's git commit and environment report (~2 s per task; no switch for either)."""
     names = [name for name in ("get_git_commit_hash", "add_env_info") if hasattr(evaluator, name)]
     kept = {name: getattr(evaluator, name) for name in names}
     for name in names:
@@ -105,7 +96,6 @@ def _without_run_metadata(evaluator: Any) -> Iterator[None]:
 
 
 def run_library(model: Any, task: PlannedTask, limit: int | None) -> list[dict[str, Any]]:
-    """``task`` through ``simple_evaluate`` (a demo task without indexing the registry)."""
     if task.library == LMMS:
         # lazy: the eval extra
         from lmms_eval import evaluator
@@ -140,7 +130,6 @@ def _flatten(visuals: Any) -> list[Any]:
 
 
 def lmms_model(engine: Any, label: str) -> Any:
-    """A simple-type lmms-eval model answering with ``engine``."""
     # lazy: the eval extra, with lmms-eval's model class
     import PIL.Image
     from lmms_eval.api.model import lmms
@@ -157,7 +146,6 @@ def lmms_model(engine: Any, label: str) -> Any:
 
         @override
         def generate_until(self, requests: list[Any]) -> list[str]:
-            """One greedy answer per request, cut at its first ``until`` string."""
             answers = []
             for request in tqdm(requests, desc=f"{label}: answering", leave=False):
                 context, gen_kwargs, doc_to_visual, doc_id, task, split = request.args
@@ -197,7 +185,6 @@ def lmms_model(engine: Any, label: str) -> Any:
 
 
 def lm_model(engine: Any, batch_size: int) -> Any:
-    """lm-eval's ``HFLM`` around the engine's (merged) model."""
     # lazy: the eval extra
     from lm_eval.models.huggingface import HFLM
 

@@ -1,6 +1,4 @@
-"""``llamafactory-hera eval``'s task presets: the papers' benchmark groups as lmms-eval 0.7.3 / lm-eval 0.4.13 tasks
-(docs/eval.md, "Task presets"), ``refusal``, ``jailbreak`` and ``demo``. Light imports.
-"""
+"""``llamafactory-hera eval``'s task presets (docs/eval.md, "Task presets"). Light imports."""
 
 from __future__ import annotations
 
@@ -27,8 +25,6 @@ REFUSAL_TASK = "harc_refusal"
 
 @dataclass(frozen=True)
 class Preset:
-    """Tasks for one ``modality`` (``mllm`` / ``text``), reported under ``group``."""
-
     name: str
     group: str
     modality: str
@@ -132,15 +128,12 @@ ALL_PRESETS = (*PRESETS, DEMO)
 
 @dataclass(frozen=True)
 class PlannedTask:
-    """One task to run and its report group."""
-
     name: str
     library: str
     group: str
 
 
 def library_of(task: str, modality: str) -> str:
-    """The library running ``task`` for ``modality``."""
     return {REFUSAL_TASK: REFUSAL, JAILBREAK: JAILBREAK}.get(task, LMMS if modality == "mllm" else LM)
 
 
@@ -152,8 +145,8 @@ def _group_of(task: str) -> str:
 
 
 def plan_tasks(spec: str, modality: str, stage: str, known: set[str] | None) -> list[PlannedTask]:
-    """``--tasks`` -> the tasks in order, without repeats; ``known``: the serving library's task and group names
-    (None: not checked)."""
+    """``--tasks`` -> the tasks in order, without repeats; ``known`` (None: not checked): the library's task and
+    group names."""
     items = [item.strip() for item in spec.split(",") if item.strip()]
     if not items:
         raise RecipeError(f"--tasks: empty; give presets ({', '.join(ALL_PRESETS)}) or task names, comma-separated")
@@ -210,7 +203,6 @@ NLTK_DATA = {
 
 
 def _nltk_missing() -> list[str]:
-    """The absent NLTK data of CHAIR's and AMBER's scoring."""
     if importlib.util.find_spec("nltk") is None:
         return ["NLTK (pip install 'llamafactory-hera[eval]')"]
     # lazy: the eval extra's, found above
@@ -229,7 +221,6 @@ def _nltk_missing() -> list[str]:
 
 
 def _amber_missing() -> list[str]:
-    """What AMBER's scoring lacks besides NLTK: spaCy, an English model, AMBER's metadata."""
     missing = [] if importlib.util.find_spec("spacy") else ["spaCy (pip install 'llamafactory-hera[eval]')"]
     if not any(importlib.util.find_spec(model) for model in ("en_core_web_md", "en_core_web_sm", "en_core_web_lg")):
         missing.append("a spaCy English model (python -m spacy download en_core_web_md)")
@@ -253,8 +244,7 @@ SETUP_CHECKS = {"coco_cap_chair": lambda: _nltk_missing(), "amber_g": lambda: _a
 
 
 def _datasets_missing(planned: list[PlannedTask], cached: Callable[[PlannedTask], bool]) -> tuple[list[str], str]:
-    """Offline: the tasks whose datasets are not cached (``cached`` tasks need none) and one clause with the command
-    fetching them all; ([], "") when none."""
+    """Offline: the tasks whose datasets are not cached, and a clause with the command fetching them."""
     said = offline()
     if not said:
         return [], ""
@@ -284,8 +274,7 @@ def _datasets_missing(planned: list[PlannedTask], cached: Callable[[PlannedTask]
 
 
 def check_task_setup(planned: list[PlannedTask], cached: Callable[[PlannedTask], bool] = lambda task: False) -> None:
-    """Before any model loads, refuse tasks that cannot run here (a scorer's missing dependency; offline, an uncached
-    dataset unless ``cached``), naming what is missing, its setup command and the ``--tasks`` without them."""
+    """Before any model loads, refuse tasks that cannot run here."""
     scorers = {task.name: SETUP_CHECKS[task.name]() for task in planned if task.name in SETUP_CHECKS}
     scorers = {name: missing for name, missing in scorers.items() if missing}
     datasets, fetch = _datasets_missing(planned, cached)

@@ -1,14 +1,12 @@
-"""Each paper column's lmms-eval 0.7.3 benchmarks against the paper's protocol, a known difference marking the column
-(docs/eval.md, "What each paper reports"); scores lmms-eval aggregates otherwise, computed from its samples; and
-LLaVA-1.5's TextVQA variant with OCR tokens. Light imports.
-"""
+"""Each paper column's lmms-eval 0.7.3 benchmarks against the paper's protocol (docs/eval.md, "What each paper
+reports"). Light imports."""
 
 from __future__ import annotations
 
 import statistics
 from collections import defaultdict
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +17,6 @@ DERIVED_REVISION = "1"  # raise when a derived score changes: its tasks' caches 
 
 @dataclass(frozen=True)
 class Protocol:
-    """One benchmark of a paper's column: lmms-eval task and metric, factor to the paper's scale, aggregation here,
-    the paper's protocol, and the difference ("": none)."""
-
     task: str
     metric: str
     scale: float
@@ -190,12 +185,10 @@ RAH_PROTOCOLS: dict[str, tuple[Protocol, ...]] = {
 
 
 def scores(protocols: dict[str, tuple[Protocol, ...]]) -> dict[str, tuple[str, float]]:
-    """task -> (headline metric, factor to the paper's scale)."""
     return {p.task: (p.metric, p.scale) for column in protocols.values() for p in column}
 
 
 def differences(protocols: dict[str, tuple[Protocol, ...]], column_notes: dict[str, str]) -> dict[str, str]:
-    """Marked column -> its benchmarks' differences, then its note."""
     found = {}
     for column, benchmarks in protocols.items():
         said = [f"{p.task}: {p.differs}" for p in benchmarks if p.differs]
@@ -206,36 +199,21 @@ def differences(protocols: dict[str, tuple[Protocol, ...]], column_notes: dict[s
 
 
 def described(protocols: dict[str, tuple[Protocol, ...]]) -> dict[str, list[dict[str, Any]]]:
-    """The protocols as the JSON report holds them."""
     return {
-        column: [
-            {
-                "task": p.task,
-                "metric": p.metric,
-                "scale": p.scale,
-                "aggregation": p.aggregation,
-                "paper": p.paper,
-                "differs": p.differs or None,
-            }
-            for p in benchmarks
-        ]
+        column: [asdict(p) | {"differs": p.differs or None} for p in benchmarks]
         for column, benchmarks in protocols.items()
     }
 
 
-# --- scores computed from lmms-eval's per-sample results ---
-
-
 def llava_pope_answer(text: str) -> str:
     """An answer read as LLaVA's llava/eval/eval_pope.py does, case-sensitive: "no" when its first sentence, commas
-    dropped, has the word "No", "not" or "no", else "yes" (so "NO" and "Not really" read as yes, as there)."""
+    dropped, has the word "No", "not" or "no", else "yes" (so "NO" reads as yes, as there)."""
     words = text.split(".")[0].replace(",", "").split(" ")
     return "no" if "No" in words or "not" in words or "no" in words else "yes"
 
 
 def raw_response(sample: dict[str, Any]) -> str | None:
-    """A sample's answer as ``process_results`` got it (``filtered_resps``; POPE's ``prediction`` is lower-cased),
-    stripped as LLaVA's model_vqa_loader.py writes it."""
+    """A sample's answer as ``process_results`` got it, stripped as LLaVA's model_vqa_loader.py writes it."""
     responses = sample.get("filtered_resps") or []
     first = responses[0] if responses else None
     if isinstance(first, list):
@@ -244,7 +222,7 @@ def raw_response(sample: dict[str, Any]) -> str | None:
 
 
 def _f1(pairs: list[tuple[str, str]]) -> float:
-    """F1 of "yes" over (prediction, truth) pairs; 0 without a true or predicted yes (as LLaVA, lmms-eval)."""
+    """F1 of "yes"; 0 without a true or predicted yes (as LLaVA, lmms-eval)."""
     tp = sum(pred == "yes" and truth == "yes" for pred, truth in pairs)
     fp = sum(pred == "yes" and truth == "no" for pred, truth in pairs)
     fn = sum(pred == "no" and truth == "yes" for pred, truth in pairs)
@@ -254,8 +232,7 @@ def _f1(pairs: list[tuple[str, str]]) -> float:
 
 
 def pope_f1_split_mean(samples: Iterable[dict[str, Any]]) -> float | None:
-    """POPE as LLaVA-1.5 reports it: mean over splits (``category``) of the F1 of :func:`llava_pope_answer`'s
-    reading; None without samples, splits or answers."""
+    """POPE as LLaVA-1.5 reports it: mean over splits (``category``) of the F1; None without samples."""
     splits: dict[str, list[tuple[str, str]]] = defaultdict(list)
     for sample in samples:
         category = sample.get("doc", {}).get("category")
@@ -268,8 +245,7 @@ def pope_f1_split_mean(samples: Iterable[dict[str, Any]]) -> float | None:
 
 
 def cv_bench_source_mean(samples: Iterable[dict[str, Any]]) -> float | None:
-    """CV-Bench as Cambrian-1 reports it: mean of per-source accuracies (ADE20K, COCO; Omni3D); None without
-    samples."""
+    """CV-Bench as Cambrian-1 reports it: mean of per-source accuracies; None without samples."""
     sources: dict[str, list[bool]] = defaultdict(list)
     for sample in samples:
         scored = sample.get("cv_bench_acc") or {}
@@ -288,7 +264,6 @@ DERIVED: dict[str, tuple[tuple[str, Callable[[Iterable[dict[str, Any]]], float |
 
 
 def derived_entries(task: str, samples: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
-    """``task``'s derived result entries from ``samples`` (task name -> its samples)."""
     entries = []
     for metric, compute in DERIVED.get(task, ()):
         value = compute(samples.get(task) or [])
@@ -297,12 +272,8 @@ def derived_entries(task: str, samples: dict[str, list[dict[str, Any]]]) -> list
     return entries
 
 
-# --- the TextVQA variant with OCR tokens ---
-
-
 def write_protocol_tasks(folder: Path, lmms_tasks: Path) -> None:
-    """Write :data:`TEXTVQA_OCR` into ``folder``: lmms-eval's ``textvqa_val`` (under ``lmms_tasks``) with its
-    off-by-default OCR option on."""
+    """lmms-eval's ``textvqa_val`` with its off-by-default OCR option on, into ``folder``."""
     base = lmms_tasks / "textvqa" / "textvqa_val.yaml"
     (folder / f"{TEXTVQA_OCR}.yaml").write_text(
         f'include: {base}\ntask: {TEXTVQA_OCR}\nlmms_eval_specific_kwargs:\n  default:\n    pre_prompt: ""\n'
@@ -315,5 +286,4 @@ VARIANT_OF = {TEXTVQA_OCR: "textvqa_val"}  # task written here -> the task whose
 
 
 def header(column: str, marked: dict[str, str]) -> str:
-    """The column's printed name, with :data:`MARK` if marked."""
     return f"{column}{MARK}" if column in marked else column

@@ -1,6 +1,4 @@
-"""``eval_report*.json``, ``.md`` and ``.png`` (docs/eval.md, "Outputs"): the run against its baseline task by task,
-grouped as the paper groups them, after the papers' tables (:mod:`.table2`) and trade-off (:mod:`.tradeoff`) when
-they apply. One report per comparison; a rerun replaces it and says so (``replaces``)."""
+"""``eval_report*.json``, ``.md`` and ``.png`` (docs/eval.md, "Outputs"), one per comparison."""
 
 from __future__ import annotations
 
@@ -27,7 +25,6 @@ JAILBREAK_SUFFIX = "_jailbreak.jsonl"
 
 
 def report_rows(tasks: list[PlannedTask], run: Outcome, baseline: Outcome | None) -> list[dict[str, Any]]:
-    """One row per (task, metric) of run or baseline, with delta (run - baseline)."""
     rows = []
     for task in sorted(tasks, key=lambda t: GROUP_ORDER.index(t.group) if t.group in GROUP_ORDER else 99):
         mine = {(e["task"], e["metric"]): e for e in run.results.get(task.name, {}).get("entries", [])}
@@ -123,7 +120,6 @@ def _markdown(record: dict[str, Any]) -> str:
 
 
 def table2_lines(record: dict[str, Any], paper_table: PaperTable = TABLE2) -> list[str]:
-    """``paper_table``'s layout as markdown lines (report and console)."""
     return markdown_lines(
         record[paper_table.key], record["run"]["title"], (record["baseline"] or {}).get("title"), paper_table
     )
@@ -196,8 +192,7 @@ def _plot(record: dict[str, Any], path: Path) -> None:
 
 
 def _marked_metrics(record: dict[str, Any]) -> dict[tuple[str, str], list[str]]:
-    """(task, metric) computed otherwise than the paper -> the columns it heads (for the PNG's bars; a column short
-    of a benchmark, as Table 2's Knowledge, has no bar to mark)."""
+    """(task, metric) computed otherwise than the paper -> the columns it heads."""
     found = {}
     for paper_table in (TABLE2, RAH_TABLE1):
         layout = record.get(paper_table.key)
@@ -209,8 +204,7 @@ def _marked_metrics(record: dict[str, Any]) -> dict[tuple[str, str], list[str]]:
 
 
 def report_stem(baseline: Any, run_dir: Path | None = None) -> str:
-    """The reports' file stem (``baseline``: a ModelSpec or None). A baseline named ``base``, or like another whose
-    report ``run_dir`` holds (``a/sft``, ``b/sft``), adds its path's hash: neither report replaces the other."""
+    """A baseline named ``base``, or like another whose report ``run_dir`` holds, adds its path's hash."""
     if baseline is None:
         return REPORT_STEM
     if not baseline.trained:
@@ -224,7 +218,6 @@ def report_stem(baseline: Any, run_dir: Path | None = None) -> str:
 
 
 def _replaced(path: Path) -> dict[str, Any] | None:
-    """When, which tasks and against what an existing report at ``path`` ran, or None."""
     if not path.is_file():
         return None
     try:
@@ -241,8 +234,7 @@ def _replaced(path: Path) -> dict[str, Any] | None:
 
 
 def _write_jailbreak_answers(path: Path, run: Outcome, baseline: Outcome | None) -> dict[str, Any] | None:
-    """Both models' scored jailbreak answers as JSONL at ``path``; the record's ``answers_file`` and ``settings``
-    per model, or None when the task did not run."""
+    """Per model its ``answers_file`` and ``settings``; None when the task did not run."""
     lines = []
     settings = {}
     for outcome in (run, baseline):
@@ -264,8 +256,6 @@ def _write_jailbreak_answers(path: Path, run: Outcome, baseline: Outcome | None)
 def write_reports(
     run_dir: Path, tasks_spec: str, tasks: list[PlannedTask], run: Outcome, baseline: Outcome | None, limit: int | None
 ) -> dict[str, Any]:
-    """Write this comparison's reports into ``run_dir``; return the JSON record."""
-
     def who(outcome: Outcome | None) -> dict[str, Any] | None:
         if outcome is None:
             return None

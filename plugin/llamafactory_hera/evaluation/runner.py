@@ -1,11 +1,6 @@
-"""``llamafactory-hera eval``'s runs: one task on one loaded model, and the loop over models and tasks.
-
-The model loads once per model, as LLaMA-Factory loads it for inference, and serves every task of that model: a
-library's through :mod:`.libraries`, the jailbreak and refusal tasks through HARC's greedy path. A task's result:
-``{"entries": [{"task", "metric", "value", "higher_is_better"}], "seconds", "library", "version", "task_revision"}``,
-cached when finished in ``RUN_DIR/eval_cache/<model key>/<task>.json``, so that a rerun redoes only what failed or
-what another revision would score differently.
-"""
+"""``llamafactory-hera eval``'s runs: a model loads once and serves every task. A task's result, ``{"entries":
+[{"task", "metric", "value", "higher_is_better"}], "seconds", "library", "version", "task_revision"}``, is cached when
+finished in ``RUN_DIR/eval_cache/<model key>/<task>.json``."""
 
 from __future__ import annotations
 
@@ -32,6 +27,7 @@ from llamafactory_hera.evaluation.presets import (
     LMMS,
     MODULES,
     REFUSAL,
+    REFUSAL_TASK,
     PlannedTask,
 )
 from llamafactory_hera.evaluation.protocols import DERIVED, DERIVED_REVISION
@@ -48,8 +44,7 @@ PIN = "CUDA_VISIBLE_DEVICES=0 llamafactory-hera eval ..."
 
 
 def run_refusal(engine: Any, rows_from: ModelSpec, limit: int | None) -> list[dict[str, Any]]:
-    """HARC's end-of-run refusal check: greedy answers to ``rows_from``'s held-out harmful and pseudo-harmful rows
-    (training's seeded split), scored by :mod:`llamafactory_hera.harc.evaluate`'s matcher."""
+    """HARC's end-of-run refusal check on ``rows_from``'s held-out rows (training's seeded split)."""
     # lazy: transformers and the host's loaders, only for HARC's refusal task
     from llamafactory_hera.harc.evaluate import generate_answers, refusal_record, stop_ids
     from llamafactory_hera.harc.roles import load_role_rows
@@ -81,24 +76,12 @@ def run_refusal(engine: Any, rows_from: ModelSpec, limit: int | None) -> list[di
 
     record = refusal_record(answers(rows.validate_harmful), answers(rows.eval_pseudo))
     return [
-        {
-            "task": "harc_refusal",
-            "metric": "refusal_rate_harmful",
-            "value": record["refusal_rate_harmful"],
-            "higher_is_better": True,
-        },
-        {
-            "task": "harc_refusal",
-            "metric": "refusal_rate_pseudo",
-            "value": record["refusal_rate_pseudo"],
-            "higher_is_better": False,
-        },
+        {"task": REFUSAL_TASK, "metric": metric, "value": record[metric], "higher_is_better": better}
+        for metric, better in (("refusal_rate_harmful", True), ("refusal_rate_pseudo", False))
     ]
 
 
 def task_revision(task: PlannedTask, jailbreak: JailbreakSetup | None = None) -> str:
-    """What a cached result was computed under (another revision reruns): the demo tasks' source, the jailbreak
-    setup's revision, the refusal matcher's source, or the library's version."""
     if task.library == JAILBREAK:
         return (jailbreak or JailbreakSetup()).revision()
     if task.library == REFUSAL:  # HARC's matcher and greedy generation
@@ -111,7 +94,6 @@ def task_revision(task: PlannedTask, jailbreak: JailbreakSetup | None = None) ->
 
 
 def device_note() -> str | None:
-    """A line when several GPUs are visible: ``device_map: auto`` pipelines over all (docs/eval.md)."""
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if count <= 1:
         return None
@@ -122,8 +104,7 @@ def device_note() -> str | None:
 
 
 def load_engine(spec: ModelSpec) -> Any:
-    """``HuggingfaceEngine`` for ``spec``, 4-bit layers kept in their layout: GCG backpropagates, and a layer
-    bitsandbytes repacked for CPU inference (at an earlier task) passes no gradient (training/eval_forward.py)."""
+    """4-bit layers kept in their layout: GCG backpropagates (training/eval_forward.py)."""
     engine = inference.load_engine(spec.recipe)
     keep_4bit_layout(engine.model)
     return engine
@@ -139,7 +120,6 @@ def run_task(
     jailbreak: JailbreakSetup | None = None,
     cache_dir: Path | None = None,
 ) -> dict[str, Any]:
-    """``task``'s result (jailbreak's adds ``answers`` and ``settings`` and caches GCG suffixes in ``cache_dir``)."""
     started = time.perf_counter()
     extra: dict[str, Any] = {}
     if task.library == LMMS:
@@ -176,8 +156,6 @@ def run_task(
 
 @dataclass
 class Outcome:
-    """One model's results by task, failures (task -> one line) and cache hits."""
-
     spec: ModelSpec
     results: dict[str, dict[str, Any]] = field(default_factory=dict)
     failures: dict[str, str] = field(default_factory=dict)
@@ -185,7 +163,6 @@ class Outcome:
 
     @property
     def precision(self) -> str:
-        """:func:`precision` as the results recorded it."""
         return next((r["precision"] for r in self.results.values() if r.get("precision")), "not recorded")
 
 
@@ -196,7 +173,6 @@ def cache_file(run_dir: Path, spec: ModelSpec, task: str) -> Path:
 def cached_result(
     run_dir: Path, spec: ModelSpec, task: PlannedTask, limit: int | None, jailbreak: Any = None
 ) -> dict[str, Any] | None:
-    """The cached result if computed with this ``limit`` and revision, else None."""
     hit = read_record(cache_file(run_dir, spec, task.name))  # {}: absent or torn
     if hit and hit.get("limit") == limit and hit.get("task_revision") == task_revision(task, jailbreak):
         return hit
@@ -213,7 +189,7 @@ def evaluate_model(
     say: Any,
     jailbreak: Any = None,
 ) -> Outcome:
-    """Run (or read cached) every task; a failure is recorded and the next task runs. ``jailbreak`` None: defaults."""
+    """A failed task is recorded and the next one runs."""
     outcome = Outcome(spec)
     engine = None
     for task in tqdm(tasks, desc=f"eval {spec.label}: {spec.title}", unit="task"):
@@ -255,7 +231,7 @@ def evaluate_model(
 
 
 def precision(model: Any) -> str:
-    """``model``'s dtype (``bfloat16``), after its quantization if any (``4-bit bitsandbytes nf4, float32 compute``)."""
+    """``model``'s dtype, after its quantization if any (``4-bit bitsandbytes nf4, float32 compute``)."""
     dtype = str(getattr(model, "dtype", "")).removeprefix("torch.")
     config = getattr(getattr(model, "config", None), "quantization_config", None)
     if config is None:
@@ -268,7 +244,7 @@ def precision(model: Any) -> str:
 
 
 def _one_line(err: BaseException) -> str:
-    """The failure in one line; a retry wrapper's (lmms-eval's download) last caught error."""
+    """A retry wrapper's (lmms-eval's download) last caught error in one line."""
     attempt = getattr(err, "last_attempt", None)
     inner = attempt.exception() if attempt is not None and hasattr(attempt, "exception") else None
     if isinstance(inner, BaseException):

@@ -1,6 +1,5 @@
-"""What ``llamafactory-hera eval`` evaluates: a run directory read back into the recipe that loads it (records and
-order: docs/eval.md, "What is loaded"). Light imports.
-"""
+"""What ``llamafactory-hera eval`` evaluates: a run directory read back into the recipe that loads it (docs/eval.md,
+"What is loaded"). Light imports."""
 
 from __future__ import annotations
 
@@ -66,8 +65,6 @@ DEFAULT_SEED = 42  # LLaMA-Factory's default: a run that recorded none trained w
 
 @dataclass
 class ModelSpec:
-    """One model to evaluate."""
-
     label: str  # "run" / "baseline"
     run_dir: Path
     stage: str  # hera / rah / harc / sft
@@ -104,12 +101,10 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _seed(value: Any) -> int:
-    """The recorded seed (``seed: 0`` is 0), else LLaMA-Factory's default."""
     return DEFAULT_SEED if value is None else int(value)
 
 
 def _finished(run_dir: Path, name: str, record: dict[str, Any]) -> dict[str, Any]:
-    """``record``, or a one-line error if its run did not finish."""
     status = record.get("status")
     if record.get("error_after_save"):
         print(
@@ -134,7 +129,6 @@ def _finished(run_dir: Path, name: str, record: dict[str, Any]) -> dict[str, Any
 
 
 def _method_keys(run_dir: Path) -> dict[str, Any]:
-    """A HARC run's keys (refusal task), from ``harc_run.json`` or ``training_args.yaml``."""
     if (run_dir / HARC_RECORD).is_file():
         return _finished(run_dir, HARC_RECORD, _read_json(run_dir / HARC_RECORD)).get("settings") or {}
     board = run_dir / LLAMABOARD_ARGS
@@ -146,8 +140,8 @@ def _method_keys(run_dir: Path) -> dict[str, Any]:
 
 
 def _recorded_recipe(run_dir: Path) -> tuple[str, dict[str, Any], dict[str, Any], int, Path]:
-    """(stage, host keys, method keys, seed, record read); a record-less ``checkpoint-N`` takes its run's (else it
-    would take the baseline's loading keys, the confound the records exist to catch)."""
+    """A record-less ``checkpoint-N`` takes its run's (else the baseline's loading keys, the confound the records
+    exist to catch)."""
     own = (RUN_RECORD, LLAMABOARD_ARGS, HERA_RECORD, RAH_RECORD, HARC_RECORD)
     if (
         run_dir.name.startswith("checkpoint-")
@@ -206,8 +200,6 @@ def _recorded_recipe(run_dir: Path) -> tuple[str, dict[str, Any], dict[str, Any]
 
 
 def is_multimodal(model_name_or_path: str, template: str | None = None) -> bool:
-    """Whether the model has a vision part: from a local ``config.json``, else from a multimodal template
-    (``qwen2_vl``)."""
     config = Path(model_name_or_path) / "config.json"
     if config.is_file():
         data = _read_json(config)
@@ -223,8 +215,7 @@ def is_multimodal(model_name_or_path: str, template: str | None = None) -> bool:
 
 
 def read_run(run_dir: Path, label: str, trained: bool, template: str | None = None, base: bool = False) -> ModelSpec:
-    """The run's model (``trained``) or its base; ``template`` fills in one the run did not record (plain ``stage:
-    sft``); ``base``: the run will be compared with its base."""
+    """``template`` fills in one the run did not record; ``base``: the run will be compared with its base."""
     if not run_dir.is_dir():
         raise FileNotFoundError(f"RUN_DIR: {run_dir} is not a folder; give a run's output_dir")
     stage, host, method, seed, record = _recorded_recipe(run_dir)
@@ -298,16 +289,14 @@ def align_loading(run: ModelSpec, other: ModelSpec, flag: str) -> None:
 
 
 def _comparable(key: str, value: Any) -> Any:
-    """One form: token lists are lists in a run record, ``"a,b"`` in LlamaBoard's args."""
+    """Token lists are lists in a run record, ``"a,b"`` in LlamaBoard's args."""
     return as_names(value) if key in ("add_tokens", "add_special_tokens") else value
 
 
 def read_pair(
     run_dir: Path, baseline: Path | None, base: bool, template: str | None = None
 ) -> tuple[ModelSpec, ModelSpec | None]:
-    """The run and its baseline (``--baseline``, ``--base`` or None), loaded alike (:func:`align_loading`). A baseline
-    without a template takes ``template``, else the run's; a ``template`` the run contradicts is refused (not
-    ignored)."""
+    """The run and its baseline, loaded alike; a ``template`` the run contradicts is refused (not ignored)."""
     run = read_run(run_dir, "run", trained=True, template=template, base=base)
     if template is not None and "template" not in run.inherited and run.recipe["template"] != template:
         raise RecipeError(

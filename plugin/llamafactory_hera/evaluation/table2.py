@@ -1,9 +1,4 @@
-"""An eval in HeRA's Table 2 (group means, Delta Vision) or RAH-LoRA's Table 1 layout, with both models' stage
-chains and, for a backbone of the table, the paper's rows.
-
-A column's mean: its benchmarks' headline scores on 0-100 (fractions x 100, MME-P / 20); none if a benchmark is
-missing (docs/eval.md, "Group means"). Light imports.
-"""
+"""An eval in HeRA's Table 2 or RAH-LoRA's Table 1 layout (docs/eval.md, "Group means"). Light imports."""
 
 from __future__ import annotations
 
@@ -41,8 +36,7 @@ STAGE_NAMES = {"hera": "HeRA", "sft": "SFT", "rah": "RAH-LoRA", "harc": "HARC"}
 
 @dataclass(frozen=True)
 class PaperTable:
-    """A paper's table. ``delta``: the column whose run-minus-baseline difference is shown (None: none);
-    ``file``: the paper's rows."""
+    """``delta``: the column whose run-minus-baseline difference is shown (None: none)."""
 
     key: str  # in the report record
     title: str
@@ -81,7 +75,6 @@ RAH_TABLE1 = PaperTable(
 
 
 def _scores(rows: list[dict[str, Any]], side: str, table: PaperTable) -> dict[str, float]:
-    """task -> headline score on the table's scale for ``side``."""
     found = {}
     for row in rows:
         wanted = table.scores.get(row["task"])
@@ -102,7 +95,6 @@ def group_means(rows: list[dict[str, Any]], side: str, table: PaperTable = TABLE
 
 
 def _run_record(run_dir: str) -> dict[str, Any]:
-    """The run's record, holding the chain (a ``checkpoint-N``: its run's), or ``{}``."""
     folder = Path(run_dir)
     if not (folder / RUN_RECORD).is_file() and folder.name.startswith("checkpoint-"):
         folder = folder.parent
@@ -124,12 +116,11 @@ def _name(path: Any) -> str:
 
 
 @functools.cache
-def _paper(file: Path = PAPER_FILE) -> dict[str, Any]:
+def _paper(file: Path) -> dict[str, Any]:
     return yaml.safe_load(file.read_text(encoding="utf-8"))
 
 
 def paper_backbone(names: list[Any], table: PaperTable = TABLE2) -> tuple[str, dict[str, Any]] | None:
-    """(paper name, entry) of the first of ``names`` (LLMs) that is a backbone of ``table``."""
     for name in names:
         short = _name(name).lower()
         for backbone, entry in _paper(table.file)["backbones"].items():
@@ -139,7 +130,6 @@ def paper_backbone(names: list[Any], table: PaperTable = TABLE2) -> tuple[str, d
 
 
 def table2(record: dict[str, Any], table: PaperTable = TABLE2) -> dict[str, Any] | None:
-    """``table``'s layout of a :mod:`.report` record, or None when none of its tasks ran."""
     planned = {row["task"] for row in record["rows"]}
     if not planned & {task for tasks in table.columns.values() for task in tasks}:
         return None
@@ -208,7 +198,6 @@ def _cell(value: float | None, signed: bool = False, absent: str = "–") -> str
 def markdown_lines(
     layout: dict[str, Any], run_title: str, baseline_title: str | None, table: PaperTable = TABLE2
 ) -> list[str]:
-    """The layout as a markdown table, then what is missing and the notes."""
     columns = list(table.columns)
     delta_head = f" Δ {header(table.delta, layout['marked'])} |" if table.delta else ""
     heads = " | ".join(header(column, layout["marked"]) for column in columns)

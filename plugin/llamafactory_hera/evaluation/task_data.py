@@ -1,7 +1,5 @@
-"""Whether a library task's dataset can be read here: offline, ``datasets`` loads a Hub dataset only from its cache,
-so a missing one would fail after the models load (docs/eval.md, "Refused before any model loads"). Read from the
-task YAML and cache folder names, importing neither library's tasks nor ``datasets``.
-"""
+"""Whether a library task's dataset can be read offline (docs/eval.md, "Refused before any model loads"). Imports
+neither library's tasks nor ``datasets``."""
 
 from __future__ import annotations
 
@@ -17,7 +15,6 @@ OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
 
 
 def offline() -> str | None:
-    """The variable making this process offline (``HF_HUB_OFFLINE=1``), or None."""
     for name in OFFLINE_VARIABLES:
         if os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on"):
             return f"{name}={os.environ[name]}"
@@ -32,15 +29,12 @@ EXTRA_DATASETS: dict[str, tuple[Dataset, ...]] = {"gqa": (("lmms-lab-encoder/GQA
 
 
 def default_cache() -> Path:
-    """``datasets``' cache without ``cache_dir``: ``HF_DATASETS_CACHE``, else ``HF_HOME/datasets``, else
-    ``$XDG_CACHE_HOME/huggingface/datasets``."""
     home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
     return Path(os.path.expandvars(os.environ.get("HF_DATASETS_CACHE") or os.path.join(home, "datasets"))).expanduser()
 
 
 def datasets_cache(module: str) -> Path:
-    """Where ``module``'s tasks read datasets from; lmms-eval's api/task.py resolution mirrored without its
-    makedirs (importing it would import every model and task)."""
+    """lmms-eval's api/task.py resolution without its makedirs (importing it would import every model and task)."""
     if module != "lmms_eval":
         return default_cache()
 
@@ -69,14 +63,13 @@ def datasets_cache(module: str) -> Path:
 
 
 class _TaskLoader(yaml.SafeLoader):
-    """A task YAML with ``!function`` entries read as None (nothing imported)."""
+    """``!function`` entries read as None (nothing imported)."""
 
 
 _TaskLoader.add_constructor("!function", lambda loader, node: None)
 
 
 def _read_task(path: Path) -> dict[str, Any]:
-    """The task YAML at ``path`` over what it includes (relative to it, or absolute)."""
     config = yaml.load(path.read_text(encoding="utf-8"), Loader=_TaskLoader) or {}  # noqa: S506 - SafeLoader's subclass
     included = config.pop("include", None) or []
     merged: dict[str, Any] = {}
@@ -88,7 +81,6 @@ def _read_task(path: Path) -> dict[str, Any]:
 
 @functools.cache
 def _task_files(module: str) -> dict[str, list[Path]]:
-    """Stem -> YAML files under ``module``'s task folder (once per process)."""
     spec = importlib.util.find_spec(module)
     found: dict[str, list[Path]] = {}
     for location in (spec.submodule_search_locations or []) if spec else []:
@@ -100,8 +92,7 @@ def _task_files(module: str) -> dict[str, list[Path]]:
 
 
 def task_dataset(task: str, module: str) -> tuple[str, str | None] | None:
-    """(``dataset_path``, ``dataset_name``) from ``<task>.yaml``; None without that file (a group, a task named
-    otherwise) or for a local dataset."""
+    """From ``<task>.yaml``; None without that file (a group, a task named otherwise) or for a local dataset."""
     for path in _task_files(module).get(task, []):
         if not path.is_file():
             continue
@@ -119,16 +110,15 @@ def _folded(name: str) -> str:
 
 
 def task_datasets(task: str, module: str) -> list[tuple[Dataset, Path, bool]]:
-    """(dataset, cache folder, whether the load passes it as ``cache_dir``) per Hub dataset ``task`` loads, its
-    YAML's first."""
+    """(dataset, cache folder, whether the load passes it as ``cache_dir``) per Hub dataset ``task`` loads."""
     found = task_dataset(task, module)
     own = [(found, datasets_cache(module), module == "lmms_eval")] if found else []
     return own + [(dataset, default_cache(), False) for dataset in EXTRA_DATASETS.get(task, ())]
 
 
 def is_cached(dataset: Dataset, cache: Path) -> bool:
-    """Whether ``cache`` holds ``dataset``'s ``<owner>___<name>/<config>/<version>/<hash>`` folder with the
-    ``dataset_info.json`` ``datasets`` 4.0 writes on completion (``<hash>.incomplete``: interrupted)."""
+    """Whether ``cache`` holds ``<owner>___<name>/<config>/<version>/<hash>`` with the ``dataset_info.json``
+    ``datasets`` 4.0 writes on completion."""
     owner, name = dataset[0].split("/", 1)
     if not cache.is_dir():
         return False
@@ -146,7 +136,6 @@ def is_cached(dataset: Dataset, cache: Path) -> bool:
 
 
 def fetch_command(missing: list[tuple[Dataset, Path, bool]]) -> str:
-    """One command (run with network access) caching ``missing`` where the eval reads them."""
     loads = "; ".join(
         f"datasets.load_dataset({path!r}{f', {name!r}' if name else ''}"
         f"{f', cache_dir={str(cache)!r}' if named else ''})"

@@ -1,6 +1,4 @@
-"""HARC's trade-off as a table and a plot from the report's rows, when the jailbreak task ran (docs/eval.md,
-"Trade-off"). The record's ``tradeoff``: ``{"rows", "not_measured", "notes", "capability"}``.
-"""
+"""HARC's trade-off as a table and a plot, when the jailbreak task ran (docs/eval.md, "Trade-off")."""
 
 from __future__ import annotations
 
@@ -35,7 +33,6 @@ def _row(axis: str, measure: str, source: dict[str, Any]) -> dict[str, Any]:
 
 
 def _main_scores(rows: list[dict[str, Any]], wanted: Any) -> list[dict[str, Any]]:
-    """Per task ``wanted`` keeps, in order: its row of the first :data:`MAIN_METRICS` it reports."""
     by_task: dict[str, dict[str, dict[str, Any]]] = {}
     for row in rows:
         if wanted(row):
@@ -53,7 +50,6 @@ def _mean(values: list[float | None]) -> float | None:
 
 
 def _capability(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], str | None]:
-    """Capability rows (the group's tasks and mean, or the demo stand-in) and their source."""
     tasks = set(PRESETS["capability"].tasks)
     chosen = _main_scores(rows, lambda r: r["group"] == PRESETS["capability"].group and r["task"] in tasks)
     if chosen:
@@ -79,8 +75,7 @@ def _capability(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], str |
 
 
 def _transfer_beside_its_source(robustness: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The GCG transfer row gets the base's ``gcg_adaptive`` value: its suffixes were optimised on the base
-    (``asr_gcg_transfer`` exists on the run only)."""
+    """The GCG transfer row gets the base's ``gcg_adaptive`` value: its suffixes were optimised on the base."""
     source = next((r for r in robustness if r["metric"] == "asr_gcg_adaptive"), None)
     base = source["baseline"] if source else None
     filled = []
@@ -97,7 +92,6 @@ def _transfer_beside_its_source(robustness: list[dict[str, Any]]) -> list[dict[s
 
 
 def tradeoff(record: dict[str, Any]) -> dict[str, Any] | None:
-    """The report ``record``'s trade-off; None when the jailbreak task reported nothing."""
     rows = record["rows"]
     robustness = [
         _row(
@@ -155,12 +149,10 @@ def _better(row: dict[str, Any], other: str) -> str:
 
 
 def _title(record: dict[str, Any]) -> str:
-    """HARC's for a HARC run; the same table for another text run (its --prompts)."""
     return "HARC trade-off" if record["run"]["stage"] == "harc" else "Jailbreak trade-off"
 
 
 def markdown_lines(record: dict[str, Any]) -> list[str]:
-    """The trade-off as a title, a markdown table and notes (report and console)."""
     held = record["tradeoff"]
     baseline = record["baseline"]
     other = "base" if baseline and not baseline["trained"] else "baseline"
@@ -187,8 +179,6 @@ def markdown_lines(record: dict[str, Any]) -> list[str]:
 
 
 def plot(record: dict[str, Any], path: Path) -> None:
-    """Three panels (robustness, usability, capability) of labelled run and baseline bars per measure, titled with
-    the better direction."""
     # lazy: matplotlib, only for the plot
     from matplotlib.figure import Figure
 

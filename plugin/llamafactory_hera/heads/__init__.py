@@ -1,2 +1,1 @@
-"""Attention-head maths every method uses: geometry, L<layer>H<head> references, head-input pooling, per-head
-projection (one method's own head maths lives in its package)."""
+"""Attention-head maths every method uses."""

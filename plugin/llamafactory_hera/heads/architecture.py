@@ -1,14 +1,11 @@
 """Where a decoder's heads live: the one place that knows model architectures.
 
-Decoder layers are of a few kinds (:class:`LayerKind`): softmax self-attention with a per-head output projection
-(``o_proj``; LFM2's ``out_proj``), linear attention (Qwen3.5's Gated DeltaNet), short convolutions (LFM2),
-cross-attention to the image (Llama-3.2-Vision), any of them maybe reading an earlier layer's keys and values (Gemma
-3n / 4's KV sharing). Only softmax self-attention layers have heads (per-head blocks of ``o_proj``'s input); layer
-indices are the model's own.
+Layer kinds: softmax self-attention with a per-head output projection (``o_proj``; LFM2's ``out_proj``), linear
+attention (Qwen3.5's Gated DeltaNet), short convolutions (LFM2), cross-attention (Llama-3.2-Vision), any of them maybe
+reading an earlier layer's keys and values (Gemma 3n / 4). Only softmax self-attention layers have heads.
 
 Two views, held equal by a test on every family the suite builds: the config's (:func:`plan_layers`) and a loaded
-model's (:func:`decoder_layers`; PEFT-wrapped, unwrapped DDP / DeepSpeed).
-"""
+model's (:func:`decoder_layers`)."""
 
 from __future__ import annotations
 
@@ -23,8 +20,6 @@ if TYPE_CHECKING:
 
 
 class LayerKind(StrEnum):
-    """What mixes tokens in a decoder layer."""
-
     ATTENTION = "softmax attention"
     LINEAR = "linear attention"
     CONVOLUTION = "convolution"
@@ -34,8 +29,7 @@ class LayerKind(StrEnum):
 
 @dataclass(frozen=True)
 class LayerPlan:
-    """One decoder layer per its config: kind and, if KV-shared, the layer whose keys and values it reads (its own
-    ``k_proj`` / ``v_proj`` then do nothing)."""
+    """``kv_source``: the layer whose keys and values it reads (its own ``k_proj`` / ``v_proj`` then do nothing)."""
 
     index: int
     kind: LayerKind
@@ -44,14 +38,12 @@ class LayerPlan:
 
     @property
     def has_heads(self) -> bool:
-        """True for softmax self-attention."""
         return self.kind is LayerKind.ATTENTION
 
 
 @dataclass(frozen=True)
 class DecoderLayer(LayerPlan):
-    """A loaded decoder layer: plan plus modules; ``output`` / ``value`` projections are None without softmax
-    self-attention (``value`` also without ``v_proj``)."""
+    """``output`` / ``value`` are None without softmax self-attention (``value`` also without ``v_proj``)."""
 
     module: nn.Module | None = None
     output: nn.Module | None = None
@@ -60,7 +52,6 @@ class DecoderLayer(LayerPlan):
 
 
 def _kind_of_type(layer_type: str) -> LayerKind:
-    """``layer_types`` entry -> kind (full / sliding / chunked: softmax)."""
     name = str(layer_type).lower()
     if "linear" in name:
         return LayerKind.LINEAR
@@ -72,7 +63,6 @@ def _kind_of_type(layer_type: str) -> LayerKind:
 
 
 def plan_layers(config: Any) -> list[LayerPlan]:
-    """Every decoder layer's :class:`LayerPlan` from an (M)LLM config."""
     text = config.get_text_config()
     count = int(text.num_hidden_layers)
     types = list(getattr(text, "layer_types", None) or [])
@@ -90,8 +80,7 @@ def plan_layers(config: Any) -> list[LayerPlan]:
 
 
 def _kv_sources(text: Any) -> list[int | None]:
-    """Per layer, the layer whose keys and values it reads, else None (Gemma 3n / 4: each of the last
-    ``num_kv_shared_layers`` reads the last earlier layer of its type)."""
+    """Gemma 3n / 4: each of the last ``num_kv_shared_layers`` reads the last earlier layer of its type."""
     count = int(text.num_hidden_layers)
     types = list(getattr(text, "layer_types", None) or [])
     shared = int(getattr(text, "num_kv_shared_layers", 0) or 0)
@@ -105,8 +94,7 @@ def _kv_sources(text: Any) -> list[int | None]:
 
 
 def text_decoder(model: nn.Module) -> nn.Module:
-    """The module with ``layers`` of a (PEFT-wrapped) (M)LLM, following nested decoders (Llama 4's
-    ``get_decoder()`` is a causal LM whose ``model`` holds them)."""
+    """Follows nested decoders (Llama 4's ``get_decoder()`` is a causal LM whose ``model`` holds them)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
     for _ in range(3):  # a causal LM inside: one level down
@@ -169,12 +157,11 @@ def _loaded_layer(index: int, layer: nn.Module) -> DecoderLayer:
 
 
 def decoder_layers(model: nn.Module) -> list[DecoderLayer]:
-    """A loaded model's text-decoder layers in order."""
     return [_loaded_layer(index, layer) for index, layer in enumerate(text_decoder(model).layers)]
 
 
 def head_projections(model: nn.Module) -> dict[int, nn.Module]:
-    """Layer with heads -> its ``o_proj`` (the LoRA layer when LoRA targets it); refused when none has heads."""
+    """The LoRA layer when LoRA targets ``o_proj``; refused when no layer has heads."""
     layers = decoder_layers(model)
     found = {layer.index: layer.output for layer in layers if layer.has_heads and layer.output is not None}
     if not found:
@@ -187,8 +174,7 @@ def head_projections(model: nn.Module) -> dict[int, nn.Module]:
 
 
 def trainable_upstream(model: nn.Module, layers: list[int]) -> dict[int, bool]:
-    """Per layer, whether a trainable parameter feeds its ``o_proj`` input: outside the layers (not the final norm or
-    an untied ``lm_head``), in an earlier layer, or its own input norm and other attention projections."""
+    """Per layer, whether a trainable parameter feeds its ``o_proj`` input."""
     decoder = text_decoder(model)
     decoder_layers = list(decoder.layers)
     in_layers = {id(p) for layer in decoder_layers for p in layer.parameters()}
@@ -214,8 +200,8 @@ def trainable_upstream(model: nn.Module, layers: list[int]) -> dict[int, bool]:
 
 
 def per_head_value_layers(plans: list[LayerPlan], head_dim: int | None = None) -> tuple[list[int], dict[int, str]]:
-    """(RAH-LoRA's calibratable layers, the others -> why not). Kept: layers with heads, not KV-shared (a V update
-    would be void), plain ``nn.Linear`` v/o projections if loaded, and heads of width ``head_dim`` if given."""
+    """(RAH-LoRA's calibratable layers, the others -> why not): layers with heads, not KV-shared (a V update would be
+    void), plain ``nn.Linear`` v/o projections, heads of width ``head_dim`` if given."""
     kept = []
     left = {}
     for plan in plans:
@@ -233,9 +219,7 @@ def per_head_value_layers(plans: list[LayerPlan], head_dim: int | None = None) -
 
 
 def kv_sharing_chains(plans: list[LayerPlan]) -> dict[int, list[int]]:
-    """Source layer -> layers reading its keys and values. Readers get them via transformers' ``shared_kv_states``,
-    not as a checkpointed call's input, so only non-reentrant (or no) checkpointing in the chain carries their
-    gradient back (:mod:`llamafactory_hera.training.layer_checkpointing`)."""
+    """Source layer -> its readers, which get keys and values outside a checkpointed call's input."""
     chains: dict[int, list[int]] = {}
     for plan in plans:
         if plan.kv_source is not None:
@@ -244,12 +228,11 @@ def kv_sharing_chains(plans: list[LayerPlan]) -> dict[int, list[int]]:
 
 
 def head_layers(plans: list[LayerPlan]) -> list[int]:
-    """Indices of the layers with heads."""
     return [plan.index for plan in plans if plan.has_heads]
 
 
 def describe(plans: list[LayerPlan]) -> str:
-    """Runs of layers by kind: ``L0-L2 linear attention, L3 softmax attention, ...`` (KV sharing named)."""
+    """``L0-L2 linear attention, L3 softmax attention, ...`` (KV sharing named)."""
     runs: list[tuple[int, int, str]] = []
     for plan in plans:
         what = str(plan.kind) + (f" (keys and values of L{plan.kv_source})" if plan.kv_source is not None else "")

@@ -14,8 +14,6 @@ _HEAD_RE = re.compile(r"^\s*L(\d+)\s*H(\d+)\s*$", re.IGNORECASE)
 
 @dataclass(frozen=True, order=True)
 class HeadRef:
-    """One attention head: decoder layer and query head."""
-
     layer: int
     head: int
 
@@ -25,8 +23,7 @@ class HeadRef:
 
 @dataclass(frozen=True)
 class AttentionGeometry:
-    """The text decoder's attention shapes: ``o_proj`` maps ``[.., num_heads * head_dim]`` to ``[.., hidden_size]``;
-    ``head_layers``: layers with heads."""
+    """``o_proj`` maps ``[.., num_heads * head_dim]`` to ``[.., hidden_size]``."""
 
     num_layers: int
     num_heads: int
@@ -37,17 +34,15 @@ class AttentionGeometry:
     layer_head_dims: tuple[int | None, ...] = ()  # per layer (None: no heads); empty: head_dim
 
     def head_dim_of(self, layer: int) -> int:
-        """One head's width in ``layer`` (Gemma 4's full attention: wider)."""
         return self.layer_head_dims[layer] or self.head_dim if self.layer_head_dims else self.head_dim
 
     @property
     def num_model_heads(self) -> int:
-        """Heads over every layer that has them."""
         return len(self.head_layers) * self.num_heads
 
 
 def parse_head(text: str | HeadRef) -> HeadRef:
-    """Parse ``"L13H12"`` (any case; a parsed head as it is); RecipeError otherwise."""
+    """``"L13H12"`` (any case; a parsed head as it is); RecipeError otherwise."""
     if isinstance(text, HeadRef):
         return text
     match = _HEAD_RE.match(str(text))
@@ -57,12 +52,11 @@ def parse_head(text: str | HeadRef) -> HeadRef:
 
 
 def head_names(heads: list[HeadRef]) -> list[str]:
-    """``heads`` as a recipe and the records write them: ``["L13H12", "L7H6"]``."""
     return [str(ref) for ref in heads]
 
 
 def attention_geometry(config: Any) -> AttentionGeometry:
-    """From an (M)LLM config; ``head_dim`` as set (Qwen3, Gemma), else ``hidden_size // num_attention_heads``."""
+    """``head_dim`` as set (Qwen3, Gemma), else ``hidden_size // num_attention_heads``."""
     text = config.get_text_config()
     num_heads = int(text.num_attention_heads)
     hidden = int(text.hidden_size)
@@ -80,7 +74,6 @@ def attention_geometry(config: Any) -> AttentionGeometry:
 
 
 def check_heads_fit(heads: list[HeadRef], geometry: AttentionGeometry, model_name: str) -> None:
-    """RecipeError naming ``hera_heads`` for a head outside the model or in a layer without heads."""
     for ref in heads:
         if not (0 <= ref.layer < geometry.num_layers and 0 <= ref.head < geometry.num_heads):
             raise RecipeError(
@@ -95,7 +88,6 @@ def check_heads_fit(heads: list[HeadRef], geometry: AttentionGeometry, model_nam
 
 
 def check_has_heads(geometry: AttentionGeometry, config: Any, stage: str) -> None:
-    """Refuse before loading a model without softmax self-attention layers (no head to align or calibrate)."""
     if geometry.head_layers:
         return
     kinds = sorted(set(geometry.kinds))

@@ -1,7 +1,5 @@
-"""Which tokens a head's representation averages (``hera_pooling``: ``assistant``, those with LM loss; ``text``,
-every attended token): only after the sample's first multimodal placeholder, never a placeholder (docs/hera-design.md,
-"Which tokens").
-"""
+"""Which tokens a head's representation averages: only after the sample's first multimodal placeholder, never a
+placeholder (docs/hera-design.md, "Which tokens")."""
 
 from __future__ import annotations
 
@@ -53,8 +51,7 @@ def _string_tokens(holder: Any) -> set[str]:
 def multimodal_token_ids(
     config: Any, processor: Any = None, tokenizer: Any = None, mm_plugin: Any = None
 ) -> frozenset[int]:
-    """Ids of every multimodal placeholder token: from ``config`` and its text config, and ``processor``'s and
-    ``mm_plugin``'s token strings via ``tokenizer`` (default ``processor.tokenizer``; unknown strings skipped)."""
+    """From the configs, and ``processor``'s and ``mm_plugin``'s token strings."""
     ids = _config_token_ids(config)
     tokenizer = tokenizer if tokenizer is not None else getattr(processor, "tokenizer", None)
     strings = _string_tokens(processor) | _string_tokens(mm_plugin)
@@ -72,8 +69,7 @@ def multimodal_token_ids(
 
 
 def require_multimodal_ids(ids: frozenset[int], model_type: str) -> frozenset[int]:
-    """``ids``, or RecipeError when empty: every pooling mask would be empty, the run plain SFT with a warning per
-    micro-batch."""
+    """Empty ``ids`` would leave every pooling mask empty, the run plain SFT with a warning per micro-batch."""
     if not ids:
         raise RecipeError(
             f"stage: hera: found no multimodal placeholder token (image_token_id / image_token_index / video_token_id "
@@ -85,7 +81,7 @@ def require_multimodal_ids(ids: frozenset[int], model_type: str) -> frozenset[in
 
 
 def multimodal_positions(input_ids: torch.Tensor, multimodal_ids: Collection[int]) -> torch.Tensor:
-    """``[B, T]`` bool: positions holding a multimodal placeholder token."""
+    """``[B, T]`` bool."""
     if not multimodal_ids:
         return torch.zeros_like(input_ids, dtype=torch.bool)
     table = torch.tensor(sorted(multimodal_ids), device=input_ids.device, dtype=input_ids.dtype)
@@ -99,8 +95,7 @@ def pooled_token_mask(
     pooling: str,
     multimodal_ids: Iterable[int] | int | None,
 ) -> torch.Tensor:
-    """``[B, T]`` bool mask of the pooled tokens. ``labels`` ``[B, T]`` unshifted (-100: no loss);
-    ``attention_mask`` ``[B, T]`` or None (other shapes ignored)."""
+    """``[B, T]`` bool. ``labels`` ``[B, T]`` unshifted (-100: no loss); ``attention_mask`` ``[B, T]`` or None."""
     if pooling not in POOLINGS:
         raise ValueError(f"hera_pooling must be 'assistant' or 'text', got {pooling!r}")
     if multimodal_ids is None:
@@ -118,6 +113,6 @@ def pooled_token_mask(
 
 
 def pooling_weights(token_mask: torch.Tensor) -> torch.Tensor:
-    """Row-normalised float32 weights ``[B, T]`` from a bool mask (empty rows stay 0)."""
+    """Row-normalised float32 weights ``[B, T]`` (empty rows stay 0)."""
     mask = token_mask.float()
     return mask / mask.sum(-1, keepdim=True).clamp_min(1.0)

@@ -1,5 +1,4 @@
-"""The LLaVA-1.5 verbs: ``compose`` (a LLaVA-1.5-style model from a text-only LLM and an image encoder), ``data
-check`` and ``data convert``."""
+"""The LLaVA-1.5 verbs: ``compose``, ``data check`` and ``data convert``."""
 
 from __future__ import annotations
 
@@ -16,7 +15,6 @@ DEFAULT_WORKERS = min(16, os.cpu_count() or 1)
 
 
 def add_verbs(commands: Any) -> dict[str, Callable[[argparse.Namespace], None]]:
-    """Add ``compose`` and ``data`` to the sub-command parsers; verb -> handler."""
     parser = commands.add_parser(
         "compose",
         help="a LLaVA-1.5-style model from a text-only LLM and an image encoder",
@@ -79,7 +77,6 @@ def add_verbs(commands: Any) -> dict[str, Callable[[argparse.Namespace], None]]:
 
 
 def run_data_verb(args: argparse.Namespace) -> None:
-    """``data check`` or ``data convert``."""
     if args.data_command == "convert":
         # lazy: only for data convert (every verb's parser imports this module)
         from llamafactory_hera.llava.data_convert import convert_file
@@ -97,7 +94,6 @@ def run_data_verb(args: argparse.Namespace) -> None:
 
 
 def run_compose(args: argparse.Namespace) -> None:
-    """Plan (refusals before any weight loads), build, write; print what was made and the template line."""
     plan, tokenizer = plan_compose(args.llm, args.vision, args.output, args.family, args.seed)
     # lazy: torch and the model classes, after the plan's refusals
     from llamafactory_hera.llava.compose_build import RECORD, compose

@@ -1,8 +1,5 @@
-"""Build and write ``LlavaForConditionalGeneration`` from a text-only LLM, an encoder's vision tower and a fresh
-projector, with its ``LlavaProcessor`` and a record (docs/hera.md, "Compose a LLaVA-1.5 model from an LLM"). SigLIP's
-attention-pooling head is left out: a trainable tower holds no parameters without gradients. Written to a temporary
-sibling folder moved to ``--output`` at the end: a failed compose leaves nothing.
-"""
+"""Build and write ``LlavaForConditionalGeneration`` (docs/hera.md, "Compose a LLaVA-1.5 model from an LLM"), in a
+temporary sibling folder moved to ``--output`` at the end."""
 
 from __future__ import annotations
 
@@ -36,7 +33,7 @@ from llamafactory_hera_patches.stacks import dtype_key
 
 
 def add_image_token(tokenizer: Any, llm: Any) -> str:
-    """Add ``<image>`` to ``tokenizer`` with an embedding row in ``llm``; what was done, in words."""
+    """Add ``<image>`` with an embedding row in ``llm``; what was done, in words."""
     if IMAGE_TOKEN in tokenizer.get_vocab():
         return f"{IMAGE_TOKEN} already in the LLM's tokenizer (id {tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)}): kept"
     known = len(tokenizer)
@@ -62,8 +59,6 @@ def add_image_token(tokenizer: Any, llm: Any) -> str:
 
 
 def _vision_tower(name: str) -> Any:
-    """The vision tower with weights (``CLIPVisionModel`` / ``SiglipVisionModel``), from a two-tower or vision-only
-    model."""
     config = AutoConfig.from_pretrained(name)
     vision_config = getattr(config, "vision_config", None) or config
     verbosity = logging.get_verbosity()
@@ -85,7 +80,6 @@ def _vision_tower(name: str) -> Any:
 
 
 def _llava_model(plan: ComposePlan, llm: Any, tower: Any, token_id: int) -> Any:
-    """LLaVA of ``llm``'s modules, ``tower`` and a seeded projector."""
     geometry = plan.geometry
     config = LlavaConfig(
         text_config=llm.config,
@@ -128,7 +122,6 @@ def _processor(plan: ComposePlan, tokenizer: Any) -> Any:
 
 
 def compose(plan: ComposePlan, tokenizer: Any) -> dict[str, Any]:
-    """Build and write the model, processor and :data:`RECORD` to ``plan.output``; return the record."""
     llm = AutoModelForCausalLM.from_pretrained(plan.llm, **{dtype_key(): "auto"})
     tower = _vision_tower(plan.vision)
     dtype, vision_dtype = (str(module.dtype).removeprefix("torch.") for module in (llm, tower))

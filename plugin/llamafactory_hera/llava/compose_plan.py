@@ -1,7 +1,4 @@
-"""What ``compose`` will build, from the parts' configs and the LLM's tokenizer (no weights), and its refusals. Vision
-features per encoder (CLIP: penultimate layer without [CLS], as LLaVA-1.5; SigLIP: all its patch tokens), family
-detection and templates, with the why: docs/hera.md ("Compose a LLaVA-1.5 model from an LLM").
-"""
+"""What ``compose`` will build, from the parts' configs and the LLM's tokenizer (no weights), and its refusals."""
 
 from __future__ import annotations
 
@@ -34,8 +31,6 @@ _MULTIMODAL_KEYS = (
 
 @dataclass(frozen=True)
 class VisionGeometry:
-    """The encoder's image geometry and how LLaVA reads it."""
-
     encoder: str  # "clip" | "siglip"
     image_size: int
     patch_size: int
@@ -45,15 +40,12 @@ class VisionGeometry:
 
     @property
     def image_seq_length(self) -> int:
-        """Image tokens per image: patches, plus [CLS] unless dropped."""
         kept_cls = self.cls_tokens - (1 if self.select_strategy == "default" else 0)
         return (self.image_size // self.patch_size) ** 2 + kept_cls
 
 
 @dataclass(frozen=True)
 class ComposePlan:
-    """All compose needs before loading a weight."""
-
     llm: str
     vision: str
     output: Path
@@ -78,8 +70,7 @@ def _config_dict(name: str, flag: str) -> dict[str, Any]:
 
 
 def check_output(output: Path) -> None:
-    """Refuse, before any weight loads, a file, a non-empty folder (never overwritten), or a folder that cannot be
-    made there."""
+    """Refuse, before any weight loads, a file, a non-empty folder, or a folder that cannot be made."""
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise RecipeError(
             f"--output {output}: it exists and is not an empty folder; compose never overwrites: name a "
@@ -89,7 +80,6 @@ def check_output(output: Path) -> None:
 
 
 def check_text_only(name: str, config: dict[str, Any]) -> None:
-    """Refuse an LLM whose config has a media part."""
     found = [key for key in _MULTIMODAL_KEYS if key in config]
     if found:
         raise RecipeError(
@@ -100,8 +90,7 @@ def check_text_only(name: str, config: dict[str, Any]) -> None:
 
 
 def vision_geometry(name: str, config: dict[str, Any]) -> VisionGeometry:
-    """A CLIP or SigLIP model's geometry; ``config`` (config.json) gives the type, transformers' config the sizes
-    (config.json omits defaults: SigLIP's ``patch_size`` 16)."""
+    """Transformers' config gives the sizes: config.json omits defaults (SigLIP's ``patch_size`` 16)."""
     from transformers import AutoConfig  # lazy: seconds of import
 
     model_type = str(config.get("model_type"))
@@ -134,7 +123,6 @@ def vision_geometry(name: str, config: dict[str, Any]) -> VisionGeometry:
 
 
 def detect_family(name: str, config: dict[str, Any], tokenizer: Any) -> tuple[str, str]:
-    """The LLM's family and how it was found."""
     model_type = str(config.get("model_type"))
     if model_type in _FAMILY_OF_TYPE:
         return _FAMILY_OF_TYPE[model_type], f"model type {model_type}"
@@ -154,7 +142,6 @@ def detect_family(name: str, config: dict[str, Any], tokenizer: Any) -> tuple[st
 def plan_compose(
     llm: str, vision: str, output: Path, family: str | None = None, seed: int = 42
 ) -> tuple[ComposePlan, Any]:
-    """Check the parts (configs, tokenizer); the plan and the LLM's tokenizer."""
     from transformers import AutoTokenizer  # lazy: seconds of import
 
     if family is not None and family not in FAMILY_TEMPLATES:

@@ -1,7 +1,4 @@
-"""``llamafactory-hera data check RECIPE``: a recipe's datasets read by LLaMA-Factory's loader as the run will, each
-distinct image checked once (stat, or PIL's decode with ``--verify-images``). Output: docs/llava-data.md ("Checking
-the data").
-"""
+"""``llamafactory-hera data check RECIPE`` (docs/llava-data.md, "Checking the data")."""
 
 from __future__ import annotations
 
@@ -36,8 +33,6 @@ IMAGE_CHUNK = 4096  # images handed to the threads at a time
 
 @dataclass
 class DatasetCounts:
-    """One dataset's rows and images as loaded."""
-
     name: str
     rows: int = 0
     dropped_rows: int = 0  # broken turns: dropped when tokenizing
@@ -72,7 +67,7 @@ class DatasetCounts:
 
 
 def _file_path(image: Any) -> str | None:
-    """The file an ``_images`` entry names (a path, or a dict with a path and no bytes); None for inline images."""
+    """The file an ``_images`` entry names; None for inline images."""
     if isinstance(image, str):
         return image
     if isinstance(image, dict) and isinstance(image.get("path"), str) and not image.get("bytes"):
@@ -82,20 +77,18 @@ def _file_path(image: Any) -> str | None:
 
 def _shown(path: str, media_dir: str, problem: str) -> str:
     """An image's path as the run opens it: LLaMA-Factory joins a relative path with ``media_dir`` only when that
-    file exists, so an unreadable one's is joined already; a missing one is shown joined, where it was looked for."""
+    file exists, so a missing one is shown joined, where it was looked for."""
     if problem != MISSING or os.path.isabs(path):
         return path
     return os.path.join(media_dir, path)
 
 
 def _aligned(rows: Any) -> Any:
-    """(prompt, response, images) per aligned row, read in batches."""
     for batch in rows.select_columns(["_prompt", "_response", "_images"]).iter(batch_size=4096):
         yield from zip(batch["_prompt"], batch["_response"], batch["_images"], strict=True)
 
 
 def check_images(paths: list[str], decode: bool, workers: int, desc: str) -> dict[str, str]:
-    """``path -> MISSING | UNREADABLE`` for the bad ``paths``, on ``workers`` threads."""
     problems: dict[str, str] = {}
     with (
         ThreadPoolExecutor(max_workers=workers) as pool,
@@ -111,7 +104,6 @@ def check_images(paths: list[str], decode: bool, workers: int, desc: str) -> dic
 
 
 def count_rows(name: str, rows: Any, placeholder: str, media_dir: str, decode: bool, workers: int) -> DatasetCounts:
-    """Count aligned ``rows`` and check each distinct image once (``workers`` threads; bars on a terminal)."""
     counts = DatasetCounts(name, rows=len(rows))
     image_rows: list[tuple[list[str], bool]] = []  # files, marks match
     for row, (prompt, response, images) in enumerate(
@@ -142,7 +134,6 @@ def count_rows(name: str, rows: Any, placeholder: str, media_dir: str, decode: b
 
 
 def _load(recipe_args: Any, seed: int, name: str, file_name: Any) -> Any:
-    """Aligned rows of ``name``; RecipeError for a file the loader cannot read as a table."""
     try:
         return load_aligned_rows(recipe_args, seed, [name])
     except DatasetGenerationError as err:
@@ -156,8 +147,6 @@ def _load(recipe_args: Any, seed: int, name: str, file_name: Any) -> Any:
 
 
 def check_recipe(recipe_path: Path, decode: bool, workers: int) -> tuple[list[DatasetCounts], str]:
-    """Every dataset counted, and the run's ``media_dir``. RecipeError for no datasets, a dataset not in
-    ``dataset_info.json`` or without its file, a non-folder ``media_dir``, an unloadable file, ``workers`` < 1."""
     if workers < 1:
         raise RecipeError(f"data check: --workers must be at least 1, got {workers}.")
     _, recipe = load_recipe(recipe_path)
@@ -190,7 +179,6 @@ def check_recipe(recipe_path: Path, decode: bool, workers: int) -> tuple[list[Da
 
 
 def report(counts: list[DatasetCounts], media_dir: str, decode: bool) -> str:
-    """Table, histograms, a note on text-only rows, how images were checked, the first bad paths."""
     rows = [c.table_row() for c in counts]
     lines = [format_head_table(rows, list(rows[0])), *(c.histogram() for c in counts)]
     if any(c.text_only_rows for c in counts):
@@ -208,10 +196,8 @@ def report(counts: list[DatasetCounts], media_dir: str, decode: bool) -> str:
 
 
 def failure(counts: list[DatasetCounts]) -> str | None:
-    """The one-line error if the run would stop on this data (bad images, mismatched <image> marks), else None."""
     bad = sum(len(c.bad_images) for c in counts)
-    mismatched = {c.name: c.first_mismatches for c in counts if c.mismatched_rows}
-    if not bad and not mismatched:
+    if not bad and not any(c.mismatched_rows for c in counts):
         return None
     parts = [f"{bad} images are missing or unreadable (listed above)"] if bad else []
     parts += [

@@ -1,9 +1,4 @@
-"""``llamafactory-hera data convert``: a LLaVA JSON file (558k, mix665k) readable by LLaMA-Factory's loader.
-
-The loader needs one type per column; ``llava_v1_5_mix665k.json`` mixes string and integer ``id`` values
-(``ArrowTypeError ... Conversion failed for column id``): every ``id`` becomes a string, nothing else changes.
-Where it writes: docs/llava-data.md.
-"""
+"""``llamafactory-hera data convert``: every ``id`` of a LLaVA JSON file a string (docs/llava-data.md)."""
 
 from __future__ import annotations
 
@@ -20,8 +15,6 @@ SUFFIX = ".string_ids.json"
 
 @dataclass(frozen=True)
 class Conversion:
-    """The file written (or up to date), its rows, and ids made strings."""
-
     output: Path
     rows: int
     ids_changed: int
@@ -36,7 +29,6 @@ class Conversion:
 
 
 def default_output(source: Path) -> Path:
-    """``dir/name.json`` -> ``dir/name.string_ids.json``."""
     return source.with_name(source.stem + SUFFIX)
 
 
@@ -59,8 +51,7 @@ def _read_rows(source: Path) -> list[dict[str, Any]]:
 
 
 def convert_file(source: Path, output: Path | None = None, force: bool = False) -> Conversion:
-    """Write ``source``'s rows with string ids to ``output`` (default :func:`default_output`); a rerun is a no-op.
-    RecipeError for a missing or non-LLaVA source, ``output`` = source, or a different ``output`` without ``force``."""
+    """A rerun is a no-op; a different existing ``output`` is replaced only with ``force``."""
     target = output or default_output(source)
     if target.resolve() == source.resolve():
         raise RecipeError(

@@ -1,8 +1,4 @@
-"""Head-selection figures and text tables: per-head MKNN heatmaps and before/after comparisons.
-
-Drawn headless (:func:`~.text.agg_figure`); matplotlib is imported only then. Layers run down (L0 at the top), heads
-across; selected heads are boxed and labelled ``L<layer>H<head>`` (small maps write each cell's value instead).
-"""
+"""Head-selection figures and text tables: layers run down, heads across."""
 
 from __future__ import annotations
 
@@ -40,7 +36,6 @@ def _map_size(layers: int, heads: int, max_side: float) -> tuple[float, float]:
 
 
 def _ticks(ax: Any, layers: int, heads: int) -> None:
-    """Integer ticks, at most ``_MAX_TICKS`` per axis."""
     for count, set_ticks, set_labels in (
         (heads, ax.set_xticks, ax.set_xticklabels),
         (layers, ax.set_yticks, ax.set_yticklabels),
@@ -55,7 +50,6 @@ def _ticks(ax: Any, layers: int, heads: int) -> None:
 
 
 def _limits(*arrays: np.ndarray) -> tuple[float, float]:
-    """MKNN colour limits: 0 (or a lower score) to the highest finite score."""
     finite = np.concatenate([a[np.isfinite(a)] for a in arrays])
     if finite.size == 0:
         return 0.0, 1.0
@@ -65,7 +59,6 @@ def _limits(*arrays: np.ndarray) -> tuple[float, float]:
 
 
 def _boxes(ax: Any, selected: list[tuple[int, int]], color: str) -> None:
-    """Box each selected cell, with a white halo to show on any colour."""
     # lazy: `data check` prints this module's text tables without matplotlib
     from matplotlib import patheffects
     from matplotlib.patches import Rectangle
@@ -77,7 +70,6 @@ def _boxes(ax: Any, selected: list[tuple[int, int]], color: str) -> None:
 
 
 def _labels(ax: Any, selected: list[tuple[int, int]], heads: int, fontsize: float) -> None:
-    """``L<layer>H<head>`` beside each box, towards the map's middle (none beyond ``_MAX_LABELS``)."""
     if len(selected) > _MAX_LABELS:
         return
     for layer, head in selected:
@@ -96,7 +88,6 @@ def _labels(ax: Any, selected: list[tuple[int, int]], heads: int, fontsize: floa
 
 
 def _annotate_cells(ax: Any, array: np.ndarray, signed: bool) -> None:
-    """Write each cell's value in it, dark or light by cell brightness."""
     image = ax.get_images()[0]
     for (layer, head), value in np.ndenumerate(array):
         if not np.isfinite(value):
@@ -115,7 +106,6 @@ def _annotate_cells(ax: Any, array: np.ndarray, signed: bool) -> None:
 
 
 def _hatch(ax: Any, cells: np.ndarray) -> None:
-    """Hatch every ``True`` cell of ``cells`` ``[layers, heads]`` (within noise)."""
     # lazy: matplotlib, only when a figure is drawn
     from matplotlib.patches import Rectangle
 
@@ -128,7 +118,7 @@ def _hatch(ax: Any, cells: np.ndarray) -> None:
 
 
 def _legend(fig: Any, entries: list[tuple[Any, str]]) -> None:
-    """A legend under the panels; a handle is a box colour, a tuple of them (one handle), or ``"hatch"``."""
+    """A handle is a box colour, a tuple of them (one handle), or ``"hatch"``."""
     # lazy: matplotlib only when a figure is drawn
     from matplotlib.legend_handler import HandlerTuple
     from matplotlib.patches import Patch
@@ -151,14 +141,12 @@ def _legend(fig: Any, entries: list[tuple[Any, str]]) -> None:
 
 
 def _label_fontsize(heads: int, map_width: float) -> float:
-    """Smaller labels on denser maps (cell width bounds what fits)."""
     cell_pt = 72 * map_width / heads
     return float(min(8.0, max(5.5, cell_pt * 0.9)))
 
 
 def plot_head_heatmap(scores: np.ndarray, selected: list[tuple[int, int]], path: Path, title: str) -> Path:
-    """PNG heatmap of ``scores`` ``[L, H]`` (MKNN in [0, 1]); colorbar from 0 to the highest score, NaN cells
-    blank."""
+    """``scores`` ``[L, H]``; colorbar from 0 to the highest score, NaN cells blank."""
     array = _check(scores, selected, "scores")
     layers, heads = array.shape
     width, height = _map_size(layers, heads, 10.0)
@@ -191,9 +179,8 @@ def plot_before_after(
     noise: np.ndarray | None = None,
     noise_label: str = "within noise",
 ) -> Path:
-    """PNG of before, after (one colour scale) and after - before (diverging, centred at 0); selected heads boxed
-    in all and labelled on the difference, where training shows. ``noise`` (``[layers, heads]`` bool) hatches
-    differences within noise."""
+    """Before, after and after - before (diverging); ``noise`` (``[layers, heads]`` bool) hatches differences within
+    noise."""
     first = _check(before, selected, "before")
     second = _check(after, selected, "after")
     if first.shape != second.shape:
@@ -243,8 +230,7 @@ def plot_score_panels(
     title: str,
     box_labels: tuple[str, str] = ("marked", "rolled back"),
 ) -> Path:
-    """PNG of per-head score maps ``[L, H]``, each on its own colour scale; row i is layer ``layer_names[i]``.
-    ``marked`` (layer, head) boxed red, ``rolled_back`` black."""
+    """Per-head score maps ``[L, H]``, each on its own colour scale; row i is layer ``layer_names[i]``."""
     row = {layer: index for index, layer in enumerate(layer_names)}
     boxes = [(row[layer], head) for layer, head in marked], [(row[layer], head) for layer, head in rolled_back]
     arrays = [_check(array, boxes[0] + boxes[1], label) for array, label in panels]
@@ -292,10 +278,7 @@ def _cell(value: object) -> str:
 
 
 def format_head_table(rows: list[dict[str, object]], columns: list[str]) -> str:
-    """Fixed-width text table: header, dashed rule, a line per row; floats with 4 decimals (``-0`` as ``0.0000``).
-
-    Two-space column gaps; all-number columns right-aligned. Missing / None: empty cell. No trailing spaces or newline.
-    """
+    """Fixed-width text table; floats with 4 decimals, all-number columns right-aligned, no trailing spaces."""
     cells = [[_cell(row.get(column)) for column in columns] for row in rows]
     widths = [max([len(column)] + [len(line[i]) for line in cells]) for i, column in enumerate(columns)]
     right = [

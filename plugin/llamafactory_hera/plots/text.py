@@ -8,7 +8,7 @@ from typing import Any
 
 
 def agg_figure(**kwargs: Any) -> Any:
-    """A constrained-layout ``Figure`` on an Agg canvas: headless, no pyplot state to close."""
+    """Headless, no pyplot state to close."""
     # lazy: the methods' declarations import the plots
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -19,18 +19,16 @@ def agg_figure(**kwargs: Any) -> Any:
 
 
 def save_png(fig: Any, path: Path, dpi: int) -> Path:
-    """Write ``fig`` as PNG at ``path``, creating folders."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi, format="png")
     return path
 
 
-def fit_title(fig: Any, text: Any, title: str, margin: float = 0.96) -> None:
-    """Wrap ``title`` into ``text`` until it spans at most ``margin`` of ``fig``'s drawn width (long words broken);
-    ``text`` must be centred on the figure (``fig.suptitle``)."""
+def fit_title(fig: Any, text: Any, title: str) -> None:
+    """Wrap ``title`` into ``text`` (centred on ``fig``) until it spans at most 96 % of the figure's width."""
     renderer = fig.canvas.get_renderer()
-    limit = fig.bbox.width * margin
+    limit = fig.bbox.width * 0.96
     width = max(len(line) for line in title.splitlines() or [""])
     while True:
         text.set_text("\n".join(textwrap.fill(line, width) for line in title.splitlines()))
@@ -40,12 +38,10 @@ def fit_title(fig: Any, text: Any, title: str, margin: float = 0.96) -> None:
 
 
 def signed_number(value: float, digits: int = 3) -> str:
-    """``value`` signed with ``digits`` decimals; a rounded zero is plain ``0.000``."""
     rounded = round(float(value), digits)
     return f"{0.0:.{digits}f}" if rounded == 0 else f"{rounded:+.{digits}f}"
 
 
 def number(value: float, digits: int = 3) -> str:
-    """``value`` with ``digits`` decimals; never ``-0.000``."""
     rounded = round(float(value), digits)
     return f"{(0.0 if rounded == 0 else rounded):.{digits}f}"

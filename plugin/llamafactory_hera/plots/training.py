@@ -1,7 +1,4 @@
-"""A run's ``training.png`` (and LlamaBoard's loss plot of a method's run): losses and terms on twin axes, beside
-the method's other series (HeRA's temperature, alignment monitor). Smoothing is the host's own (passed in by the
-patch), so the curves match LlamaBoard's. Drawn headless.
-"""
+"""A run's ``training.png`` and LlamaBoard's loss plot of a method's run, with the host's smoothing."""
 
 from __future__ import annotations
 
@@ -22,8 +19,7 @@ COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e3
 
 @dataclass(frozen=True)
 class Panel:
-    """A panel beside the loss panel, drawn when one of its series was logged. ``keys``: solid lines with markers;
-    ``prefix``: other keys with it drawn thin and faint (e.g. one per head); ``ylim`` None: fitted."""
+    """Drawn when one of its series was logged. ``prefix``: keys with it drawn thin and faint (e.g. one per head)."""
 
     title: str
     ylabel: str
@@ -35,8 +31,6 @@ class Panel:
 
 @dataclass(frozen=True)
 class TrainingPlot:
-    """A method's ``training.png``: losses (left axis; ``eval_loss`` as points), loss terms (right axis), panels."""
-
     terms: tuple[str, ...]
     terms_label: str
     panels: tuple[Panel, ...] = ()
@@ -53,8 +47,8 @@ def _number(value: Any) -> float | None:
 
 
 def series(entries: Iterable[tuple[Any, dict[str, Any]]]) -> Series:
-    """Numeric key -> (steps, values), steps increasing, of training entries (with ``loss``, or a method's own such as
-    HeRA's step-0 monitor point; not ``eval_*``/``predict_*``/``train_*`` summaries) and ``eval_loss``."""
+    """Numeric key -> (steps, values) of training entries (not ``eval_*``/``predict_*``/``train_*`` summaries) and
+    ``eval_loss``."""
     rows: dict[str, dict[int, float]] = {}
     for step, entry in entries:
         if not isinstance(step, int):
@@ -69,7 +63,6 @@ def series(entries: Iterable[tuple[Any, dict[str, Any]]]) -> Series:
 
 
 def read_series(output_dir: str | Path) -> Series:
-    """:func:`series` of ``trainer_state.json`` and ``trainer_log.jsonl`` (methods' keys merged in), as present."""
     output_dir = Path(output_dir)
     entries: list[tuple[Any, dict[str, Any]]] = []
     state = output_dir / "trainer_state.json"
@@ -85,7 +78,6 @@ def read_series(output_dir: str | Path) -> Series:
 
 
 def integer_steps(ax: Any, steps: list[int], label: str = "step") -> None:
-    """Integer step ticks on ``ax`` (one tick for one step)."""
     # lazy: matplotlib, only when a figure is drawn
     from matplotlib.ticker import MaxNLocator
 
@@ -107,7 +99,6 @@ def _curve(
 
 
 def _loss_panel(ax: Any, data: Series, plot: TrainingPlot, smooth: Smooth) -> list[str]:
-    """Losses on ``ax``, terms on a twin axis; the keys drawn."""
     drawn: list[str] = []
     colors = iter(COLORS)
     for key in plot.losses:
@@ -146,7 +137,6 @@ def _loss_panel(ax: Any, data: Series, plot: TrainingPlot, smooth: Smooth) -> li
 
 
 def _side_panel(ax: Any, data: Series, panel: Panel) -> list[str]:
-    """One panel's series; the keys drawn."""
     drawn: list[str] = []
     faint = sorted(key for key in data if panel.prefix and key.startswith(panel.prefix) and key not in panel.keys)
     for key in faint:
@@ -177,7 +167,6 @@ def _side_panel(ax: Any, data: Series, panel: Panel) -> list[str]:
 
 
 def draw_training(data: Series, plot: TrainingPlot, smooth: Smooth, title: str = "") -> Any:
-    """The unsaved figure: loss panel, then each panel with a logged series; None when nothing was logged."""
     panels = [
         panel
         for panel in plot.panels
@@ -208,8 +197,8 @@ def draw_training(data: Series, plot: TrainingPlot, smooth: Smooth, title: str =
 def plot_training(
     output_dir: str | Path, stage: str, plot: TrainingPlot, smooth: Smooth
 ) -> tuple[Path | None, list[str]]:
-    """Write ``output_dir/training.png``; (its path, losses and terms never logged). Nothing logged (``max_steps``
-    below ``logging_steps``): a warning and path None, as the host's ``plot_loss`` does."""
+    """Nothing logged (``max_steps`` below ``logging_steps``): a warning and path None, as the host's ``plot_loss``
+    does."""
     output_dir = Path(output_dir)
     data = read_series(output_dir)
     missing = [key for key in (*plot.losses, *plot.terms) if key not in data]
