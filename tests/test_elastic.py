@@ -1,11 +1,11 @@
 """Elastic launches (LLaMA-Factory's ``RDZV_ID`` / ``MAX_RESTARTS``, runtime/elastic.py) and torchrun's SIGTERM to a
 rank before its steps (runtime/stop_signal.py).
 
-A lost rank's restart: two CPU ranks of a HARC run under ``MAX_RESTARTS=1``, rank 1 killed once checkpoint-2 is whole;
-torchrun restarts both ranks, they resume from checkpoint-2 and end as the run never interrupted: every step's loss and
-the adapter, bit for bit. Before, the restarted ranks read the previous start's gloo addresses from the store torch's
-agent keeps across restarts and died at the process group's start ("Gloo connectFullMesh failed"), as stock
-LLaMA-Factory's do.
+A lost rank's restart: two CPU ranks (two nodes of one rank each) of a HARC run under ``MAX_RESTARTS=1``, rank 1
+killed once checkpoint-2 is whole; torchrun restarts both ranks, they resume from checkpoint-2 and end as the run never
+interrupted: every step's loss and the adapter, bit for bit. Before, the restarted ranks read the previous start's gloo
+addresses from the store torch's agent keeps across restarts and died at the process group's start ("Gloo
+connectFullMesh failed"), as stock LLaMA-Factory's do.
 """
 
 from __future__ import annotations
@@ -51,6 +51,15 @@ def test_an_elastic_launch_gets_a_store_for_each_start_of_its_ranks() -> None:
     assert said.endswith(f"Unset {elastic.SWITCH} (the plugin then sets it to 1) or set it to 1."), said
 
 
+@pytest.mark.parametrize(("env", "key"), [
+    ({}, "0"),
+    ({"TORCHELASTIC_RESTART_COUNT": "1", "TORCHELASTIC_USE_AGENT_STORE": "True"}, "1"),  # the agent's store, kept
+    ({"TORCHELASTIC_RESTART_COUNT": "1", "TORCHELASTIC_USE_AGENT_STORE": "False"}, "0"),  # a new store each start
+])
+def test_the_plugins_keys_name_the_start_only_where_the_store_outlives_it(env: dict[str, str], key: str) -> None:
+    assert elastic.start_key(env) == key
+
+
 BLOCKED = """
 import datetime, sys
 import torch.distributed as dist
@@ -85,38 +94,49 @@ def _losses(out: Path) -> dict[int, float]:
     return {line["current_steps"]: line["loss"] for line in read_trainer_log(out) if "loss" in line}
 
 
-def _kill_rank_1_once_checkpoint_2_is_whole(out: Path, mark: str, runner: threading.Thread) -> list[int]:
+def _kill_node_1_once_checkpoint_2_is_whole(out: Path, mark: str, runners: list[threading.Thread]) -> list[int]:
     killed: list[int] = []
-    while runner.is_alive() and not killed:
+    while all(runner.is_alive() for runner in runners) and not killed:
         time.sleep(0.1)
         if (out / "checkpoint-2" / MARKER).is_file():
             for process in processes_marked("HERA_TEST_ELASTIC", mark):
-                if process.environ().get("LOCAL_RANK") == "1":
+                if process.environ().get("GROUP_RANK") == "1" and "LOCAL_RANK" in process.environ():
                     process.kill()
                     killed.append(process.pid)
     return killed
 
 
 def test_a_lost_rank_restarts_and_the_run_ends_as_never_interrupted(harc_assets: Any, tmp_path: Path) -> None:
-    """Module doc. The restart resumes from checkpoint-2 (not from the start) and the record says finished."""
+    """Module doc, on two nodes of one rank each (two ``llamafactory-cli``, ``NNODES=2``): node 1's rank is killed.
+    Each node's agent counts its own restarts (node 0's may restart its rank for node 1 without counting): the
+    plugin's keys in the store (the watchdog's, the shared-output probe's) must not differ between the nodes of one
+    start; before, they did and the restart hung. The restart resumes from checkpoint-2 and the record says
+    finished."""
     reference = tmp_path / "reference" / "out"
     launch_runs([{"recipe": harc_recipe(harc_assets, "llama3", reference, **RUN)}], tmp_path / "reference", 2)
     launch, out = tmp_path / "elastic", tmp_path / "elastic" / "out"
     launch.mkdir(parents=True)
     (launch / "recipe.yaml").write_text(yaml.safe_dump(harc_recipe(harc_assets, "llama3", out, **RUN)),
                                         encoding="utf-8")
-    mark = f"{time.time_ns()}"
-    env = offline_env(launch, FORCE_TORCHRUN="1", NNODES="1", NPROC_PER_NODE="2", MASTER_PORT=str(free_port()),
-                      RDZV_ID=f"elastic-{mark}", MAX_RESTARTS="1", HERA_TEST_ELASTIC=mark, PYTHONUNBUFFERED="1")
-    ended: dict[str, Any] = {}
-    runner = threading.Thread(target=lambda: ended.update(proc=run_process(
-        [CLI, "train", str(launch / "recipe.yaml")], cwd=launch, env=env, timeout=500)))
-    runner.start()
-    killed = _kill_rank_1_once_checkpoint_2_is_whole(out, mark, runner)
-    runner.join()
-    proc = ended["proc"]
-    printed = proc.stdout + proc.stderr
-    assert len(killed) == 1 and proc.returncode == 0, printed[-6000:]
+    mark, port = f"{time.time_ns()}", str(free_port())
+    ended: dict[int, subprocess.CompletedProcess] = {}
+
+    def node(rank: int) -> None:
+        folder = launch / f"node{rank}"  # each node its own caches, as on two machines
+        folder.mkdir()
+        env = offline_env(folder, FORCE_TORCHRUN="1", NNODES="2", NODE_RANK=str(rank), NPROC_PER_NODE="1",
+                          MASTER_PORT=port, RDZV_ID=f"elastic-{mark}", MAX_RESTARTS="1", HERA_TEST_ELASTIC=mark,
+                          PYTHONUNBUFFERED="1")
+        ended[rank] = run_process([CLI, "train", str(launch / "recipe.yaml")], cwd=folder, env=env, timeout=500)
+
+    runners = [threading.Thread(target=node, args=(rank,)) for rank in (0, 1)]
+    for runner in runners:
+        runner.start()
+    killed = _kill_node_1_once_checkpoint_2_is_whole(out, mark, runners)
+    for runner in runners:
+        runner.join()
+    printed = "\n".join(ended[rank].stdout + ended[rank].stderr for rank in sorted(ended))
+    assert len(killed) == 1 and [ended[rank].returncode for rank in (0, 1)] == [0, 0], printed[-6000:]
     resumed = [line for line in printed.splitlines() if "HARC: resumed directions" in line]
     assert len(resumed) == 1 and resumed[0].endswith(f"from {out}/checkpoint-2"), printed[-6000:]
     assert "connectFullMesh failed" not in printed, printed[-6000:]
