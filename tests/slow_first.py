@@ -31,6 +31,7 @@ SLOW_MODULES = {
     "tests/test_host_only.py": 100,
     "tests/test_multinode.py": 100,  # estimates: two simulated nodes, the requeue and a reference launch
     "tests/test_warm_launch.py": 90,  # a real torchrun launch beside two warm ones
+    "tests/test_elastic.py": 100,  # estimate: a warm reference, then two simulated nodes' elastic launch restarted
     "tests/test_ray.py": 120,  # estimate: a Ray cluster, four Ray runs of two workers and a warm two-rank launch
 }
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import llamafactory.extras.misc as misc
 
-from llamafactory_hera.runtime import launch_signals, launch_watch
+from llamafactory_hera.runtime import elastic, launch_signals, launch_watch
 from llamafactory_hera.runtime.errors import RecipeError
 from llamafactory_hera.runtime.output_dir import refuse_finished
 from llamafactory_hera.runtime.raw_recipe import given_keys
@@ -121,6 +121,7 @@ def launch(original: Any) -> None:
             # checked here first, it is one line before any worker
             check_before_ranks(sys.argv)
         return original()
+    elastic.store_per_start()  # a restart's ranks must not read the previous start's store
     nodes = _int_env("NNODES", 1)
     # watched until the ranks start, on a port chosen now
     with launch_watch.watching(misc.find_available_port, nodes, _int_env("NODE_RANK", 0)) as start:

@@ -23,7 +23,7 @@ from datetime import timedelta
 from types import TracebackType
 from typing import Any
 
-from llamafactory_hera.runtime import env_knobs
+from llamafactory_hera.runtime import elastic, env_knobs
 from llamafactory_hera.runtime.errors import RecipeError
 from llamafactory_hera.runtime.log import PREFIX, line
 
@@ -88,7 +88,7 @@ def job_of(env: Mapping[str, str] | None = None) -> Job | None:
         port,
         world,
         rank,
-        f"llamafactory_hera/{env.get('TORCHELASTIC_RESTART_COUNT', 0)}/",
+        f"llamafactory_hera/{elastic.start_key(env)}/",
         env.get("GROUP_RANK") or socket.gethostname(),
         local_rank,
         max(1, world // (local_world or world)),

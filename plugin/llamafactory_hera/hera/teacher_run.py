@@ -84,6 +84,7 @@ def _by_position(store: TeacherFeatureStore | None, keys: list[str]) -> dict[int
     return {position: found[key] for position, key in enumerate(keys) if key in found}
 
 
+@save_signal.keeping()  # the save signal stops the pass after a kept batch
 def precompute_teacher_features(
     teacher: VisionTeacher,
     image_processor: Any,

@@ -1,5 +1,6 @@
-"""A plugin stage's save signal (``<prefix>_save_on_signal``), noted from the stage's start: in the load and the passes
-before step 1, each stops after a batch it kept (:func:`stop_before_step`: one line on each node, exit 0); in the steps,
+"""A plugin stage's save signal (``<prefix>_save_on_signal``), noted from the stage's start (SIGTERM, torchrun's
+stop, from a pass that keeps something: :func:`keeping`): in the load and the passes before step 1, each stops after a
+batch it kept (:func:`stop_before_step`: one line on each node, exit 0); in the steps,
 ``training/checkpoints.py`` saves a whole checkpoint. The other warning signal (the job's ``--signal`` and the recipe
 disagree) is said once and taken for it: its default would end every process unsaved. Launcher side:
 :mod:`.launch_signals`. Imports nothing heavy.
@@ -103,6 +104,11 @@ def noting(name: str | None, steps: bool = False, key: str | None = None) -> Ite
         return
     own = signal.Signals(signum).name
     handlers = {signum: _note, **dict.fromkeys(others(own), _note_other)}
+    if own == "SIGTERM" and not steps:
+        # torchrun's agent ends its ranks with SIGTERM: until a pass keeps something (:func:`keeping`) its default ends
+        # the rank at once, where a handler waits for the main thread to leave a C call (a process group's start
+        # waiting for a dead peer: torchrun's 30 s, then SIGKILL)
+        handlers[signum] = signal.SIG_DFL
     previous = {number: signal.signal(number, handler) for number, handler in handlers.items()}
     before = replace(_noted)
     _noted.name = own
@@ -119,6 +125,21 @@ def noting(name: str | None, steps: bool = False, key: str | None = None) -> Ite
         else:
             _noted.steps = before.steps
             _noted.depth = before.depth
+
+
+@contextlib.contextmanager
+def keeping() -> Iterator[None]:
+    """A pass before step 1 that keeps what it computed (also a decorator): the save signal SIGTERM, which
+    :func:`noting` leaves to its default before the steps, noted in it, for :func:`stop_before_step`."""
+    term = _noted.name == "SIGTERM" and signal.getsignal(signal.SIGTERM) is not _note
+    if not term or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _note)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @contextlib.contextmanager
@@ -149,16 +170,18 @@ def _default_in_child() -> None:
     """A forked worker leaves the save signal to its rank (a killed worker ends the rank unsaved): SIGTERM before the
     steps gets its default back (``Pool.terminate()`` uses it); else ignored, as are the other warning signals."""
     name = _noted.name
-    if name and signal.getsignal(getattr(signal, name)) is _note:
+    if not name:
+        return
+    if signal.getsignal(getattr(signal, name)) is _note:
         default = name == "SIGTERM" and not _noted.steps
         signal.signal(getattr(signal, name), signal.SIG_DFL if default else signal.SIG_IGN)
-        for other in others(name):
-            if signal.getsignal(other) is _note_other:
-                signal.signal(other, signal.SIG_IGN)
-        _noted.name = None
-        _noted.received = False
-        _noted.depth = 0
-        _noted.came = None
+    for other in others(name):
+        if signal.getsignal(other) is _note_other:
+            signal.signal(other, signal.SIG_IGN)
+    _noted.name = None
+    _noted.received = False
+    _noted.depth = 0
+    _noted.came = None
 
 
 if hasattr(os, "register_at_fork"):  # POSIX: Windows has no fork

@@ -17,6 +17,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from llamafactory_hera.runtime import elastic
 from llamafactory_hera.runtime.errors import RecipeError
 
 PROBE_PREFIX = "llamafactory_hera_node_probe."  # + a token
@@ -41,7 +42,7 @@ def refuse_unshared(training_args: Any) -> None:
     if local_rank != 0 or local_world < 1 or world <= local_world:
         return
     node = int(os.environ.get("GROUP_RANK") or dist.get_rank() // local_world)
-    prefix = f"llamafactory_hera_probe/{os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}/"  # this launch's keys
+    prefix = f"llamafactory_hera_probe/{elastic.start_key()}/"  # this start's keys
     check_shared(
         Path(training_args.output_dir),
         dist.distributed_c10d._get_default_store(),  # the job's store: host-side, no collective

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-from llamafactory_hera.runtime import job_store
+from llamafactory_hera.runtime import elastic, job_store
 from llamafactory_hera.runtime.log import say, say_apart
 from llamafactory_hera.training import sections, watch_lines, watch_nvrx, watch_stop
 from llamafactory_hera.training.watch_bounds import (
@@ -390,7 +390,7 @@ def _started(training_args: Any, timeout: float | None) -> Watchdog | None:
     store = job_client(pulse_for(timeout))
     if store is None:
         return None
-    keys = job_store.launch_mark(store, os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    keys = job_store.launch_mark(store, elastic.start_key())
     dog = Watchdog(place_of(training_args, store), store, keys, timeout, str(Path(training_args.output_dir)))
     warning = short_ddp_timeout(getattr(training_args, "ddp_timeout", None), timeout)
     if warning and dog.place.rank == 0:

@@ -77,6 +77,7 @@ def preserved_random_state() -> Iterator[None]:
             np.random.set_state(np_state)
 
 
+@save_signal.keeping()  # the save signal stops the selection after a kept batch
 def resolve_auto_heads(
     recipe_args: Any, hera_args: HeraArguments, seed: int, device: str, output_dir: str, is_main: bool, *, dtype: str
 ) -> list[HeadRef]:

@@ -1,0 +1,54 @@
+"""An elastic launch (``RDZV_ID``, ``MAX_RESTARTS``: LLaMA-Factory's launcher runs torchrun with a c10d rendezvous)
+gets a store of its own for each start of its ranks. Imports nothing heavy.
+
+Why: torch's c10d rendezvous (read in torch 2.11: ``torch/distributed/elastic/rendezvous/dynamic_rendezvous.py``
+``next_rendezvous``) makes the store the ranks share (``MASTER_ADDR:MASTER_PORT``) once, in the agent, and keeps it
+across restarts, while ``torch/distributed/rendezvous.py`` ``_create_c10d_store`` gives the ranks that store without a
+prefix per start. The process group's keys (``default_pg/0//cpu//0/<rank>``: each rank's gloo address) then survive a
+restart: a restarted rank that reads its peer's key before the peer wrote it again connects to the dead rank's address
+("Gloo connectFullMesh failed ... Connection refused"; NCCL's start reads its unique id there too). Stock
+LLaMA-Factory 0.9.5 and main fail so after a lost rank. With ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` (torch's own
+switch) the agent draws a port for each round and rank 0 hosts a new store there: nothing of the previous start is read.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, MutableMapping
+from importlib.metadata import PackageNotFoundError, version
+
+from .errors import RecipeError
+
+SWITCH = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"
+
+
+def store_per_start(env: MutableMapping[str, str] | None = None) -> None:
+    """Under ``RDZV_ID``, :data:`SWITCH` set to 1 for the torchrun started from here (unset); RecipeError where the
+    user set another value."""
+    env = os.environ if env is None else env
+    if env.get("RDZV_ID") is None:
+        return
+    value = env.setdefault(SWITCH, "1")
+    if value != "1":  # torch shares the store unless the value is exactly "1"
+        raise RecipeError(
+            f"{SWITCH}={value} with RDZV_ID={env['RDZV_ID']}: torch {_torch()}'s elastic agent then keeps one store "
+            f"across the ranks' restarts (MAX_RESTARTS={env.get('MAX_RESTARTS', '0')}, or a node joining), and "
+            "restarted ranks read the previous start's addresses and fail at the process group's start (Gloo "
+            f"connectFullMesh failed). Unset {SWITCH} (the plugin then sets it to 1) or set it to 1."
+        )
+
+
+def start_key(env: Mapping[str, str] | None = None) -> str:
+    """This start of the ranks, for the plugin's keys in the job's store: torchrun's restart count where its agent's
+    store outlives a restart (``TORCHELASTIC_USE_AGENT_STORE``), else "0": the store is new for each start. Not the
+    count alone: each node's agent counts its own restarts, and one whose ranks did not fail restarts them for a
+    node that did without counting, so the nodes of one start may differ."""
+    env = os.environ if env is None else env
+    return env.get("TORCHELASTIC_RESTART_COUNT", "0") if env.get("TORCHELASTIC_USE_AGENT_STORE") == "True" else "0"
+
+
+def _torch() -> str:
+    try:
+        return version("torch")
+    except PackageNotFoundError:
+        return "(not installed)"
