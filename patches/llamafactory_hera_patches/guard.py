@@ -24,7 +24,6 @@ class HostMismatchError(RuntimeError):
 
 
 def host_version(distribution: str = "llamafactory") -> str:
-    """The installed version of ``distribution``, or ``unknown``."""
     from importlib.metadata import PackageNotFoundError, version  # lazy: patches load at every start-up
 
     try:
@@ -39,12 +38,10 @@ def recorded_versions() -> dict[str, str]:
 
 
 def tested_main() -> dict[str, str]:
-    """The checked main: ``version``, ``commit`` (40 hex digits), ``date``."""
     return json.loads(TESTED_MAIN.read_text(encoding="utf-8"))
 
 
 def checked_hosts() -> str:
-    """The checked host installs, in words."""
     main = tested_main()
     releases = [version for version in CHECKED_VERSIONS if version != main["version"]]
     return f"{', '.join(releases)} and main at commit {main['commit'][:9]} ({main['date']})"
@@ -72,8 +69,8 @@ def git_head(folder: Path) -> str | None:
 
 
 def source_commit(source: Path) -> str | None:
-    """The commit of a local source of main: the ``COMMIT`` file at the top of a source archive (unpacked: a folder)
-    or a clone's HEAD; None where it names none."""
+    """The commit of a local source of main: a source archive's ``COMMIT`` file or a clone's HEAD; None where it names
+    none."""
     import tarfile  # lazy: patches load at every start-up
 
     if source.is_dir():
@@ -88,8 +85,7 @@ def source_commit(source: Path) -> str | None:
 
 
 def installed_commit(distribution: str = "llamafactory") -> str | None:
-    """The commit ``distribution`` was built from (``direct_url.json``: a git URL's commit, or the commit of the
-    local source it was installed from, :func:`source_commit`); None for an index release or unknown."""
+    """The commit ``distribution`` was built from (``direct_url.json``); None for an index release or unknown."""
     # lazy: patches load at every start-up
     from importlib.metadata import PackageNotFoundError
     from importlib.metadata import distribution as installed
@@ -133,7 +129,6 @@ def unchecked_note(version: str | None = None, commit: str | None = None) -> str
 
 
 def mismatch(patch: str, found: str) -> HostMismatchError:
-    """The error for a host ``patch`` was not written for (``found``: what differs)."""
     return HostMismatchError(
         f"llamafactory-hera: LLaMA-Factory {host_version()} does not have the internals the '{patch}' patch "
         f"was written for ({found}). The plugin was checked on LLaMA-Factory {checked_hosts()}; install one of "
@@ -142,7 +137,6 @@ def mismatch(patch: str, found: str) -> HostMismatchError:
 
 
 def require(module: ModuleType, names: tuple[str, ...], patch: str) -> None:
-    """Raise :class:`HostMismatchError` unless ``module`` has every one of ``names``."""
     missing = [name for name in names if not hasattr(module, name)]
     if missing:
         raise mismatch(patch, f"{module.__name__} lacks {', '.join(missing)}")

@@ -73,7 +73,6 @@ def _apply_config(config: ModuleType) -> None:
 
 
 def apply(module: ModuleType) -> None:
-    """Patch ``llamafactory.v1.launcher`` or ``llamafactory.v1.config`` (all or nothing)."""
     if getattr(module, "_llamafactory_hera_patched", False):
         return
     if module.__name__.endswith(".config"):

@@ -45,9 +45,8 @@ def loaded_whole() -> Iterator[None]:
 
 @contextlib.contextmanager
 def zero3_forward(model: nn.Module) -> Iterator[None]:
-    """A forward outside the engine's (HeRA's alignment monitor), flagged as the engine flags its own
-    (``ZeROOrderedDict._in_forward``, DeepSpeed 0.19): under ZeRO-3 a parameter read from another module (PEFT's DoRA
-    reads ``lora_A``'s and the base weights) is then gathered, not an empty placeholder. No-op without ZeRO-3."""
+    """A forward outside the engine's (HeRA's alignment monitor), flagged as the engine flags its own: under ZeRO-3 a
+    parameter read from another module (PEFT's DoRA reads ``lora_A``'s) is then gathered, not an empty placeholder."""
     flagged = [module._parameters for module in model.modules() if hasattr(module._parameters, "_in_forward")]
     if not flagged and any(hasattr(parameter, "ds_id") for parameter in model.parameters()):
         raise HostMismatchError(

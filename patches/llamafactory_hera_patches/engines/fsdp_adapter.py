@@ -1,11 +1,10 @@
 """A LoRA adapter saved and loaded whole under FSDP2 (``FULL_STATE_DICT``), for every stage.
 
-Before accelerate 1.15.0, ``save_fsdp_model`` / ``load_fsdp_model`` with ``adapter_only=True`` (the Trainer's
-``pytorch_model_fsdp.bin``) write rank 0's DTensor shard of each matrix and restore nothing on other ranks: a resumed
-LoRA run continues from another adapter (docs/configurations.md, N13). There (``_get_model_state_dict`` has no
-full-state-dict branch) this patch gets and sets the adapter with torch's gathered ``get_model_state_dict(...,
-ignore_frozen_params=True)`` / ``set_model_state_dict(..., strict=False)`` (broadcast from rank 0), as the fix does.
-Applied right after ``accelerate.utils.fsdp_utils`` executes (its savers look the helpers up at call time).
+Before accelerate 1.15.0, ``save_fsdp_model`` / ``load_fsdp_model`` with ``adapter_only=True`` write rank 0's DTensor
+shard of each matrix and restore nothing on other ranks: a resumed LoRA run continues from another adapter
+(docs/configurations.md, N13). There this patch gets and sets the adapter with torch's gathered state dict functions,
+as the fix does. Applied right after ``accelerate.utils.fsdp_utils`` executes (its savers look the helpers up at call
+time).
 
 The file holds whole tensors under PEFT's names (``...lora_A.weight``), as accelerate 1.11 names its shards: a reader
 without the plugin refuses it rather than reset the adapter; a file of rank 0's shards is refused here.

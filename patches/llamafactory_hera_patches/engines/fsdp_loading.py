@@ -72,9 +72,8 @@ def _host_misc(name: str) -> Any:
 
 
 def _saved_config(host_args: Any) -> dict[str, Any] | None:
-    """``model_name_or_path``'s config.json: a local folder's, or a Hub id's via ``cached_file`` (the recipe's
-    revision, cache dir, token; the host fetches it first anyway). None if unreadable (no name, a ModelScope or
-    Modelers id, a failed fetch, not JSON): the host then loads or says why not."""
+    """``model_name_or_path``'s config.json: a local folder's, or a Hub id's via ``cached_file`` (the host fetches it
+    first anyway). None if unreadable: the host then loads or says why not."""
     name = raw_value(host_args, "model_name_or_path")
     if not name:
         return None
@@ -149,9 +148,8 @@ _DTYPE_OF = {"bf16": "bfloat16", "fp16": "float16", "fp8": "bfloat16"}
 
 def codes_dtype_refusal(host_args: Any, environ: Mapping[str, str], config: dict[str, Any]) -> str | None:
     """fsdp_qlora's refusal, before loading: 4-bit codes stored in another dtype than FSDP2's mixed-precision
-    all-gather (docs/configurations.md, N19). ``config``: the checkpoint's config.json. ``fp16`` / ``bf16`` win over
-    accelerate's ``mixed_precision`` (as in TrainingArguments); with neither, the compute dtype is the host's
-    ``infer_optim_dtype`` on this device."""
+    all-gather (docs/configurations.md, N19). ``fp16`` / ``bf16`` win over accelerate's ``mixed_precision`` (as in
+    TrainingArguments); with neither, the host's ``infer_optim_dtype``."""
 
     def flag(*keys: str) -> bool:
         return any(truthy(raw_value(host_args, key)) for key in keys)

@@ -52,8 +52,7 @@ def check_codes_reach_the_forward(model: Any, param_dtype: Any) -> None:
 
 
 def cast_codes_message(what: str, gathered: Any) -> str:
-    """Refusal of 4-bit codes FSDP2 would convert as numbers: ``what`` they are, ``gathered`` the all-gather's dtype
-    (used after loading, and before it by fsdp_loading)."""
+    """Refusal of 4-bit codes FSDP2 would convert as numbers (after loading, and before it by fsdp_loading)."""
     return (
         f"4-bit weights under FSDP2: the codes {what}, which converts them as numbers at every forward (every "
         "weight would be wrong). The codes are stored in the dtype LLaMA-Factory loads the model in (bf16: true or "
@@ -76,8 +75,8 @@ def apply_keeping_codes(model: Any, fn: Any, *args: Any, **kwargs: Any) -> Any:
 
 
 def checksum(codes: Any, chunk: int = 1 << 24) -> tuple[int, ...]:
-    """(byte sum, position-weighted byte sum) of ``codes`` in int64, on their device in ``chunk``-byte chunks: two
-    numbers read back, no copy of a 70B model's codes to the host."""
+    """(byte sum, position-weighted byte sum) of ``codes``, on their device: no copy of a 70B model's codes to the
+    host."""
     import torch  # lazy: patches load at every start-up
 
     data = codes.data.contiguous().view(torch.uint8).flatten()

@@ -81,8 +81,7 @@ def keys_of(method: Method, keys: dict[str, Any]) -> tuple[dict[str, Any], list[
 
 
 def compile_setting(args: dict[str, Any] | list[str]) -> str | None:
-    """``key: value`` of the key turning ``torch.compile`` on (``torch_compile``, ``torch_compile_backend`` or
-    ``torch_compile_mode``), or None."""
+    """``key: value`` of the key turning ``torch.compile`` on, or None."""
     if truthy(raw_value(args, "torch_compile")):
         return "torch_compile: true"
     return next(

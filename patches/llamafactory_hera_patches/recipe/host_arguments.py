@@ -40,8 +40,8 @@ class HostKey:
 
 
 def _choices(hint: typing.Any) -> tuple[tuple[str, ...], bool]:
-    """(string values a ``Literal`` / ``Enum`` (or with None) accepts, whether None is). No values if another type is
-    in the union."""
+    """(string values a ``Literal`` / ``Enum`` accepts, whether None is). No values if another type is in the
+    union."""
     members = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
     values: list[str] = []
     optional = other = False

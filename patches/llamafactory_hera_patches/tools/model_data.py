@@ -87,11 +87,8 @@ def training_args_for_reading(seed: int) -> Any:
 
 
 def load_aligned_rows(args: RecipeArgs, seed: int, dataset: list[str] | None = None, training_args: Any = None) -> Any:
-    """The recipe's datasets in aligned format.
-
-    Inside a run pass its ``training_args`` and call under its ``main_process_first``: non-first ranks of each node
-    then read the datasets cache, and no new training arguments reset accelerate's state.
-    """
+    """The recipe's datasets in aligned format. Inside a run pass its ``training_args`` and call under its
+    ``main_process_first``: no new training arguments reset accelerate's state."""
     # lazy: the verbs' one-line checks import this module, before the host
     import llamafactory.data.loader as loader
 
@@ -155,7 +152,7 @@ def tokenized_rows_and_collator(
     training_args: Any = None,
 ) -> tuple[Any, Any]:
     """Aligned rows ``chosen`` tokenized as in training (row ``i`` is ``chosen[i]``), and the SFT collator (no HeRA
-    keys). Inside a run pass its ``training_args``: new ones would reset accelerate's state."""
+    keys)."""
     # lazy: the verbs' one-line checks import this module, before the host
     import llamafactory.data as data
     import llamafactory.data.loader as loader
@@ -205,8 +202,7 @@ def training_rows(args: RecipeArgs, seed: int, rows: Any) -> Any:
 
 
 def split_rows(args: RecipeArgs, seed: int, rows: Any) -> tuple[Any, Any, str]:
-    """(training rows, held-out rows or None, what was held out) as the host splits: ``eval_dataset``, or
-    ``val_size``."""
+    """(training rows, held-out rows or None, what was held out) as the host splits."""
     data_args = args.data_args
     if data_args.eval_dataset:
         return rows, load_aligned_rows(args, seed, data_args.eval_dataset), f"eval_dataset {data_args.eval_dataset}"

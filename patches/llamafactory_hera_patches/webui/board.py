@@ -176,9 +176,8 @@ def _planner(runner: Any, method: Method) -> Callable[[dict[Any, Any]], str]:
     return plan_run
 
 
-# The Stage dropdown's least width (px): stock's 1/6 of the row (157 px at a 1600 px window) cuts the methods' names
-# ("HeRA (Head-wise Representation Alignment)" takes 313 px); this fits the longest from a 1280 px window up,
-# leaving the row's other boxes their share.
+# The Stage dropdown's least width (px): stock's 1/6 of the row cuts the methods' names; this fits the longest from a
+# 1280 px window up.
 STAGE_MIN_WIDTH = 420
 
 

@@ -22,7 +22,6 @@ ROWS_READ_AT_ONCE = 4096
 
 
 def as_names(value: Any) -> list[str]:
-    """A recipe's dataset value (``a,b``, a list or None) as names."""
     if not value:
         return []
     items = value if isinstance(value, list | tuple) else str(value).split(",")
@@ -84,12 +83,10 @@ def image_problem(path: str, decode: bool) -> str | None:
 
 
 def image_marks(messages: Iterable[dict[str, Any]], placeholder: str) -> int:
-    """How many ``placeholder`` marks (``<image>``) the messages hold."""
     return sum(str(message.get("content") or "").count(placeholder) for message in messages)
 
 
 def _rows(dataset: Any, columns: list[str], only: Iterable[int] | None) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(row index, ``columns``' values) of a map-style dataset, read in batches."""
     table = dataset.select_columns(columns)
     if only is not None:
         for row in only:
@@ -112,9 +109,8 @@ def image_rows(
     decode: bool = False,
     data: str | None = None,
 ) -> dict[str, int]:
-    """Image path -> first row. Checks (RecipeError on the first failure): ``check_files``, each file exists (main
-    process only); ``decode``, PIL decodes it; ``placeholder``, each aligned row holds one mark per image (rows the
-    host drops are left to it). ``only``: the rows to read (default all); ``data``: what errors name the rows of."""
+    """Image path -> first row, raising on the first failure: ``check_files``, each file exists (main process only);
+    ``decode``, PIL decodes it; ``placeholder``, each aligned row holds one mark per image."""
     rows: dict[str, int] = {}
     if dataset is None or not hasattr(dataset, "column_names") or column not in dataset.column_names:
         return rows

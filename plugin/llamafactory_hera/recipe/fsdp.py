@@ -36,7 +36,6 @@ _FSDP1 = {  # why a method is not run under FSDP1 (FullyShardedDataParallel)
 
 
 def _set(value: Any) -> bool:
-    """A value that turns something on (not absent, empty, ``false``, an empty list / dict)."""
     if isinstance(value, bool):
         return value
     return bool(value) and str(value).strip().lower() not in {"", "false", "0", "no", "off", "none", "[]", "{}"}
@@ -92,7 +91,6 @@ def check_fsdp(stage: str, host_args: dict[str, Any] | list[str], environ: Mappi
 
 
 def check_fsdp_parsed(stage: str, training_args: Any) -> None:
-    """The parsed ``fsdp`` option (e.g. LlamaBoard's extra arguments) is empty."""
     value = getattr(training_args, "fsdp", None)
     if value:
         shown = (

@@ -50,7 +50,6 @@ _RETIRED = {
 
 
 def nearest(value: str, names: Iterable[str], count: int = 1, cutoff: float = 0.6) -> list[str]:
-    """The ``count`` names closest to ``value`` (difflib ratio >= ``cutoff``), closest first."""
     return difflib.get_close_matches(value, list(names), n=count, cutoff=cutoff)
 
 
@@ -60,7 +59,6 @@ def _mean(value: str, names: Iterable[str]) -> str:
 
 
 def method_keys() -> list[str]:
-    """Every registered method's recipe keys (its ``parse_arguments`` dataclass's fields)."""
     return [spec.name for method in registered_methods() for spec in method_fields(method)]
 
 
@@ -106,8 +104,7 @@ def _allowed(choices: tuple[str, ...], value: str) -> str:
 
 
 def check_choices(given: dict[str, Any]) -> None:
-    """A key typed ``Literal`` or ``Enum`` in LLaMA-Factory's (or transformers') arguments has one of its values
-    (``stage``: the stage patch's check)."""
+    """A key typed ``Literal`` or ``Enum`` in the host's arguments has one of its values."""
     known = host_keys()
     for name, value in given.items():
         key = known.get(str(name))
@@ -217,7 +214,6 @@ def _flag(given: dict[str, Any], key: str) -> bool:
 
 
 def check_report_to(given: dict[str, Any]) -> None:
-    """``report_to`` names transformers' loggers (or ``all`` / ``none``)."""
     # lazy: transformers only when a recipe is checked
     from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
 
@@ -254,7 +250,6 @@ def check_bf16_device(host_args: dict[str, Any] | list[str]) -> None:
 
 
 def check_host_keys(host_args: dict[str, Any] | list[str]) -> None:
-    """This module's checks but the machine's (:func:`check_bf16_device`)."""
     given = given_keys(host_args)
     check_unknown_keys(given)
     check_choices(given)

@@ -33,7 +33,6 @@ def recipe_key(default: Any, help_text: str, **checks: Any) -> Any:
 
 
 def save_on_signal_key() -> Any:
-    """``<prefix>_save_on_signal`` (``training/checkpoints.py``)."""
     return recipe_key(
         "sigterm",
         "On this signal (SLURM's preemption or time limit: SIGTERM, or --signal=USR1@90) "
@@ -44,7 +43,6 @@ def save_on_signal_key() -> Any:
 
 
 def watchdog_key() -> Any:
-    """``<prefix>_watchdog_timeout`` (``training/watchdog.py``)."""
     return recipe_key(
         None,
         "Seconds a rank may go unheard (its process or host frozen or gone) or without progress (stuck) "
@@ -56,12 +54,10 @@ def watchdog_key() -> Any:
 
 
 def fail(key: str, value: Any, allowed: str) -> RecipeError:
-    """:class:`RecipeError` naming ``key``, ``value`` and what is ``allowed``."""
     return RecipeError(f"{key}: got {value!r}; {allowed}")
 
 
 def coerce_bool(key: str, value: Any) -> bool:
-    """``true`` / ``false`` (also 1/0, yes/no, on/off)."""
     if isinstance(value, bool):
         return value
     text = str(value).strip().lower()
@@ -95,7 +91,6 @@ def coerce_number(key: str, value: Any, kind: type, meta: dict[str, Any]) -> int
 
 
 def unknown_key(key: str, valid: list[str], method: str) -> RecipeError:
-    """Error for an unknown key, naming the closest valid one."""
     close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
     hint = f" Did you mean '{close[0]}'?" if close else ""
     return RecipeError(f"Unknown {method} key '{key}'.{hint} Valid keys: {', '.join(valid)}.")
@@ -115,9 +110,7 @@ def coerce_dataset(key: str, value: Any) -> str:
 
 
 def coerce_field(key: str, value: Any, spec: Any) -> Any:
-    """``value`` for field ``spec``, by its type: one dataset name where ``metadata["dataset"]``, None (null) where
-    the default is None, one of ``metadata["choices"]`` (lower-cased), a bool, a number within the metadata's bounds,
-    or a non-empty string."""
+    """``value`` for field ``spec``, by its type and metadata."""
     meta = dict(spec.metadata)
     if meta.get("dataset"):
         return coerce_dataset(key, value)
@@ -139,9 +132,8 @@ def coerce_field(key: str, value: Any, spec: Any) -> Any:
 
 
 def parse_keys(cls: type[T], raw: dict[str, Any], method: str) -> T:
-    """``cls`` from raw keys, each coerced by :func:`coerce_field`; an unknown key is refused (:func:`unknown_key`).
-    A key of a grammar of its own (HeRA's heads, RAH-LoRA's layers) is its method's to parse, kept out of ``raw``;
-    checks between keys are the method's, after this."""
+    """``cls`` from raw keys, each coerced by :func:`coerce_field`; an unknown key is refused. A key of a grammar of
+    its own (HeRA's heads, RAH-LoRA's layers) is its method's to parse, kept out of ``raw``."""
     valid = {spec.name: spec for spec in fields(cls)}
     values: dict[str, Any] = {}
     for key, value in raw.items():

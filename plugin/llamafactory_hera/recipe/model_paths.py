@@ -15,7 +15,6 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")  # name or organisation
 
 
 def value_or_none(value: Any) -> Any:
-    """``value``, or None where unset (empty, ``none``, ``null``)."""
     return None if value is None or str(value).strip().lower() in {"", "none", "null"} else value
 
 
@@ -52,8 +51,7 @@ def check_model_paths(
     given: dict[str, Any], *, started: str = "the run", where: str = "", fix: str | None = None
 ) -> None:
     """``model_name_or_path`` is set; it and every local ``adapter_name_or_path`` is a folder, the model's holding
-    ``config.json``. ``started``: what runs (relative paths are from its start folder); ``where``: a message prefix;
-    ``fix``: the last sentence in place of the stage's. Reads no host default (``eval`` loads no library)."""
+    ``config.json``. Reads no host default (``eval`` loads no library)."""
     model = value_or_none(given.get("model_name_or_path"))
     if model is None:
         raise RecipeError(

@@ -67,8 +67,8 @@ def check_dataset_names(key: str, names: list[str], dataset_dir: str, fix: str =
 
 
 def check_output_dir(output_dir: Any, key: str = "output_dir") -> None:
-    """``output_dir`` can be created or written, probed with a temporary file (exact for every user, root too;
-    nothing else is created); ``key`` names it in errors (``--output``: a command's option)."""
+    """``output_dir`` can be created or written, probed with a temporary file (exact for every user, root too);
+    ``key`` names it in errors."""
     if not output_dir:
         return
     path = Path(str(output_dir)).expanduser().absolute()
@@ -97,8 +97,7 @@ def check_output_dir(output_dir: Any, key: str = "output_dir") -> None:
 
 
 def _suggested_templates(vocab: set[str], multimodal: bool, model_type: str) -> list[str]:
-    """Templates of the model's kind whose special tokens are all in ``vocab``, most specific first (most tokens,
-    then the name nearest ``model_type``)."""
+    """Templates of the model's kind whose special tokens are all in ``vocab``, most specific first."""
     fitting = [t for t in template_tokens().values() if t.needed and t.needed <= vocab and t.multimodal == multimodal]
     if not fitting:
         return []
@@ -160,7 +159,7 @@ def check_run_inputs(
     model_args: Any, data_args: Any, training_args: Any, datasets_used: bool = True, *, stage: str
 ) -> None:
     """Datasets, ``max_samples``, ``output_dir``, ``template``, FSDP set by a front end. ``datasets_used=False``:
-    rows come from the stage's own keys (an unlisted ``dataset``'s refusal says so)."""
+    rows come from the stage's own keys."""
     fix = (
         ""
         if datasets_used

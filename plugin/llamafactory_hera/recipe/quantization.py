@@ -14,7 +14,6 @@ BITSANDBYTES = "bitsandbytes"  # transformers' quant_method; LLaMA-Factory's qua
 
 
 def saved_quantization(config: Any) -> dict[str, Any] | None:
-    """The model's saved ``quantization_config`` as a dict; None: unquantized."""
     quantization = getattr(config, "quantization_config", None)
     if quantization is None:
         return None
@@ -55,7 +54,6 @@ def width_refusal(bits: Any) -> str | None:
 
 
 def dora_refusal(bits: Any) -> str:
-    """Why ``use_dora`` on ``bits``-bit bitsandbytes weights does not run (checked before and after the parse)."""
     return (
         f"use_dora: true with {bits}-bit bitsandbytes weights: LLaMA-Factory 0.9.5 refuses DoRA on every "
         "quantized model after loading it (model/adapter.py compares transformers' quant_method 'bitsandbytes' "
@@ -105,9 +103,7 @@ NESTED_BLOCK = 256  # absmax values per second-level scale
 
 
 def quantized_bytes_per_weight(bits: int, double_quant: bool = True, row_width: int | None = None) -> float:
-    """Bytes bitsandbytes stores per linear weight. 4-bit (nf4 / fp4): an absmax per 64 weights, a float32, or with
-    double quantization 1 byte plus a float32 per 256 blocks. 8-bit (LLM.int8): 1 byte plus a float32 scale per
-    output row (``4 / row_width`` per weight; no ``row_width``: not counted)."""
+    """Bytes bitsandbytes stores per linear weight, its scales included (no ``row_width``: 8-bit's not counted)."""
     if bits == 4:
         return 0.5 + ((1 + 4 / NESTED_BLOCK) if double_quant else 4) / NF4_BLOCK
     if bits == 8:

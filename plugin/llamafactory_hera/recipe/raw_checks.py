@@ -118,7 +118,6 @@ def check_engines_installed(host_args: dict[str, Any] | list[str], stage: str) -
 
 
 def check_precision_and_deepspeed(host_args: dict[str, Any] | list[str]) -> None:
-    """``fp16`` and ``bf16`` are not both on; a ``deepspeed`` path names a file."""
     if truthy(raw_value(host_args, "fp16")) and truthy(raw_value(host_args, "bf16")):
         raise RecipeError(
             "fp16: true and bf16: true: a run trains in one precision; keep bf16: true (GPUs since "
@@ -135,7 +134,6 @@ def check_precision_and_deepspeed(host_args: dict[str, Any] | list[str]) -> None
 
 
 def check_streaming(stage: str, host_args: dict[str, Any] | list[str]) -> None:
-    """``streaming`` is off: every stage reads a map-style dataset."""
     if truthy(value := raw_value(host_args, "streaming")):
         reason = _STREAMING.get(stage, "the stage reads its rows by index")
         raise RecipeError(
@@ -147,7 +145,6 @@ def check_streaming(stage: str, host_args: dict[str, Any] | list[str]) -> None:
 def check_raw_launch(
     stage: str, host_args: dict[str, Any] | list[str], environ: Mapping[str, str] | None = None
 ) -> None:
-    """The launch's checks (precision, DeepSpeed path, FSDP, streaming) before the parse."""
     check_precision_and_deepspeed(host_args)
     check_fsdp(stage, host_args, os.environ if environ is None else environ)
     check_streaming(stage, host_args)
@@ -155,8 +152,7 @@ def check_raw_launch(
 
 def check_raw_recipe(host_args: dict[str, Any] | list[str], stage: str, machine: bool = True) -> None:
     """The LLaMA-Factory keys, after the method's checks (more specific), ``lora_target`` last (it reads the config);
-    values before their engines (installing one would not fix a wrong value). ``machine=False`` (``plan``): not
-    this machine's checks."""
+    values before their engines (installing one would not fix a wrong value)."""
     given = given_keys(host_args)
     check_host_keys(host_args)
     if machine:

@@ -58,7 +58,7 @@ _SHOWN = 3
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """A checkpoint folder as its small files say (None: not said)."""
+    """A checkpoint folder as its small files say."""
 
     folder: Path
     kind: str | None  # "lora" / "oft" (PEFT type), "whole" (full or freeze), None: unknown
@@ -82,7 +82,6 @@ class Checkpoint:
 
 
 def last_checkpoint(folder: Path) -> Path | None:
-    """``folder``'s newest whole ``checkpoint-N`` (what trainers resume), or None."""
     return newest_whole(folder)[0]
 
 
@@ -104,7 +103,6 @@ def model_config(source: Any) -> dict[str, Any] | None:
 
 
 def architecture(config: dict[str, Any] | None, fallback: Any) -> str:
-    """The config's model class (``architectures[0]``, else ``model_type``), else ``fallback``."""
     names = (config or {}).get("architectures") or []
     return str(names[0] if names else (config or {}).get("model_type") or fallback)
 
@@ -156,7 +154,6 @@ def read_checkpoint(folder: Path) -> Checkpoint:
 
 
 def _value(given: dict[str, Any], key: str) -> Any:
-    """The recipe's value of ``key``, else LLaMA-Factory's default."""
     value = given.get(key)
     if value is None or (isinstance(value, str) and value.strip().lower() in {"", "none", "null"}):
         return host_keys()[key].default if key in host_keys() else None
@@ -166,7 +163,6 @@ def _value(given: dict[str, Any], key: str) -> Any:
 def _differences(
     held: Checkpoint, stage: str, given: dict[str, Any], wanted_config: dict[str, Any] | None
 ) -> tuple[list[str], list[str]]:
-    """(how the checkpoint differs from the recipe, the recipe settings that would match it)."""
     finetuning = str(_value(given, "finetuning_type")).strip().lower()
     differ: list[str] = []
     matching: list[str] = []
@@ -238,7 +234,6 @@ def check_checkpoint(stage: str, given: dict[str, Any], folder: Path, named: str
 
 
 def _run_folder(folder: Path) -> bool:
-    """Whether ``folder`` is a run's output folder (record, results or checkpoints), not a checkpoint."""
     return not CHECKPOINT_NAME.match(folder.name) and (
         any((folder / name).is_file() for name in RUN_FOLDER_FILES) or last_checkpoint(folder) is not None
     )

@@ -24,7 +24,6 @@ WARNED = "LLAMAFACTORY_HERA_HOST_WARNED"  # set once the launch said its host wa
 
 
 def config_of(source: str) -> dict[str, Any]:
-    """A model folder's (or hub id's cached) ``config.json``; empty when unread."""
     config = Path(source).expanduser() / "config.json"
     try:
         if config.is_file():

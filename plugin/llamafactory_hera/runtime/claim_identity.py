@@ -1,12 +1,5 @@
-"""Who a run is, for its output_dir claim (:mod:`.run_claim`).
-
-- its job: ``TORCHELASTIC_RUN_ID`` and ``MASTER_ADDR:MASTER_PORT`` (torchrun, ``accelerate launch``; a loopback address
-  gets the host name), else ``MASTER_ADDR:MASTER_PORT`` with ``WORLD_SIZE`` > 1, else an ``srun`` step
-  (``SLURM_JOB_ID``, ``SLURM_STEP_ID``, ``SLURM_NTASKS`` > 1); a single process has none;
-- its rank (``RANK``, else ``SLURM_PROCID``) and launch count (``SLURM_RESTART_COUNT``);
-- whether a process here still runs (``/proc``: no zombie, no reused id).
-
-Imports nothing heavy: it runs before the parse.
+"""Who a run is, for its output_dir claim (:mod:`.run_claim`): its job, rank and launch count, and whether a process
+here still runs. Imports nothing heavy: it runs before the parse.
 """
 
 from __future__ import annotations
@@ -22,7 +15,8 @@ _LOOPBACK = ("localhost", "::1")
 
 
 def job_identity(env: Mapping[str, str] | None = None) -> str | None:
-    """What the ranks of one job share (module doc), or None for a single process."""
+    """What the ranks of one job share (torchrun's run id and master, else an ``srun`` step); None for a single
+    process."""
     # not a default: datasets' map(num_proc=N) rebinds os.environ
     env = os.environ if env is None else env
     run_id = env.get("TORCHELASTIC_RUN_ID")
@@ -40,7 +34,6 @@ def job_identity(env: Mapping[str, str] | None = None) -> str | None:
 
 
 def _slurm_step(env: Mapping[str, str]) -> str | None:
-    """The job step of several Slurm tasks started by ``srun`` without torchrun, or None."""
     try:
         several = int(env.get("SLURM_NTASKS", "1")) > 1
     except ValueError:
@@ -78,7 +71,6 @@ def is_alive_here(pid: Any, process_start: Any = None) -> bool:
 
 
 def global_rank(env: Mapping[str, str]) -> int | None:
-    """``RANK``, else ``SLURM_PROCID``; None where neither is set."""
     for key in ("RANK", "SLURM_PROCID"):
         with contextlib.suppress(KeyError, ValueError):
             return int(env[key])
@@ -86,7 +78,6 @@ def global_rank(env: Mapping[str, str]) -> int | None:
 
 
 def restarts(env: Mapping[str, str]) -> int:
-    """Earlier launches of this job (``SLURM_RESTART_COUNT``; 0 where unset)."""
     try:
         return int(env.get("SLURM_RESTART_COUNT", "0") or 0)
     except ValueError:

@@ -1,10 +1,6 @@
 """The plugin's environment variables, parsed as strictly as a recipe key: a switch takes one of :data:`ON` or
-:data:`OFF`, a bound a number of seconds above 0 without a unit. A value neither is one :class:`RecipeError` line
-naming the variable, its value and the fix, raised by :func:`check` before the host parses the recipe (the launchers
-and every rank) and by each read.
-
-The start-up hook reads ``LLAMAFACTORY_HERA_DISABLE`` itself (it imports nothing of the plugin): it turns the plugin
-off on :data:`ON`, so a value neither on nor off keeps the plugin on, and :func:`check` refuses it.
+:data:`OFF`, a bound a number of seconds above 0. :func:`check` refuses a wrong one before the host parses the recipe.
+The start-up hook reads ``LLAMAFACTORY_HERA_DISABLE`` itself: a value neither on nor off keeps the plugin on.
 """
 
 from __future__ import annotations
@@ -30,7 +26,6 @@ BOUNDS = {START_TIMEOUT: (START_S, "the time a launch's nodes have to join and i
 
 
 def switch(name: str, env: Mapping[str, str] | None = None) -> bool:
-    """Whether the switch ``name`` is on (unset or empty: off)."""
     # os.environ read at the call: datasets' map(num_proc=N) rebinds it to a copy, which a default keeps
     env = os.environ if env is None else env
     value = env.get(name, "")
@@ -44,7 +39,6 @@ def switch(name: str, env: Mapping[str, str] | None = None) -> bool:
 
 
 def seconds(name: str, env: Mapping[str, str] | None = None) -> float:
-    """The bound ``name`` in seconds (unset or empty: its default, :data:`BOUNDS`)."""
     env = os.environ if env is None else env
     value = env.get(name, "")
     default, bounds = BOUNDS[name]
@@ -64,7 +58,6 @@ def seconds(name: str, env: Mapping[str, str] | None = None) -> float:
 
 
 def check(env: Mapping[str, str] | None = None) -> None:
-    """Every variable parsed: the first wrong one raised."""
     env = os.environ if env is None else env
     for name in SWITCHES:
         switch(name, env)

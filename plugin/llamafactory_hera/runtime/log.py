@@ -23,13 +23,11 @@ PHASE_KEY = "rah_phase"  # marks a trainer_log line as RAH-LoRA progress (the pa
 
 
 def board_dir() -> Path | None:
-    """The folder LlamaBoard monitors if it started this run, else None."""
     workdir = os.environ.get("LLAMABOARD_WORKDIR")
     return Path(workdir) if os.environ.get("LLAMABOARD_ENABLED") == "1" and workdir else None
 
 
 def _append(name: str, text: str) -> None:
-    """Append ``text`` to LlamaBoard's file ``name`` when LlamaBoard runs this."""
     folder = board_dir()
     if folder is not None:
         folder.mkdir(parents=True, exist_ok=True)
@@ -38,7 +36,6 @@ def _append(name: str, text: str) -> None:
 
 
 def line(message: str) -> str:
-    """``message`` after the plugin's prefix, for a caller that prints it itself."""
     return f"{PREFIX} {message}"
 
 
@@ -55,7 +52,7 @@ def say_apart(message: str) -> None:
 
 
 def _another_rank() -> bool:
-    """Whether this is a rank > 0 of a running torch.distributed group (torch not imported: no torch, no group)."""
+    """Whether this is a rank > 0 of a running torch.distributed group."""
     torch = sys.modules.get("torch")
     distributed = getattr(torch, "distributed", None)
     return bool(
@@ -67,14 +64,13 @@ def _another_rank() -> bool:
 
 
 def say_once(message: str) -> None:
-    """:func:`say` on rank 0 only."""
     if not _another_rank():
         say(message)
 
 
 def first_on_node() -> bool:
-    """Whether this process is its node's first rank: ``LOCAL_RANK`` 0 (torchrun, accelerate and DeepSpeed's launcher
-    set it; -1 is transformers' "not distributed"), else, without a usable ``LOCAL_RANK``, rank 0 of the group."""
+    """Whether this process is its node's first rank: ``LOCAL_RANK`` 0 (-1 is transformers' "not distributed"), else
+    rank 0 of the group."""
     try:
         return int(os.environ["LOCAL_RANK"]) <= 0
     except (KeyError, ValueError):
@@ -82,8 +78,8 @@ def first_on_node() -> bool:
 
 
 def say_on_each_node(message: str) -> None:
-    """:func:`say` on each node's first rank, so that every node's log says why its ranks ended; in a job of several
-    nodes the line names its node (SLURM's sbatch writes every node's output into one file by default)."""
+    """:func:`say` on each node's first rank, naming the node in a job of several (SLURM's sbatch writes every node's
+    output into one file)."""
     if not first_on_node():
         return
     try:
@@ -105,13 +101,11 @@ def say_before_callbacks(message: str) -> None:
 
 
 def say_again_on_board() -> None:
-    """Say the kept lines again (rank 0) once the run's callbacks exist."""
     for kept in os.environ.pop(SAY_AGAIN, "").splitlines():
         say_once(kept)
 
 
 def progress_once(items: Iterable[Any], label: str) -> Iterable[Any]:
-    """``items`` with a bar on rank 0 only (no LlamaBoard progress lines: a Trainer writes those)."""
     from tqdm.auto import tqdm  # lazy: only when a bar is drawn
 
     return tqdm(list(items), desc=label, disable=_another_rank(), leave=False)
@@ -123,7 +117,6 @@ def _clock(seconds: float) -> str:
 
 
 def progress_line(phase: str, done: int, total: int, elapsed: float) -> dict[str, Any]:
-    """A trainer_log.jsonl line for LlamaBoard's progress bar: ``done`` of ``total`` items of ``phase``."""
     remaining = elapsed / done * (total - done) if done else 0.0
     return {
         "current_steps": done,
@@ -136,7 +129,6 @@ def progress_line(phase: str, done: int, total: int, elapsed: float) -> dict[str
 
 
 def progress(items: Iterable[Any], label: str) -> Iterator[Any]:
-    """``items`` with a tqdm bar, and LlamaBoard's progress bar under LlamaBoard."""
     from tqdm.auto import tqdm  # lazy: only when a bar is drawn
 
     listed = list(items)
@@ -147,7 +139,7 @@ def progress(items: Iterable[Any], label: str) -> Iterator[Any]:
 
 
 def start_board_files() -> None:
-    """Remove an earlier run's progress file from the folder (its lines would move the bar)."""
+    """Remove an earlier run's progress file (its lines would move the bar)."""
     folder = board_dir()
     if folder is not None and (folder / TRAINER_LOG).is_file():
         (folder / TRAINER_LOG).unlink()
@@ -161,12 +153,10 @@ _terminals: list[tuple[TextIO, TextIO]] = []
 
 
 def show(*values: object) -> None:
-    """``print`` to the terminal, also while host output goes to the log."""
     print(*values, file=_terminals[-1][0] if _terminals else sys.stdout, flush=True)
 
 
 def progress_file() -> TextIO | None:
-    """tqdm's ``file`` for the plugin's bars: the terminal's stderr while host output is redirected, else None."""
     return _terminals[-1][1] if _terminals else None
 
 
@@ -176,8 +166,8 @@ def _reopened(fd: int) -> TextIO:
 
 @contextlib.contextmanager
 def host_output_to(log_path: Path | None) -> Iterator[None]:
-    """Send stdout/stderr to ``log_path`` (replaced) for the block; ``None``: leave them. On leaving, also on an
-    error, they are restored and one line names the log: an error printed next reaches the terminal."""
+    """Send stdout/stderr to ``log_path`` (replaced) for the block; ``None``: leave them. On leaving they are restored
+    and one line names the log."""
     if log_path is None:
         yield
         return

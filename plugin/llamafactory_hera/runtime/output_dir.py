@@ -1,9 +1,7 @@
 """A training run's ``output_dir`` before the model loads: a finished run refused or continued for more steps;
 ``overwrite_output_dir: true`` moves the earlier run aside. docs/hera.md ("Running again: resume, refuse, overwrite").
-
-Host shape: LLaMA-Factory 0.9.5 resumes from the last ``checkpoint-N`` found, finished or not, and under
-``overwrite_output_dir`` writes among the earlier run's files. The refusal comes before the parse; the move after the
-parse and the method's checks, by the main process while the other ranks wait.
+The host resumes from the last ``checkpoint-N`` found, finished or not, and under ``overwrite_output_dir`` writes
+among the earlier run's files.
 """
 
 from __future__ import annotations
@@ -37,7 +35,7 @@ BOARD_FILES = ("llamaboard_config.yaml", "training_args.yaml", "webui_subprocess
 
 def finished_evidence(folder: Path) -> str | None:
     """Why ``folder`` holds a finished run, or None. Its run record decides if there is one (a run killed in its final
-    save left a model file and ``running``); else a final model or end-of-run files."""
+    save left a model file and ``running``)."""
     if (folder / RUN_RECORD).is_file():
         return f"{RUN_RECORD} says finished" if read_record(folder / RUN_RECORD).get("status") == FINISHED else None
     for name in (*SAVED_MODEL_FILES, *END_FILES):
@@ -51,7 +49,6 @@ def _inside(path: Path, folder: Path) -> bool:
 
 
 def _kept(folder: Path) -> set[Path]:
-    """This run's own files in ``folder``: its recipe, LlamaBoard's files of the run it started."""
     kept = {Path(arg).resolve() for arg in sys.argv[1:] if arg.endswith((".yaml", ".yml", ".json"))}
     if os.environ.get("LLAMABOARD_WORKDIR") and Path(os.environ["LLAMABOARD_WORKDIR"]).resolve() == folder:
         kept.update(folder / name for name in BOARD_FILES)
@@ -76,8 +73,7 @@ def _check_movable(folder: Path, host_args: Any) -> None:
 
 
 def movable_entries(folder: Path) -> list[Path]:
-    """What an overwrite moves: all but earlier ``previous_run_*`` folders and this run's own files (recipe,
-    LlamaBoard's, claim)."""
+    """What an overwrite moves: all but earlier ``previous_run_*`` folders and this run's own files."""
     kept = _kept(folder)
     return sorted(
         p for p in folder.iterdir() if not p.name.startswith((PREVIOUS_PREFIX, CLAIM)) and p.resolve() not in kept
@@ -85,8 +81,8 @@ def movable_entries(folder: Path) -> list[Path]:
 
 
 def move_aside(folder: Path, entries: list[Path]) -> Path | None:
-    """Move ``entries`` into a new ``previous_run_<time>/``; None when none was left. An entry gone meanwhile counts as
-    moved (another rank's LlamaBoard callback deletes ``running_log.txt``)."""
+    """Move ``entries`` into a new ``previous_run_<time>/``; None when none was left (another rank's LlamaBoard
+    callback deletes ``running_log.txt``)."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
     target = folder / f"{PREVIOUS_PREFIX}{stamp}"
     number = 1
@@ -123,8 +119,7 @@ def _number(value: Any, default: float) -> float:
 
 
 def _asks_more(host_args: Any, state: dict[str, Any]) -> bool:
-    """Whether the recipe asks for more than the finished run took: ``max_steps`` above its steps, or without
-    ``max_steps`` (<= 0 or unset, as the Trainer) ``num_train_epochs`` (default 3) above its epochs."""
+    """Whether the recipe asks for more steps, or without ``max_steps`` more epochs, than the finished run took."""
     max_steps = _number(raw_value(host_args, "max_steps"), -1)
     if max_steps > 0:
         return max_steps > _number(state.get("global_step"), 0)
@@ -132,8 +127,7 @@ def _asks_more(host_args: Any, state: dict[str, Any]) -> bool:
 
 
 def continues_finished(folder: Path, host_args: Any) -> bool:
-    """Whether the recipe trains the finished run on: it left ``trainer_state.json`` and a checkpoint, the recipe asks
-    for more (:func:`_asks_more`) and names no other checkpoint."""
+    """Whether the recipe trains the finished run on from its last checkpoint, asking for more."""
     state = read_record(folder / "trainer_state.json")
     checkpoints = checkpoint_folders(folder)
     if not state or not checkpoints:
@@ -161,9 +155,8 @@ def _how_to_continue(folder: Path, resume: Any) -> str:
 
 
 def refuse_finished(host_args: Any) -> None:
-    """Before the parse, any stage: refuse training into a finished run's folder without ``overwrite_output_dir`` unless
-    it asks for more (:func:`continues_finished`). Else LLaMA-Factory would resume, train a step past ``max_steps`` and
-    write over the finished model."""
+    """Before the parse, any stage: refuse training into a finished run's folder without ``overwrite_output_dir``
+    unless it asks for more; else the host would train a step past ``max_steps`` and write over the finished model."""
     if (
         not truthy(raw_value(host_args, "do_train"))
         or not raw_value(host_args, "output_dir")
@@ -186,8 +179,8 @@ def refuse_finished(host_args: Any) -> None:
 
 
 def moves_here(training_args: Any) -> bool:
-    """Whether this process moves the files: under ``save_on_each_node`` each node's main process (each node's folder
-    has its own earlier run), else the global one."""
+    """Whether this process moves the files: under ``save_on_each_node`` each node's main process, else the global
+    one."""
     if getattr(training_args, "save_on_each_node", False):
         return getattr(training_args, "local_process_index", 0) == 0
     return getattr(training_args, "process_index", 0) == 0
@@ -202,8 +195,8 @@ def _wait_for_the_move() -> None:
 
 
 def clear_for_overwrite(host_args: Any, training_args: Any) -> None:
-    """After the parse and checks, before the run record: under ``overwrite_output_dir: true`` move an earlier run
-    aside. Every rank checks it may (a refusal ends all alike); :func:`moves_here` moves; all wait for it."""
+    """After the parse and checks: under ``overwrite_output_dir: true`` move an earlier run aside. Every rank checks it
+    may (a refusal ends all alike); :func:`moves_here` moves; all wait for it."""
     if not (
         getattr(training_args, "do_train", False)
         and getattr(training_args, "overwrite_output_dir", False)

@@ -1,8 +1,6 @@
-"""The methods the patches serve, as the plugin registers them: the patches import no method.
-
-The start-up hook registers, before any patch, a source of the declared methods, called at each lookup (a process that
-never asks imports no declaration). The patches use a method by its declaration's fields (``recipe.declaration``), a run
-by its phases (``recipe.run``). Imports nothing.
+"""The methods the patches serve, as the plugin registers them: the patches import no method. The start-up hook
+registers a source of the declared methods, called at each lookup (a process that never asks imports none). Imports
+nothing.
 """
 
 from __future__ import annotations
@@ -16,13 +14,11 @@ _sources: list[Callable[[], Iterable[Any]]] = []
 
 
 def register_methods(source: Callable[[], Iterable[Any]]) -> None:
-    """Register ``source`` (a callable returning method declarations); again: no change."""
     if source not in _sources:
         _sources.append(source)
 
 
 def registered_methods() -> tuple[Any, ...]:
-    """Every registered method, in declaration order."""
     return tuple(method for source in _sources for method in source())
 
 

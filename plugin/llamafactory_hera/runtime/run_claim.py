@@ -1,10 +1,8 @@
 """One live run per ``output_dir``: ``llamafactory_hera_claim.json``, taken before the parse (imports nothing heavy).
 Policy: docs/hera.md ("Running again: resume, refuse, overwrite").
 
-A claim (pid, host, start, stage, job) is written aside and hard-linked in place (``O_CREAT | O_EXCL`` without hard
-links): of two runs started at once, one gets it. Only the takeover lock's holder replaces a stale claim; one another
-rank made passes to global rank 0, which saves last. The holder removes it at the end (``atexit``, SIGTERM), with the
-folder if the claim made it and it is empty.
+A claim is written aside and hard-linked in place: of two runs started at once, one gets it. Only the takeover lock's
+holder replaces a stale claim; one another rank made passes to global rank 0, which saves last.
 """
 
 from __future__ import annotations
@@ -43,7 +41,6 @@ _guards: list[bool] = []  # refresher and SIGTERM release started (once)
 
 
 def new_claim(stage: str, env: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """This process's claim."""
     # not a default: datasets' map(num_proc=N) rebinds os.environ
     env = os.environ if env is None else env
     stat = process_stat(os.getpid())
@@ -61,7 +58,6 @@ def new_claim(stage: str, env: Mapping[str, str] | None = None) -> dict[str, Any
 
 
 def _create(path: Path, claim: dict[str, Any]) -> bool:
-    """Whether ``claim`` was created at ``path`` (False: a claim is there)."""
     text = json.dumps(claim, indent=2)
     temporary = path.with_name(f"{CLAIM}.{claim['host']}.{claim['pid']}.{claim['token'][:8]}.tmp")
     temporary.write_text(text, encoding="utf-8")
@@ -104,9 +100,8 @@ def _read(path: Path) -> tuple[str, dict[str, Any]] | None:
 
 @contextlib.contextmanager
 def _takeover_lock(path: Path, mine: dict[str, Any]) -> Iterator[bool]:
-    """Whether this run holds the takeover lock for the block; only its holder moves a claim it did not create. Of
-    several runs meeting a stale claim, one replaces it, the others find its claim (moving a claim aside and back could
-    drop a fresh one)."""
+    """Whether this run holds the takeover lock for the block; only its holder moves a claim it did not create (moving
+    a claim aside and back could drop a fresh one)."""
     lock = path.with_name(f"{CLAIM}.takeover")
     if not _create(lock, mine):
         _clear_stale_lock(lock)
@@ -134,7 +129,6 @@ def _take_over(path: Path, seen: str, mine: dict[str, Any], claim: dict[str, Any
 
 
 def _clear_stale_lock(lock: Path) -> None:
-    """Remove a takeover lock left by a run that ended holding it (a takeover takes milliseconds)."""
     age = _age(lock)
     found = _read(lock) if age is not None and age > _LOCK_STALE_SECONDS else None
     if found is None:
@@ -173,7 +167,6 @@ def _refuse(folder: Path, path: Path, other: dict[str, Any], here: bool) -> Reci
 
 
 def _age(path: Path) -> float | None:
-    """Seconds since the claim was written or refreshed (None: gone)."""
     try:
         return time.time() - path.stat().st_mtime
     except OSError:
@@ -181,7 +174,6 @@ def _age(path: Path) -> float | None:
 
 
 def _refresh() -> None:
-    """Keep this process's claims fresh (a daemon thread: it ends with the process)."""
     while True:
         time.sleep(_REFRESH_SECONDS)
         for path, mine in list(_held.items()):
@@ -200,8 +192,8 @@ def _release_on_sigterm(signum: int, frame: Any, previous: Any = signal.SIG_DFL)
 
 
 def _guard() -> None:
-    """Once per process: refresh the claims, and release them on SIGTERM (which skips ``atexit``), then run the earlier
-    handler (torch's, a launcher's)."""
+    """Once per process: refresh the claims, and release them on SIGTERM (which skips ``atexit``) before the earlier
+    handler."""
     if _guards:
         return
     _guards.append(True)
@@ -224,8 +216,7 @@ def _forget_in_child() -> None:
 
 
 def _earlier_launch(other: dict[str, Any], mine: dict[str, Any]) -> bool:
-    """Whether ``other`` is an earlier launch's of this Slurm job (same ``SLURM_JOB_ID``, lower
-    ``SLURM_RESTART_COUNT``): stale wherever made."""
+    """Whether ``other`` is an earlier launch's of this Slurm job: stale wherever made."""
     return (
         mine.get("scheduler_job") is not None
         and other.get("scheduler_job") == mine["scheduler_job"]
@@ -235,7 +226,6 @@ def _earlier_launch(other: dict[str, Any], mine: dict[str, Any]) -> bool:
 
 
 def _stale(other: dict[str, Any], mine: dict[str, Any], here: bool, age: float | None) -> str | None:
-    """Why ``other`` is a dead run's claim (ends the takeover line), or None while it may be live."""
     if not other:
         return f"an unreadable claim ({CLAIM})"
     if here and not is_alive_here(other.get("pid"), other.get("process_start")):
@@ -251,8 +241,7 @@ def _stale(other: dict[str, Any], mine: dict[str, Any], here: bool, age: float |
 
 
 def _adopt(path: Path, text: str, other: dict[str, Any], mine: dict[str, Any]) -> dict[str, Any] | None:
-    """Global rank 0 takes over its job's claim made by another rank, whose run may end while rank 0 still saves. None:
-    it changed."""
+    """Global rank 0 takes over its job's claim made by another rank, whose run may end while rank 0 still saves."""
     adopted = {
         **other,
         "pid": mine["pid"],
@@ -315,7 +304,6 @@ def _hold(path: Path, claim: dict[str, Any]) -> dict[str, Any]:
 
 
 def release(path: Path) -> None:
-    """Remove this process's claim at ``path`` if it is still its own."""
     mine = _held.pop(path, None)
     if mine is None or mine["pid"] != os.getpid():
         return
@@ -335,7 +323,6 @@ if hasattr(os, "register_at_fork"):  # POSIX: Windows has no fork
 
 
 def _missing_folders(folder: Path) -> list[Path]:
-    """``folder`` and its ancestors that do not exist yet, deepest first."""
     missing = []
     while not folder.exists() and folder != folder.parent:
         missing.append(folder)

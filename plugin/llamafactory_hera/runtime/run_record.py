@@ -1,10 +1,8 @@
 """``llamafactory_hera_run.json``: what a method's ``llamafactory-cli train`` run loaded its model with, and how it
 ended. Who writes it, statuses: docs/eval.md ("What is loaded"); ``chain``: "Scored as Table 2".
 
-The stage patch writes it into ``output_dir``: ``running`` after the parse, then ``finished``, ``stopped`` (save signal)
-or ``failed`` (the error's first line, also in the method's own records). A failure after the model was saved
-(``do_predict``, a reporting backend, an interrupt) is ``finished`` with ``error_after_save``. ``llamafactory-hera
-eval`` reads the (parsed) loading keys back and refuses a record not ``finished``. Imports nothing heavy.
+A failure after the model was saved (``do_predict``, a reporting backend, an interrupt) is ``finished`` with
+``error_after_save``. Imports nothing heavy.
 """
 
 from __future__ import annotations
@@ -76,7 +74,6 @@ def plain(value: Any) -> Any:
 
 
 def loading_keys(model_args: Any, data_args: Any, finetuning_args: Any, training_args: Any) -> dict[str, Any]:
-    """The recorded keys of the parsed arguments (a key the host version lacks is left out)."""
     found = {}
     for holder, keys in (
         (model_args, MODEL_KEYS),
@@ -112,7 +109,7 @@ def write_started(output_dir: str | Path, stage: str, loading: dict[str, Any], m
 
 def stage_chain(model_name_or_path: Any, stage: str, output_dir: Path) -> list[dict[str, Any]]:
     """How the model came to be: the composed model's record, the earlier runs whose output is the next one's model,
-    then this run. A model without a record (a hub id) starts at this run; ``checkpoint-N`` is its run's."""
+    then this run."""
     folder = Path(str(model_name_or_path or ""))
     if folder.name.startswith("checkpoint-") and not (folder / RUN_RECORD).is_file():
         folder = folder.parent
@@ -127,8 +124,8 @@ def stage_chain(model_name_or_path: Any, stage: str, output_dir: Path) -> list[d
 
 
 def write_ended(path: Path, error: BaseException | None, method_records: tuple[str, ...] = ()) -> None:
-    """Mark ``finished``; ``stopped`` on exit status 0 (the save signal's stop); else ``failed`` with the error's first
-    line (the method's own records too)."""
+    """Mark ``finished``; ``stopped`` on exit status 0 (the save signal's stop); else ``failed`` (the method's own
+    records too)."""
     record = read_record(path) if path.is_file() else {}
     if not record:
         return
@@ -150,7 +147,7 @@ def write_ended(path: Path, error: BaseException | None, method_records: tuple[s
 
 
 def read_record(path: Path) -> dict[str, Any]:
-    """The record (or any JSON object file); ``{}`` when it is not readable as a JSON object."""
+    """The record (or any JSON object file); ``{}`` when unreadable."""
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):  # absent, torn, not UTF-8
@@ -169,8 +166,7 @@ SAVED_MODEL_FILES = (
 
 
 def _saved_since(folder: Path, started_ns: Any) -> bool:
-    """Whether a whole model was saved into ``folder`` since the run started (a file torn by a full disk does not count:
-    the same command writes it again)."""
+    """Whether a whole model was saved into ``folder`` since the run started (not a file torn by a full disk)."""
     if not isinstance(started_ns, int):
         return False
     return any(
@@ -182,8 +178,6 @@ def _saved_since(folder: Path, started_ns: Any) -> bool:
 
 
 def whole_model_file(path: Path) -> bool:
-    """Whether a saved model file is whole: safetensors as long as its header says; a ``.bin`` zip with its central
-    directory (written last) and members inside; an index with every shard whole."""
     if path.name.endswith(".index.json"):
         shards = read_record(path).get("weight_map")
         return (
@@ -199,7 +193,7 @@ def whole_model_file(path: Path) -> bool:
 
 
 def _whole_safetensors(path: Path) -> bool:
-    """Whether the file is as long as its header says (8-byte header length, JSON header, data)."""
+    """Whether the file is as long as its header says."""
     try:
         with path.open("rb") as handle:
             length = int.from_bytes(handle.read(8), "little")
@@ -211,7 +205,7 @@ def _whole_safetensors(path: Path) -> bool:
 
 
 def _whole_zip(path: Path) -> bool:
-    """Whether the zip's central directory (at its end) reads and all members lie inside: a cut file lost its end."""
+    """Whether the zip's central directory (at its end) reads and all members lie inside."""
     try:
         size = path.stat().st_size
         with zipfile.ZipFile(path) as archive:
@@ -226,7 +220,7 @@ def _first_line(error: BaseException) -> str:
 
 
 def write_record(path: Path, record: dict[str, Any]) -> None:
-    """Write ``record`` whole at ``path`` (its folder made): never a torn file to read back."""
+    """Write ``record`` whole at ``path``: never a torn file to read back."""
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f"{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")  # one per writer
     temporary.write_text(json.dumps(record, indent=2), encoding="utf-8")

@@ -3,14 +3,11 @@ preempted, disk full").
 
 The stages write :data:`MARKER` last, once every rank's files are durable, and remove it first from a folder saved
 again. Whole: a marked folder where the run record says checkpoints are marked or some folder is; else one with
-``trainer_state.json`` (the main process writes it last). Half-written folders are passed over, never deleted.
+``trainer_state.json``. Half-written folders are passed over, never deleted.
 
-A marker also holds its save's settings, which a resume names where they differ (:func:`differences`: the Trainer
-restores optimizer and scheduler as saved, silently ignoring an edited learning rate, and an edited batch size moves the
-data on in new-size batches); and a pin's lineage. A kept ``resume_from_checkpoint: PATH`` (a pin) is honoured once: the
-start taking it records it (:func:`take`), later checkpoints carry its lineage, and a requeue continues from the newest
-(:func:`newest_since`); a pin the record lacks (a rollback) is taken afresh. Lineages, not times: a shared file system's
-times are the server's.
+A marker also holds its save's settings, which a resume names where they differ, and a pin's lineage: a kept
+``resume_from_checkpoint: PATH`` is honoured once, and a requeue continues from the newest checkpoint of its lineage
+(lineages, not times: a shared file system's times are the server's).
 """
 
 from __future__ import annotations
@@ -58,8 +55,7 @@ APPLIED = (
 
 
 def checkpoint_folders(folder: Path) -> list[Path]:
-    """``checkpoint-N`` folders by step (the last is the one LLaMA-Factory resumes from, as ``get_last_checkpoint``);
-    none where ``folder`` is no folder."""
+    """``checkpoint-N`` folders by step."""
     found = [
         (int(p.name[len(CHECKPOINT_PREFIX) :]), p)
         for p in folder.glob(f"{CHECKPOINT_PREFIX}*")
@@ -77,7 +73,6 @@ def newest_whole(run: Path) -> tuple[Path | None, list[Path]]:
 
 
 def whole_checkpoints(run: Path) -> list[Path]:
-    """``run``'s whole checkpoints, by step."""
     found = checkpoint_folders(run)
     marked = read_record(run / RUN_RECORD).get(CHECKPOINTS_MARKED) or any((path / MARKER).is_file() for path in found)
     return [path for path in found if (path / (MARKER if marked else TRAINER_STATE)).is_file()]
@@ -98,8 +93,8 @@ def make_durable(folder: Path) -> None:
 
 
 def write_marker(folder: Path, step: int, ranks: int, about: dict[str, Any] | None = None) -> None:
-    """Mark ``folder`` whole once every rank's files are durable: step, ranks and ``about``, fsynced under another name
-    and renamed (a failed write leaves no marker), then the folder fsynced."""
+    """Mark ``folder`` whole once every rank's files are durable: written under another name and renamed (a failed
+    write leaves no marker)."""
     temporary = folder / f"{MARKER}.tmp"
     temporary.write_text(json.dumps({"step": step, "ranks": ranks, **(about or {})}), encoding="utf-8")
     _fsync(temporary)
@@ -108,7 +103,6 @@ def write_marker(folder: Path, step: int, ranks: int, about: dict[str, Any] | No
 
 
 def read_marker(folder: Path) -> dict[str, Any]:
-    """``folder``'s marker (``{}``: none, or an old one holding only the step)."""
     return read_record(folder / MARKER)
 
 
@@ -121,9 +115,8 @@ def unmark(folder: Path) -> None:
 
 
 def rotate(run: Path, limit: int | None, keep: str | Path | tuple[str | Path | None, ...] | None) -> None:
-    """``save_total_limit`` after a whole save: the oldest whole checkpoints beyond ``limit`` go, each unmarked first,
-    never ``keep`` (the best, and the one just saved: a resumed run may save it below older ones). Half-written ones
-    stay."""
+    """``save_total_limit`` after a whole save: the oldest whole checkpoints beyond ``limit`` go, never ``keep`` (the
+    best, and the one just saved: a resumed run may save it below older ones)."""
     kept = {Path(path) for path in (keep if isinstance(keep, tuple) else (keep,)) if path}
     for path in whole_checkpoints(run)[:-limit] if limit and limit > 0 else []:
         if path not in kept:
@@ -137,15 +130,13 @@ def _plain(value: Any) -> Any:
 
 
 def settings(args: Any) -> dict[str, Any]:
-    """The :data:`KEPT` and :data:`APPLIED` settings of a Trainer's ``args`` (``ranks``: its world size)."""
     found = {key: _plain(getattr(args, key)) for key in (*KEPT, *APPLIED) if hasattr(args, key)}
     found["ranks"] = _plain(getattr(args, "world_size", 1))
     return found
 
 
 def differences(folder: Path, saved: dict[str, Any], now: dict[str, Any], step: Any) -> str | None:
-    """The line naming what differs between ``saved`` (checkpoint ``folder``'s) and ``now``; None when nothing does or
-    the marker has no settings."""
+    """The line naming what differs between ``saved`` (checkpoint ``folder``'s) and ``now``; None when nothing does."""
     changed = [key for key in (*KEPT, *APPLIED) if key in saved and key in now and saved[key] != now[key]]
     if not changed:
         return None
@@ -165,8 +156,7 @@ def _resolved(pin: Any) -> str:
 
 
 def taken(output_dir: Path, pin: Any) -> dict[str, Any] | None:
-    """The run record's pin entry (``checkpoint``, ``lineage``, ``taken``) when an earlier start took ``pin``, else
-    None."""
+    """The run record's pin entry when an earlier start took ``pin``, else None."""
     entry = read_record(output_dir / RUN_RECORD).get(PINNED_RESUME)
     if isinstance(entry, dict) and entry.get("checkpoint") == _resolved(pin) and entry.get(LINEAGE):
         return entry
@@ -174,7 +164,6 @@ def taken(output_dir: Path, pin: Any) -> dict[str, Any] | None:
 
 
 def saved_since(output_dir: Path, lineage: str) -> list[Path]:
-    """The whole checkpoints saved in ``lineage``, by step."""
     return [path for path in whole_checkpoints(output_dir) if read_marker(path).get(LINEAGE) == lineage]
 
 

@@ -24,7 +24,7 @@ NO_TRAINABLE = "off (no trainable parameters)"
 
 def checkpointing_kind(module: nn.Module) -> str:
     """What ``module`` runs under in training: ``off``, :data:`NO_TRAINABLE` (LLaMA-Factory calls it plainly),
-    ``reentrant``, ``non-reentrant``, or ``custom`` (not torch's checkpoint with ``use_reentrant``: Unsloth's)."""
+    ``reentrant``, ``non-reentrant``, or ``custom`` (Unsloth's)."""
     if not getattr(module, "gradient_checkpointing", False):
         return "off"
     function = getattr(module, "_gradient_checkpointing_func", None)
@@ -39,7 +39,7 @@ def checkpointing_kind(module: nn.Module) -> str:
 
 
 class _Switch(NamedTuple):
-    """A decoder layer's checkpointing as last seen: on or off, and the function it checkpoints with."""
+    """A decoder layer's checkpointing as last seen."""
 
     on: bool
     function: Any
@@ -71,11 +71,9 @@ class LayerCheckpointing:
         self.ensure()
 
     def _wanted(self) -> list[int]:
-        """The method's and the KV-sharing chains' layers."""
         return sorted(set(self._heads) | set(self._shared))
 
     def ensure(self) -> None:
-        """Switch the wanted layers that checkpoint reentrantly (cheap when nothing changed)."""
         for index in self._wanted():
             layer = self._decoder_layers[index]
             state = _Switch(
@@ -98,7 +96,6 @@ class LayerCheckpointing:
             self._seen[index] = state
 
     def switched(self) -> list[int]:
-        """The wanted layers switched here."""
         return [
             index
             for index in self._wanted()
@@ -108,7 +105,7 @@ class LayerCheckpointing:
 
     def line(self) -> str:
         """Each decoder layer's kind after :meth:`ensure`, e.g. ``gradient checkpointing: reentrant (the recipe's) in 31
-        of 36 decoder layers; non-reentrant in layers 3, 9 (HeRA's heads)``. Call it when training begins."""
+        of 36 decoder layers; non-reentrant in layers 3, 9 (HeRA's heads)``."""
         self.ensure()
         switched = self.switched()
         total = len(self._decoder_layers)

@@ -1,5 +1,4 @@
-"""What a rank's watchdog is made of: each section kind's bound, the pulse, the rank's place in its job, its own store
-client, and the probe of ``output_dir``'s file system."""
+"""A rank's watchdog's parts: the bounds, the pulse, the rank's place, its store client, the storage probe."""
 
 from __future__ import annotations
 
@@ -28,14 +27,11 @@ NAMING_PULSES = 4  # past a bound: the monitor's read and verdict, each rank's r
 
 
 def pulse_for(timeout: float | None) -> float:
-    """Seconds between beats: :data:`PULSE`, or a quarter of a shorter recipe bound (at least 0.5 s)."""
     return min(PULSE, max(0.5, timeout / 4)) if timeout else PULSE
 
 
 def bound(kind: SectionKind, last: dict[SectionKind, float], timeout: float | None) -> float:
-    """Seconds a rank in a ``kind`` section may go unheard or still: the recipe's ``timeout`` if set; for a step or save
-    ``FACTOR`` x the last one's time (the final save: the last save's), at least ``LATER_FLOOR``; else the kind's first
-    bound."""
+    """Seconds a rank in a ``kind`` section may go unheard or still (the final save: timed as the last save)."""
     if timeout:
         return float(timeout)
     timed = last.get(SectionKind.SAVE if kind == SectionKind.FINAL else kind)
@@ -46,8 +42,6 @@ def bound(kind: SectionKind, last: dict[SectionKind, float], timeout: float | No
 
 @dataclass(frozen=True)
 class Place:
-    """A rank's place in its job."""
-
     rank: int
     world: int
     local_rank: int
@@ -64,7 +58,7 @@ class Place:
 
 class StorageProbe:
     """Whether ``output_dir``'s file system answers: ``statvfs`` in a thread, asked only while the rank makes no
-    progress (a step never touches the file system)."""
+    progress."""
 
     def __init__(self, folder: str, clock: Callable[[], float]) -> None:
         self.folder = folder
@@ -84,14 +78,13 @@ class StorageProbe:
         self.since = None
 
     def waiting(self, pulse: float) -> float:
-        """Seconds the probe in flight has waited; 0 under a pulse (not a stall)."""
+        """Seconds the probe in flight has waited; 0 under a pulse."""
         since = self.since
         waited = self.clock() - since if since is not None else 0.0
         return waited if waited >= pulse else 0.0
 
 
 def place_of(training_args: Any, store: Any) -> Place:
-    """This rank's place, from the Trainer's arguments and torchrun's environment."""
     world = training_args.world_size
     local = int(os.environ.get("LOCAL_WORLD_SIZE") or training_args.world_size)
     return Place(
@@ -118,10 +111,9 @@ def job_client(timeout: float) -> Any:
 
 
 def lengthen_groups() -> list[str]:
-    """Give each process group at least the default group's timeout (``ddp_timeout``), never less; the names of the
-    groups lengthened. A group a library makes without a timeout (DeepSpeed's copy of the world group, FSDP2's 2-D
-    meshes) has torch's default, 10 minutes under NCCL: under the watchdog's first bounds, it would end a hung rank
-    before the watchdog names it."""
+    """Give each process group at least the default group's timeout (``ddp_timeout``); the names of those lengthened.
+    A group a library makes without one (DeepSpeed's, FSDP2's meshes) has torch's 10 minutes under NCCL: it would end a
+    hung rank before the watchdog names it."""
     if not (dist.is_available() and dist.is_initialized()):
         return []
     c10d = dist.distributed_c10d
@@ -141,15 +133,13 @@ def lengthen_groups() -> list[str]:
 
 
 def _timeout(group: Any) -> timedelta | None:
-    """A group's timeout (its first backend's); None where torch's private names do not say it."""
     with contextlib.suppress(AttributeError, RuntimeError, IndexError):
         return group._get_backend(group._device_types[0]).options._timeout
     return None
 
 
 def short_ddp_timeout(ddp_timeout: float | None, timeout: float | None) -> str | None:
-    """The warning for a ``ddp_timeout`` under the seconds the watchdog may take to name a rank (its longest first
-    bound, or the recipe's ``timeout``, and the pulses after it): torch would end a hung collective first, unnamed."""
+    """The warning for a ``ddp_timeout`` under the seconds the watchdog may take to name a rank."""
     pulse = pulse_for(timeout)
     naming = (timeout or max(FIRST.values())) + NAMING_PULSES * pulse + NOTICE_S
     if not ddp_timeout or ddp_timeout >= naming:

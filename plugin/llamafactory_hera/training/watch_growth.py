@@ -1,15 +1,11 @@
-"""Whether the files a rank writes grow, as its watchdog's pulse sees them (``training/watchdog.py``): a save that
-writes for longer than its bound still makes progress while its bytes arrive (a busy parallel file system, a large
-model's full state dict), and so does a download into the hub's cache.
+"""Whether the files a rank writes grow, as its watchdog's pulse sees them: a save that writes for longer than its
+bound still makes progress while its bytes arrive, and so does a download into the hub's cache.
 
-Two measures. This process's bytes written to files (``/proc/self/io``'s ``write_bytes``, charged as pages are dirtied:
-local disks, NFS, Lustre), read once a pulse at no cost to the file system: every rank's own writes. And a walk of the
-folder the run names (``sections.writing``: a checkpoint's, a download's, a rotation's; in the final save, where the
-host writes, ``output_dir``'s files outside its checkpoints), for what the bytes miss: files going (a rotation), a file
-system that charges no pages. The walk is each node's first rank's alone, stats at most :data:`WALKED` files, runs in
-a thread of its own (a stalled file system holds that thread alone; the storage probe tells that stall), and only
-where nothing else moves: not in a collective, not when the rank's count moved since the last pulse. At 4,096 ranks
-every rank walking a ZeRO-3 checkpoint of 8,000 files would have asked a metadata server millions of stats a second.
+Two measures: this process's ``write_bytes`` (``/proc/self/io``), read at no cost to the file system; and a walk of
+the folder being written (``sections.writing``; in the final save, ``output_dir`` outside its checkpoints) for what
+bytes miss: files going (a rotation), a file system that charges no pages. The walk is each node's first rank's alone,
+in a thread of its own, at most :data:`WALKED` stats, and only where nothing else moves: at 4,096 ranks every rank
+walking a ZeRO-3 checkpoint of 8,000 files would ask a metadata server millions of stats a second.
 """
 
 from __future__ import annotations
@@ -40,15 +36,15 @@ class Growth:
     def __init__(self, output_dir: str, walks: bool = True) -> None:
         self.output_dir = output_dir
         self.walks = walks  # this node's first rank: the one that walks
-        self.written = written_bytes()  # this process's bytes written to files at the last look
+        self.written = written_bytes()
         self.measured: Measure | None = None  # the last walk's (set by the walking thread)
         self.seen: Measure | None = None  # the walk compared at the last look
         self.thread: threading.Thread | None = None
-        self.progress: int | None = None  # the rank's count at the last look
+        self.progress: int | None = None
 
     def look(self, kind: sections.SectionKind, progress: int, waiting: bool) -> bool:
-        """Whether the files grew (or went) since the walk before, in a ``kind`` section; the next walk starts unless
-        one is still running, this rank waits in a collective, or its count (``progress``) moved since the last look."""
+        """Whether the files grew (or went) since the walk before; the next walk starts unless one runs, this rank
+        waits in a collective, or its count moved."""
         still = progress == self.progress
         self.progress = progress
         written = written_bytes()
@@ -76,8 +72,7 @@ class Growth:
 
 
 def measure(folder: str, skip: tuple[str, ...] = ()) -> Measure:
-    """The files below ``folder`` (not in the folders whose names start as ``skip`` says) and their bytes; a file that
-    goes meanwhile is left out."""
+    """The files below ``folder`` (but the folders named as ``skip`` starts) and their bytes."""
     files = 0
     size = 0
     stated = 0
@@ -104,7 +99,6 @@ def measure(folder: str, skip: tuple[str, ...] = ()) -> Measure:
 
 
 def written_bytes() -> int:
-    """This process's bytes written to files so far (0 where /proc does not tell)."""
     try:
         with open("/proc/self/io") as counters:
             for line in counters:

@@ -1,10 +1,9 @@
 """What the watchdog's monitor concludes from the ranks' heartbeats (pure). Whom it names and why: docs/multinode.md,
 "What it watches".
 
-A beat (JSON) has a pulse count (the rank's watchdog lives) and a position ``[step, place, progress]`` (``place``: its
-section kind's, :class:`.sections.SectionKind`) that only grows while the rank works (each point of a micro-step a
-unit: a rank that stopped short of a collective stays behind the ranks waiting in it), and the ``point`` where it is.
-The monitor uses only its own clock. An unreadable beat changes nothing: only a rank's own last beat says it left.
+A beat's position ``[step, place, progress]`` only grows while the rank works: a rank that stopped short of a
+collective stays behind the ranks waiting in it. The monitor uses only its own clock. An unreadable beat changes
+nothing: only a rank's own last beat says it left.
 """
 
 from __future__ import annotations
@@ -23,7 +22,7 @@ PLACEHOLDER = b"-"  # a beat before its rank's first write (the monitor creates 
 
 @dataclass
 class Seen:
-    """One rank as the monitor saw it (times on the monitor's clock)."""
+    """One rank as the monitor saw it."""
 
     beat: dict[str, Any] = field(default_factory=dict)
     heard: bool = False  # a beat of this launch was read
@@ -45,7 +44,6 @@ class Named:
 
 
 def parse(raw: bytes | None) -> dict[str, Any] | None:
-    """A beat's JSON; None when none yet or unparsable."""
     if not raw or raw == PLACEHOLDER:
         return None
     try:
@@ -56,15 +54,12 @@ def parse(raw: bytes | None) -> dict[str, Any] | None:
 
 
 class Judge:
-    """Every rank's beats as the monitor reads them, and who to name."""
-
     def __init__(self, ranks: list[int], now: float, first_bound: float) -> None:
         self.seen = {rank: Seen(beat_since=now, moved_since=now) for rank in ranks}
         self.started = now
         self.first_bound = first_bound
 
     def observe(self, rank: int, raw: bytes | None, now: float) -> None:
-        """Rank ``rank``'s beat read at ``now`` (None or unparsable: nothing changes)."""
         beat = parse(raw)
         seen = self.seen[rank]
         if beat is None:
@@ -80,13 +75,11 @@ class Judge:
             seen.moved_since = now
 
     def paused(self, now: float) -> None:
-        """The monitor itself was paused: the silence it would see is its own."""
         self.started = min(self.started, now)
         for seen in self.seen.values():
             seen.beat_since = seen.moved_since = now
 
     def named(self, now: float) -> list[Named]:
-        """The ranks to name now (empty: the job is well)."""
         found: list[Named] = []
         judged: dict[int, Seen] = {}
         for rank, seen in sorted(self.seen.items()):
@@ -135,8 +128,7 @@ class Judge:
 
 def _holding_up(loading: list[int], judged: dict[int, Seen]) -> list[int]:
     """Of the ranks stalled in their load, those that hold the others up. None while no rank waits in a collective:
-    every rank busy in a slow load of its own looks as stuck ones would. Else the stalled ones that do not wait
-    themselves, or every one when all wait (a collective that does not complete)."""
+    every rank busy in a slow load of its own looks as stuck ones would."""
     if not any(seen.beat.get("collective") for seen in judged.values()):
         return []
     working = [rank for rank in loading if not judged[rank].beat.get("collective")]
@@ -154,7 +146,6 @@ def _stalled(seen: Seen, now: float) -> bool:
 
 
 def _order(beat: dict[str, Any]) -> tuple[float, ...]:
-    """A rank's place along the run: its position, or its kind's place where none was sent."""
     kind = str(beat.get("kind"))
     position = list(beat.get("position") or [0, SectionKind(kind).place if kind in JUDGED else 0, 0])
     if kind == SectionKind.LOADING:  # its count is of its main thread's moves: no two ranks' compare
@@ -169,7 +160,6 @@ SHOWN = 3  # rank ranges and hosts named in a clause; the rest are counted
 
 
 def _group(named: list[Named]) -> list[list[Named]]:
-    """The named ranks grouped by why, section and (stuck) point, in first-named order."""
     groups: dict[tuple[str, str, str], list[Named]] = {}
     for entry in named:
         point = str(entry.beat.get("point", "")) if entry.why == "stuck" else ""
@@ -195,7 +185,6 @@ def _ranks(group: list[Named]) -> str:
 
 
 def _hosts(group: list[Named]) -> str:
-    """The group's hosts in rank order: the first few, then how many more."""
     hosts = list(dict.fromkeys(str(entry.beat.get("host", "?")) for entry in sorted(group, key=lambda e: e.rank)))
     more = f" and {len(hosts) - SHOWN} more hosts" if len(hosts) > SHOWN else ""
     return ", ".join(hosts[:SHOWN]) + more
@@ -203,8 +192,7 @@ def _hosts(group: list[Named]) -> str:
 
 def described(named: list[Named]) -> str:
     """The named ranks, one clause per reason, section and point, as many as fit in :data:`LINE_CHARS` with a count of
-    the rest: ranks, hosts, section, seconds, bound; a stuck rank's point. Short at any scale: ranges, counts, the
-    first hosts."""
+    the rest."""
     clauses: list[str] = []
     groups = _group(named)
     for group in groups:
@@ -221,7 +209,6 @@ def _rest(count: int) -> str:
 
 
 def _clause(group: list[Named]) -> str:
-    """One reason's clause for ``group`` (one reason, section and point)."""
     first = group[0]
     seconds = max(entry.seconds for entry in group)
     bound = float(first.beat.get("bound", 0) or 0)

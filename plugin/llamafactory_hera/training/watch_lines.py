@@ -1,5 +1,4 @@
-"""The lines the watchdog (``training/watchdog.py``) puts in the nodes' logs when it ends a job, and which errors of
-the run's main thread are a failed collective. Pure: what they name is passed in."""
+"""The lines the watchdog puts in the nodes' logs when it ends a job, and which errors are a failed collective."""
 
 from __future__ import annotations
 
@@ -14,12 +13,10 @@ RERUN = "run the same command again to go on"
 
 
 def ending(named: str) -> str:
-    """The job's last line, after what the monitor ``named``."""
     return f"watchdog: {named}. Every rank exits {EXIT_CODE}; {RERUN}."
 
 
 def thawed(rank: int, host: str, stopped_s: float, why: str) -> str:
-    """A rank that was stopped (its process or host frozen) for ``stopped_s`` and found the job ended for ``why``."""
     why = why.removeprefix("watchdog: ").rstrip(".")
     return (
         f"watchdog: rank {rank} on {host} was stopped (its process or host frozen) and went on {stopped_s:.0f} s "
@@ -28,7 +25,6 @@ def thawed(rank: int, host: str, stopped_s: float, why: str) -> str:
 
 
 def monitor_unheard(beat: dict[str, Any], seconds: float, store: str = "") -> str:
-    """Rank 0 (its last ``beat``) unheard for ``seconds``; ``store``: what the job's store did meanwhile."""
     return (
         f"rank 0 on {beat.get('host', '?')}, unheard for {seconds:.0f} s in {beat.get('section', '?')} (bound "
         f"{float(beat.get('bound') or 0):.0f} s): its process or host is frozen or gone{store}"
@@ -36,7 +32,6 @@ def monitor_unheard(beat: dict[str, Any], seconds: float, store: str = "") -> st
 
 
 def collective_failed(rank: int, host: str, section: str, error: BaseException) -> str:
-    """A collective of ``section`` that failed on a rank that was not stopped itself."""
     return (
         f"watchdog: rank {rank} on {host}: a collective in {section} failed ({first_line(error)}): another rank's "
         "process or node ended, or the network between them failed."
@@ -48,7 +43,6 @@ def first_line(error: BaseException) -> str:
 
 
 def distributed(error: BaseException) -> bool:
-    """Whether ``error`` is a failed collective or process-group call."""
     if isinstance(error, getattr(dist, "DistError", ())):
         return True
     text = str(error)

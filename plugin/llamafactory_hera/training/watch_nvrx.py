@@ -1,7 +1,6 @@
 """A plugin run's sections reported to nvidia-resiliency-ext's rank monitor when ``ft_launcher`` runs the job (the
-``ft`` extra): it times sections, ends an overstaying rank, and restarts or ends the job; the plugin's watchdog does not
-run. A kind listed in ``rank_section_timeouts`` opens a section by its name; others count against
-``rank_out_of_section_timeout``. Progress is a heartbeat, at most one a second (a round trip each).
+``ft`` extra), in place of the plugin's watchdog. A kind listed in ``rank_section_timeouts`` opens a section by its
+name; others count against ``rank_out_of_section_timeout``. Progress is a heartbeat, at most one a second.
 """
 
 from __future__ import annotations
@@ -19,8 +18,6 @@ HEARTBEAT_S = 1.0
 
 
 class Reporter:
-    """This rank's sections and progress, told to ``client`` (a connected ``RankMonitorClient``)."""
-
     def __init__(self, client: Any) -> None:
         self.client = client
         self.open = None
@@ -57,7 +54,6 @@ class Reporter:
 
 
 def reporter() -> Reporter | None:
-    """A reporter under ``ft_launcher`` with nvidia-resiliency-ext installed, else None."""
     if not os.environ.get(SOCKET_ENV):
         return None
     try:  # importlib: a run without the extra imports none of it

@@ -1,16 +1,9 @@
-"""What the run's main thread is doing, as the watchdog's thread sees it at each pulse (``training/watchdog.py``).
-
-LLaMA-Factory's load (its data, the model, the Trainer's set-up) reports no progress the plugin can count, so while a
-rank loads, its progress is read off the main thread itself: its Python stack, the CPU time it has used (Linux) and
-the counts of the live progress bars (``tqdm``: the datasets' maps, the checkpoint shards). Progress is a bar's count
-changing, CPU time beyond a poll's (:data:`BUSY`), or a stack not seen since the last such move: a thread blocked in
-a wait uses no CPU and stays where it is, and one polling in place (a 0.05 s sleep or timed wait in a loop, as
-datasets' ``map(num_proc)`` waits on a deadlocked worker) goes round the same few stacks on almost no CPU. A rank
-whose main thread's innermost frame is one of torch's collectives (or DeepSpeed's ``comm``) is waiting for the others;
-its CPU time is no progress then (NCCL's wait spins or polls). The monitor names a rank stuck in its load only when
-another waits for it in a collective (``training/watch_judge.py``). Not seen: an NCCL collective queued without a
-wait, whose rank then blocks at a host sync elsewhere (its CPU time moves); the process group's timeout bounds that
-one.
+"""What the run's main thread is doing, as the watchdog's thread sees it at each pulse: LLaMA-Factory's load reports
+no progress the plugin can count, so a loading rank's progress is read off its main thread (docs/multinode.md, "What
+it watches"). A thread polling in place (a 0.05 s sleep in a loop, as datasets' ``map(num_proc)`` waits on a
+deadlocked worker) goes round the same few stacks on almost no CPU. In one of torch's collectives, CPU time is no
+progress (NCCL's wait spins). Not seen: an NCCL collective queued without a wait, whose rank then blocks at a host sync
+elsewhere; the process group's timeout bounds that one.
 """
 
 from __future__ import annotations
@@ -37,10 +30,8 @@ POLLED = 256  # stacks remembered since the last move; a thread that finds new o
 
 
 class MainThread:
-    """Looks at one thread (the one that builds it, by default): :meth:`look` says whether it moved since the last
-    look; :attr:`in_collective` whether it was in a collective at that look. Its CPU time counts with that of the
-    thread pools' workers (``ThreadPoolExecutor-*``): a model loader's threads read the shards while it waits on them.
-    """
+    """Looks at one thread (by default the one that builds it). Its CPU time counts with that of the thread pools'
+    workers: a model loader's threads read the shards while it waits on them."""
 
     def __init__(self, thread: threading.Thread | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         looked = thread or threading.current_thread()
@@ -48,7 +39,7 @@ class MainThread:
         # the OS's id of the calling thread: a process forked on Python 3.11 keeps its parent's in native_id
         self.native_id = looked.native_id if thread is not None else threading.get_native_id()
         self.clock = clock
-        self.looked: float | None = None  # when it last looked
+        self.looked: float | None = None
         self.ticks: int | None = None  # the CPU time then (None in a collective)
         self.bars: tuple[tuple[int, float], ...] = ()
         self.stacks: set[tuple[int, ...]] = set()  # the stacks seen since it last worked (a poll loop's few)
@@ -56,8 +47,8 @@ class MainThread:
         self.compiling = False  # at the last look: busy on the CPU inside torch's compiler
 
     def look(self) -> bool:
-        """Whether the thread moved since the last look (the first: True): a bar moved, it used CPU time beyond a
-        poll's, or it is at a stack not seen since either."""
+        """Whether the thread moved since the last look: a bar moved, it used CPU time beyond a poll's, or it is at a
+        stack not seen since either."""
         frame = sys._current_frames().get(self.ident)
         innermost = frame.f_code.co_filename.replace("\\", "/") if frame is not None else ""
         in_collective = any(path in innermost for path in COLLECTIVE_PATHS)
@@ -86,23 +77,19 @@ class MainThread:
         return moved
 
     def _busy(self, ticks: int | None, now: float) -> bool:
-        """Whether it used more CPU time since the last look than :data:`BUSY` of the time between (one tick at
-        least): a poll loop's wake-ups use less."""
         if ticks is None or self.ticks is None or self.looked is None:
             return False
         return ticks - self.ticks >= max(1.0, BUSY * (now - self.looked) * TICKS_S)
 
     def _cpu_ticks(self) -> int:
-        """CPU time so far of the thread, the pools' workers and this process's child processes, in clock ticks (0
-        where /proc does not tell: the stack and bars alone). The children: datasets' ``map(num_proc)`` workers,
-        which tokenize while the main thread polls their queue (with its bars off, their CPU is the work seen)."""
+        """CPU ticks so far of the thread, the pools' workers and the child processes (datasets' ``map(num_proc)``
+        workers tokenize while the main thread polls their queue); 0 where /proc does not tell."""
         workers = [t.native_id for t in threading.enumerate() if t.name.startswith("ThreadPoolExecutor")]
         own = sum(_thread_ticks(native_id) for native_id in [self.native_id, *workers])
         return own + sum(_stat_ticks(f"/proc/{child}/stat") for child in _children())
 
 
 def _children() -> list[str]:
-    """This process's child processes (its threads' ``children`` files; none where /proc does not list them)."""
     found: list[str] = []
     try:
         tasks = os.listdir("/proc/self/task")
@@ -118,13 +105,10 @@ def _children() -> list[str]:
 
 
 def _thread_ticks(native_id: int | None) -> int:
-    """One thread's CPU time so far, in clock ticks (0 where /proc does not tell)."""
     return _stat_ticks(f"/proc/self/task/{native_id}/stat")
 
 
 def _stat_ticks(path: str) -> int:
-    """A thread's or process's CPU time so far (its ``stat`` at ``path``), in clock ticks (0 where /proc does not
-    tell)."""
     try:
         with open(path) as stat:
             fields = stat.read().rsplit(")", 1)[1].split()
@@ -135,7 +119,7 @@ def _stat_ticks(path: str) -> int:
 
 
 def _bars() -> tuple[tuple[int, float], ...]:
-    """Every live ``tqdm`` bar's identity and count (none when tqdm is not imported)."""
+    """Every live ``tqdm`` bar's identity and count."""
     std = sys.modules.get("tqdm.std")
     if std is None:
         return ()

@@ -1,13 +1,9 @@
-"""A plugin run's watchdog: a rank frozen, gone or stuck (kernel, collective, I/O) ends the job within its section's
-bound, with one line naming rank, host and section in every node's log. docs/multinode.md ("A node that freezes, dies or
-hangs").
+"""A plugin run's watchdog: a rank frozen, gone or stuck ends the job within its section's bound, with one line naming
+rank, host and section in every node's log. docs/multinode.md ("A node that freezes, dies or hangs").
 
-Each rank's thread makes two store calls a pulse (no file: a storage stall is no silence): a read, then its heartbeat (a
-new section kind at once, in place of the pulse's). Rank 0's thread is the monitor: its read is one ``multi_get`` of
-every beat, which it judges; the others read rank 0's beat, which carries its verdict and the save signal's stop step
-(``watch_stop``), and end the job themselves if rank 0 or the store falls silent. A guard thread bounds a store call
-that never returns. No process group's timeout is shortened: none may end a rank before the watchdog names it
-(docs/multinode.md). Under ``ft_launcher``, ``watch_nvrx`` replaces it.
+Each rank's thread makes two store calls a pulse: a read, then its heartbeat. Rank 0's thread is the monitor: it
+judges every beat, read in one ``multi_get``; the others read rank 0's beat (its verdict, the stop step) and end the job
+themselves if rank 0 or the store falls silent. Under ``ft_launcher``, ``watch_nvrx`` replaces it.
 """
 
 from __future__ import annotations
@@ -65,41 +61,39 @@ class Watchdog:
         self.pulse_s = pulse_for(timeout)
         self.last: dict[sections.SectionKind, float] = {}  # kind -> the last such section's seconds
         self.state = sections.Where("loading", sections.SectionKind.LOADING, 0)  # read by the threads: one write
-        self.since = clock()  # when the run's thread entered it
+        self.since = clock()
         self.count = 0
         self.point = ""  # where in the section the last progress left this rank (sections.reached)
-        self.lengthened = False  # whether the groups made for the steps have the default group's timeout
+        self.lengthened = False
         self.pulses = 0
         self.verdict = ""
         self.probe = StorageProbe(output_dir, clock)
         self.main = MainThread()  # the run's thread: built on it
         self.moves = 0  # the pulses at which it had moved (the load's progress)
-        self.growth = Growth(output_dir, walks=place.says)  # one walker a node: its first rank
+        self.growth = Growth(output_dir, walks=place.says)
         self.work = 0  # the pulses at which the files being written grew: progress no two ranks compare
         self.judge = Judge(list(range(place.world)), clock(), job_store.start_bound()) if place.rank == 0 else None
         self.monitor = {"beat": {}, "pulse": None, "since": clock()}  # rank 0's beat as last read
         self.stopped = threading.Event()
         self.entered = threading.Event()
         self.ending = threading.Lock()
-        self.in_call: float | None = None  # when the store call in flight began
-        self.failing: float | None = None  # since when store calls fail
+        self.in_call: float | None = None
+        self.failing: float | None = None
         self.guarded = self.moved = clock()
         self.seen_position: Any = None
         self.published: tuple[Any, ...] = ()  # what the last beat said that is news (:meth:`_news`)
         self.due = clock()  # the next pulse
         self.wrote_early = False  # this pulse's write was taken by news
-        self.stopping = StopStep(self.entered, self.pulse_s)  # asked at each step's end (checkpoints.py)
+        self.stopping = StopStep(self.entered, self.pulse_s)
         self.paused_at: float | None = None  # when this rank found it was stopped
-        self.paused_s = 0.0  # for how long
+        self.paused_s = 0.0
         self.threads = [
             threading.Thread(target=target, name=f"llamafactory-hera-watchdog-{name}", daemon=True)
             for name, target in (("pulse", self._run), ("guard", self._guard))
         ]
 
-    # --- the run's side (main thread) ---
-
     def enter(self, section: str, kind: sections.SectionKind | str, step: int | None = None) -> None:
-        """This rank is now in ``section`` of ``kind``; the previous section is timed (for its bounds)."""
+        """This rank is now in ``section`` of ``kind``; the previous one is timed."""
         now = self.clock()
         previous = self.state
         self.last[previous.kind] = now - self.since
@@ -129,8 +123,6 @@ class Watchdog:
     def bound(self) -> float:
         return bound(self.state.kind, self.last, self.timeout)
 
-    # --- the beat ---
-
     def beat(self) -> bytes:
         where = self.state
         self.pulses += 1
@@ -157,7 +149,7 @@ class Watchdog:
         return json.dumps(beat).encode()
 
     def _call(self, call: Callable[[], Any]) -> Any:
-        """A store call; None when it failed (noted for :meth:`_store_check`)."""
+        """A store call; None when it failed."""
         self.in_call = self.clock()
         try:
             result = call()
@@ -169,8 +161,6 @@ class Watchdog:
         finally:
             self.in_call = None
 
-    # --- the threads ---
-
     def _run(self) -> None:
         self._placeholders()
         while not self.stopped.is_set():
@@ -178,16 +168,14 @@ class Watchdog:
             self.entered.wait(self._turn())  # to the pulse, or news first
 
     def _placeholders(self) -> None:
-        """Rank 0's: every key the monitor reads exists from the start (a ``multi_get`` waits for a missing one)."""
+        """Rank 0's: every key the monitor reads exists from the start (``multi_get`` waits for a missing one)."""
         if self.judge is not None:
             for rank in range(self.place.world):
                 self._call(lambda rank=rank: self.store.compare_set(self.keys.beat(rank), "", PLACEHOLDER))
 
     def _turn(self) -> float:
-        """One wake of the pulse thread; the seconds to the next. At the pulse: one read, then this rank's beat unless
-        news took this pulse's write. Between pulses: the beat at once when there is news (:meth:`_news`; a rank
-        freezing as a save begins is named in its save) and this pulse's write is free; else news waits for the pulse.
-        At most one write a pulse."""
+        """One wake of the pulse thread; the seconds to the next. News (a rank freezing as a save begins is named in
+        its save) is written at once when this pulse's write is free, else at the pulse: at most one write a pulse."""
         if self.judge is not None and self.stopping.signalled is not None:
             self.stopping.agree(self.state.step, [self.stopping.signalled])
         now = self.clock()
@@ -204,8 +192,7 @@ class Watchdog:
         return max(0.0, self.due - self.clock())
 
     def _news(self) -> tuple[Any, ...]:
-        """What a beat says at once: the section's kind, the save signal noted here, the stop step heard (rank 0's:
-        set), whether every rank heard it."""
+        """What a beat says at once."""
         return self.state.kind, self.stopping.signalled, self.stopping.step, self.stopping.everyone
 
     def _publish(self) -> None:
@@ -267,7 +254,7 @@ class Watchdog:
             self.end(watch_lines.ending(watch_lines.monitor_unheard(heard, unheard)))
 
     def _store_check(self) -> None:
-        """End the job when the store fails (host gone) or does not answer (frozen) for longer than rank 0's bound."""
+        """End the job when the store fails or does not answer for longer than rank 0's bound."""
         since = self.failing if self.failing is not None else self.in_call
         if since is None or self.stopped.is_set():
             return
@@ -288,8 +275,7 @@ class Watchdog:
                 self.end(watch_lines.ending(silent), store=False)
 
     def _guard(self) -> None:
-        """Note this rank's own pause (a clock jump between ticks) and bound a store call that never returns (TCPStore
-        waits on a frozen host); this thread calls no store."""
+        """Note this rank's own pause (a clock jump) and bound a store call that never returns; it calls no store."""
         while not self.stopped.wait(self.pulse_s / 2):
             now = self.clock()
             if now - self.guarded > PAUSED * self.pulse_s:
@@ -298,7 +284,6 @@ class Watchdog:
             self._store_check()
 
     def _paused(self, now: float) -> None:
-        """This rank was stopped itself: the silence it would see is its own."""
         self.paused_at = now
         self.paused_s = now - self.guarded
         self.monitor["since"] = now
@@ -306,20 +291,16 @@ class Watchdog:
             self.judge.paused(now)
 
     def _was_paused(self) -> bool:
-        """Whether this rank was stopped itself lately, or is (its pulse overdue)."""
         now = self.clock()
         recent = self.paused_at is not None and now - self.paused_at < (PAUSED + 2) * self.pulse_s
         return recent or now - self.guarded > PAUSED * self.pulse_s
-
-    # --- the end ---
 
     def _thawed(self, why: str) -> str:
         stopped = self.paused_s if self.paused_at is not None else self.clock() - self.guarded
         return watch_lines.thawed(self.place.rank, self.place.host, stopped, why)
 
     def end(self, line: str, store: bool = True) -> None:
-        """Say ``line`` (one rank a node), wait briefly for the other nodes' logs to hold it, and exit. Once per
-        process."""
+        """Say ``line`` (one rank a node), wait briefly for the other nodes' logs to hold it, and exit (once)."""
         if not self.ending.acquire(blocking=False):
             return
         if self.place.says:
@@ -332,8 +313,8 @@ class Watchdog:
         os._exit(watch_lines.EXIT_CODE)
 
     def ended_meanwhile(self, error: BaseException) -> None:
-        """A collective failed in the main thread: if this rank was itself stopped meanwhile (thawed after the job
-        ended), say the job's end and exit; else say which collective failed."""
+        """A collective failed in the main thread: if this rank was stopped meanwhile, say the job's end and exit;
+        else say which collective failed."""
         if not watch_lines.distributed(error):
             return
         first = watch_lines.first_line(error)
@@ -345,8 +326,7 @@ class Watchdog:
         say_apart(watch_lines.collective_failed(self.place.rank, self.place.host, section, error))
 
     def start(self) -> None:
-        """First beat first (rank 0's before its thread writes the placeholders, so no rank reads one of rank 0's), in
-        place of the first pulse's write; count it started, start the threads."""
+        """First beat first (rank 0's before its placeholders: no rank reads one of rank 0's), then the threads."""
         self._publish()
         self.wrote_early = True
         self._call(lambda: self.store.add(self.keys.started, 1))
@@ -363,9 +343,8 @@ class Watchdog:
 
 @contextlib.contextmanager
 def watching(training_args: Any, timeout: float | None) -> Iterator[None]:
-    """A run watched for the block (several processes, ``timeout`` not 0), left by all ranks through a watched barrier
-    (a rank frozen in rank 0's final save is named, not waited for): LLaMA-Factory's teardown finds no rank in a
-    collective."""
+    """A run watched for the block (several processes, ``timeout`` not 0), left through a watched barrier: a rank
+    frozen in rank 0's final save is named, and the host's teardown finds no rank in a collective."""
     dog: Any = None
     if training_args.world_size > 1 and timeout != 0:
         dog = watch_nvrx.reporter() or _started(training_args, timeout)
