@@ -26,11 +26,22 @@ from conftest import REPO, base_recipe, free_port, harc_recipe, offline_env, run
 from llamafactory_hera.job_refusal import RecipeError, waits_for_rank_0
 
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
+FT_LAUNCHER = Path(sys.executable).with_name("ft_launcher")
 ERROR = "[llamafactory-hera] error: "
 
 
 def _lines(proc: Any) -> list[str]:
     return (proc.stdout + proc.stderr).rstrip("\n").split("\n")
+
+
+def ends_with_refusal(printed: str, refusal: str) -> list[str]:
+    """A node's output (``printed``): the refusal (its line starts with ``refusal``) once and last, no traceback or
+    launcher report (torch's ``ChildFailedError``) anywhere. Returns its non-empty lines."""
+    lines = [line for line in printed.splitlines() if line.strip()]
+    assert lines and lines[-1].startswith(refusal), "\n".join(lines)
+    assert sum(line.startswith(refusal) for line in lines) == 1, "\n".join(lines)
+    assert not [line for line in lines if "Traceback" in line or "ChildFailedError" in line], "\n".join(lines)
+    return lines
 
 
 def _misspelt(harc_assets: Any, tmp_path: Path) -> dict[str, Any]:
@@ -116,22 +127,73 @@ def test_llamafactory_cli_runs_rah_as_one_process_on_a_multi_gpu_node(assets: An
         get_train_args({**{k: v for k, v in recipe.items() if not k.startswith("rah_")}, "stage": "sft"})
 
 
-def test_a_bare_torchrun_prints_a_refusal_once(harc_assets: Any, tmp_path: Path) -> None:
-    """``torchrun --nproc_per_node 2 .../llamafactory/launcher.py recipe.yaml``: every rank refuses; rank 0 prints the
-    line, rank 1 is stopped by torchrun before it prints its own. What remains is torch's report of the failed job
-    (its ``ChildFailedError``), whose root cause points at the line instead of saying how to get a traceback."""
+@pytest.mark.parametrize("launcher", ["torchrun", "ft_launcher"])
+def test_a_bare_launcher_prints_a_refusal_once_and_last(launcher: str, harc_assets: Any, tmp_path: Path) -> None:
+    """``torchrun --nproc_per_node 2 .../llamafactory/launcher.py recipe.yaml`` (a SLURM node's step without
+    ``llamafactory-cli``), and nvidia-resiliency-ext's ``ft_launcher`` with docs/multinode.md's options: every rank
+    refuses; the line is left to the launcher's agent, which prints it as the node's last line and exits 1. Before:
+    the line, then torch's report of the failed job (its ``ChildFailedError`` traceback: 45 lines in all under
+    torchrun), or ft_launcher's error lines on the ranks' exit codes."""
     import llamafactory.launcher
 
+    port = str(free_port())
+    command = [TORCHRUN, "--nproc_per_node", "2", "--master_port", port]
+    if launcher == "ft_launcher":
+        if not FT_LAUNCHER.is_file():
+            pytest.skip("nvidia-resiliency-ext is not installed here (pip install '.[ft]')")
+        command = [str(FT_LAUNCHER), "--nnodes=1", "--nproc-per-node=2", "--rdzv-backend=c10d",
+                   f"--rdzv-endpoint=127.0.0.1:{port}"]
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump(_misspelt(harc_assets, tmp_path), sort_keys=False), encoding="utf-8")
-    proc = run_process([TORCHRUN, "--nproc_per_node", "2", "--master_port", str(free_port()),
-                       llamafactory.launcher.__file__, str(recipe)],
+    proc = run_process([*command, llamafactory.launcher.__file__, str(recipe)],
                        cwd=tmp_path, env=offline_env(tmp_path), timeout=300)
-    lines = _lines(proc)
-    assert proc.returncode == 1, "\n".join(lines)
-    assert sum(line.startswith(MISSPELT) for line in lines) == 1, "\n".join(lines)
-    assert "  traceback : refused by llamafactory-hera's checks: see the [llamafactory-hera] error line above" \
-        in lines, "\n".join(lines)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    printed = proc.stdout + proc.stderr
+    # ft_launcher's health checks before the ranks start: NVML's traceback on a machine without NVIDIA's driver
+    printed = printed[printed.rfind("gpu_ib_map:"):] if launcher == "ft_launcher" else printed
+    lines = ends_with_refusal(printed, MISSPELT)
+    assert len(lines) <= 8, "\n".join(lines)
+
+
+def test_a_node_local_output_dir_is_each_nodes_last_line(harc_assets: Any, tmp_path: Path) -> None:
+    """Two nodes of one job on this machine, each started in a folder of its own with ``output_dir: out`` (each node's
+    output_dir its own folder, as on a node's local disk): node 0 by ``FORCE_TORCHRUN=1 NNODES=2 llamafactory-cli
+    train``, node 1 by ``accelerate launch --num_machines 2 -m llamafactory.launcher`` (one launch for both launchers:
+    they meet in the same static rendezvous), one rank each. The ranks' shared-output probe refuses the folder on both
+    nodes; each node's launcher (torchrun's agent, accelerate's) prints the refusal as the node's last line and exits
+    1. Before: the line, then torch's ChildFailedError report and c10d's C++ frames from the start watch's calls to
+    the store gone with the job (about 105 lines a node)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from conftest import CLI
+
+    recipe = _misspelt(harc_assets, tmp_path)
+    del recipe["harc_bandd"]
+    recipe["output_dir"] = "out"  # relative: each node's own folder
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
+    port = str(free_port())
+    commands = [[CLI, "train", str(path)],
+                [str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu", "--num_machines", "2",
+                 "--machine_rank", "1", "--num_processes", "2", "--main_process_ip", "127.0.0.1",
+                 "--main_process_port", port, "--mixed_precision", "no", "--dynamo_backend", "no", "-m",
+                 "llamafactory.launcher", str(path)]]
+    torchrun_env = {"FORCE_TORCHRUN": "1", "NNODES": "2", "NODE_RANK": "0", "NPROC_PER_NODE": "1",
+                    "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+
+    def node(rank: int) -> Any:
+        folder = tmp_path / f"node{rank}"
+        folder.mkdir()
+        env = offline_env(folder, **(torchrun_env if rank == 0 else {}))
+        return run_process(commands[rank], cwd=folder, env=env, timeout=300)
+
+    with ThreadPoolExecutor(2) as pool:
+        procs = list(pool.map(node, (0, 1)))
+    for rank, proc in enumerate(procs):
+        assert proc.returncode == 1, proc.stdout + proc.stderr
+        lines = ends_with_refusal(proc.stdout + proc.stderr, f"{ERROR}output_dir: out is not one folder shared by the "
+                                  f"job's 2 nodes: node {rank} (")
+        assert len(lines) <= 8, "\n".join(lines)
 
 
 def test_only_another_rank_of_a_torchrun_job_waits_for_rank_0() -> None:

@@ -17,7 +17,6 @@ from typing import Any
 
 from llamafactory_hera.runtime import run_record
 from llamafactory_hera.runtime.raw_recipe import raw_value
-from llamafactory_hera.runtime.registry import method_for_stage
 
 
 def ray_training_function(host: Callable[..., None], ray_args: Any, config: dict[str, Any]) -> None:
@@ -36,13 +35,7 @@ def record_ended_by_ray(host_args: Any, started_ns: int, error: BaseException) -
     output_dir = raw_value(host_args, "output_dir")
     if not output_dir:
         return
-    path = Path(str(output_dir)) / run_record.RUN_RECORD
-    record = run_record.read_record(path)
-    started = record.get("started_ns")
-    if record.get("status") != run_record.RUNNING or not isinstance(started, int) or started < started_ns:
-        return
     # Ray wraps a worker's exception (RayTaskError): its cause is the stage's own error, whose first line is recorded
     cause = getattr(error, "cause", None)
-    method = method_for_stage(raw_value(host_args, "stage"))
-    records = method.records if method is not None else ()
-    run_record.write_ended(path, cause if isinstance(cause, BaseException) else error, records)
+    ended_by = cause if isinstance(cause, BaseException) else error
+    run_record.end_unended(Path(str(output_dir)) / run_record.RUN_RECORD, started_ns, ended_by)
