@@ -7,12 +7,16 @@ per rank, then torch's ``ChildFailedError`` traceback and the launcher's ``Calle
 DeepSpeed is not installed, transformers' ``PackageNotFoundError`` (71 lines); ``image_max_pixels: big`` a
 ``TypeError`` (39), a YAML syntax error PyYAML's ``ParserError`` (35), a recipe path that does not exist omegaconf's
 ``FileNotFoundError`` (19). Now: ``llamafactory-cli train`` checks the recipe once before it starts torchrun
-(``patches/.../launch.py``); a bare torchrun's rank 0 prints the refusal and the other ranks are stopped by torchrun
-(``job_refusal``); the rest are one line each (``recipe_file.py``, ``recipe/raw_checks.py``, ``recipe/host_keys.py``).
+(``patches/.../launch.py``); a refusal in the ranks (a bare torchrun's or ft_launcher's, a node-local output_dir
+under any launcher) is left by the ranks to their node's elastic agent, which prints it as the node's last line
+(``job_refusal``, ``patches/.../elastic_agent.py``); the rest are one line each (``recipe_file.py``,
+``recipe/raw_checks.py``, ``recipe/host_keys.py``). And a run whose rank 0 a launcher's monitor kills is recorded
+``failed`` by the agent (it said ``running`` for good).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -350,3 +354,78 @@ def test_the_check_before_torchrun_leaves_v0s_version_checks_to_the_ranks(harc_a
         method = launch.check_before_ranks(["llamafactory-cli", "train", str(path)])
         assert getattr(method, "stage", None) == (None if stage == "sft" else stage)
         assert "llamafactory.hparams" in sys.modules
+
+
+def test_the_agent_says_a_noted_refusal_last_and_keeps_any_other_failures_report(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """patches/.../elastic_agent.py around torch's ``launch_agent`` (here a stand-in): the ranks' notes folder is in
+    their environment while they run; a refusal noted is printed and ends with exit code 1, no report; a failure
+    without one (a real crash) is raised as it was, for torch's report; the folder goes with the launch."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    from llamafactory_hera.runtime import agent_notes
+    from llamafactory_hera_patches import elastic_agent
+
+    monkeypatch.delenv(agent_notes.NOTES_ENV, raising=False)
+    failure = ProcessFailure(local_rank=1, pid=7, exitcode=1, error_file="none")
+    crash = ChildFailedError("launcher.py", {1: failure})
+    seen: list[str] = []
+
+    def agent(refuses: bool) -> None:
+        seen.append(os.environ[agent_notes.NOTES_ENV])
+        if refuses:
+            assert agent_notes.note(agent_notes.REFUSAL, "[llamafactory-hera] error: the line\n")
+        raise crash
+
+    with pytest.raises(SystemExit) as ended:
+        elastic_agent.launch_agent(lambda config, entry, args: agent(True), None, "launcher.py", [])
+    assert ended.value.code == 1 and capsys.readouterr().err == "[llamafactory-hera] error: the line\n"
+    with pytest.raises(ChildFailedError) as raised:
+        elastic_agent.launch_agent(lambda config, entry, args: agent(False), None, "launcher.py", [])
+    assert raised.value is crash and capsys.readouterr().err == ""
+    assert agent_notes.NOTES_ENV not in os.environ and not [folder for folder in seen if Path(folder).exists()]
+    assert elastic_agent.ended_how(crash) == "rank 1 exited with code 1"
+    killed = ChildFailedError("launcher.py", {0: ProcessFailure(local_rank=0, pid=8, exitcode=-9, error_file="none")})
+    assert elastic_agent.ended_how(killed) == "rank 0 was killed by SIGKILL"
+
+
+def test_a_rank_0_killed_by_sigkill_leaves_its_run_recorded_failed(harc_assets: Any, tmp_path: Path) -> None:
+    """Two torchrun ranks of a HARC run (as ft_launcher's monitor ends a rank it found stopped: SIGKILL, with the same
+    elastic agent): rank 0, which writes ``llamafactory_hera_run.json``, is killed once the record says ``running``;
+    torchrun's agent ends rank 1 and ends the record ``failed``, naming the rank and the signal. Before: the record
+    said ``running`` for good (the killed rank cannot write it; the other ranks do not)."""
+    import threading
+    import time
+
+    import llamafactory.launcher
+    import psutil
+
+    from llamafactory_hera.runtime.run_record import RUN_RECORD, read_record
+
+    out = tmp_path / "out"
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(harc_recipe(harc_assets, "llama3", out, max_steps=50)), encoding="utf-8")
+    killed: list[int] = []
+
+    def kill_rank_0_once_running() -> None:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and not killed:
+            if read_record(out / RUN_RECORD).get("status") == "running":
+                for proc in psutil.process_iter(["cmdline"]):
+                    with contextlib.suppress(psutil.Error):
+                        if str(recipe) in (proc.info["cmdline"] or []) and proc.environ().get("RANK") == "0":
+                            proc.kill()
+                            killed.append(proc.pid)
+            time.sleep(0.2)
+
+    killer = threading.Thread(target=kill_rank_0_once_running, daemon=True)
+    killer.start()
+    proc = run_process([TORCHRUN, "--nproc_per_node", "2", "--master_port", str(free_port()),
+                        llamafactory.launcher.__file__, str(recipe)],
+                       cwd=tmp_path, env=offline_env(tmp_path), timeout=300)
+    killer.join(timeout=5)
+    assert killed and proc.returncode != 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    record = read_record(out / RUN_RECORD)
+    assert record["status"] == "failed", record
+    assert record["error"] == ("RuntimeError: rank 0 was killed by SIGKILL, and its launcher ended the ranks before "
+                               "the run recorded its end"), record

@@ -27,6 +27,7 @@ from types import ModuleType
 from typing import Any
 
 from llamafactory_hera.runtime import agent_notes, run_record
+from llamafactory_hera.runtime.registry import method_for_stage
 
 
 def apply(module: ModuleType) -> None:
@@ -101,6 +102,8 @@ def _end_record(notes: Path, started_ns: int, how: str) -> None:
     """End the run record the ranks named (global rank 0's node: the only one with the note) if they left it
     running."""
     named = agent_notes.read(notes, agent_notes.RECORD).strip()
-    if named:
-        error = RuntimeError(f"{how}, and its launcher ended the ranks before the run recorded its end")
-        run_record.end_unended(Path(named), started_ns, error)
+    if not named:
+        return
+    error = RuntimeError(f"{how}, and its launcher ended the ranks before the run recorded its end")
+    method = method_for_stage(run_record.read_record(Path(named)).get("stage"))
+    run_record.end_unended(Path(named), started_ns, error, method.records if method is not None else ())

@@ -17,6 +17,7 @@ from typing import Any
 
 from llamafactory_hera.runtime import run_record
 from llamafactory_hera.runtime.raw_recipe import raw_value
+from llamafactory_hera.runtime.registry import method_for_stage
 
 
 def ray_training_function(host: Callable[..., None], ray_args: Any, config: dict[str, Any]) -> None:
@@ -38,4 +39,6 @@ def record_ended_by_ray(host_args: Any, started_ns: int, error: BaseException) -
     # Ray wraps a worker's exception (RayTaskError): its cause is the stage's own error, whose first line is recorded
     cause = getattr(error, "cause", None)
     ended_by = cause if isinstance(cause, BaseException) else error
-    run_record.end_unended(Path(str(output_dir)) / run_record.RUN_RECORD, started_ns, ended_by)
+    method = method_for_stage(raw_value(host_args, "stage"))
+    records = method.records if method is not None else ()
+    run_record.end_unended(Path(str(output_dir)) / run_record.RUN_RECORD, started_ns, ended_by, records)

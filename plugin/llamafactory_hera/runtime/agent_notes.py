@@ -4,7 +4,7 @@ once they ended:
 
 - :data:`REFUSAL`: the refusal that ended the ranks (``job_refusal``), which the launcher prints as the node's last
   line instead of torch's report of failed ranks;
-- :data:`RECORD`: the run record global rank 0 wrote ``running`` (``run_record``), which the launcher marks ended
+- :data:`RECORD`: the run record global rank 0 wrote ``running`` (the stage patch), which the launcher marks ended
   where the ranks ended without marking it (a rank killed by SIGKILL: ft_launcher's monitor, torchrun's agent 30 s
   after its SIGTERM).
 

@@ -5,7 +5,7 @@ The stage patch writes it into ``output_dir``: ``running`` after the parse, then
 or ``failed`` (the error's first line, also in the method's own records). A failure after the model was saved
 (``do_predict``, a reporting backend, an interrupt) is ``finished`` with ``error_after_save``. A run whose ranks were
 ended before their stage could record it (SIGKILL) is ended by its launcher (:func:`end_unended`: torch's elastic
-agent, whose ranks name it the record, ``agent_notes``; Ray's driver). ``llamafactory-hera
+agent, to which the stage names the record, ``agent_notes``; Ray's driver). ``llamafactory-hera
 eval`` reads the (parsed) loading keys back and refuses a record not ``finished``. Imports nothing heavy.
 """
 
@@ -20,9 +20,6 @@ from pathlib import Path
 from typing import Any
 
 from llamafactory_hera import __version__
-
-from . import agent_notes
-from .registry import method_for_stage
 
 RUN_RECORD = "llamafactory_hera_run.json"
 COMPOSE_RECORD = "llamafactory_hera_compose.json"  # by ``llamafactory-hera compose``, beside the model
@@ -112,20 +109,17 @@ def write_started(output_dir: str | Path, stage: str, loading: dict[str, Any], m
         **({PINNED_RESUME: previous[PINNED_RESUME]} if PINNED_RESUME in previous else {}),
     }
     write_record(path, record)
-    agent_notes.note(agent_notes.RECORD, str(path.resolve()))  # this node's launcher ends it if the ranks cannot
     return path
 
 
-def end_unended(path: Path, started_ns: int, error: BaseException) -> None:
-    """Mark the record at ``path`` ended by ``error`` (:func:`write_ended`, with its method's records) where it is a
+def end_unended(path: Path, started_ns: int, error: BaseException, method_records: tuple[str, ...] = ()) -> None:
+    """Mark the record at ``path`` ended by ``error`` (:func:`write_ended`, with ``method_records``) where it is a
     run's started since ``started_ns`` and still ``running``: its ranks were ended before its stage recorded the end.
     A record its rank ended, or an older run's, stays as it is."""
     record = read_record(path)
     started = record.get("started_ns")
-    if record.get("status") != RUNNING or not isinstance(started, int) or started < started_ns:
-        return
-    method = method_for_stage(record.get("stage"))
-    write_ended(path, error, method.records if method is not None else ())
+    if record.get("status") == RUNNING and isinstance(started, int) and started >= started_ns:
+        write_ended(path, error, method_records)
 
 
 def stage_chain(model_name_or_path: Any, stage: str, output_dir: Path) -> list[dict[str, Any]]:
