@@ -188,7 +188,8 @@ def test_a_node_local_output_dir_is_each_nodes_last_line(harc_assets: Any, tmp_p
     def node(rank: int) -> Any:
         folder = tmp_path / f"node{rank}"
         folder.mkdir()
-        env = offline_env(folder, **(torchrun_env if rank == 0 else {}))
+        # each node looks 2 s for the other's probe file, not 30 (tests/process_hooks/sitecustomize.py)
+        env = offline_env(folder, HERA_TEST_PROBE_SEEN_S="2", **(torchrun_env if rank == 0 else {}))
         return run_process(commands[rank], cwd=folder, env=env, timeout=300)
 
     with ThreadPoolExecutor(2) as pool:
