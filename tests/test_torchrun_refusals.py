@@ -361,7 +361,8 @@ def test_the_agent_says_a_noted_refusal_last_and_keeps_any_other_failures_report
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     """patches/.../elastic_agent.py around torch's ``launch_agent`` (here a stand-in): the ranks' notes folder is in
     their environment while they run; a refusal noted is printed and ends with exit code 1, no report; a failure
-    without one (a real crash) is raised as it was, for torch's report; the folder goes with the launch."""
+    without one (a real crash) is raised as it was, for torch's report; the folder goes with the launch. A folder's
+    maker (llamafactory-cli) prints a refusal no agent said."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
 
     from llamafactory_hera.runtime import agent_notes
@@ -385,6 +386,9 @@ def test_the_agent_says_a_noted_refusal_last_and_keeps_any_other_failures_report
         elastic_agent.launch_agent(lambda config, entry, args: agent(False), None, "launcher.py", [])
     assert raised.value is crash and capsys.readouterr().err == ""
     assert agent_notes.NOTES_ENV not in os.environ and not [folder for folder in seen if Path(folder).exists()]
+    with agent_notes.taking() as notes:  # as llamafactory-cli holds it: its torchrun's agent killed before it said
+        assert agent_notes.note(agent_notes.REFUSAL, "[llamafactory-hera] error: the line\n")
+    assert capsys.readouterr().err == "[llamafactory-hera] error: the line\n" and not notes.exists()
     assert elastic_agent.ended_how(crash) == "rank 1 exited with code 1"
     killed = ChildFailedError("launcher.py", {0: ProcessFailure(local_rank=0, pid=8, exitcode=-9, error_file="none")})
     assert elastic_agent.ended_how(killed) == "rank 0 was killed by SIGKILL"

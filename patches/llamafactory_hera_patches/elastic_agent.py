@@ -19,7 +19,6 @@ import contextlib
 import functools
 import logging
 import signal
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -46,10 +45,8 @@ def launch_agent(original: Any, config: Any, entrypoint: Any, args: Any) -> Any:
             result = original(config, entrypoint, args)
         except BaseException as error:
             _end_record(notes, started_ns, ended_how(error))
-            refusal = agent_notes.read(notes, agent_notes.REFUSAL)
-            if not refusal:
+            if not agent_notes.say_refusal(notes):
                 raise
-            print(refusal, end="", file=sys.stderr, flush=True)
             raise SystemExit(1) from None  # the refusal said: no launcher report after it
         # a run that ended well recorded it; here only one whose launcher gave up on its ranks (ft_launcher: a node
         # found unhealthy) is still running

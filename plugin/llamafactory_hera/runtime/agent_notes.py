@@ -10,8 +10,8 @@ once they ended:
 
 ``llamafactory-cli train`` makes the folder before it starts torchrun, whose agent takes it: its start watch
 (``launch_watch``) stops at a refusal noted, before the job's store goes with the job (each call to a store gone
-prints c10d's C++ stack). A rank without the variable (no launcher, or one without the plugin) says and records
-everything itself. Imports nothing heavy.
+prints c10d's C++ stack), and prints the refusal itself where torchrun's agent did not (killed first). A rank without
+the variable (no launcher, or one without the plugin) says and records everything itself. Imports nothing heavy.
 """
 
 from __future__ import annotations
@@ -19,12 +19,14 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 NOTES_ENV = "LLAMAFACTORY_HERA_AGENT_NOTES"
 REFUSAL = "refusal"
+SAID = "refusal.said"  # the refusal once the launcher printed it
 RECORD = "record"
 
 
@@ -47,7 +49,18 @@ def note(name: str, text: str, env: Mapping[str, str] | None = None) -> bool:
 def refused(env: Mapping[str, str] | None = None) -> bool:
     """Whether a rank of this node noted a refusal (the job is ending)."""
     env = os.environ if env is None else env
-    return bool(env.get(NOTES_ENV)) and (Path(env[NOTES_ENV]) / REFUSAL).is_file()
+    folder = Path(env.get(NOTES_ENV) or "")
+    return bool(env.get(NOTES_ENV)) and ((folder / REFUSAL).is_file() or (folder / SAID).is_file())
+
+
+def say_refusal(folder: Path) -> bool:
+    """Print the refusal noted in ``folder`` (to stderr, where the ranks would have), once; False where none."""
+    refusal = read(folder, REFUSAL)
+    if refusal:
+        print(refusal, end="", file=sys.stderr, flush=True)
+        with contextlib.suppress(OSError):
+            (folder / REFUSAL).replace(folder / SAID)
+    return bool(refusal)
 
 
 def read(folder: Path, name: str) -> str:
@@ -61,7 +74,8 @@ def read(folder: Path, name: str) -> str:
 @contextlib.contextmanager
 def taking() -> Iterator[Path]:
     """The notes folder of the ranks started in the block (their environment is this process's): the one this process
-    was started with (by ``llamafactory-cli``), else a fresh one, removed after the block."""
+    was started with (by ``llamafactory-cli``), else a fresh one, removed after the block, its refusal printed if no
+    launcher did."""
     given = os.environ.get(NOTES_ENV)
     if given and Path(given).is_dir():
         yield Path(given)
@@ -75,4 +89,5 @@ def taking() -> Iterator[Path]:
             os.environ.pop(NOTES_ENV, None)
         else:
             os.environ[NOTES_ENV] = given
+        say_refusal(folder)
         shutil.rmtree(folder, ignore_errors=True)
