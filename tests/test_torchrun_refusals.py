@@ -7,12 +7,16 @@ per rank, then torch's ``ChildFailedError`` traceback and the launcher's ``Calle
 DeepSpeed is not installed, transformers' ``PackageNotFoundError`` (71 lines); ``image_max_pixels: big`` a
 ``TypeError`` (39), a YAML syntax error PyYAML's ``ParserError`` (35), a recipe path that does not exist omegaconf's
 ``FileNotFoundError`` (19). Now: ``llamafactory-cli train`` checks the recipe once before it starts torchrun
-(``patches/.../launch.py``); a bare torchrun's rank 0 prints the refusal and the other ranks are stopped by torchrun
-(``job_refusal``); the rest are one line each (``recipe_file.py``, ``recipe/raw_checks.py``, ``recipe/host_keys.py``).
+(``patches/.../launch.py``); a refusal in the ranks (a bare torchrun's or ft_launcher's, a node-local output_dir
+under any launcher) is left by the ranks to their node's elastic agent, which prints it as the node's last line
+(``job_refusal``, ``patches/.../elastic_agent.py``); the rest are one line each (``recipe_file.py``,
+``recipe/raw_checks.py``, ``recipe/host_keys.py``). And a run whose rank 0 a launcher's monitor kills is recorded
+``failed`` by the agent (it said ``running`` for good).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -26,11 +30,22 @@ from conftest import REPO, base_recipe, free_port, harc_recipe, offline_env, run
 from llamafactory_hera.job_refusal import RecipeError, waits_for_rank_0
 
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
+FT_LAUNCHER = Path(sys.executable).with_name("ft_launcher")
 ERROR = "[llamafactory-hera] error: "
 
 
 def _lines(proc: Any) -> list[str]:
     return (proc.stdout + proc.stderr).rstrip("\n").split("\n")
+
+
+def ends_with_refusal(printed: str, refusal: str) -> list[str]:
+    """A node's output (``printed``): the refusal (its line starts with ``refusal``) once and last, no traceback or
+    launcher report (torch's ``ChildFailedError``) anywhere. Returns its non-empty lines."""
+    lines = [line for line in printed.splitlines() if line.strip()]
+    assert lines and lines[-1].startswith(refusal), "\n".join(lines)
+    assert sum(line.startswith(refusal) for line in lines) == 1, "\n".join(lines)
+    assert not [line for line in lines if "Traceback" in line or "ChildFailedError" in line], "\n".join(lines)
+    return lines
 
 
 def _misspelt(harc_assets: Any, tmp_path: Path) -> dict[str, Any]:
@@ -116,22 +131,74 @@ def test_llamafactory_cli_runs_rah_as_one_process_on_a_multi_gpu_node(assets: An
         get_train_args({**{k: v for k, v in recipe.items() if not k.startswith("rah_")}, "stage": "sft"})
 
 
-def test_a_bare_torchrun_prints_a_refusal_once(harc_assets: Any, tmp_path: Path) -> None:
-    """``torchrun --nproc_per_node 2 .../llamafactory/launcher.py recipe.yaml``: every rank refuses; rank 0 prints the
-    line, rank 1 is stopped by torchrun before it prints its own. What remains is torch's report of the failed job
-    (its ``ChildFailedError``), whose root cause points at the line instead of saying how to get a traceback."""
+@pytest.mark.parametrize("launcher", ["torchrun", "ft_launcher"])
+def test_a_bare_launcher_prints_a_refusal_once_and_last(launcher: str, harc_assets: Any, tmp_path: Path) -> None:
+    """``torchrun --nproc_per_node 2 .../llamafactory/launcher.py recipe.yaml`` (a SLURM node's step without
+    ``llamafactory-cli``), and nvidia-resiliency-ext's ``ft_launcher`` with docs/multinode.md's options: every rank
+    refuses; the line is left to the launcher's agent, which prints it as the node's last line and exits 1. Before:
+    the line, then torch's report of the failed job (its ``ChildFailedError`` traceback: 45 lines in all under
+    torchrun), or ft_launcher's error lines on the ranks' exit codes."""
     import llamafactory.launcher
 
+    port = str(free_port())
+    command = [TORCHRUN, "--nproc_per_node", "2", "--master_port", port]
+    if launcher == "ft_launcher":
+        if not FT_LAUNCHER.is_file():
+            pytest.skip("nvidia-resiliency-ext is not installed here (pip install '.[ft]')")
+        command = [str(FT_LAUNCHER), "--nnodes=1", "--nproc-per-node=2", "--rdzv-backend=c10d",
+                   f"--rdzv-endpoint=127.0.0.1:{port}"]
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump(_misspelt(harc_assets, tmp_path), sort_keys=False), encoding="utf-8")
-    proc = run_process([TORCHRUN, "--nproc_per_node", "2", "--master_port", str(free_port()),
-                       llamafactory.launcher.__file__, str(recipe)],
+    proc = run_process([*command, llamafactory.launcher.__file__, str(recipe)],
                        cwd=tmp_path, env=offline_env(tmp_path), timeout=300)
-    lines = _lines(proc)
-    assert proc.returncode == 1, "\n".join(lines)
-    assert sum(line.startswith(MISSPELT) for line in lines) == 1, "\n".join(lines)
-    assert "  traceback : refused by llamafactory-hera's checks: see the [llamafactory-hera] error line above" \
-        in lines, "\n".join(lines)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    printed = proc.stdout + proc.stderr
+    # ft_launcher's health checks before the ranks start: NVML's traceback on a machine without NVIDIA's driver
+    printed = printed[printed.rfind("gpu_ib_map:"):] if launcher == "ft_launcher" else printed
+    lines = ends_with_refusal(printed, MISSPELT)
+    assert len(lines) <= 8, "\n".join(lines)
+
+
+def test_a_node_local_output_dir_is_each_nodes_last_line(harc_assets: Any, tmp_path: Path) -> None:
+    """Two nodes of one job on this machine, each started in a folder of its own with ``output_dir: out`` (each node's
+    output_dir its own folder, as on a node's local disk): node 0 by ``FORCE_TORCHRUN=1 NNODES=2 llamafactory-cli
+    train``, node 1 by ``accelerate launch --num_machines 2 -m llamafactory.launcher`` (one launch for both launchers:
+    they meet in the same static rendezvous), one rank each. The ranks' shared-output probe refuses the folder on both
+    nodes; each node's launcher (torchrun's agent, accelerate's) prints the refusal as the node's last line and exits
+    1. Before: the line, then torch's ChildFailedError report and c10d's C++ frames from the start watch's calls to
+    the store gone with the job (about 105 lines a node)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from conftest import CLI
+
+    recipe = _misspelt(harc_assets, tmp_path)
+    del recipe["harc_bandd"]
+    recipe["output_dir"] = "out"  # relative: each node's own folder
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
+    port = str(free_port())
+    commands = [[CLI, "train", str(path)],
+                [str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu", "--num_machines", "2",
+                 "--machine_rank", "1", "--num_processes", "2", "--main_process_ip", "127.0.0.1",
+                 "--main_process_port", port, "--mixed_precision", "no", "--dynamo_backend", "no", "-m",
+                 "llamafactory.launcher", str(path)]]
+    torchrun_env = {"FORCE_TORCHRUN": "1", "NNODES": "2", "NODE_RANK": "0", "NPROC_PER_NODE": "1",
+                    "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+
+    def node(rank: int) -> Any:
+        folder = tmp_path / f"node{rank}"
+        folder.mkdir()
+        # each node looks 2 s for the other's probe file, not 30 (tests/process_hooks/sitecustomize.py)
+        env = offline_env(folder, HERA_TEST_PROBE_SEEN_S="2", **(torchrun_env if rank == 0 else {}))
+        return run_process(commands[rank], cwd=folder, env=env, timeout=300)
+
+    with ThreadPoolExecutor(2) as pool:
+        procs = list(pool.map(node, (0, 1)))
+    for rank, proc in enumerate(procs):
+        assert proc.returncode == 1, proc.stdout + proc.stderr
+        lines = ends_with_refusal(proc.stdout + proc.stderr, f"{ERROR}output_dir: out is not one folder shared by the "
+                                  f"job's 2 nodes: node {rank} (")
+        assert len(lines) <= 8, "\n".join(lines)
 
 
 def test_only_another_rank_of_a_torchrun_job_waits_for_rank_0() -> None:
@@ -288,3 +355,82 @@ def test_the_check_before_torchrun_leaves_v0s_version_checks_to_the_ranks(harc_a
         method = launch.check_before_ranks(["llamafactory-cli", "train", str(path)])
         assert getattr(method, "stage", None) == (None if stage == "sft" else stage)
         assert "llamafactory.hparams" in sys.modules
+
+
+def test_the_agent_says_a_noted_refusal_last_and_keeps_any_other_failures_report(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """patches/.../elastic_agent.py around torch's ``launch_agent`` (here a stand-in): the ranks' notes folder is in
+    their environment while they run; a refusal noted is printed and ends with exit code 1, no report; a failure
+    without one (a real crash) is raised as it was, for torch's report; the folder goes with the launch. A folder's
+    maker (llamafactory-cli) prints a refusal no agent said."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    from llamafactory_hera.runtime import agent_notes
+    from llamafactory_hera_patches import elastic_agent
+
+    monkeypatch.delenv(agent_notes.NOTES_ENV, raising=False)
+    failure = ProcessFailure(local_rank=1, pid=7, exitcode=1, error_file="none")
+    crash = ChildFailedError("launcher.py", {1: failure})
+    seen: list[str] = []
+
+    def agent(refuses: bool) -> None:
+        seen.append(os.environ[agent_notes.NOTES_ENV])
+        if refuses:
+            assert agent_notes.note(agent_notes.REFUSAL, "[llamafactory-hera] error: the line\n")
+        raise crash
+
+    with pytest.raises(SystemExit) as ended:
+        elastic_agent.launch_agent(lambda config, entry, args: agent(True), None, "launcher.py", [])
+    assert ended.value.code == 1 and capsys.readouterr().err == "[llamafactory-hera] error: the line\n"
+    with pytest.raises(ChildFailedError) as raised:
+        elastic_agent.launch_agent(lambda config, entry, args: agent(False), None, "launcher.py", [])
+    assert raised.value is crash and capsys.readouterr().err == ""
+    assert agent_notes.NOTES_ENV not in os.environ and not [folder for folder in seen if Path(folder).exists()]
+    with agent_notes.taking() as notes:  # as llamafactory-cli holds it: its torchrun's agent killed before it said
+        assert agent_notes.note(agent_notes.REFUSAL, "[llamafactory-hera] error: the line\n")
+    assert capsys.readouterr().err == "[llamafactory-hera] error: the line\n" and not notes.exists()
+    assert elastic_agent.ended_how(crash) == "rank 1 exited with code 1"
+    killed = ChildFailedError("launcher.py", {0: ProcessFailure(local_rank=0, pid=8, exitcode=-9, error_file="none")})
+    assert elastic_agent.ended_how(killed) == "rank 0 was killed by SIGKILL"
+
+
+def test_a_rank_0_killed_by_sigkill_leaves_its_run_recorded_failed(harc_assets: Any, tmp_path: Path) -> None:
+    """Two torchrun ranks of a HARC run (as ft_launcher's monitor ends a rank it found stopped: SIGKILL, with the same
+    elastic agent): rank 0, which writes ``llamafactory_hera_run.json``, is killed once the record says ``running``;
+    torchrun's agent ends rank 1 and ends the record ``failed``, naming the rank and the signal. Before: the record
+    said ``running`` for good (the killed rank cannot write it; the other ranks do not)."""
+    import threading
+    import time
+
+    import llamafactory.launcher
+    import psutil
+
+    from llamafactory_hera.runtime.run_record import RUN_RECORD, read_record
+
+    out = tmp_path / "out"
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(harc_recipe(harc_assets, "llama3", out, max_steps=50)), encoding="utf-8")
+    killed: list[int] = []
+
+    def kill_rank_0_once_running() -> None:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and not killed:
+            if read_record(out / RUN_RECORD).get("status") == "running":
+                for proc in psutil.process_iter(["cmdline"]):
+                    with contextlib.suppress(psutil.Error):
+                        if str(recipe) in (proc.info["cmdline"] or []) and proc.environ().get("RANK") == "0":
+                            proc.kill()
+                            killed.append(proc.pid)
+            time.sleep(0.2)
+
+    killer = threading.Thread(target=kill_rank_0_once_running, daemon=True)
+    killer.start()
+    proc = run_process([TORCHRUN, "--nproc_per_node", "2", "--master_port", str(free_port()),
+                        llamafactory.launcher.__file__, str(recipe)],
+                       cwd=tmp_path, env=offline_env(tmp_path), timeout=300)
+    killer.join(timeout=5)
+    assert killed and proc.returncode != 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    record = read_record(out / RUN_RECORD)
+    assert record["status"] == "failed", record
+    assert record["error"] == ("RuntimeError: rank 0 was killed by SIGKILL, and its launcher ended the ranks before "
+                               "the run recorded its end"), record

@@ -20,7 +20,7 @@ from typing import Any
 
 import llamafactory.extras.misc as misc
 
-from llamafactory_hera.runtime import elastic, launch_signals, launch_watch
+from llamafactory_hera.runtime import agent_notes, elastic, launch_signals, launch_watch
 from llamafactory_hera.runtime.errors import RecipeError
 from llamafactory_hera.runtime.output_dir import refuse_finished
 from llamafactory_hera.runtime.raw_recipe import given_keys
@@ -136,7 +136,8 @@ def launch(original: Any) -> None:
             os.environ["FORCE_TORCHRUN"] = "1"
             os.environ["NPROC_PER_NODE"] = "1"
         try:
-            with launch_signals.launching():
+            # the ranks' notes folder, made here for the start watch to see a refusal (runtime/agent_notes.py)
+            with launch_signals.launching(), agent_notes.taking():
                 return original()
         except subprocess.CalledProcessError as error:  # torchrun reported: its exit code, no traceback
             code = 1 if start is not None and start.ended else error.returncode

@@ -36,13 +36,9 @@ def record_ended_by_ray(host_args: Any, started_ns: int, error: BaseException) -
     output_dir = raw_value(host_args, "output_dir")
     if not output_dir:
         return
-    path = Path(str(output_dir)) / run_record.RUN_RECORD
-    record = run_record.read_record(path)
-    started = record.get("started_ns")
-    if record.get("status") != run_record.RUNNING or not isinstance(started, int) or started < started_ns:
-        return
     # Ray wraps a worker's exception (RayTaskError): its cause is the stage's own error, whose first line is recorded
     cause = getattr(error, "cause", None)
+    ended_by = cause if isinstance(cause, BaseException) else error
     method = method_for_stage(raw_value(host_args, "stage"))
     records = method.records if method is not None else ()
-    run_record.write_ended(path, cause if isinstance(cause, BaseException) else error, records)
+    run_record.end_unended(Path(str(output_dir)) / run_record.RUN_RECORD, started_ns, ended_by, records)

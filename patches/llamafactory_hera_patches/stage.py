@@ -24,7 +24,7 @@ import llamafactory.hparams as hparams
 import llamafactory.train.callbacks as callbacks
 import llamafactory.train.sft.workflow as sft_workflow
 
-from llamafactory_hera.runtime import output_dir, run_claim, run_record, shared_output
+from llamafactory_hera.runtime import agent_notes, output_dir, run_claim, run_record, shared_output
 from llamafactory_hera.runtime.parsed_arguments import HostArguments
 from llamafactory_hera.runtime.raw_recipe import RawRecipe, raw_value
 from llamafactory_hera.runtime.registry import registered_methods
@@ -247,7 +247,9 @@ def _started(parsed: tuple[Any, ...], stage: str, marks: bool) -> Path | None:
     if not (main and getattr(training_args, "do_train", True) and getattr(training_args, "output_dir", None)):
         return None
     keys = run_record.loading_keys(host.model, host.data, host.finetuning, training_args)
-    return run_record.write_started(training_args.output_dir, stage, keys, marks=marks)
+    path = run_record.write_started(training_args.output_dir, stage, keys, marks=marks)
+    agent_notes.note(agent_notes.RECORD, str(path.resolve()))  # the launcher ends it where the ranks cannot
+    return path
 
 
 def _ended(record: Path | None, error: BaseException | None, method_records: tuple[str, ...] = ()) -> None:

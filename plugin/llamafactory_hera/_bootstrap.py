@@ -2,8 +2,9 @@
 
 A meta-path finder watches a few modules; when one has executed, its patch in ``llamafactory_hera_patches`` runs, after
 the transformers check and :func:`register_methods`. Only LLaMA-Factory's processes are touched (accelerate's modules
-once ``llamafactory`` is imported; ``accelerate launch`` of its training). Then this module leaves ``sys.modules``;
-later calls import it afresh.
+once ``llamafactory`` is imported; ``accelerate launch`` of its training; the elastic agent of a launcher of its
+training: torchrun, ``accelerate launch``, ``ft_launcher``). Then this module leaves ``sys.modules``; later calls
+import it afresh.
 
 Cheap start-up: a process that never imports LLaMA-Factory pays one dict lookup per import. Only ``os`` and ``sys``
 (loaded by ``site``) at import, ``importlib`` when patching; the finder and loader duck-type the import protocols
@@ -21,8 +22,15 @@ DISABLE_ON = ("1", "true", "yes", "y", "on")
 # every stage: FSDP2 LoRA checkpoints saved and loaded whole (accelerate before PR 4206 kept rank 0's shard); 4-bit
 # weights kept out of FSDP2's mixed-precision upcast (it lost the packed codes' bytes that form a NaN)
 _ACCELERATE = {"accelerate.utils.fsdp_utils": ("engines.fsdp_adapter", "engines.fsdp_qlora")}
+# a launcher's elastic agent (torchrun, accelerate launch, ft_launcher) of LLaMA-Factory's training: a refusal in its
+# ranks is the node's last line, a run record they left running is ended
+_AGENTS = {
+    "torch.distributed.launcher.api": "elastic_agent",
+    "nvidia_resiliency_ext.fault_tolerance.launcher": "elastic_agent",
+}
 _TARGETS = {
     **_ACCELERATE,
+    **_AGENTS,
     # accelerate launch of LLaMA-Factory's training: the recipe checked before the ranks, in their environment
     "accelerate.commands.launch": "accelerate_launch",
     "llamafactory.data.template": "data.llava_templates",  # LLaVA-1.5 templates of compose's families
@@ -40,7 +48,8 @@ _patched: set[str] = set()  # the modules patched in this process
 
 
 def runs_llamafactory(argv: list[str]) -> bool:
-    """Whether an ``accelerate launch`` command line runs LLaMA-Factory's training: its launcher, its CLI, or a script
+    """Whether a launcher's command line (``accelerate launch``, ``torchrun``, ``ft_launcher``) runs LLaMA-Factory's
+    training: its launcher, its CLI, or a script
     (the first ``.py`` named) that calls ``run_exp()``; not a user's own script, whatever lies beside it."""
     for token in argv[1:]:
         name = token.replace("\\", "/").rsplit("/", 1)[-1]
@@ -56,7 +65,7 @@ def runs_llamafactory(argv: list[str]) -> bool:
 def _patch_for(name: str):
     if name in _ACCELERATE and "llamafactory" not in sys.modules:
         return None  # patched once the process imports LLaMA-Factory (_apply)
-    if name == "accelerate.commands.launch" and not runs_llamafactory(sys.argv):
+    if (name == "accelerate.commands.launch" or name in _AGENTS) and not runs_llamafactory(sys.argv):
         return None
     return _TARGETS.get(name)
 

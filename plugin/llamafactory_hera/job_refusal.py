@@ -3,8 +3,10 @@ keep Python's report); a refusal on any rank ends every rank within seconds, pri
 
 A torchrun job's ranks (torchrun, ``accelerate launch``) share a flag in the c10d store torchrun's agent hosts at
 ``MASTER_ADDR:MASTER_PORT``. Each rank watches it (:func:`watch`) and exits 1 once set; a refusing rank sets it with
-its report and node (:func:`announce`). The first refuser prints the report, as does local rank 0 of every other node.
-With no store (one process, no ``MASTER_ADDR``, ``srun`` without a launcher), each rank prints its own.
+its report and node (:func:`announce`). The first refuser says the report, as does local rank 0 of every other node:
+it leaves it to its node's launcher where the launcher takes notes (``runtime/agent_notes.py``: the launcher prints
+it as the node's last line, with no report of failed ranks after it), else prints it. With no store (one process, no
+``MASTER_ADDR``, ``srun`` without a launcher), each rank prints its own.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from datetime import timedelta
 from types import TracebackType
 from typing import Any
 
-from llamafactory_hera.runtime import elastic, env_knobs
+from llamafactory_hera.runtime import agent_notes, elastic, env_knobs
 from llamafactory_hera.runtime.errors import RecipeError
 from llamafactory_hera.runtime.log import PREFIX, line
 
@@ -49,6 +51,13 @@ def short_report(error: BaseException) -> str:
         + line(f"error: {error}")
         + "\n"
     )
+
+
+def say(report: str, env: Mapping[str, str] | None = None) -> None:
+    """Leave ``report`` to this node's launcher, which prints it last (:mod:`~llamafactory_hera.runtime.agent_notes`);
+    print it where no launcher takes it."""
+    if not agent_notes.note(agent_notes.REFUSAL, report, env):
+        print(report, end="", file=sys.stderr, flush=True)
 
 
 def waits_for_rank_0(environ: Mapping[str, str]) -> bool:
@@ -175,7 +184,7 @@ def _watch(job: Job) -> None:
         if refused and not _refusing.is_set():
             report = _node_report(store, job)
             if report:
-                print(report, end="", file=sys.stderr, flush=True)
+                say(report)
             tell_torchrun()
             os._exit(1)  # another rank refused the recipe and said so
         time.sleep(POLL_S)
@@ -223,7 +232,7 @@ def announce(report: str, env: Mapping[str, str] | None = None) -> tuple[bool, b
     try:
         if store.add(job.prefix + "refusals", 1) == 1:
             printed = True  # before the flag: the others end at once, then torchrun stops this rank
-            print(report, end="", file=sys.stderr, flush=True)
+            say(report, env)
             store.set(job.prefix + REFUSED, json.dumps({"node": job.node, "report": report}))
             deadline = time.monotonic() + NODES_S
             while store.add(job.prefix + "told", 0) < job.nodes - 1 and time.monotonic() < deadline:
@@ -253,8 +262,8 @@ def install() -> None:
         tell_torchrun(os.environ)
         if not shared and waits_for_rank_0(os.environ):
             time.sleep(RANK_WAIT_S)  # no store reached: torchrun's agent stops this rank once rank 0 has failed
-        if prints:  # else this rank or another of its node printed it
-            print(report, end="", file=sys.stderr, flush=True)
+        if prints:  # else this rank or another of its node said it
+            say(report)
         _stop_watching()
 
     sys.excepthook = excepthook

@@ -6,8 +6,9 @@ node's log that reaches the job's store.
 Each node's launcher, once the store answers, marks its node and counts it joined. Node 0's reads the counts of nodes
 joined and ranks started (two calls a poll) and sets the verdict: the launch started, or, once the bound passed, the
 line naming what is missing. The others read the verdict alone (one call a poll), say a line and end their torchrun
-(SIGTERM: the agent ends its ranks); one whose node 0 set none :data:`FOLLOW_S` after the bound judges for itself. An
-elastic launch (``RDZV_ID``) has its store elsewhere: unwatched.
+(SIGTERM: the agent ends its ranks); one whose node 0 set none :data:`FOLLOW_S` after the bound judges for itself. A
+watch stops once a rank of its node noted a refusal (``agent_notes``: the job ends, its store with it). An elastic
+launch (``RDZV_ID``) has its store elsewhere: unwatched.
 """
 
 from __future__ import annotations
@@ -22,10 +23,11 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-from llamafactory_hera.runtime import job_store, log
+from llamafactory_hera.runtime import agent_notes, job_store, log
 from llamafactory_hera.runtime.errors import RecipeError
 
 POLL_S = 1.0  # store reads; name-lookup retries
+NOTE_S = 0.1  # looks for a refusal noted between store reads: the job's store goes within a second of it
 RESOLVE_S = 30.0
 KILL_AFTER_S = 40.0  # torchrun's agent ends its ranks within 30 s of SIGTERM
 FOLLOW_S = 10.0  # past its bound, a node other than 0 waits this long for node 0's verdict, then judges itself
@@ -85,7 +87,7 @@ class StartWatch:
         self.expected.set()
 
     def _run(self) -> None:
-        while not self.done.is_set():
+        while not self._waited(0.0):
             overdue = self._overdue()
             missing = self.missing(overdue)
             if missing is None:
@@ -96,7 +98,18 @@ class StartWatch:
                     self.ended = True
                     self.end(said)
                 return
-            self.done.wait(POLL_S)
+            self._waited(POLL_S)
+
+    def _waited(self, seconds: float) -> bool:
+        """Wait up to ``seconds``; True once the watch is done: stopped, or a rank of this node noted a refusal (a
+        store call once the store is gone prints c10d's C++ stack after the refusal)."""
+        deadline = time.monotonic() + seconds
+        while not (self.done.is_set() or agent_notes.refused()):
+            if time.monotonic() >= deadline:
+                return False
+            self.done.wait(NOTE_S)
+        self.done.set()
+        return True
 
     def _overdue(self) -> bool:
         """Whether this launcher says the line now: node 0's past the bound; another's once node 0's has said none

@@ -2,7 +2,9 @@
 ended. Who writes it, statuses: docs/eval.md ("What is loaded"); ``chain``: "Scored as Table 2".
 
 A failure after the model was saved (``do_predict``, a reporting backend, an interrupt) is ``finished`` with
-``error_after_save``. Imports nothing heavy.
+``error_after_save``. A run whose ranks were ended before their stage could record it (SIGKILL) is ended by its
+launcher (:func:`end_unended`: torch's elastic agent, to which the stage names the record, ``agent_notes``; Ray's
+driver). Imports nothing heavy.
 """
 
 from __future__ import annotations
@@ -105,6 +107,16 @@ def write_started(output_dir: str | Path, stage: str, loading: dict[str, Any], m
     }
     write_record(path, record)
     return path
+
+
+def end_unended(path: Path, started_ns: int, error: BaseException, method_records: tuple[str, ...] = ()) -> None:
+    """Mark the record at ``path`` ended by ``error`` (:func:`write_ended`, with ``method_records``) where it is a
+    run's started since ``started_ns`` and still ``running``: its ranks were ended before its stage recorded the end.
+    A record its rank ended, or an older run's, stays as it is."""
+    record = read_record(path)
+    started = record.get("started_ns")
+    if record.get("status") == RUNNING and isinstance(started, int) and started >= started_ns:
+        write_ended(path, error, method_records)
 
 
 def stage_chain(model_name_or_path: Any, stage: str, output_dir: Path) -> list[dict[str, Any]]:

@@ -1,0 +1,106 @@
+"""torch's elastic agent in a launcher of LLaMA-Factory's training (``torchrun``, also the one ``llamafactory-cli
+train`` starts; ``accelerate launch``; nvidia-resiliency-ext's ``ft_launcher``): the ranks it starts get a notes folder
+(:mod:`llamafactory_hera.runtime.agent_notes`). Once they ended:
+
+- a refusal a rank noted is the node's last line, exit code 1, instead of the launcher's report of failed ranks
+  (torch's ``ChildFailedError`` traceback, ft_launcher's error lines; the agent's log lines once the note is there);
+  a failure without one keeps that report;
+- a run record they left ``running`` (a rank killed by SIGKILL: ft_launcher's monitor, the agent's own SIGKILL 30 s
+  after its SIGTERM) is ended ``failed``, naming the rank and how it ended.
+
+Checked on torch 2.6 to 2.11 (``torch.distributed.launcher.api``) and nvidia-resiliency-ext 0.4
+(``fault_tolerance.launcher``): ``elastic_launch.__call__`` calls its module's ``launch_agent(config, entrypoint,
+args)``, which returns or raises once the agent has ended every rank of its node (on another shape, nothing).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from llamafactory_hera.runtime import agent_notes, run_record
+from llamafactory_hera.runtime.registry import method_for_stage
+
+
+def apply(module: ModuleType) -> None:
+    """Wrap ``module.launch_agent`` (torch's launcher API, or ft_launcher's copy of it)."""
+    if getattr(module, "_llamafactory_hera_patched", False) or not callable(getattr(module, "launch_agent", None)):
+        return
+    module.launch_agent = functools.partial(launch_agent, module.launch_agent)
+    module._llamafactory_hera_patched = True
+
+
+def launch_agent(original: Any, config: Any, entrypoint: Any, args: Any) -> Any:
+    """The agent's run with its ranks' notes: their refusal said last, their unended record ended."""
+    started_ns = time.time_ns()
+    with agent_notes.taking() as notes, _quiet_after_refusal(notes):
+        try:
+            result = original(config, entrypoint, args)
+        except BaseException as error:
+            _end_record(notes, started_ns, ended_how(error))
+            if not agent_notes.say_refusal(notes):
+                raise
+            raise SystemExit(1) from None  # the refusal said: no launcher report after it
+        # a run that ended well recorded it; here only one whose launcher gave up on its ranks (ft_launcher: a node
+        # found unhealthy) is still running
+        _end_record(notes, started_ns, "the launcher ended without the ranks' results")
+        return result
+
+
+_AGENT_LOGGERS = ("torch.distributed.elastic", "nvidia_resiliency_ext.fault_tolerance")
+
+
+@contextlib.contextmanager
+def _quiet_after_refusal(notes: Path) -> Iterator[None]:
+    """The agent's loggers (torch's, ft_launcher's) silent once a rank noted a refusal: their lines on its ranks'
+    exit codes would follow the refusal the launcher prints."""
+
+    def before_refusal(record: logging.LogRecord) -> bool:
+        return not (notes / agent_notes.REFUSAL).exists()
+
+    loggers = [
+        logging.getLogger(name) for name in list(logging.root.manager.loggerDict) if name.startswith(_AGENT_LOGGERS)
+    ]
+    for logger in loggers:
+        logger.addFilter(before_refusal)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(before_refusal)
+
+
+def ended_how(error: BaseException) -> str:
+    """How the launcher's ranks ended, for the record: the first failed rank and its exit code or signal."""
+    first_failure = getattr(error, "get_first_failure", None)
+    if not callable(first_failure):
+        kind = type(error).__name__
+        said = str(error).strip().splitlines()
+        return f"the launcher ended ({kind}: {said[0]})" if said else f"the launcher ended ({kind})"
+    rank, failure = first_failure()
+    code = int(getattr(failure, "exitcode", 1) or 1)
+    how = f"exited with code {code}"
+    if code < 0:
+        try:
+            how = f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            how = f"was killed by signal {-code}"
+    return f"rank {rank} {how}"
+
+
+def _end_record(notes: Path, started_ns: int, how: str) -> None:
+    """End the run record the ranks named (global rank 0's node: the only one with the note) if they left it
+    running."""
+    named = agent_notes.read(notes, agent_notes.RECORD).strip()
+    if not named:
+        return
+    error = RuntimeError(f"{how}, and its launcher ended the ranks before the run recorded its end")
+    method = method_for_stage(run_record.read_record(Path(named)).get("stage"))
+    run_record.end_unended(Path(named), started_ns, error, method.records if method is not None else ())
