@@ -1,9 +1,7 @@
 """Capture of the heads' inputs in the LM forward (:class:`HeadCapture`, steps 2-3 of the HeRA step).
 
-Under reentrant checkpointing they leave the checkpoint as an extra output (:meth:`HeadCapture.checkpointed`).
-A ZeRO-3 parameter is whole only inside its module's call, so while armed, hooks copy the heads' ``o_proj`` columns
-there, with their gradient back to the partitions (:class:`InCallColumns`); the HeRA step gathers nothing itself
-(docs/hera-design.md, "ZeRO-3").
+A ZeRO-3 parameter is whole only inside its module's call, so hooks copy the heads' ``o_proj`` columns there
+(:class:`InCallColumns`; docs/hera-design.md, "ZeRO-3").
 """
 
 from __future__ import annotations
@@ -32,14 +30,12 @@ from llamafactory_hera.runtime.errors import RecipeError
 
 
 def is_zero3_partition(weight: torch.Tensor) -> bool:
-    """Whether DeepSpeed ZeRO-3 manages ``weight`` (it adds a ``ds_id``)."""
     return hasattr(weight, "ds_id")
 
 
 class _CopyWithGradient(torch.autograd.Function):
-    """``weight[:, columns]`` (None: all) as a float32 copy; its gradient lands at those columns of a zero tensor
-    shaped like ``weight``. Nothing is saved for backward: the copy is taken in the first forward only (hooks are
-    disarmed in a checkpoint's recomputation), so a saved tensor would differ between the two forwards."""
+    """``weight[:, columns]`` (None: all) as a float32 copy, its gradient scattered back. Nothing is saved for
+    backward: hooks are disarmed in a checkpoint's recomputation, so a saved tensor would differ between forwards."""
 
     @staticmethod
     def forward(ctx: Any, weight: torch.Tensor, columns: torch.Tensor | None) -> torch.Tensor:
@@ -144,9 +140,8 @@ class InCallColumns:
 
 
 class _LayerRun:
-    """A layer's checkpointed call returning ``(*outputs, inputs[, columns])``: the heads' inputs and, for plain
-    weights, their ``W_O`` columns, read inside so their gradient comes in the layer's own backward (DDP refuses a
-    second one); FSDP2's DTensors are gathered outside. ``__self__``: the layer (LLaMA-Factory checks it trains)."""
+    """A layer's checkpointed call returning ``(*outputs, inputs[, columns])``; plain ``W_O`` columns are read inside
+    so their gradient comes in the layer's own backward (DDP refuses a second one)."""
 
     def __init__(self, capture: HeadCapture, layer: int, func: Callable[..., Any]) -> None:
         self.capture = capture
@@ -177,15 +172,11 @@ class _LayerRun:
 
 
 class HeadCapture:
-    """Forward hooks producing ``[n_heads, B, d]`` head representations for one forward pass.
+    """Forward hooks producing ``[n_heads, B, d]`` head representations for one forward pass, while armed.
 
-    A hook on each selected ``o_proj`` copies the heads' slices of its input ``[B, T, n*d_head]`` (slices and copies
-    save nothing for backward, so non-reentrant recomputation is unchanged). After the forward they are pooled and
-    projected through each head's ``W_O`` columns, with a full autograd graph. Hooks act only while armed.
-
-    Reentrant checkpointing runs the first forward without autograd. Such a layer's checkpointing is wrapped
-    (:meth:`checkpointed`): slices and ``W_O`` columns leave the checkpoint as extra outputs, and the recomputation
-    sends HeRA's gradient into the layer with the LM loss's: non-reentrant arithmetic at reentrant host cost.
+    Each selected ``o_proj``'s hook copies the heads' slices of its input ``[B, T, n*d_head]``; after the forward
+    they are pooled and projected through each head's ``W_O`` columns. Reentrant checkpointing runs the first forward
+    without autograd, so such a layer's slices and columns leave its checkpoint as extra outputs (:meth:`checkpointed`).
     """
 
     def __init__(self, model: nn.Module, heads: list[HeadRef], geometry: AttentionGeometry) -> None:
@@ -248,13 +239,11 @@ class HeadCapture:
 
     @property
     def copies_in_call(self) -> bool:
-        """Whether a head's ``o_proj`` weight is a ZeRO-3 partition: its columns are copied in the module's call, so
-        its layer must not checkpoint reentrantly (no autograd there)."""
+        """Whether a head's ``o_proj`` weight is a ZeRO-3 partition: its layer must not checkpoint reentrantly."""
         return any(is_zero3_partition(reader.base.weight) for reader in self._in_call.values())
 
     def checkpointed(self, layer: int, function: Callable[..., Any]) -> Callable[..., Any]:
-        """Layer ``layer``'s reentrant checkpointing ``function``, also handing out the heads' inputs while armed
-        (:class:`_LayerRun`); unarmed, ``function`` as is. ``__wrapped__`` is ``function``."""
+        """Layer ``layer``'s reentrant checkpointing ``function``, also handing out the heads' inputs while armed."""
 
         @functools.wraps(function)
         def capturing(func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -356,5 +345,4 @@ class HeadCapture:
 
 
 def _joined(tensors: list[torch.Tensor], dim: int) -> torch.Tensor:
-    """``torch.cat`` along ``dim``; a single tensor as is (no copy)."""
     return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=dim)

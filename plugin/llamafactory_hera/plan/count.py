@@ -34,8 +34,7 @@ FIGURES = (
 
 @dataclass(frozen=True)
 class Shape:
-    """The micro-step: rows, length, image, adapters (or a full fine-tune's parts), 4-bit, Liger, checkpointing;
-    HARC's reference rows, RAH-LoRA's probe (``step.step``)."""
+    """The micro-step :func:`step.step` counts."""
 
     batch: int
     seq: int

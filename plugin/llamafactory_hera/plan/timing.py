@@ -1,8 +1,4 @@
-"""A run's time from :mod:`.measured` and its links. A micro-step takes the longest of three overlapping figures (the
-GPU runs queued kernels while the host queues more; engines gather the next layer while one computes): compute
-(FLOPs from the bf16 peak to the measured floor's share), host (counted ops times an op's measured cost) and
-communication (received bytes over the slowest link at the datasheet rate). The optimizer step adds what is
-exchanged once a step (DDP's all-reduce, ZeRO-2's gather)."""
+"""A run's time from :mod:`.measured` and its links (docs/cost.md, "Time: what the GPU leases measured")."""
 
 from __future__ import annotations
 

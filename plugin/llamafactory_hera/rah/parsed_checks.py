@@ -25,7 +25,7 @@ def validate_host_args(
     generating_args: Any,
     rah_args: RahArguments,
 ) -> None:
-    """Checks on the parsed arguments and the model's config (seconds, before the model loads); eager attention."""
+    """Checks on the parsed arguments and the model's config; eager attention."""
     if getattr(training_args, "world_size", 1) > 1:
         raise RecipeError(f"{training_args.world_size} processes: {RAH_ONE_PROCESS}.")
     if model_args.adapter_name_or_path:

@@ -1,9 +1,7 @@
 """What RAH-LoRA measures: attention (I-SAL, text->image maps) and head-gate gradients (CAF), under eager attention.
 
-Batches are the SFT collator's (``input_ids`` / ``attention_mask`` ``[B, T]`` plus image tensors); answers are not
-labels. Shapes: I-SAL ``[B, L, H]`` over the scored layers, maps ``[L, H, P]`` over a sample's P image positions, gate
-gradients ``[L, H]`` per sample. The attention sink, each row's first attended position (BOS where the template adds
-one; LLaMA-Factory's ``llava`` adds none), is not a text position.
+Shapes: I-SAL ``[B, L, H]`` over the scored layers, maps ``[L, H, P]`` over a sample's P image positions, gate
+gradients ``[L, H]`` per sample. The attention sink, each row's first attended position, is not a text position.
 """
 
 from __future__ import annotations
@@ -38,8 +36,7 @@ def _on(device: torch.device, masks: dict[torch.device, tuple[torch.Tensor, ...]
 
 @contextlib.contextmanager
 def attention_weights(modules: dict[int, DecoderLayer], layers: list[int]) -> Iterator[dict[int, torch.Tensor]]:
-    """Layer -> attention weights ``[B, H, T, T]`` its self-attention returned (eager: second output) in the last
-    forward, read from the layers so a hybrid model keeps its own layer indices."""
+    """Layer -> attention weights ``[B, H, T, T]`` its self-attention returned in the last forward."""
     weights: dict[int, torch.Tensor] = {}
 
     def keep(layer: int):
@@ -65,8 +62,7 @@ class TokenKinds:
 
 
 def token_kinds(model: nn.Module, tokenizer: Any, processor: Any = None) -> TokenKinds:
-    """The config's image placeholder id (``image_token_id`` / ``image_token_index``) and other multimodal tokens;
-    RecipeError when it names no image token."""
+    """The config's image placeholder id and other multimodal tokens."""
     config = model.config
     image = {
         int(v)
@@ -206,8 +202,7 @@ def head_gates(
     modules: dict[int, DecoderLayer], layers: list[int], num_heads: int, head_dim: int
 ) -> Iterator[dict[int, torch.Tensor]]:
     """Gates gamma ``[H]`` = 1 (requiring grad) multiplying each layer's ``o_proj`` input viewed as
-    ``[B, T, H, d_head]`` (Eq. 5): layer -> gate, made at the layer's first forward on its input's device. Removed on
-    exit."""
+    ``[B, T, H, d_head]`` (Eq. 5): layer -> gate."""
     gates: dict[int, torch.Tensor] = {}
 
     def pre_hook(module: nn.Module, args: tuple[Any, ...], layer: int) -> tuple[Any, ...]:
@@ -235,8 +230,7 @@ def gate_gradients(
     kinds: TokenKinds,
     modules: dict[int, DecoderLayer] | None = None,
 ) -> torch.Tensor:
-    """d(margin loss)/d(gate) of one sample at gamma = 1: ``[L, H]`` float32 on the CPU. With CPU-offloaded layers the
-    backward's saved tensors go to the CPU, else offloaded weights copied to the GPU stay there until the backward."""
+    """d(margin loss)/d(gate) of one sample at gamma = 1: ``[L, H]`` float32 on the CPU."""
     offloaded = any(at in ("cpu", "disk") for at in (getattr(model, "hf_device_map", None) or {}).values())
     kept = torch.autograd.graph.save_on_cpu() if offloaded else contextlib.nullcontext()
     with (
