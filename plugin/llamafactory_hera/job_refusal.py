@@ -56,8 +56,6 @@ def waits_for_rank_0(environ: Mapping[str, str]) -> bool:
 
 @dataclass(frozen=True)
 class Job:
-    """A multi-process job's store, and this rank's place in it."""
-
     host: str
     port: int
     world_size: int

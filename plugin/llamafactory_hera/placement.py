@@ -22,7 +22,6 @@ FIX = "Free memory or run on a machine with more GPU memory or RAM"
 
 
 def gb(size: float) -> str:
-    """Bytes as decimal GB, as models' sizes are quoted."""
     return f"{size / 1e9:.1f} GB"
 
 

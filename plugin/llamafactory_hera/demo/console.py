@@ -51,7 +51,6 @@ class ProgressFilter:
             self._line(line)
 
     def close(self) -> None:
-        """Flush a last line that had no newline."""
         if self._pending:
             self._line(self._pending)
             self._pending = ""

@@ -260,7 +260,6 @@ class HeadCapture:
         return capturing
 
     def arm(self) -> None:
-        """Capture the next forward pass."""
         self._armed = True
         self._inputs = {}
         self._read_columns = {}

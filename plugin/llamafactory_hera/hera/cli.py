@@ -18,12 +18,10 @@ from llamafactory_hera.runtime.errors import RecipeError
 
 
 def _field(key: str) -> Field:
-    """HeraArguments' field ``key`` (default and choices)."""
     return next(f for f in fields(HeraArguments) if f.name == key)
 
 
 def add_verbs(commands: Any) -> dict[str, Callable[[argparse.Namespace], None]]:
-    """Add ``select`` to the ``llamafactory-hera`` sub-command parsers; verb -> handler."""
     select = commands.add_parser(
         "select",
         help="Rank every attention head by MKNN alignment with the teacher and write the chosen heads.",

@@ -126,7 +126,6 @@ def is_vision_encoder_config(config: Any) -> bool:
 
 
 def open_image(image: Any) -> Image.Image:
-    """One LLaMA-Factory image entry as RGB."""
     if isinstance(image, dict):
         image = image.get("bytes") or image.get("path")
     if isinstance(image, bytes):

@@ -154,7 +154,6 @@ STALE_TMP_SECONDS = 3600  # a *.tmp this old is a dead write
 
 
 def cache_root() -> Path:
-    """``$LLAMAFACTORY_HERA_CACHE``, default ``~/.cache/llamafactory_hera``."""
     return Path(os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "llamafactory_hera"))
 
 
@@ -208,7 +207,6 @@ class TeacherFeatureStore:
         self.said = False  # this pass said where its rows go
 
     def get(self, keys: Iterable[str | None]) -> dict[str, torch.Tensor]:
-        """The stored rows of ``keys``, as a pass begins."""
         self._read_disk()
         found = {key: self.rows[key] for key in keys if key is not None and key in self.rows}
         self.in_use = {self.files[key] for key in found if key in self.files}
@@ -216,7 +214,6 @@ class TeacherFeatureStore:
         return found
 
     def add(self, rows: dict[str, torch.Tensor], persist: bool) -> None:
-        """Keep new ``rows`` in memory, and on disk with ``persist``."""
         self._read_disk()
         new = {key: row.detach().float().cpu() for key, row in rows.items() if key not in self.rows}
         self.rows.update(new)
@@ -284,7 +281,6 @@ def save_durable(data: Any, path: Path) -> None:
 
 
 def _existing(root: Path, pattern: str) -> list[tuple[Path, os.stat_result]]:
-    """Files under ``root`` with their stat, skipping those removed meanwhile."""
     found = []
     for path in root.rglob(pattern):
         try:

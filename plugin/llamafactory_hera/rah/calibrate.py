@@ -96,7 +96,6 @@ def _probe_logits(
 
 
 def _joined(tables: list[torch.Tensor]) -> torch.Tensor:
-    """Per-head tables of several layers concatenated along dim 0 (no copy for one)."""
     return tables[0] if len(tables) == 1 else torch.cat(tables)
 
 

@@ -146,7 +146,6 @@ def _coerce_layers(key: str, value: Any) -> str | list[int]:
 
 
 def parse_rah_arguments(raw: dict[str, Any]) -> RahArguments:
-    """Validated :class:`RahArguments` from ``rah_*`` keys."""
     rest = {key: value for key, value in raw.items() if key != "rah_layers"}
     args = parse_keys(RahArguments, rest, "RAH-LoRA")
     if "rah_layers" in raw:  # auto, a range or a list: a grammar of its own, parsed here

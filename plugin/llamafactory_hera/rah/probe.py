@@ -99,7 +99,6 @@ def token_masks(
 
 
 def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
-    """``batch`` without labels (RAH-LoRA is label-free)."""
     return {k: v for k, v in batch.items() if k != "labels"}
 
 

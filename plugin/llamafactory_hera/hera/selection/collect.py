@@ -175,7 +175,6 @@ class PooledInputRecorder:
         }
 
     def remove(self) -> None:
-        """Remove the hooks."""
         for handle in self._handles:
             handle.remove()
 

@@ -25,7 +25,6 @@ _CHUNK_ELEMENTS = 2**22  # elements of one [resamples, N] block of draws
 
 
 def resolution(num_pairs: int, k: int) -> float:
-    """``1 / (N k)``."""
     return 1.0 / (num_pairs * k)
 
 
@@ -49,7 +48,6 @@ class HeadChange:
 
     @property
     def delta(self) -> np.ndarray:
-        """``[L, H]`` after - before."""
         return self.after - self.before
 
 

@@ -45,7 +45,6 @@ class SelectionResult:
     record_version: int = RECORD_VERSION
 
     def to_json(self) -> str:
-        """The JSON record."""
         return json.dumps(asdict(self), indent=2)
 
 

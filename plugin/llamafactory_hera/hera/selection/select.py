@@ -66,7 +66,6 @@ class SelectionOptions:
     dtype: str = "float32"  # the language model's scoring dtype (scoring_dtype)
 
     def validate(self) -> None:
-        """RecipeError for an option outside its allowed values."""
         if self.strategy not in STRATEGIES:
             raise RecipeError(f"--strategy: got {self.strategy!r}; allowed values are {', '.join(STRATEGIES)}.")
         if self.mode not in MODES:
@@ -110,7 +109,6 @@ class SelectionOptions:
         )
 
     def resolved_device(self) -> str:
-        """``device``, else CUDA when available, else CPU."""
         return self.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
