@@ -1,6 +1,4 @@
-"""What the demo shows while ``llamafactory-cli train`` runs: the host's lines go to a log file; the terminal gets the
-plugin's lines (``log.PREFIX``) and a line per logged step (the Trainer's ``{'loss': ...}``).
-"""
+"""What the demo shows while ``llamafactory-cli train`` runs: the plugin's lines and a line per logged step."""
 
 from __future__ import annotations
 

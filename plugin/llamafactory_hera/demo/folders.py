@@ -1,6 +1,4 @@
-"""The demos' output folders: one per method under the root (``--output``; layout: docs/development.md), each marked
-(:data:`MARKER_NAME`) and replaced only by its own demo (:func:`prepare_folder`).
-"""
+"""The demos' output folders: one per method under the root, each replaced only by its own demo."""
 
 from __future__ import annotations
 

@@ -1,6 +1,4 @@
-"""Running the stock ``llamafactory-cli train`` for a demo: :class:`DemoContext`, :func:`prepare_assets`, then
-:func:`train_and_report`, as every method's demo does.
-"""
+"""Running the stock ``llamafactory-cli train`` for a demo."""
 
 from __future__ import annotations
 

@@ -1,6 +1,4 @@
-"""The summary a demo prints after its run (:func:`summary_text`, one frame for every demo), and the lines the
-demos' next steps share.
-"""
+"""The summary a demo prints after its run, and the lines the demos' next steps share."""
 
 from __future__ import annotations
 

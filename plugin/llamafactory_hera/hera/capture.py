@@ -79,7 +79,7 @@ class InCallColumns:
                 self.partitioned = self.armed and is_zero3_partition(module.weight)
             if self.partitioned:
                 weight = module.weight
-                cols = None if columns is None else self._columns_on(module.weight.device)
+                cols = None if columns is None else self.columns_on(module.weight.device)
                 self.pieces[key] = (
                     base_weight_columns(module, cols).detach()  # as its forward reads it: a copy,
                     if module is self.base and not weight.requires_grad  # dequantized if 4-bit
@@ -89,7 +89,7 @@ class InCallColumns:
         # first: before DeepSpeed's hook releases the gathered weight
         module.register_forward_hook(hook, prepend=True)
 
-    def _columns_on(self, device: torch.device) -> torch.Tensor:
+    def columns_on(self, device: torch.device) -> torch.Tensor:
         """The columns on ``device``, moved once (a host copy per call would wait)."""
         if self.columns.device != device:
             self.columns = self.columns.to(device)
@@ -193,10 +193,10 @@ class HeadCapture:
         for ref in self.heads:
             self._by_layer[ref.layer].append(ref.head)
         self._modules = {layer: o_projs[layer] for layer in self._by_layer}
-        self._columns = {
-            layer: head_columns(self._by_layer[layer], geometry.head_dim_of(layer)) for layer in self._by_layer
+        self._in_call = {
+            layer: InCallColumns(self._modules[layer], head_columns(self._by_layer[layer], geometry.head_dim_of(layer)))
+            for layer in self._by_layer
         }
-        self._in_call = {layer: InCallColumns(self._modules[layer], self._columns[layer]) for layer in self._by_layer}
         # computed per head size (one pooling and projection each), then put back in recipe order (None: already)
         by_size: dict[int, list[int]] = defaultdict(list)
         for layer in sorted(self._by_layer):
@@ -334,13 +334,7 @@ class HeadCapture:
         """``[d, n*dh]`` float32 ``W_O`` columns of ``layer``'s heads: ``in_call``, else read now."""
         if in_call is not None:
             return in_call
-        return effective_weight_columns(self._modules[layer], self._columns_on(layer, device))
-
-    def _columns_on(self, layer: int, device: torch.device) -> torch.Tensor:
-        """``layer``'s heads' columns on ``device``, moved once."""
-        if self._columns[layer].device != device:
-            self._columns[layer] = self._columns[layer].to(device)
-        return self._columns[layer]
+        return effective_weight_columns(self._modules[layer], self._in_call[layer].columns_on(device))
 
 
 def _joined(tensors: list[torch.Tensor], dim: int) -> torch.Tensor:

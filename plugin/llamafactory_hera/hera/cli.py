@@ -1,8 +1,4 @@
-"""HeRA's verbs of ``llamafactory-hera`` (added by :func:`add_verbs`, declared in :mod:`llamafactory_hera.methods`).
-
-llamafactory-hera select RECIPE.yaml [options]     score every head by MKNN, write hera_heads into the recipe
-llamafactory-hera select --report RUN_DIR [opts]   score a trained run's heads before/after training
-"""
+"""HeRA's verbs of ``llamafactory-hera``: ``select RECIPE`` and ``select --report RUN_DIR``."""
 
 from __future__ import annotations
 

@@ -268,18 +268,6 @@ def head_columns(heads: list[int], head_dim: int, device: torch.device | None = 
     return torch.cat([h * head_dim + offsets for h in heads])
 
 
-def project_heads(
-    o_proj: nn.Module, x_heads: torch.Tensor, heads: list[int], head_dim: int, weight: torch.Tensor | None = None
-) -> torch.Tensor:
-    """``[len(heads), ..., d]`` float32: each head's slice of ``x_heads`` ``[..., len(heads) * head_dim]`` through its
-    ``W_O`` columns ``weight`` ``[d, len(heads) * head_dim]`` (None: read here)."""
-    if weight is None:
-        weight = effective_weight_columns(o_proj, head_columns(heads, head_dim, x_heads.device))
-    w_sel = weight.unflatten(-1, (len(heads), head_dim))  # [d, n, dh] float32
-    x_sel = x_heads.float().unflatten(-1, (len(heads), head_dim))  # [..., n, dh]
-    return torch.einsum("...nk,dnk->n...d", x_sel, w_sel)
-
-
 def gathered(module: nn.Module) -> contextlib.AbstractContextManager:
     """Context where a ZeRO-3 module's parameters are whole (a collective: every rank enters); else a no-op."""
     params = [p for p in module.parameters() if hasattr(p, "ds_id")]

@@ -1,6 +1,4 @@
-"""LlamaBoard's HeRA panel, declared: fields, the ``hera_heads`` check, the loss plot (built by
-:mod:`llamafactory_hera.board.builder`). Other ``hera_*`` keys go in the "Extra arguments" JSON box, which wins.
-"""
+"""LlamaBoard's HeRA panel, declared: fields, the ``hera_heads`` check, the loss plot."""
 
 from __future__ import annotations
 

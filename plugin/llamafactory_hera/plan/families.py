@@ -1,5 +1,4 @@
-"""What plan needs of a model family, from its config alone: a parameter's part, one row's image as the family's
-processor makes it, the config of a LLaVA-1.5 model ``llamafactory-hera compose`` has not built yet."""
+"""What plan needs of a model family, from its config alone."""
 
 from __future__ import annotations
 

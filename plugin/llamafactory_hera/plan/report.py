@@ -1,5 +1,4 @@
-"""plan's text: memory per GPU by category, two-figure bands, and the time of a step, a run and HeRA's passes before
-step 1."""
+"""plan's text: memory per GPU by category and the time of a step, a run and HeRA's passes before step 1."""
 
 from __future__ import annotations
 

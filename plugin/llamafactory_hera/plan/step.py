@@ -1,5 +1,5 @@
-"""One training micro-step of a weightless model under fake tensors, SFT or HeRA through the plugin's own code; only
-bitsandbytes (no fake tensors) and Liger (Triton, GPU only) are stood in for by their algorithm.
+"""One training micro-step of a weightless model under fake tensors through the plugin's own code; bitsandbytes and
+Liger are stood in for by their algorithm.
 """
 
 from __future__ import annotations
@@ -89,8 +89,7 @@ def batch(config: Any, size: int, seq: int, max_pixels: int) -> Batch:
 
 
 class Dequantized(torch.autograd.Function):
-    """bitsandbytes' 4-bit product: the weight dequantized (a clone) in forward and again in backward; only the
-    stored weight is kept (the caller counts its storage)."""
+    """bitsandbytes' 4-bit product: the weight dequantized (a clone) in forward and again in backward."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -128,9 +127,8 @@ def quantize_in_place(model: nn.Module) -> list[nn.Linear]:
 
 
 class ChunkedLinearCrossEntropy(torch.autograd.Function):
-    """Liger's fused linear cross-entropy: per chunk, logits, softmax gradient and its product with the weight made
-    in forward and dropped; only the hidden states' gradient ``[N, d]`` is kept (the output layer is frozen under
-    LoRA)."""
+    """Liger's fused linear cross-entropy: per chunk, logits and their gradient made in forward and dropped; only the
+    hidden states' gradient ``[N, d]`` is kept."""
 
     @staticmethod
     def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -219,9 +217,8 @@ def step(
     reference_rows: int = 0,
     probe: str | None = None,
 ) -> int:
-    """One bf16-autocast micro-step: forward (with HeRA's ``term``; ``reference_rows``: HARC's no-grad KL to the
-    adapter-disabled model), ``counter.mark()``, backward. ``probe``: RAH-LoRA's passes instead (``isal``: no-grad,
-    keeping attention weights; ``caf``: the last token's logits' backward). Returns HARC's reference FLOPs."""
+    """One bf16-autocast micro-step: forward (``reference_rows``: HARC's no-grad KL to the adapter-disabled model),
+    ``counter.mark()``, backward; ``probe``: RAH-LoRA's passes instead. Returns HARC's reference FLOPs."""
     inputs = dict(data.inputs)
     if data.pixels:
         inputs["pixel_values"] = torch.empty(data.pixels, dtype=torch.bfloat16)

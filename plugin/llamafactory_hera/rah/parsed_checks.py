@@ -1,6 +1,4 @@
-"""RAH-LoRA's checks of the parsed LLaMA-Factory 0.9.5 arguments and the model's config, before anything loads; sets
-eager attention. Before the parse: :mod:`.raw_checks`.
-"""
+"""RAH-LoRA's checks of the parsed arguments and the model's config, before anything loads."""
 
 from __future__ import annotations
 

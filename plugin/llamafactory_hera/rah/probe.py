@@ -103,8 +103,7 @@ def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
 
 
 def image_layouts(batch: dict[str, Any], image: torch.Tensor) -> list[tuple[int, ...]]:
-    """Per row a key, its image-token count then, with ``image_grid_thw`` (Qwen's dynamic resolution), each image's
-    (t, h, w): rows with one key share their image grid. ``image`` ``[B, T]`` bool -> B keys."""
+    """``image`` ``[B, T]`` bool -> B keys: rows with one key share their image grid."""
     counts = [int(n) for n in image.sum(dim=1)]
     grids = batch.get("image_grid_thw")
     if grids is None or not counts or sum(counts) == 0:
@@ -166,7 +165,7 @@ def profile_attention(
 ) -> None:
     """One eager forward adding the batch's I-SAL and text->image maps to ``profile``. A row's map: mean attention to
     each image position over its text queries (``pairs``: ``paper`` all text, Eq. 3 and 10; ``visible`` text after the
-    image); none without text after the image. ``modules``: the plan's, else resolved. Read on each layer's device."""
+    image)."""
     with attention_weights(modules or attention_modules(model), layers) as attentions:
         model(**model_inputs(batch), output_attentions=True, use_cache=False)
     if any(attentions.get(layer) is None for layer in layers):

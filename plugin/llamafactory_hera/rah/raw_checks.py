@@ -1,6 +1,5 @@
-"""RAH-LoRA's checks of a recipe before LLaMA-Factory parses it (nothing loaded): what a one-process, training-free
-calibration cannot run. After the parse: :mod:`.parsed_checks`.
-"""
+"""RAH-LoRA's checks of a recipe before LLaMA-Factory parses it: what a one-process, training-free calibration cannot
+run."""
 
 from __future__ import annotations
 

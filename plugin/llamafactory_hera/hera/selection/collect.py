@@ -161,10 +161,11 @@ class PooledInputRecorder:
                 return
             stop_signal.stop_before_step(f"head selection's first {len(self.batches)} batches kept")
 
-    def remaining(self, batches: list[Any], desc: str) -> list[Any]:
-        """``batches`` less those read back from the folder (said)."""
+    def remaining(self, items: list[Any], batch_size: int, desc: str, progress: bool) -> Iterable[list[Any]]:
+        """Batches of ``items`` less those read back from the folder (said), under a progress bar."""
+        batches = list(batches_of(items, batch_size))
         continuing(sum(map(len, batches[: len(self.batches)])), sum(map(len, batches)), desc)
-        return batches[len(self.batches) :]
+        return tqdm(batches[len(self.batches) :], desc=desc, disable=not progress, file=progress_file())
 
     def result(self) -> dict[int, torch.Tensor]:
         """Layer with heads -> ``[N, H*d_head]`` float32 on CPU, in feed order."""
@@ -194,13 +195,7 @@ def collect_text(
     decoder = text_decoder(model)
     recorder = PooledInputRecorder(model, kept)
     try:
-        desc = "heads (captions through the LM)"
-        for batch in tqdm(
-            recorder.remaining(list(batches_of(pairs, batch_size)), desc),
-            desc=desc,
-            disable=not progress,
-            file=progress_file(),
-        ):
+        for batch in recorder.remaining(pairs, batch_size, "heads (captions through the LM)", progress):
             encoded = tokenizer(
                 [p.caption for p in batch], padding=True, return_tensors="pt", return_special_tokens_mask=True
             )
@@ -256,13 +251,7 @@ def collect_multimodal(
         getattr(template, "mm_plugin", None),
     )
     try:
-        desc = "heads (image + caption through the MLLM)"
-        for batch_rows in tqdm(
-            recorder.remaining(list(batches_of(rows, batch_size)), desc),
-            desc=desc,
-            disable=not progress,
-            file=progress_file(),
-        ):
+        for batch_rows in recorder.remaining(rows, batch_size, "heads (image + caption through the MLLM)", progress):
             features = [dict(dataset[i]) for i in batch_rows]
             batch = collator(features)
             labels = batch.pop("labels")
