@@ -2,9 +2,8 @@
 (paper Eq. 6–7, App. A).
 
 ``o_proj``'s weight is ``[d, H * d_head]`` and its input head-major, so head h owns input columns
-``h*d_head:(h+1)*d_head`` and contributes ``x[.., h-slice] @ W[:, h-slice].T`` (bias excluded). With LoRA the
-effective weight ``W + scaling * B @ A`` is used at those columns; with DoRA ``diag(m / ||W + s B A||_row)`` scales its
-rows. ``W`` is read as the forward uses it: bitsandbytes 4-/8-bit weights dequantized (:func:`base_weight_columns`).
+``h*d_head:(h+1)*d_head`` and contributes ``x[.., h-slice] @ W[:, h-slice].T`` (bias excluded), ``W`` read as the
+forward uses it (:func:`effective_weight_columns`).
 """
 
 from __future__ import annotations

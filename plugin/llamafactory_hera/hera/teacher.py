@@ -276,7 +276,6 @@ def batches_of(items: list[Any], size: int) -> Iterator[list[Any]]:
         yield items[start : start + size]
 
 
-@torch.no_grad()
 def continuing(found: int, total: int, desc: str) -> None:
     if found and found < total:
         show(line(f"{desc}: continuing from {found} of {total} rows (kept by an earlier pass)."))

@@ -78,8 +78,7 @@ class Spread:
 
 
 def measured_kind(lora: bool, bits: int | None) -> str:
-    """``qlora`` (LoRA in 4 or 8 bits), else ``lora``; a full fine-tune is timed as LoRA (none measured; extra FLOPs
-    for the weights' gradients, ops about LoRA's)."""
+    """``qlora`` (LoRA in 4 or 8 bits), else ``lora``; a full fine-tune is timed as LoRA (none measured)."""
     return "qlora" if lora and bits else "lora"
 
 
