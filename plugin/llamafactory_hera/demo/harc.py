@@ -121,7 +121,6 @@ def refusal_lines(run_dir: Path) -> list[str]:
 
 
 def harc_summary(ctx: DemoContext, elapsed: float, model: Path, template: str) -> str:
-    """Refusal rates, outputs, plots and next steps of a finished HARC demo."""
     paths = {"datasets (harc-data output)": ctx.folder / DATA_NAME, "full training output": ctx.log}
     return summary_text(
         ctx,

@@ -64,7 +64,6 @@ def build_recipe(assets: TinyAssets, family: str, run_dir: Path, steps: int) -> 
 
 
 def summary(ctx: DemoContext, elapsed: float) -> str:
-    """Outputs, plots, losses and next steps of a finished HeRA demo."""
     run_dir = ctx.run_dir
     folder = ctx.folder
     cli = ctx.cli

@@ -57,7 +57,6 @@ def build_rah_recipe(assets: TinyAssets, family: str, run_dir: Path) -> dict[str
 
 
 def rah_summary(ctx: DemoContext, elapsed: float, template: str, model: str) -> str:
-    """Outputs, profile figures and next steps of a finished RAH-LoRA demo."""
     profile_path = ctx.run_dir / "rah_profile.json"
     profile = json.loads(profile_path.read_text(encoding="utf-8")) if profile_path.is_file() else {}
     summary = profile.get("summary", {})

@@ -65,8 +65,7 @@ class HeraCollatorMixin:
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         if any(len(feature["labels"]) != len(feature["input_ids"]) for feature in features if "labels" in feature):
-            # predict_with_generate's batches: the prompt as input, the answer alone as labels; HeRA has no term there
-            # (the trainer's prediction_step drops its keys), and the pooled tokens are where labels mark the input
+            # predict_with_generate's batches (the answer alone as labels): HeRA has no term there
             return super().__call__(features)
         images: list[Any] = []
         counts: list[int] = []

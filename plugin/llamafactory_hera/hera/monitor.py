@@ -193,7 +193,6 @@ class MonitorCallback(TrainerCallback):
         return torch.stack([per_head[ref] for ref in (*self.aligned, *self.control)])
 
     def logs(self, scores: list[float]) -> dict[str, float]:
-        """One point's metrics from :meth:`score`'s values."""
         aligned = scores[: len(self.aligned)]
         control = scores[len(self.aligned) :]
         logs = {MEAN_KEY: sum(aligned) / len(aligned)}

@@ -79,7 +79,6 @@ def contrastive_geometry(
 
 
 def queue_cap_line(geometry: ContrastiveGeometry, hera_args: HeraArguments) -> str | None:
-    """The line saying the distinct images capped the queue, or None."""
     if geometry.capped_from is None:
         return None
     return (

@@ -195,7 +195,6 @@ class RunTeacher:
         self._precompute: bool | None = None
 
     def image_processor(self, collator: Any) -> Any:
-        """The collator's teacher image processor, else loaded."""
         return getattr(collator, "hera_image_processor", None) or load_image_processor(self.hera_args.hera_teacher)
 
     def to(self, device: torch.device | str) -> bool:

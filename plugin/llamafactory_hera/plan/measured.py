@@ -69,8 +69,6 @@ FASTEST = {
 
 @dataclass(frozen=True)
 class Spread:
-    """A figure's low, median and high over its rows, and what they are."""
-
     low: float
     median: float
     high: float

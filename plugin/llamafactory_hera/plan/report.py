@@ -58,7 +58,6 @@ def duration(seconds: tuple) -> str:
 
 
 def fit_line(needed: float, card: Card) -> str:
-    """The verdict on ``needed`` bytes per GPU."""
     verdict = "fits" if card.holds(needed) else "does NOT fit"
     return f"  {verdict}: {needed / GiB:.2f} GiB needed of {card.memory_gib:g} GiB"
 

@@ -152,7 +152,6 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
 
 
 def output_layer(model: nn.Module) -> nn.Module:
-    """The output layer (``lm_head``), PEFT-wrapped or not."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     return inner.lm_head
 

@@ -252,8 +252,8 @@ def _calibrate_head(
     last: dict[float, list[torch.Tensor]] = {}
 
     def set_alpha(alpha: float) -> None:
-        # As LLaMA-Factory loads the adapter: merged into a plain weight (``weight += B @ A`` in float32, rounded
-        # once to its dtype: the accepted model, docs/rah.md "What a run does"), beside a quantized or offloaded one.
+        # as LLaMA-Factory loads the adapter: merged into a plain weight in float32, rounded once to its dtype
+        # (docs/rah.md "What a run does"), beside a quantized or offloaded one
         for name in names:
             linear, index = targets[name][:2]
             b, a = lora_pair(*update.factors[name], alpha)

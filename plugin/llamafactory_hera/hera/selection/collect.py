@@ -32,8 +32,6 @@ from llamafactory_hera.runtime.log import progress_file
 
 @dataclass(frozen=True)
 class CalibrationPair:
-    """One image–caption pair: dataset row, caption, image entries."""
-
     row: int
     caption: str
     images: tuple[Any, ...]
@@ -73,7 +71,6 @@ def distinct_image_pairs(pairs: list[CalibrationPair], seed: int) -> list[Calibr
 
 
 def data_notes(usable: int, distinct: int, chosen: list[CalibrationPair], requested: int) -> dict[str, Any]:
-    """The record's notes on the calibration data."""
     captions = [pair.caption for pair in chosen]
     repeated = len(captions) - len(set(captions))
     return {
