@@ -14,7 +14,7 @@ from llamafactory_hera.heads.architecture import head_projections
 from llamafactory_hera.heads.geometry import HeadRef, attention_geometry
 from llamafactory_hera.heads.pooling import pooling_weights
 from llamafactory_hera.hera.capture import HeadCapture
-from llamafactory_hera.hera.projection import project_heads
+from llamafactory_hera_testing.projection import project_heads
 
 FAMILIES = ("qwen3_vl", "qwen2_5_vl", "llava")
 

@@ -1,12 +1,10 @@
 """A :class:`~llamafactory_hera.runtime.errors.RecipeError` ends a training process with its one line (other errors
 keep Python's report); a refusal on any rank ends every rank within seconds, printed once per node (:func:`install`).
 
-A torchrun job's ranks (torchrun, ``accelerate launch``) share a flag in the c10d store torchrun's agent hosts at
-``MASTER_ADDR:MASTER_PORT``. Each rank watches it (:func:`watch`) and exits 1 once set; a refusing rank sets it with
-its report and node (:func:`announce`). The first refuser says the report, as does local rank 0 of every other node:
-it leaves it to its node's launcher where the launcher takes notes (``runtime/agent_notes.py``: the launcher prints
-it as the node's last line, with no report of failed ranks after it), else prints it. With no store (one process, no
-``MASTER_ADDR``, ``srun`` without a launcher), each rank prints its own.
+A torchrun job's ranks share a flag in the c10d store of torchrun's agent: each rank watches it (:func:`watch`) and
+exits 1 once set by a refusing rank (:func:`announce`). Local rank 0 of each node leaves the report to its node's
+launcher where the launcher takes notes (``runtime/agent_notes.py``: printed as the node's last line), else prints it.
+With no store, each rank prints its own.
 """
 
 from __future__ import annotations
@@ -67,8 +65,6 @@ def waits_for_rank_0(environ: Mapping[str, str]) -> bool:
 
 @dataclass(frozen=True)
 class Job:
-    """A multi-process job's store, and this rank's place in it."""
-
     host: str
     port: int
     world_size: int
@@ -80,8 +76,7 @@ class Job:
 
 
 def job_of(env: Mapping[str, str] | None = None) -> Job | None:
-    """This process's torchrun job, or None: one process, or ranks without torchrun's agent (only the agent's store
-    outlives every rank; one in rank 0's process group, as for srun tasks, ends with rank 0)."""
+    """This process's torchrun job, or None without torchrun's agent (only the agent's store outlives every rank)."""
     # os.environ read at the call: datasets' map(num_proc=N) rebinds it to a copy, which a default keeps
     env = os.environ if env is None else env
     try:
@@ -105,8 +100,7 @@ def job_of(env: Mapping[str, str] | None = None) -> Job | None:
 
 
 def several_nodes(env: Mapping[str, str] | None = None) -> str | None:
-    """What shows this process runs on one of several nodes (``NNODES`` > 1, as LLaMA-Factory's launcher passes it;
-    ``WORLD_SIZE`` > ``LOCAL_WORLD_SIZE``), else None."""
+    """What shows this process runs on one of several nodes, else None."""
     env = os.environ if env is None else env
     with contextlib.suppress(ValueError):  # an elastic range (1:2) or no number: the launcher decides
         if int(env.get("NNODES") or 1) > 1:
@@ -118,8 +112,7 @@ def several_nodes(env: Mapping[str, str] | None = None) -> str | None:
 
 
 def tell_torchrun(environ: Mapping[str, str] | None = None) -> None:
-    """Write the error file torchrun's agent reads, so its report points at the refusal's line (every rank a refusal
-    ends writes it; the report names the first)."""
+    """Write the error file torchrun's agent reads, so its report points at the refusal's line."""
     environ = os.environ if environ is None else environ
     path = environ.get("TORCHELASTIC_ERROR_FILE")
     if not path:
@@ -156,8 +149,7 @@ _refusing = threading.Event()  # this rank refused: its own flag must not end it
 
 
 def _node_report(store: Any, job: Job) -> str | None:
-    """The report if this rank prints it for its node (local rank 0 of a node but the first refuser's; counted in
-    ``told``), else None."""
+    """The report if this rank prints it for its node, else None."""
     if job.local_rank != 0:
         return None
     try:
@@ -216,7 +208,7 @@ def watch(env: Mapping[str, str] | None = None) -> None:
 
 def announce(report: str, env: Mapping[str, str] | None = None) -> tuple[bool, bool]:
     """Tell the other ranks this one refused: (whether this rank still prints ``report``, whether the store was
-    reached); (True, False) with no store up within :data:`TELL_S`."""
+    reached)."""
     env = os.environ if env is None else env
     _refusing.set()
     job = job_of(env)

@@ -1,9 +1,6 @@
 """Where a forward-only job (head selection, RAH-LoRA's calibration) holds its model in one process: whole on its
-device if it fits; else over the visible GPUs, balanced by accelerate, then CPU RAM (an offloaded layer is copied to
-its GPU for its forward, every batch); refused before any weight loads if all together cannot hold it. Under a
-multi-process launch a process uses only its own GPU and the CPU (the others' GPUs are theirs). Sizes come from the
-config (a meta-device model): a 70B model is judged without reading its weights. A ``quantization_bit`` model is
-judged whole on the job's device, in its codes, as LLaMA-Factory loads it.
+device if it fits; else over the visible GPUs, balanced by accelerate, then CPU RAM; refused before any weight loads
+if all together cannot hold it. Sizes come from the config (a meta-device model), not the weights.
 """
 
 from __future__ import annotations
@@ -25,13 +22,11 @@ FIX = "Free memory or run on a machine with more GPU memory or RAM"
 
 
 def gb(size: float) -> str:
-    """Bytes as decimal GB, as models' sizes are quoted."""
     return f"{size / 1e9:.1f} GB"
 
 
 def stored_bytes(meta: torch.nn.Module, dtype: str, bits: int | None = None, double_quant: bool = True) -> int:
-    """Bytes of ``meta``'s weights in ``dtype``; with ``bits``, its linear layers but ``lm_head`` in bitsandbytes'
-    codes, as LLaMA-Factory's ``quantization_bit`` stores them."""
+    """Bytes of ``meta``'s weights in ``dtype``; with ``bits``, as LLaMA-Factory's ``quantization_bit`` stores them."""
     linears = [m for name, m in meta.named_modules() if bits and type(m) is torch.nn.Linear and "lm_head" not in name]
     return compute_module_sizes(meta, dtype=getattr(torch, dtype))[""] + sum(
         math.ceil(m.weight.numel() * quantized_bytes_per_weight(bits, double_quant, m.in_features))
@@ -41,17 +36,16 @@ def stored_bytes(meta: torch.nn.Module, dtype: str, bits: int | None = None, dou
 
 
 def plan_memory(model_bytes: int, reserve: int, free: dict[Any, int]) -> dict[Any, int] | None:
-    """accelerate's ``max_memory``: None when ``model_bytes`` fits the first place of ``free`` (the job's device) and
-    the CPU keeps ``reserve``; else each place's budget: ``HEADROOM`` of its free bytes, less ``reserve`` on the CPU.
-    The caller refuses budgets too small, or a negative CPU one."""
+    """accelerate's ``max_memory``: None when ``model_bytes`` fits the job's device and the CPU keeps ``reserve``;
+    else each place's budget: ``HEADROOM`` of its free bytes, less ``reserve`` on the CPU."""
     budgets = {place: int(size * HEADROOM) - (reserve if place == "cpu" else 0) for place, size in free.items()}
     first, *_ = budgets
     return None if model_bytes <= budgets[first] and budgets.get("cpu", 0) >= 0 else budgets
 
 
 def free_memory(device: str) -> dict[Any, int]:
-    """Free bytes of the job's device (a CUDA index, as accelerate names it), of the other visible GPUs when this is
-    the node's only process, and of CPU RAM, in that order."""
+    """Free bytes of the job's device, of the other visible GPUs when this is the node's only process, and of CPU
+    RAM, in that order."""
     import psutil  # lazy: an accelerate dependency, only when a model is placed
 
     ram = psutil.virtual_memory().available
@@ -76,10 +70,8 @@ def device_map_for(
     bits: int | None = None,
     double_quant: bool = True,
 ) -> dict[str, Any] | None:
-    """The ``device_map`` for ``job`` to load ``meta``'s model, said in one line; None: whole on ``device`` (also off
-    CPU/CUDA, or saved quantized: sizes not the config dtype's). A RecipeError if it does not fit, naming the bytes
-    needed (the model's, and ``reserve``: CPU RAM held besides, and what for), ``fix`` and each ``quantization_bit``
-    that would fit."""
+    """The ``device_map`` for ``job`` to load ``meta``'s model, said in one line; None: whole on ``device``. A
+    RecipeError if it does not fit, naming the bytes needed, ``fix`` and each ``quantization_bit`` that would fit."""
     if torch.device(device).type not in ("cpu", "cuda") or getattr(meta.config, "quantization_config", None):
         show(f"{job}: {model_name} loads whole on {device}, as LLaMA-Factory loads it.")
         return None
@@ -141,8 +133,7 @@ def _name(place: Any) -> str:
 
 
 def check_model_structure(model_name_or_path: str, trust_remote_code: bool) -> torch.nn.Module | None:
-    """Build an empty (meta-device) model from the config and check every decoder layer has ``o_proj``; return it
-    (None: an architecture the auto classes do not build, left to the load)."""
+    """An empty (meta-device) model of the config, every decoder layer checked for ``o_proj`` (None: not buildable)."""
     from transformers import AutoConfig  # lazy: see below
 
     try:

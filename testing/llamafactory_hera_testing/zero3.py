@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 
 from llamafactory_hera.hera.capture import InCallColumns
-from llamafactory_hera.hera.projection import head_columns, project_heads
+from llamafactory_hera.hera.projection import head_columns
+from llamafactory_hera_testing.projection import project_heads
 
 
 def partition_like_zero3(module: torch.nn.Module) -> None:

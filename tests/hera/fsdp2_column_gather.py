@@ -27,8 +27,9 @@ from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
-from llamafactory_hera.hera.projection import base_weight_columns, head_columns, project_heads
+from llamafactory_hera.hera.projection import base_weight_columns, head_columns
 from llamafactory_hera_testing.collectives import CollectiveBytes
+from llamafactory_hera_testing.projection import project_heads
 
 HEADS, HEAD_DIM, RANK, SELECTED = 16, 8, 2, [3, 1]  # 128 inputs: whole 4-bit blocks of 64, 2 heads cost less than W
 TOLERANCE = 1e-5

@@ -15,7 +15,7 @@ from transformers import TrainerCallback
 
 from conftest import base_recipe, saved_in_bf16
 from llamafactory_hera.heads.architecture import head_projections
-from llamafactory_hera.hera.projection import project_heads
+from llamafactory_hera_testing.projection import project_heads
 from llamafactory_hera_testing.zero3 import project_in_call
 
 HEADS, HEAD_DIM, NUM_HEADS, D = [0, 2], 16, 4, 64

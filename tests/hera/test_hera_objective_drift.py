@@ -72,7 +72,7 @@ def test_projection_by_call_ignores_lora_dropout_like_the_weight_path() -> None:
     mode both must give the same head representations."""
     from peft import LoraConfig, get_peft_model
 
-    from llamafactory_hera.hera.projection import project_heads
+    from llamafactory_hera_testing.projection import project_heads
     from llamafactory_hera_testing.zero3 import project_in_call
 
     torch.manual_seed(0)

@@ -14,7 +14,8 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 from torch.distributed.tensor import DTensor, Shard
 
-from llamafactory_hera.hera.projection import base_weight_columns, project_heads, sharded_columns
+from llamafactory_hera.hera.projection import base_weight_columns, sharded_columns
+from llamafactory_hera_testing.projection import project_heads
 from llamafactory_hera_testing.zero3 import project_in_call
 
 bnb = pytest.importorskip("bitsandbytes")

@@ -14,11 +14,11 @@ import yaml
 from conftest import base_recipe, read_trainer_log, run_train, run_verb
 from llamafactory_hera.heads.architecture import head_projections
 from llamafactory_hera.hera.metrics import mutual_knn
-from llamafactory_hera.hera.projection import project_heads
 from llamafactory_hera.hera.selection import collect
 from llamafactory_hera.hera.selection.select import SelectionOptions, prepare, score_head_neighbours
 from llamafactory_hera.hera.teacher import load_image_processor, load_teacher, prefetch_workers
 from llamafactory_hera.hera.teacher_cache import cache_root
+from llamafactory_hera_testing.projection import project_heads
 
 FAMILIES = ("qwen3_vl", "qwen2_5_vl", "llava")
 

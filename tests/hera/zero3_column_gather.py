@@ -22,8 +22,9 @@ import torch.distributed as dist
 from fsdp2_column_gather import HEAD_DIM, HEADS, SELECTED, build, o_proj_of, reference  # its layers and reference
 
 from llamafactory_hera.hera.capture import InCallColumns
-from llamafactory_hera.hera.projection import head_columns, project_heads
+from llamafactory_hera.hera.projection import head_columns
 from llamafactory_hera_testing.collectives import CollectiveBytes
+from llamafactory_hera_testing.projection import project_heads
 
 ROWS, LR = 24, 0.5
 PLAN = (False, False, True)  # the steps with HeRA's term

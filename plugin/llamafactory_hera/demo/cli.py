@@ -1,5 +1,5 @@
-"""The demos' dispatcher: ``python -m llamafactory_hera.demo --method hera|rah|harc ...``. Each method's demo writes
-into its own ``DIR/<method>/`` (:mod:`llamafactory_hera.demo.folders`), so the demos keep each other's outputs.
+"""The demos' dispatcher: ``python -m llamafactory_hera.demo --method hera|rah|harc ...``, each into its own
+``DIR/<method>/``.
 """
 
 from __future__ import annotations
@@ -101,7 +101,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point; returns the exit code."""
     args = parse_args(argv)
     module = DEMOS[args.method]
     output = args.output.resolve()

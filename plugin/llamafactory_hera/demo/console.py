@@ -1,6 +1,4 @@
-"""What the demo shows while ``llamafactory-cli train`` runs: the host's lines go to a log file; the terminal gets the
-plugin's lines (``log.PREFIX``) and a line per logged step (the Trainer's ``{'loss': ...}``).
-"""
+"""What the demo shows while ``llamafactory-cli train`` runs: the plugin's lines and a line per logged step."""
 
 from __future__ import annotations
 
@@ -51,7 +49,6 @@ class ProgressFilter:
             self._line(line)
 
     def close(self) -> None:
-        """Flush a last line that had no newline."""
         if self._pending:
             self._line(self._pending)
             self._pending = ""

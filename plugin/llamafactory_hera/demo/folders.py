@@ -1,6 +1,4 @@
-"""The demos' output folders: one per method under the root (``--output``; layout: docs/development.md), each marked
-(:data:`MARKER_NAME`) and replaced only by its own demo (:func:`prepare_folder`).
-"""
+"""The demos' output folders: one per method under the root, each replaced only by its own demo."""
 
 from __future__ import annotations
 
@@ -33,9 +31,8 @@ def _remove(folder: Path, names: tuple[str, ...]) -> list[str]:
 
 
 def prepare_folder(folder: Path, own_outputs: tuple[str, ...], overwrite: bool) -> list[str]:
-    """Make room for a new run in a method's ``folder``; return the earlier outputs removed. A folder the demo made
-    (its marker) loses ``own_outputs`` only; in any other, a ``run/`` holding files is refused (:class:`DemoError`)
-    unless ``overwrite``, which removes ``run/`` alone."""
+    """Make room for a new run in a method's ``folder``; return the earlier outputs removed. A folder the demo did not
+    make keeps all but ``run/``, which is refused unless ``overwrite``."""
     run_dir = folder / RUN_DIR_NAME
     mine = (folder / MARKER_NAME).is_file()
     if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())) and not (overwrite or mine):

@@ -1,6 +1,5 @@
-"""HARC's demo (``--method harc``): safety fine-tuning of a tiny Llama-3. Tiny copies of the public sources go through
-``harc-data``, ``llamafactory-cli train`` runs ``stage: harc``, then the summary shows the base and trained models'
-refusal rates (``harc_eval.json``).
+"""HARC's demo (``--method harc``): safety fine-tuning of a tiny Llama-3 on tiny copies of the public sources, then
+the base and trained models' refusal rates.
 """
 
 from __future__ import annotations
@@ -38,8 +37,8 @@ OUTPUTS = (
 def build_harc_recipe(
     model: Path, template: str, data_dir: Path, run_dir: Path, steps: int, logging_steps: int = LOGGING_STEPS
 ) -> dict[str, Any]:
-    """A ``stage: harc`` recipe for a tiny text model (paths absolute), scaled down so that a short run shows the base
-    extraction, refreshes and the ramp (to 4 layers at step 40)."""
+    """A ``stage: harc`` recipe for a tiny text model, scaled down so that a short run shows the base extraction,
+    refreshes and the ramp."""
     return demo_recipe(
         "harc",
         model,
@@ -123,7 +122,6 @@ def refusal_lines(run_dir: Path) -> list[str]:
 
 
 def harc_summary(ctx: DemoContext, elapsed: float, model: Path, template: str) -> str:
-    """Refusal rates, outputs, plots and next steps of a finished HARC demo."""
     paths = {"datasets (harc-data output)": ctx.folder / DATA_NAME, "full training output": ctx.log}
     return summary_text(
         ctx,
@@ -149,7 +147,6 @@ def harc_summary(ctx: DemoContext, elapsed: float, model: Path, template: str) -
 
 
 def run(ctx: DemoContext) -> int:
-    """Build the tiny model, convert the sources, train, print the summary; return the exit code."""
     # lazy: torch, once the HARC demo runs
     from llamafactory_hera.fixtures.harc_assets import build_harc_assets
 

@@ -1,5 +1,5 @@
 """HeRA's demo (the default method): a 20-step ``stage: hera`` LoRA run on a tiny offline MLLM with the stock
-``llamafactory-cli train``, then the outputs, first/last losses and next steps. HeRA itself needs none of it.
+``llamafactory-cli train``.
 """
 
 from __future__ import annotations
@@ -64,7 +64,6 @@ def build_recipe(assets: TinyAssets, family: str, run_dir: Path, steps: int) -> 
 
 
 def summary(ctx: DemoContext, elapsed: float) -> str:
-    """Outputs, plots, losses and next steps of a finished HeRA demo."""
     run_dir = ctx.run_dir
     folder = ctx.folder
     cli = ctx.cli
@@ -99,7 +98,6 @@ def summary(ctx: DemoContext, elapsed: float) -> str:
 
 
 def run(ctx: DemoContext) -> int:
-    """Build the assets, write the recipe, train, print the summary; return the exit code."""
     assets = prepare_assets(ctx, "tiny assets", build_tiny_assets)
     recipe = build_recipe(assets, ctx.family, ctx.run_dir, ctx.steps or DEFAULT_STEPS)
     return train_and_report(ctx, recipe, lambda elapsed: summary(ctx, elapsed))

@@ -1,8 +1,5 @@
 """RAH-LoRA's demo (``--method rah``): a ``stage: rah`` calibration of the HeRA demo's tiny MLLMs, into ``DIR/rah/``.
-
-At 4 heads per layer the paper's percentiles (I-SAL below the 15th, CAF above the 70th) keep one head at most: the
-demo loosens them (50th / 0th, anchors from every other head), and says so, to show targets, anchors, a trust region
-and an adapter.
+At 4 heads per layer the paper's percentiles keep one head at most: the demo loosens them, and says so.
 """
 
 from __future__ import annotations
@@ -60,7 +57,6 @@ def build_rah_recipe(assets: TinyAssets, family: str, run_dir: Path) -> dict[str
 
 
 def rah_summary(ctx: DemoContext, elapsed: float, template: str, model: str) -> str:
-    """Outputs, profile figures and next steps of a finished RAH-LoRA demo."""
     profile_path = ctx.run_dir / "rah_profile.json"
     profile = json.loads(profile_path.read_text(encoding="utf-8")) if profile_path.is_file() else {}
     summary = profile.get("summary", {})
@@ -94,7 +90,6 @@ def rah_summary(ctx: DemoContext, elapsed: float, template: str, model: str) -> 
 
 
 def run(ctx: DemoContext) -> int:
-    """Build (or reuse) the tiny models, write the recipe, calibrate, print the summary; return the exit code."""
     assets = prepare_assets(ctx, "tiny assets", build_tiny_assets)
     template = assets.templates[ctx.family]
     model = str(assets.models[ctx.family])

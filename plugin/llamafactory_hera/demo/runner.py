@@ -1,6 +1,4 @@
-"""Running the stock ``llamafactory-cli train`` for a demo: :class:`DemoContext`, :func:`prepare_assets`, then
-:func:`train_and_report`, as every method's demo does.
-"""
+"""Running the stock ``llamafactory-cli train`` for a demo."""
 
 from __future__ import annotations
 
@@ -46,17 +44,14 @@ class DemoContext:
 
     @property
     def run_dir(self) -> Path:
-        """The run's ``output_dir``."""
         return self.folder / RUN_DIR_NAME
 
     @property
     def recipe(self) -> Path:
-        """The recipe the demo trains."""
         return self.folder / RECIPE_NAME
 
     @property
     def log(self) -> Path:
-        """LLaMA-Factory's whole output."""
         return self.folder / LOG_NAME
 
     @property
@@ -77,9 +72,8 @@ def find_cli() -> Path:
 
 
 def offline_env(cache_dir: Path) -> dict[str, str]:
-    """This environment with the network off, caches under ``cache_dir`` and, unless set, one OpenMP thread: tiny
-    models gain nothing from more, and on a busy machine spinning threads made a HARC demo 20x slower (refreshes
-    81.8 s against 3.8 s)."""
+    """This environment with the network off, caches under ``cache_dir`` and, unless set, one OpenMP thread: on a
+    busy machine spinning threads made a HARC demo 20x slower."""
     env = dict(os.environ)
     env.update(OFFLINE_ENV)
     env.setdefault("OMP_NUM_THREADS", "1")
@@ -94,9 +88,8 @@ def say(message: str) -> None:
 
 
 def train(ctx: DemoContext, logging_steps: int = 1) -> int:
-    """Run ``llamafactory-cli train`` on the recipe, all output to ``ctx.log`` and to stdout per ``ctx.show``:
-    ``progress`` (the plugin's lines, a line per logged step), ``all`` or ``none``. On failure print the log's last
-    40 lines (unless shown) and the exit code; return it."""
+    """Run ``llamafactory-cli train`` on the recipe, all output to ``ctx.log`` and to stdout per ``ctx.show``; on
+    failure print the log's last lines and the exit code; return it."""
     say(f"running: {shlex.join([str(ctx.cli), 'train', str(ctx.recipe)])}")
     say(f"full output: {ctx.log}" + ("" if ctx.show == "all" else " (--verbose shows it here)"))
     progress = ProgressFilter(ctx.steps or 1, lambda line: print(line, flush=True), logging_steps)

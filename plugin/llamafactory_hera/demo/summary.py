@@ -1,6 +1,4 @@
-"""The summary a demo prints after its run (:func:`summary_text`, one frame for every demo), and the lines the
-demos' next steps share.
-"""
+"""The summary a demo prints after its run, and the lines the demos' next steps share."""
 
 from __future__ import annotations
 
@@ -87,7 +85,7 @@ def summary_text(
     plots: bool = True,
 ) -> str:
     """A finished run's summary: ``outputs`` (name in the run's folder, what it is), ``paths`` (what it is -> a path
-    outside it), the run's PNGs if ``plots``, ``figures`` (what the run shows), ``next_steps`` (heading, steps)."""
+    outside it), ``next_steps`` (heading, steps)."""
     run_dir = ctx.run_dir
     pngs = sorted(run_dir.glob("*.png"))
     return "\n".join(

@@ -1,9 +1,7 @@
 """Capture of the heads' inputs in the LM forward (:class:`HeadCapture`, steps 2-3 of the HeRA step).
 
-Under reentrant checkpointing they leave the checkpoint as an extra output (:meth:`HeadCapture.checkpointed`).
-A ZeRO-3 parameter is whole only inside its module's call, so while armed, hooks copy the heads' ``o_proj`` columns
-there, with their gradient back to the partitions (:class:`InCallColumns`); the HeRA step gathers nothing itself
-(docs/hera-design.md, "ZeRO-3").
+A ZeRO-3 parameter is whole only inside its module's call, so hooks copy the heads' ``o_proj`` columns there
+(:class:`InCallColumns`; docs/hera-design.md, "ZeRO-3").
 """
 
 from __future__ import annotations
@@ -33,14 +31,12 @@ from llamafactory_hera.runtime.errors import RecipeError
 
 
 def is_zero3_partition(weight: torch.Tensor) -> bool:
-    """Whether DeepSpeed ZeRO-3 manages ``weight`` (it adds a ``ds_id``)."""
     return hasattr(weight, "ds_id")
 
 
 class _CopyWithGradient(torch.autograd.Function):
-    """``weight[:, columns]`` (None: all) as a float32 copy; its gradient lands at those columns of a zero tensor
-    shaped like ``weight``. Nothing is saved for backward: the copy is taken in the first forward only (hooks are
-    disarmed in a checkpoint's recomputation), so a saved tensor would differ between the two forwards."""
+    """``weight[:, columns]`` (None: all) as a float32 copy, its gradient scattered back. Nothing is saved for
+    backward: hooks are disarmed in a checkpoint's recomputation, so a saved tensor would differ between forwards."""
 
     @staticmethod
     @override
@@ -86,7 +82,7 @@ class InCallColumns:
                 self.partitioned = self.armed and is_zero3_partition(module.weight)
             if self.partitioned:
                 weight = module.weight
-                cols = None if columns is None else self._columns_on(module.weight.device)
+                cols = None if columns is None else self.columns_on(module.weight.device)
                 self.pieces[key] = (
                     base_weight_columns(module, cols).detach()  # as its forward reads it: a copy,
                     if module is self.base and not weight.requires_grad  # dequantized if 4-bit
@@ -96,7 +92,7 @@ class InCallColumns:
         # first: before DeepSpeed's hook releases the gathered weight
         module.register_forward_hook(hook, prepend=True)
 
-    def _columns_on(self, device: torch.device) -> torch.Tensor:
+    def columns_on(self, device: torch.device) -> torch.Tensor:
         """The columns on ``device``, moved once (a host copy per call would wait)."""
         if self.columns.device != device:
             self.columns = self.columns.to(device)
@@ -147,9 +143,8 @@ class InCallColumns:
 
 
 class _LayerRun:
-    """A layer's checkpointed call returning ``(*outputs, inputs[, columns])``: the heads' inputs and, for plain
-    weights, their ``W_O`` columns, read inside so their gradient comes in the layer's own backward (DDP refuses a
-    second one); FSDP2's DTensors are gathered outside. ``__self__``: the layer (LLaMA-Factory checks it trains)."""
+    """A layer's checkpointed call returning ``(*outputs, inputs[, columns])``; plain ``W_O`` columns are read inside
+    so their gradient comes in the layer's own backward (DDP refuses a second one)."""
 
     def __init__(self, capture: HeadCapture, layer: int, func: Callable[..., Any]) -> None:
         self.capture = capture
@@ -180,15 +175,11 @@ class _LayerRun:
 
 
 class HeadCapture:
-    """Forward hooks producing ``[n_heads, B, d]`` head representations for one forward pass.
+    """Forward hooks producing ``[n_heads, B, d]`` head representations for one forward pass, while armed.
 
-    A hook on each selected ``o_proj`` copies the heads' slices of its input ``[B, T, n*d_head]`` (slices and copies
-    save nothing for backward, so non-reentrant recomputation is unchanged). After the forward they are pooled and
-    projected through each head's ``W_O`` columns, with a full autograd graph. Hooks act only while armed.
-
-    Reentrant checkpointing runs the first forward without autograd. Such a layer's checkpointing is wrapped
-    (:meth:`checkpointed`): slices and ``W_O`` columns leave the checkpoint as extra outputs, and the recomputation
-    sends HeRA's gradient into the layer with the LM loss's: non-reentrant arithmetic at reentrant host cost.
+    Each selected ``o_proj``'s hook copies the heads' slices of its input ``[B, T, n*d_head]``; after the forward
+    they are pooled and projected through each head's ``W_O`` columns. Reentrant checkpointing runs the first forward
+    without autograd, so such a layer's slices and columns leave its checkpoint as extra outputs (:meth:`checkpointed`).
     """
 
     def __init__(self, model: nn.Module, heads: list[HeadRef], geometry: AttentionGeometry) -> None:
@@ -205,10 +196,10 @@ class HeadCapture:
         for ref in self.heads:
             self._by_layer[ref.layer].append(ref.head)
         self._modules = {layer: o_projs[layer] for layer in self._by_layer}
-        self._columns = {
-            layer: head_columns(self._by_layer[layer], geometry.head_dim_of(layer)) for layer in self._by_layer
+        self._in_call = {
+            layer: InCallColumns(self._modules[layer], head_columns(self._by_layer[layer], geometry.head_dim_of(layer)))
+            for layer in self._by_layer
         }
-        self._in_call = {layer: InCallColumns(self._modules[layer], self._columns[layer]) for layer in self._by_layer}
         # computed per head size (one pooling and projection each), then put back in recipe order (None: already)
         by_size: dict[int, list[int]] = defaultdict(list)
         for layer in sorted(self._by_layer):
@@ -251,13 +242,11 @@ class HeadCapture:
 
     @property
     def copies_in_call(self) -> bool:
-        """Whether a head's ``o_proj`` weight is a ZeRO-3 partition: its columns are copied in the module's call, so
-        its layer must not checkpoint reentrantly (no autograd there)."""
+        """Whether a head's ``o_proj`` weight is a ZeRO-3 partition: its layer must not checkpoint reentrantly."""
         return any(is_zero3_partition(reader.base.weight) for reader in self._in_call.values())
 
     def checkpointed(self, layer: int, function: Callable[..., Any]) -> Callable[..., Any]:
-        """Layer ``layer``'s reentrant checkpointing ``function``, also handing out the heads' inputs while armed
-        (:class:`_LayerRun`); unarmed, ``function`` as is. ``__wrapped__`` is ``function``."""
+        """Layer ``layer``'s reentrant checkpointing ``function``, also handing out the heads' inputs while armed."""
 
         @functools.wraps(function)
         def capturing(func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -274,7 +263,6 @@ class HeadCapture:
         return capturing
 
     def arm(self) -> None:
-        """Capture the next forward pass."""
         self._armed = True
         self._inputs = {}
         self._read_columns = {}
@@ -349,15 +337,8 @@ class HeadCapture:
         """``[d, n*dh]`` float32 ``W_O`` columns of ``layer``'s heads: ``in_call``, else read now."""
         if in_call is not None:
             return in_call
-        return effective_weight_columns(self._modules[layer], self._columns_on(layer, device))
-
-    def _columns_on(self, layer: int, device: torch.device) -> torch.Tensor:
-        """``layer``'s heads' columns on ``device``, moved once."""
-        if self._columns[layer].device != device:
-            self._columns[layer] = self._columns[layer].to(device)
-        return self._columns[layer]
+        return effective_weight_columns(self._modules[layer], self._in_call[layer].columns_on(device))
 
 
 def _joined(tensors: list[torch.Tensor], dim: int) -> torch.Tensor:
-    """``torch.cat`` along ``dim``; a single tensor as is (no copy)."""
     return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=dim)

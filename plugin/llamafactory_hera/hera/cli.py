@@ -1,8 +1,4 @@
-"""HeRA's verbs of ``llamafactory-hera`` (added by :func:`add_verbs`, declared in :mod:`llamafactory_hera.methods`).
-
-llamafactory-hera select RECIPE.yaml [options]     score every head by MKNN, write hera_heads into the recipe
-llamafactory-hera select --report RUN_DIR [opts]   score a trained run's heads before/after training
-"""
+"""HeRA's verbs of ``llamafactory-hera``: ``select RECIPE`` and ``select --report RUN_DIR``."""
 
 from __future__ import annotations
 
@@ -18,12 +14,10 @@ from llamafactory_hera.runtime.errors import RecipeError
 
 
 def _field(key: str) -> Field:
-    """HeraArguments' field ``key`` (default and choices)."""
     return next(f for f in fields(HeraArguments) if f.name == key)
 
 
 def add_verbs(commands: Any) -> dict[str, Callable[[argparse.Namespace], None]]:
-    """Add ``select`` to the ``llamafactory-hera`` sub-command parsers; verb -> handler."""
     select = commands.add_parser(
         "select",
         help="Rank every attention head by MKNN alignment with the teacher and write the chosen heads.",

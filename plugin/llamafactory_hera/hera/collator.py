@@ -1,12 +1,9 @@
-"""Collator mixin adding the teacher's pixels of each sample's images (read before the host collator drops them; the
-MLLM batch stays plain SFT's). Keys: ``hera_image_counts`` ``[B]`` int64; ``hera_image_keys``: ``N_img`` cache keys
-(None: not cacheable); ``hera_pixel_values`` ``[M, 3, h, w]``: the ``M <= N_img`` distinct uncached images (absent
-when none); ``hera_pixel_keys``: their identities, tying each feature to its image whatever the cache holds then.
+"""Collator mixin adding the teacher's pixels of each sample's images (read before the host collator drops them).
+Keys: ``hera_image_counts`` ``[B]``; ``hera_image_keys``: ``N_img`` cache keys; ``hera_pixel_values``
+``[M, 3, h, w]``: the distinct uncached images; ``hera_pixel_keys``: their identities.
 
-Given ``hera_multimodal_ids`` and ``hera_pooling``, it also computes on the CPU what the step would otherwise sync for
-or launch: ``hera_pooling_weights`` ``[B, T]`` float32 (each row averages the sample's pooled tokens),
-``hera_anchor_index`` ``[A]`` int64 (samples with images and pooled tokens: the anchors), ``hera_sample_counts``:
-``[A, text-only samples, 1 if every sample holds exactly one image else 0]`` as Python ints.
+It also computes on the CPU what the step would otherwise sync for: ``hera_pooling_weights`` ``[B, T]``,
+``hera_anchor_index`` ``[A]`` and ``hera_sample_counts`` ``[A, text-only samples, every sample one image]``.
 """
 
 from __future__ import annotations
@@ -68,8 +65,7 @@ class HeraCollatorMixin:
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         if any(len(feature["labels"]) != len(feature["input_ids"]) for feature in features if "labels" in feature):
-            # predict_with_generate's batches: the prompt as input, the answer alone as labels; HeRA has no term there
-            # (the trainer's prediction_step drops its keys), and the pooled tokens are where labels mark the input
+            # predict_with_generate's batches (the answer alone as labels): HeRA has no term there
             return super().__call__(features)
         images: list[Any] = []
         counts: list[int] = []
@@ -79,7 +75,7 @@ class HeraCollatorMixin:
             images.extend(sample_images)
         cache = self.hera_feature_cache
         keys = [image_key(img) for img in images]
-        # Opened before the host collator, so an unreadable file is reported by name and row.
+        # before the host collator, so an unreadable file is reported by name and row
         todo_ids: list[str] = []
         todo: list[Any] = []
         for position, (image, key) in enumerate(zip(images, keys, strict=True)):

@@ -1,6 +1,5 @@
-"""``HeraArguments``: every ``hera_*`` recipe key with help, paper default and checks; what a HeRA run logs and plots
-(:data:`LOG_KEYS`, :data:`TRAINING_PLOT`); its run record's name; ``select``'s recipe-backed options
-(:data:`RECIPE_BACKED`).
+"""``HeraArguments``: every ``hera_*`` recipe key with help, paper default and checks; what a HeRA run logs and
+plots; ``select``'s recipe-backed options.
 """
 
 from __future__ import annotations
@@ -43,7 +42,6 @@ RECIPE_BACKED: tuple[tuple[str, type, str, str], ...] = (
 
 
 def dest(flag: str) -> str:
-    """``--batch-size`` -> ``batch_size``."""
     return flag.lstrip("-").replace("-", "_")
 
 
@@ -175,12 +173,10 @@ class HeraArguments:
 
     @property
     def auto_heads(self) -> bool:
-        """Whether the heads are selected at the start of training."""
         return self.hera_heads == AUTO
 
     def recipe_keys(self) -> dict[str, Any]:
-        """The keys as a recipe writes them (``hera_heads``: ``[L13H12, L7H6]`` or ``auto``), for ``hera_run.json``
-        (which ``select --report`` parses back) and ``hera_state.json``."""
+        """The keys as a recipe writes them, for ``hera_run.json`` and ``hera_state.json``."""
         keys = asdict(self)
         if not self.auto_heads:
             keys["hera_heads"] = head_names(self.hera_heads)
@@ -224,7 +220,7 @@ OWN_GRAMMAR = ("hera_heads", "hera_queue_size")
 
 
 def parse_hera_arguments(raw: dict[str, Any], require_heads: bool = True) -> HeraArguments:
-    """Validated :class:`HeraArguments` from ``hera_*`` keys (typed or strings); else a RecipeError naming the key."""
+    """Validated :class:`HeraArguments` from ``hera_*`` keys (typed or strings)."""
     rest = {key: value for key, value in raw.items() if key not in OWN_GRAMMAR}
     args = parse_keys(HeraArguments, rest, "HeRA")
     if "hera_heads" in raw:

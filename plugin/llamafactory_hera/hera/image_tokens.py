@@ -1,6 +1,5 @@
 """``cutoff_len`` against the tokenized rows' image tokens, before the model loads: a row cut into its image tokens is
-refused, naming the row, its tokens, what is left and the ``cutoff_len`` that keeps them (docs/hera-design.md, "Bad
-image rows"). Only rows near ``cutoff_len`` that look cut are re-processed to count exactly.
+refused (docs/hera-design.md, "Bad image rows").
 """
 
 from __future__ import annotations
@@ -31,8 +30,8 @@ def _path(image: Any) -> Any:
 
 
 def _aligned_row(index: int, image: Any, aligned: Any, rows: dict[str, int], tokenized_rows: int) -> int | None:
-    """The aligned row of tokenized row ``index``: the same index if none was dropped (first images agree), else the
-    first row holding its first image (same image tokens)."""
+    """The aligned row of tokenized row ``index``: the same index if none was dropped, else the first row holding its
+    first image."""
     if tokenized_rows == len(aligned) and _path((aligned[index]["_images"] or [None])[0]) == _path(image):
         return index
     return rows.get(_path(image)) if isinstance(_path(image), str) else None

@@ -6,11 +6,8 @@ teacher features ``t``::
     L_RA(i) = -(1/k) * sum_{j in N_k^t(i)} log( exp(s(M_i, M_j)/tau) / sum_{z != i} exp(s(M_i, M_z)/tau) )
 
 ``N_k^t(i)`` are image i's k nearest other batch images in teacher space (cosine). The loss is averaged over the
-batch and heads.
-
-Here: the equation (:func:`hera_loss_anchored`); the candidate set (ranks' samples gathered with gradient, a queue of
-recent detached samples); the learned float32 ``log tau``, clamped to ``[TAU_MIN, TAU_MAX]`` when used and after each
-optimizer step. Why: docs/hera-design.md ("The objective", "Multi-GPU").
+batch and heads. Why the candidate set and the temperature are as they are: docs/hera-design.md ("The objective",
+"Multi-GPU").
 """
 
 from __future__ import annotations
@@ -84,7 +81,6 @@ def _unit(x: torch.Tensor, normalise: bool) -> torch.Tensor:
 
 
 def distributed() -> bool:
-    """Inside an initialised multi-process group."""
     return (
         torch.distributed.is_available()
         and torch.distributed.is_initialized()
@@ -93,11 +89,8 @@ def distributed() -> bool:
 
 
 class _GatherWithGrad(torch.autograd.Function):
-    """All-gather along dim 1; backward sums every rank's gradient for this rank's slice (all_reduce, then slice).
-
-    Not ``torch.distributed.nn.functional.all_gather``: its gloo backward returned wrong gradients for strided
-    slices in our checks (torch 2.11).
-    """
+    """All-gather along dim 1; backward sums every rank's gradient for this rank's slice. Not torch's
+    ``all_gather`` with gradient: its gloo backward returned wrong gradients for strided slices (torch 2.11)."""
 
     @staticmethod
     @override
@@ -178,7 +171,6 @@ class FeatureQueue:
         self.teacher = teacher[-self.capacity :]
 
     def state_dict(self) -> dict[str, torch.Tensor | int | None]:
-        """Tensors on the CPU, for checkpoints."""
         return {
             "capacity": self.capacity,
             "reps": None if self.reps is None else self.reps.cpu(),
@@ -186,7 +178,6 @@ class FeatureQueue:
         }
 
     def load_state_dict(self, state: dict, device: torch.device) -> None:
-        """Restore from :meth:`state_dict`."""
         self.capacity = int(state["capacity"])
         self.reps = None if state["reps"] is None else state["reps"].to(device)
         self.teacher = None if state["teacher"] is None else state["teacher"].to(device)

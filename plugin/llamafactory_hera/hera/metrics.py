@@ -1,7 +1,6 @@
 """Alignment metrics between two representation spaces.
 
-``mutual_knn`` follows the Platonic Representation Hypothesis code (``minyoungg/platonic-rep``): L2-normalised rows,
-neighbours the top-k of the Gram row without the diagonal, score the mean neighbour-set overlap divided by k.
+``mutual_knn`` follows the Platonic Representation Hypothesis code (``minyoungg/platonic-rep``).
 """
 
 from __future__ import annotations
@@ -26,8 +25,7 @@ def knn_indices(feats: torch.Tensor, k: int) -> torch.Tensor:
 def top_k_stable(scores: torch.Tensor, k: int) -> torch.Tensor:
     """``[..., k]`` indices of each row's k largest values; a tie at the k-th place goes to the lower index.
 
-    ``torch.topk`` leaves ties (duplicate images or captions) unspecified; tied rows are redone with a stable sort,
-    others keep ``topk``'s (5x cheaper than sorting all). Only the set matters, not its order.
+    ``torch.topk`` leaves ties unspecified; tied rows are redone with a stable sort.
     """
     values, indices = scores.topk(k, dim=-1)
     kth = values[..., -1:]

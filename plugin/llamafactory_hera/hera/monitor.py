@@ -1,9 +1,5 @@
 """Alignment during training: the aligned heads' MKNN with the teacher on a fixed probe set (``hera_monitor_*``;
-docs/hera.md "Alignment during training").
-
-Probe pairs are drawn before the model loads (:func:`probe_set`) and scored as selection scores a head, the teacher's
-side once. At scheduled step ends (:func:`monitor_steps`) every rank scores (ZeRO-3 needs all in the forward) and
-rank 0's values are broadcast and logged. Other steps do nothing on the device.
+docs/hera.md "Alignment during training"). Every rank scores (ZeRO-3 needs all in the forward); rank 0 logs.
 """
 
 from __future__ import annotations
@@ -56,8 +52,7 @@ def _pairs_of(rows: Any, count: int, seed: int, k: int, source: str) -> list[col
 
 
 def probe_set(hera_args: Any, recipe_args: Any, training_rows: Any, seed: int) -> ProbeSet | None:
-    """Probe pairs (held-out rows if enough, else training rows), or None: monitor off (``hera_monitor_steps: 0``, or
-    too few pairs by default; RecipeError if set explicitly)."""
+    """Probe pairs (held-out rows if enough, else training rows), or None: monitor off."""
     if hera_args.hera_monitor_steps == 0 or training_rows is None:
         return None
 
@@ -99,15 +94,14 @@ def control_heads(aligned: list[HeadRef], num_heads: int, seed: int) -> list[Hea
 
 
 def wait_for_device(device: Any) -> None:
-    """On CUDA, wait for queued work so a clock read next times only what follows (only when scoring or preparing)."""
+    """On CUDA, wait for queued work so a clock read next times only what follows."""
     device = torch.device(device)
     if device.type == "cuda" and torch.cuda.is_available():
         torch.cuda.synchronize(device)
 
 
 def monitor_steps(every: int | None, max_steps: int) -> set[int]:
-    """Steps with a point: 0 and every ``every`` steps, or (None) 0 and :data:`DEFAULT_POINTS` evenly spaced steps
-    ending at ``max_steps``."""
+    """Steps with a point: 0 and every ``every`` steps (None: :data:`DEFAULT_POINTS` evenly spaced)."""
     if every is not None:
         return {0, *range(every, max_steps + 1, every)} if every > 0 else set()
     return {0, *((i * max_steps + DEFAULT_POINTS // 2) // DEFAULT_POINTS for i in range(1, DEFAULT_POINTS + 1))}
@@ -150,8 +144,7 @@ class MonitorCallback(TrainerCallback):
 
     @torch.no_grad()
     def prepare_teacher(self, teacher: Any, image_processor: Any) -> None:
-        """The probe pairs' teacher neighbours, once per run (synced, so ``bench/overhead.py --monitor`` times it
-        alone)."""
+        """The probe pairs' teacher neighbours, once per run."""
         if self.teacher_knn is not None:
             return
         wait_for_device(self.device)  # work queued before is not the monitor's
@@ -168,8 +161,7 @@ class MonitorCallback(TrainerCallback):
 
     @torch.no_grad()
     def score(self, model: nn.Module) -> torch.Tensor:
-        """``[len(aligned) + len(control)]`` float32 MKNN on the device, aligned (recipe order) then control heads.
-        The forward runs in eval mode without autograd; the model's mode is restored."""
+        """``[len(aligned) + len(control)]`` float32 MKNN on the device, aligned (recipe order) then control heads."""
         if self.teacher_knn is None:
             raise RuntimeError("alignment monitor: prepare_teacher was not called before the first score")
         # per layer [N, H*d_head] pooled o_proj inputs, as in selection
@@ -202,7 +194,6 @@ class MonitorCallback(TrainerCallback):
         return torch.stack([per_head[ref] for ref in (*self.aligned, *self.control)])
 
     def logs(self, scores: list[float]) -> dict[str, float]:
-        """One point's metrics from :meth:`score`'s values."""
         aligned = scores[: len(self.aligned)]
         control = scores[len(self.aligned) :]
         logs = {MEAN_KEY: sum(aligned) / len(aligned)}

@@ -1,7 +1,5 @@
-"""HeRA's checks after LLaMA-Factory parsed the recipe, before any model or dataset loads: unsupported settings,
-heads and teacher from their configs, an adapter's shapes against its base model. Run by
-:class:`llamafactory_hera.hera.run.HeraRun`; before the parse: :mod:`.raw_checks`; before the first step:
-:mod:`.preparation_checks`.
+"""HeRA's checks after LLaMA-Factory parsed the recipe, before any model or dataset loads. Before the parse:
+:mod:`.raw_checks`; before the first step: :mod:`.preparation_checks`.
 """
 
 from __future__ import annotations
@@ -68,8 +66,7 @@ _INCOMPATIBLE = (
 
 
 def check_heads_of(hera_args: HeraArguments, config: Any, model: str) -> Any:
-    """Check the heads against ``config`` (it has heads, the named ones exist, ``auto``'s count fits; also
-    ``plan``'s check); return its attention geometry."""
+    """Check the heads against ``config``; return its attention geometry."""
     geometry = attention_geometry(config)
     check_has_heads(geometry, config, "stage: hera")
     if not hera_args.auto_heads:
@@ -144,8 +141,7 @@ def validate_host_args(
     generating_args: Any,
     hera_args: HeraArguments,
 ) -> None:
-    """Refuse settings HeRA cannot honour, in seconds (heads and teacher from configs, before the MLLM loads).
-    Gradient checkpointing stays the recipe's except the heads' layers (non-reentrant, ``layer_checkpointing``)."""
+    """Refuse settings HeRA cannot honour, in seconds (heads and teacher from configs, before the MLLM loads)."""
     holders = {"data": data_args, "finetuning": finetuning_args, "model": model_args}
     check_trains(training_args)
     check_run_inputs(model_args, data_args, training_args, stage="hera")
@@ -192,8 +188,7 @@ def validate_host_args(
 
 
 def check_adapter_fits(adapters: list[str], hidden_size: int, attention_widths: set[int], model_name: str) -> None:
-    """Refuse a local adapter whose o_proj LoRA shapes miss ``hidden_size`` / ``attention_widths`` (``num_heads *
-    head_dim`` per layer); hub ids skipped, no weight loaded."""
+    """Refuse a local adapter whose o_proj LoRA shapes miss the model's; hub ids skipped, no weight loaded."""
     for adapter in adapters:
         weights = Path(adapter) / "adapter_model.safetensors"
         config = Path(adapter) / "adapter_config.json"

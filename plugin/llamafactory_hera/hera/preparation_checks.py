@@ -1,6 +1,5 @@
-"""HeRA's checks before the first step: contrastive sets, queue, image rows, same heads on all ranks, heads that can
-train. A run that would be plain SFT looking like HeRA stops, naming setting and fix (docs/hera-design.md, "The
-objective"; docs/hera.md, "Unsupported combinations").
+"""HeRA's checks before the first step: a run that would be plain SFT looking like HeRA stops, naming setting and fix
+(docs/hera.md, "Unsupported combinations").
 """
 
 from __future__ import annotations
@@ -49,8 +48,8 @@ class ContrastiveGeometry:
 def contrastive_geometry(
     hera_args: HeraArguments, per_device: int, processes: int, distinct_images: int | None = None
 ) -> ContrastiveGeometry:
-    """``hera_queue_size: auto``: ``4 * (hera_k + 1)`` when a full batch set is below ``max(hera_k + 1, 3)`` (2 have no
-    negative). Any queue is capped at ``distinct_images`` minus a batch set (longer would repeat images)."""
+    """The run's contrastive sets; any queue is capped at ``distinct_images`` minus a batch set (longer would repeat
+    images)."""
     gather = hera_args.hera_gather
     gathered = processes if gather and processes > 1 else 1
     batch_set = per_device * gathered
@@ -80,7 +79,6 @@ def contrastive_geometry(
 
 
 def queue_cap_line(geometry: ContrastiveGeometry, hera_args: HeraArguments) -> str | None:
-    """The line saying the distinct images capped the queue, or None."""
     if geometry.capped_from is None:
         return None
     return (
@@ -97,8 +95,7 @@ def check_contrastive_geometry(
     data: str = "the training data",
     more: str = "another dataset, or a larger max_samples",
 ) -> None:
-    """Refuse sets that can never hold ``hera_k + 1`` distinct images: too few in ``data`` (``more``: keys giving
-    more), or in a batch set plus queue; first, sets that never hold a negative."""
+    """Refuse sets that can never hold ``hera_k + 1`` distinct images, or a negative."""
     k = hera_args.hera_k
     distinct = geometry.distinct_images
     needed = max(k + 1, 3)
@@ -138,7 +135,6 @@ def check_contrastive_geometry(
 
 
 def check_same_heads_on_every_rank(heads: list[str]) -> None:
-    """Raise unless every rank aligns the same heads."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return
     gathered: list[Any] = [None] * torch.distributed.get_world_size()
@@ -149,8 +145,6 @@ def check_same_heads_on_every_rank(heads: list[str]) -> None:
 
 @dataclass(frozen=True)
 class ImageRowCounts:
-    """Rows of the training data by what they hold."""
-
     rows: int
     image_rows: int
     video_only_rows: int
@@ -239,13 +233,11 @@ def checked_image_rows(
     model_args: Any, data_args: Any, finetuning_args: Any, training_args: Any
 ) -> tuple[dict[str, int], Any, Any]:
     """(image path -> row, training-row counts, aligned rows), after checking the image files exist (else
-    LLaMA-Factory fails with a bare OSError) and training rows have images. Counts exclude ``val_size``'s rows.
-    Streaming is not scanned (counts and rows None)."""
+    LLaMA-Factory fails with a bare OSError) and training rows have images; None when streaming."""
     if getattr(data_args, "streaming", False):
         return {}, None, None
 
-    # Main process first, as LLaMA-Factory loads a dataset: the others read its datasets cache instead of aligning
-    # with their own workers at once. Only it stats the image files (avoids 8 ranks per node checking 665k images).
+    # main process first, as LLaMA-Factory loads a dataset: the others read its datasets cache
     local = not getattr(data_args, "data_shared_file_system", False)
     main = (training_args.local_process_index if local else training_args.process_index) == 0
     with (
@@ -278,8 +270,7 @@ def checked_image_rows(
 def checked_contrastive_geometry(
     hera_args: HeraArguments, counts: Any, data_args: Any, training_args: Any
 ) -> ContrastiveGeometry:
-    """The run's contrastive sets; refuses sets that can never hold hera_k + 1 distinct training images, and says
-    when those images cap the queue."""
+    """The run's contrastive sets, checked; says when the distinct images cap the queue."""
     geometry = contrastive_geometry(
         hera_args,
         training_args.per_device_train_batch_size,

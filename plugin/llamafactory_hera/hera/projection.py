@@ -2,9 +2,8 @@
 (paper Eq. 6–7, App. A).
 
 ``o_proj``'s weight is ``[d, H * d_head]`` and its input head-major, so head h owns input columns
-``h*d_head:(h+1)*d_head`` and contributes ``x[.., h-slice] @ W[:, h-slice].T`` (bias excluded). With LoRA the
-effective weight ``W + scaling * B @ A`` is used at those columns; with DoRA ``diag(m / ||W + s B A||_row)`` scales its
-rows. ``W`` is read as the forward uses it: bitsandbytes 4-/8-bit weights dequantized (:func:`base_weight_columns`).
+``h*d_head:(h+1)*d_head`` and contributes ``x[.., h-slice] @ W[:, h-slice].T`` (bias excluded), ``W`` read as the
+forward uses it (:func:`effective_weight_columns`).
 """
 
 from __future__ import annotations
@@ -18,12 +17,9 @@ from torch.distributed.tensor import DTensor, Partial
 
 
 def effective_weight_columns(o_proj: nn.Module, columns: torch.Tensor) -> torch.Tensor:
-    """``[d, C]`` float32 effective weight of ``o_proj`` (Linear, bitsandbytes 4-/8-bit, or PEFT LoRA / DoRA on one) at
-    input ``columns`` ``[C]``, bias excluded, plus each active unmerged adapter's delta, taken on the base weight
-    (:func:`combined`), as LLaMA-Factory trains one adapter.
-
-    Summed in float32: in bf16 a LoRA delta of a few 1e-5 of the weight is mostly rounded away (at 7e-5, 98.6 %).
-    """
+    """``[d, C]`` float32 effective weight of ``o_proj`` at input ``columns`` ``[C]``, bias excluded, plus each active
+    unmerged adapter's delta. Summed in float32: in bf16 a LoRA delta of a few 1e-5 of the weight is mostly rounded
+    away."""
     base, adapters = base_and_adapters(o_proj)
     if base.weight.ndim != 2:  # a ZeRO-3 partition outside its gather: an empty 1-D placeholder
         raise RuntimeError(
@@ -92,10 +88,8 @@ def _dora_norm(base: nn.Module, lora_a: torch.Tensor, lora_b: torch.Tensor, scal
 def base_weight_columns(base: nn.Module, columns: torch.Tensor | None = None) -> torch.Tensor:
     """``[out, C]`` float32 weight of a base ``Linear`` at input ``columns`` (None: all), as its forward uses it.
 
-    bitsandbytes 8-bit: ``codes * SCB / 127`` (per-row absmax). 4-bit (nf4, fp4, nested): dequantized whole, then
-    indexed; under FSDP2 by shard where possible (:func:`sharded_columns`). Other integer storage is refused.
-    bitsandbytes 0.50's CPU 8-bit layer uses exactly this weight in train mode; in eval mode (``select``) LLM.int8
-    (~7e-3 relative), so the heads sum to the output within that rounding."""
+    bitsandbytes 8-bit: ``codes * SCB / 127`` (per-row absmax). 4-bit: dequantized whole, then indexed; under FSDP2 by
+    shard where possible (:func:`sharded_columns`). Other integer storage is refused."""
     weight = base.weight
     quant_state = _quant_state(base)
     if quant_state is not None:
@@ -142,15 +136,13 @@ def base_weight_columns(base: nn.Module, columns: torch.Tensor | None = None) ->
 
 def sharded_columns(weight: torch.Tensor, quant_state: object, columns: torch.Tensor) -> torch.Tensor | None:
     """``[out, C]`` of the 4-bit weight at ``columns`` in ``quant_state.dtype``, bit for bit what ``dequantize_4bit``
-    of the whole weight gives; no gradient (frozen base). None when ``weight`` is not an FSDP2 shard (DTensor
-    ``Shard(0)``, 1-D mesh) of whole rows of whole blocks, or the columns would move more bytes than the packed weight:
-    the caller gathers it whole. Decided from global shapes, so all ranks issue the same collectives.
+    of the whole weight gives; no gradient (frozen base). None when ``weight`` is not an FSDP2 shard of whole rows of
+    whole blocks, or the columns would move more bytes than the packed weight. Decided from global shapes, so all
+    ranks issue the same collectives.
 
-    bitsandbytes packs ``[out, in]`` row-major into ``[out * in / k, 1]`` storage elements (``k`` codes each; 4 in
-    bf16, LLaMA-Factory's FSDP storage), ``blocksize`` codes per absmax (``QuantState``, whole on every rank). FSDP2
-    gives rank i ``[i * chunk, min((i + 1) * chunk, M))``, ``chunk = ceil(M / world)``. When ``chunk * k`` codes are
-    whole rows and ``in`` whole blocks (the AVX-512 CPU kernel reads row r's blocks from ``r * (in // blocksize)``),
-    rank i holds rows ``[i * chunk * k / in, ...)``: dequantized there, its ``[rows, C]`` gathered."""
+    bitsandbytes packs ``[out, in]`` row-major into ``[out * in / k, 1]`` storage elements (``k`` codes each),
+    ``blocksize`` codes per absmax. When a shard's ``chunk * k`` codes are whole rows and ``in`` whole blocks, rank i
+    holds rows ``[i * chunk * k / in, ...)``: dequantized there, its ``[rows, C]`` gathered."""
     if (
         not hasattr(weight, "to_local")
         or weight.device_mesh.ndim != 1
@@ -206,8 +198,7 @@ def _absmax(quant_state: object) -> torch.Tensor:
 
 
 def _quant_state(base: nn.Module) -> object | None:
-    """The 4-bit ``QuantState`` of ``base``'s weight, else None. Under FSDP2 the weight (a DTensor) lost it; it
-    is then read from ``Linear4bit.quant_state``."""
+    """The 4-bit ``QuantState`` of ``base``'s weight (under FSDP2, of ``Linear4bit``), else None."""
     quant_state = getattr(base.weight, "quant_state", None)
     return quant_state if quant_state is not None else getattr(base, "quant_state", None)
 
@@ -219,9 +210,8 @@ def dora_row_norm(weight: torch.Tensor, lora_weight: torch.Tensor, scaling: floa
 
 
 def whole(weight: torch.Tensor, columns: torch.Tensor | None = None) -> torch.Tensor:
-    """``weight`` whole, or its ``[:, columns]``. An FSDP2 DTensor gathers only ``columns`` (a collective: same order
-    on all ranks), its gradient averaged (``Partial("avg")``) as FSDP2's own (a sum would scale by the rank count); a
-    CPU-offloaded shard moves to the accelerator first, as torch's full state-dict gather does."""
+    """``weight`` whole, or its ``[:, columns]``. An FSDP2 DTensor gathers only ``columns`` (a collective), its
+    gradient averaged as FSDP2's own (a sum would scale by the rank count)."""
     if not hasattr(weight, "full_tensor"):
         return weight if columns is None else weight[:, columns]
     if weight.device.type != weight.device_mesh.device_type:
@@ -271,19 +261,6 @@ def head_columns(heads: list[int], head_dim: int, device: torch.device | None = 
     """``[len(heads) * head_dim]`` input-column indices of ``heads`` (head-major)."""
     offsets = torch.arange(head_dim, device=device)
     return torch.cat([h * head_dim + offsets for h in heads])
-
-
-def project_heads(
-    o_proj: nn.Module, x_heads: torch.Tensor, heads: list[int], head_dim: int, weight: torch.Tensor | None = None
-) -> torch.Tensor:
-    """``[len(heads), ..., d]`` float32: each head's slice of ``x_heads`` ``[..., len(heads) * head_dim]`` through its
-    ``W_O`` columns. Over all heads they sum to ``o_proj(x) - bias`` (LoRA dropout aside). ``weight``:
-    ``[d, len(heads) * head_dim]`` columns if already read (ZeRO-3, hera/capture.py), else read here."""
-    if weight is None:
-        weight = effective_weight_columns(o_proj, head_columns(heads, head_dim, x_heads.device))
-    w_sel = weight.unflatten(-1, (len(heads), head_dim))  # [d, n, dh] float32
-    x_sel = x_heads.float().unflatten(-1, (len(heads), head_dim))  # [..., n, dh]
-    return torch.einsum("...nk,dnk->n...d", x_sel, w_sel)
 
 
 def gathered(module: nn.Module) -> contextlib.AbstractContextManager:

@@ -1,6 +1,4 @@
-"""HeRA's checks before LLaMA-Factory parses the recipe (nothing loaded; also before torchrun starts the ranks). Run
-by :class:`llamafactory_hera.hera.run.HeraRun`; after the parse: :mod:`.parsed_checks`.
-"""
+"""HeRA's checks before LLaMA-Factory parses the recipe (nothing loaded; also before torchrun starts the ranks)."""
 
 from __future__ import annotations
 
@@ -27,9 +25,8 @@ def validate_raw_host_args(host_args: dict[str, Any] | list[str], hera_args: Her
 
 
 def check_heads_before_parse(host_args: dict[str, Any] | list[str], hera_args: HeraArguments) -> None:
-    """Named ``hera_heads`` against a local model's ``config.json``; under torchrun this runs before the ranks start
-    (``llamafactory_hera_patches.launch``), so a head out of range starts none. Hub ids, folders without
-    ``config.json`` and unreadable configs are checked after the parse (:func:`validate_host_args`)."""
+    """Named ``hera_heads`` against a local model's ``config.json``; under torchrun before the ranks start, so a head
+    out of range starts none."""
     model = raw_value(host_args, "model_name_or_path")
     if hera_args.auto_heads or not model or not (Path(str(model)).expanduser() / "config.json").is_file():
         return

@@ -1,5 +1,5 @@
 """What HeRA saves beside the model (each checkpoint and the final model): the temperature, its optimizer, the feature
-queue. Called from the trainer's ``save_model`` and optimizer save / load.
+queue.
 """
 
 from __future__ import annotations
@@ -20,8 +20,7 @@ TAU_OPTIMIZER_NAME = "hera_temperature_optimizer.pt"
 
 
 def load_on_cpu(path: str) -> Any:
-    """``torch.load`` onto the CPU (tensors are tagged with the GPU that wrote them; a resume without it would fail);
-    the caller moves them."""
+    """``torch.load`` onto the CPU (tensors are tagged with the GPU that wrote them)."""
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
@@ -51,8 +50,7 @@ def save_optimizer_state(
     folder: str, tau_optimizer: torch.optim.Optimizer | None, queue: Any, process_index: int, should_save: bool
 ) -> None:
     """Save the temperature's own optimizer (DeepSpeed, FSDP) and this rank's feature queue."""
-    # Only the main process writes the model; another rank can get here first, so each makes the folder itself
-    # (as transformers' Trainer does for its per-rank RNG files).
+    # another rank can get here before the main process made the folder
     os.makedirs(folder, exist_ok=True)
     if tau_optimizer is not None and should_save:
         torch.save(tau_optimizer.state_dict(), os.path.join(folder, TAU_OPTIMIZER_NAME))

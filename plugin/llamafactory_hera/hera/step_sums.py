@@ -1,9 +1,7 @@
 """The HeRA step's per-log sums (:class:`StepSums`), read when the Trainer logs.
 
-A step must not wait on the GPU (``.item()``, ``bool(tensor)``, masks, ``.cpu()`` do) nor launch more than needed.
-Micro-batches keep device values (two ``detach`` ops), counts stay on the host; values are summed every
-:data:`FOLD_AT` micro-batches (no sync) and read at the next logging step, which syncs anyway. A non-finite HeRA
-loss warns at that read (logged as ``hera_nonfinite_skipped``).
+A step must not wait on the GPU (``.item()``, ``bool(tensor)``, masks, ``.cpu()`` do): micro-batches keep device
+values, summed every :data:`FOLD_AT` micro-batches and read at the next logging step, which syncs anyway.
 """
 
 from __future__ import annotations

@@ -1,8 +1,4 @@
-"""The frozen vision teacher (DINOv2 by default): loading, preprocessing, features.
-
-Outside the trained model, in eval mode, loaded once per process in float32 (:data:`TEACHER_DTYPE`), run under
-``no_grad``. Each encoder family has its own image feature (:class:`VisionTeacher`).
-"""
+"""The frozen vision teacher (DINOv2 by default): loading, preprocessing, features."""
 
 from __future__ import annotations
 
@@ -39,8 +35,8 @@ SUPPORTED_FAMILIES = "DINOv2 (with or without registers), DINOv3 ViT, ViT, CLIP,
 
 @dataclass(frozen=True)
 class FeatureLayout:
-    """Where an image tower keeps its feature. ``pooled``: where ``cls`` reads (``"first_token"``, ``"pooler"``;
-    ``None``: refused); ``prefix``: leading non-patch tokens ``mean`` skips; ``naflex``: SigLIP2 padded inputs."""
+    """Where an image tower keeps its feature. ``pooled``: where ``cls`` reads (None: refused); ``prefix``: leading
+    non-patch tokens ``mean`` skips."""
 
     model_type: str
     pooled: str | None
@@ -64,8 +60,7 @@ def feature_layout(config: Any) -> FeatureLayout | None:
 
 
 def looks_like_path(value: str) -> bool:
-    """True for a local folder: leading ``.``, ``/``, ``~``, a backslash or OS separator, or two ``/`` (Hub ids have
-    one at most)."""
+    """True for a local folder (Hub ids have one ``/`` at most)."""
     return (
         value.startswith((".", "/", "~"))
         or "\\" in value
@@ -80,8 +75,7 @@ def resolve_teacher(name_or_path: str) -> str:
 
 
 def check_teacher_source(name_or_path: str, feature: str | None = None) -> None:
-    """Refuse, before the MLLM loads, a missing folder, unreadable config, non-vision model, unknown family, or
-    ``feature="cls"`` without a pooled feature (``feature=None``: not checked)."""
+    """Refuse, before the MLLM loads, a teacher that cannot serve (``feature=None``: the feature not checked)."""
     path = resolve_teacher(name_or_path)
     if looks_like_path(name_or_path) and not Path(path).is_dir():
         raise RecipeError(
@@ -110,7 +104,6 @@ def check_teacher_source(name_or_path: str, feature: str | None = None) -> None:
 
 
 def check_feature(layout: FeatureLayout | None, name_or_path: str, model_type: str, feature: str | None) -> None:
-    """Refuse an unknown family, and ``cls`` without a pooled feature."""
     if layout is None:
         raise RecipeError(
             f"hera_teacher: '{name_or_path}' is a '{model_type}' vision model, whose image feature HeRA does not "
@@ -134,7 +127,6 @@ def is_vision_encoder_config(config: Any) -> bool:
 
 
 def open_image(image: Any) -> Image.Image:
-    """One LLaMA-Factory image entry (path, bytes, ``{"bytes"|"path"}`` dict, PIL image) as RGB."""
     if isinstance(image, dict):
         image = image.get("bytes") or image.get("path")
     if isinstance(image, bytes):
@@ -157,11 +149,8 @@ def load_image_processor(name_or_path: str) -> Any:
 
 
 class NaFlexProcessor:
-    """SigLIP2's image processor, its three outputs packed into ``pixel_values``.
-
-    Each image's own ``h x w`` patch grid is padded to ``N`` patches. Packed ``[B, N, D + 2]``: ``D = 3 * p * p``
-    pixels, then two 0/1 channels, ones on the first ``h`` and first ``w`` positions (exact in any float dtype: rows
-    survive the Trainer's casts and indexing). The mask is the first ``h * w`` positions (:func:`unpack_naflex`).
+    """SigLIP2's image processor, its three outputs packed into ``pixel_values`` ``[B, N, D + 2]``: the patches, then
+    the ``h x w`` grid as two 0/1 channels (exact in any float dtype: rows survive the Trainer's casts and indexing).
     """
 
     def __init__(self, processor: Any) -> None:
@@ -189,9 +178,8 @@ def unpack_naflex(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tor
 
 
 class VisionTeacher(nn.Module):
-    """Frozen image tower: one float32 feature per image. ``cls``: the pooled feature (layernormed [CLS] for DINOv2 /
-    DINOv3 / ViT, ``pooler_output`` for CLIP, the pooling head for SigLIP); ``mean``: mean of the last layer's patch
-    tokens (no [CLS], registers, padding)."""
+    """Frozen image tower: one float32 feature per image. ``cls``: the pooled feature; ``mean``: mean of the last
+    layer's patch tokens."""
 
     def __init__(self, encoder: nn.Module, feature: str, name: str = "the teacher", source: str | None = None) -> None:
         super().__init__()
@@ -205,14 +193,13 @@ class VisionTeacher(nn.Module):
 
     @override
     def train(self, mode: bool = True) -> VisionTeacher:
-        """Stay in eval mode whatever the trainer asks."""
+        # eval mode whatever the trainer asks
         return super().train(False)
 
     @torch.no_grad()
     @override
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """``[N, 3, h, w]`` pixels (SigLIP2: ``[N, P, D + 2]`` packed) -> ``[N, E]`` float32 features (bf16 rounding
-        would reorder near-tied neighbours); the encoder runs in its own dtype."""
+        """``[N, 3, h, w]`` pixels (SigLIP2: ``[N, P, D + 2]`` packed) -> ``[N, E]`` float32 features."""
         param = next(self.encoder.parameters())
         # pinned pixels go up asynchronously; a copy to the CPU must finish before use
         pixel_values = pixel_values.to(param.device, non_blocking=param.device.type == "cuda")
@@ -244,7 +231,7 @@ KEEP_ROWS = 4096  # rows a pass hands on at a time (16 MB of DINOv2-L)
 def load_teacher(
     name_or_path: str, feature: str, device: torch.device | str, *, dtype: torch.dtype = TEACHER_DTYPE
 ) -> VisionTeacher:
-    """The frozen teacher on ``device`` in ``dtype``, loaded once per process and settings."""
+    """The frozen teacher, loaded once per process and settings."""
     # lazy: model classes would delay the checks importing this module
     from transformers import AutoModel, __version__
 
@@ -263,9 +250,8 @@ def load_teacher(
 def per_sample_features(
     image_features: torch.Tensor, image_counts: torch.Tensor, num_images: int | None = None, one_each: bool = False
 ) -> torch.Tensor:
-    """``[B, E]`` float32: each sample's mean of its images' L2-normalised ``[N_img, E]`` features (each image
-    weighs the same; zero without images). ``num_images``: N_img if known (no device wait); ``one_each``: every
-    count is 1 (fewer ops)."""
+    """``[B, E]`` float32: each sample's mean of its images' L2-normalised ``[N_img, E]`` features (zero without
+    images). ``num_images``: N_img if known (no device wait)."""
     if one_each:
         return F.normalize(image_features.float(), dim=-1)
     batch = image_counts.shape[0]
@@ -289,14 +275,11 @@ def teacher_batch_size(batch_size: int) -> int:
 
 
 def batches_of(items: list[Any], size: int) -> Iterator[list[Any]]:
-    """Consecutive slices of ``size`` (the last shorter)."""
     for start in range(0, len(items), size):
         yield items[start : start + size]
 
 
-@torch.no_grad()
 def continuing(found: int, total: int, desc: str) -> None:
-    """Say that a pass takes ``found`` of ``total`` rows from an earlier pass."""
     if found and found < total:
         show(line(f"{desc}: continuing from {found} of {total} rows (kept by an earlier pass)."))
 
@@ -312,9 +295,8 @@ def image_features(
     opener: Callable[[Any], Any] = open_image,
     keep: Callable[[int, torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
-    """``[N, E]`` float32 features of ``images`` in order, on the teacher's device; ``workers`` threads (PIL releases
-    the GIL) prepare up to ``workers + 1`` batches ahead. ``keep(first row, rows)`` gets rows every :data:`KEEP_ROWS`
-    or more, at a batch's end."""
+    """``[N, E]`` float32 features of ``images`` on the teacher's device; ``workers`` threads (PIL releases the GIL)
+    prepare batches ahead. ``keep(first row, rows)`` gets rows every :data:`KEEP_ROWS` or more."""
 
     def pixels(batch: list[Any]) -> torch.Tensor:
         return image_processor([opener(image) for image in batch], return_tensors="pt")["pixel_values"]

@@ -1,10 +1,6 @@
 """Teacher features kept so an image goes through the teacher once: the run's per-image cache (for later epochs)
-and the store shared by head selection, the alignment monitor and a run's precompute.
-
-The cache (:class:`TeacherFeatureCache`) is keyed by image content (:func:`image_key`; PIL images are never cached);
-the collator, maybe in forked workers, skips keys it sees; the trainer owns the features. The store
-(:class:`TeacherFeatureStore`): float32 rows by teacher and image, in the process and under
-``$LLAMAFACTORY_HERA_CACHE/teacher_features`` (docs/hera-design.md, "One teacher pass per dataset").
+and the store shared by head selection, the alignment monitor and a run's precompute (docs/hera-design.md, "One
+teacher pass per dataset").
 """
 
 from __future__ import annotations
@@ -41,7 +37,6 @@ def image_key(image: Any) -> str | None:
 
 
 def image_identity(key: str | None, position: int) -> str:
-    """An image's content key, or (unkeyed) its position in the batch."""
     return key if key is not None else f"unkeyed:{position}"
 
 
@@ -51,20 +46,19 @@ def pinned_copies(device: torch.device | str) -> bool:
 
 
 def host_buffer(rows: int, width: int, dtype: torch.dtype, pinned: bool) -> torch.Tensor:
-    """Empty ``[rows, width]`` host tensor, pinned if asked (a pinned block is reused only after its copies ran)."""
+    """A pinned block is reused only after its copies ran."""
     return torch.empty(rows, width, dtype=dtype, pin_memory=pinned)
 
 
 def rows_to_device(rows: list[torch.Tensor], device: torch.device | str) -> torch.Tensor:
-    """Host rows ``[E]`` stacked into a (pinned for CUDA) staging buffer, copied non-blocking: ``[len(rows), E]``."""
+    """Host rows ``[E]`` -> ``[len(rows), E]`` on ``device``, through a (pinned for CUDA) staging buffer."""
     staging = host_buffer(len(rows), int(rows[0].shape[-1]), rows[0].dtype, pinned_copies(device))
     torch.stack(rows, out=staging)
     return staging.to(device, non_blocking=True)
 
 
 def rows_to_host(computed: torch.Tensor) -> tuple[torch.Tensor, Any]:
-    """``computed`` ``[M, E]`` copied to the host non-blocking, and the event to wait for before reading it (None
-    when synchronous)."""
+    """``computed`` copied to the host non-blocking, and the event to wait for (None when synchronous)."""
     host = computed.detach().to("cpu", non_blocking=True)
     if computed.device.type in ("cpu", "meta"):  # meta: the tests' accelerator, synchronous
         return host, None
@@ -100,9 +94,8 @@ class TeacherFeatureCache:
         computed_ids: list[str] | None,
         device: torch.device | str | None = None,
     ) -> torch.Tensor:
-        """``[len(keys), E]`` on ``device`` (default ``computed``'s, else CPU): per key (None: not cacheable) its row of
-        ``computed`` ``[M, E]`` by ``computed_ids``, else the cached one. RuntimeError for an image neither
-        computed nor cached."""
+        """``[len(keys), E]`` on ``device`` (default ``computed``'s, else CPU): per key its row of ``computed``
+        ``[M, E]`` by ``computed_ids``, else the cached one."""
         computed_ids = list(computed_ids or ())
         num_computed = 0 if computed is None else int(computed.shape[0])
         if num_computed != len(computed_ids):
@@ -161,7 +154,6 @@ STALE_TMP_SECONDS = 3600  # a *.tmp this old is a dead write
 
 
 def cache_root() -> Path:
-    """``$LLAMAFACTORY_HERA_CACHE``, default ``~/.cache/llamafactory_hera``."""
     return Path(os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "llamafactory_hera"))
 
 
@@ -169,8 +161,7 @@ _unwritable_said: set[str] = set()  # cache folders already said unwritable
 
 
 def cache_unwritable(folder: Path, err: OSError | RuntimeError, size: str = "") -> None:
-    """Say once per process and cache folder that it cannot be written (file, read-only, full); results then stay
-    in memory and the command goes on."""
+    """Say once per process and cache folder that it cannot be written; results then stay in memory."""
     if str(cache_root()) in _unwritable_said:
         return
     _unwritable_said.add(str(cache_root()))
@@ -199,8 +190,7 @@ def path_fingerprint(path: str | None) -> str | None:
 
 
 def teacher_identity(source: str, feature: str, dtype: torch.dtype, device_type: str) -> str:
-    """Name of one teacher's rows: files (or hub id), feature, dtype and device type (other kernels round
-    differently)."""
+    """Name of one teacher's rows (device type included: other kernels round differently)."""
     text = json.dumps([path_fingerprint(source), feature, str(dtype), device_type])
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
@@ -217,7 +207,6 @@ class TeacherFeatureStore:
         self.said = False  # this pass said where its rows go
 
     def get(self, keys: Iterable[str | None]) -> dict[str, torch.Tensor]:
-        """The stored rows of ``keys``, as a pass begins."""
         self._read_disk()
         found = {key: self.rows[key] for key in keys if key is not None and key in self.rows}
         self.in_use = {self.files[key] for key in found if key in self.files}
@@ -225,7 +214,6 @@ class TeacherFeatureStore:
         return found
 
     def add(self, rows: dict[str, torch.Tensor], persist: bool) -> None:
-        """Keep new ``rows`` in memory, and on disk with ``persist``."""
         self._read_disk()
         new = {key: row.detach().float().cpu() for key, row in rows.items() if key not in self.rows}
         self.rows.update(new)
@@ -279,7 +267,7 @@ class TeacherFeatureStore:
 
 
 def save_durable(data: Any, path: Path) -> None:
-    """``torch.save`` via an fsync'd temporary file renamed to ``path``: whole or absent."""
+    """``torch.save``, ``path`` whole or absent."""
     temporary = path.with_suffix(f".{uuid.uuid4().hex[:8]}.tmp")  # ranks may write one name at once
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -293,7 +281,6 @@ def save_durable(data: Any, path: Path) -> None:
 
 
 def _existing(root: Path, pattern: str) -> list[tuple[Path, os.stat_result]]:
-    """Files matching ``pattern`` under ``root`` with their stat, skipping those removed meanwhile."""
     found = []
     for path in root.rglob(pattern):
         try:
@@ -328,8 +315,7 @@ _STORES: dict[str, TeacherFeatureStore] = {}
 
 
 def feature_store(teacher: VisionTeacher) -> TeacherFeatureStore | None:
-    """The store of ``teacher`` as it runs now (device type included); None without ``source`` (not from
-    :func:`~llamafactory_hera.hera.teacher.load_teacher`)."""
+    """The store of ``teacher`` as it runs now; None for one not from :func:`teacher.load_teacher`."""
     source = getattr(teacher, "source", None)
     if source is None:
         return None

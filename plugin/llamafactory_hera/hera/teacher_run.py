@@ -1,6 +1,5 @@
 """The teacher in a HeRA run (:class:`RunTeacher`, owned by the trainer). With ``hera_teacher_precompute`` one pass
-over the training set's distinct images, split over the ranks, fills the feature cache, so the steps run no teacher
-forward and the teacher can leave the GPU (what is shared with selection: docs/hera-design.md).
+over the training set's distinct images, split over the ranks, fills the feature cache (docs/hera-design.md).
 """
 
 from __future__ import annotations
@@ -35,8 +34,7 @@ GATHER_ROWS = 4096  # rows per all-gather: 16 MB per rank at E=1024
 def precompute_wanted(
     setting: str, cache_enabled: bool, num_samples: int | None, max_steps: int, global_batch: int
 ) -> bool:
-    """``true`` / ``false``; ``auto``: when the cache is on and the run sees every sample (``max_steps`` does not end
-    the first epoch)."""
+    """``auto``: when the cache is on and the run sees every sample."""
     if setting != "auto":
         return setting == "true"
     if not cache_enabled or num_samples is None:
@@ -59,8 +57,8 @@ def training_images(rows: Iterable[list[Any] | None]) -> tuple[dict[str, Any], i
 
 
 def stored_rows(store: TeacherFeatureStore | None, keys: list[str]) -> dict[int, torch.Tensor]:
-    """The store's rows by position in sorted ``keys``; distributed, rank 0's are broadcast so every rank skips the
-    same positions (keys may differ: a node-local copy's mtimes). Collective."""
+    """The store's rows by position in sorted ``keys``; rank 0's are broadcast so every rank skips the same
+    positions. Collective."""
     if not distributed():
         return _by_position(store, keys)
     counts = [None] * torch.distributed.get_world_size()
@@ -96,8 +94,7 @@ def precompute_teacher_features(
     store: TeacherFeatureStore | None = None,
 ) -> tuple[int, int]:
     """Fill ``cache`` with every keyed image's feature: the ``store``'s rows, then this rank computes
-    ``keys[rank::world]`` of the others and all ranks' rows are gathered. Collective, same images on every rank.
-    Returns (images this rank computed, images from the store)."""
+    ``keys[rank::world]`` of the others, gathered. Collective. (images this rank computed, images from the store)."""
     keys = sorted(by_key)
     stored = stored_rows(store, keys)
     cache.features.update({keys[position]: row for position, row in stored.items()})
@@ -152,8 +149,7 @@ def precompute_teacher_features(
 
 
 def check_same_on_every_rank(model: torch.nn.Module, key: str, name: str) -> None:
-    """Refuse on every rank a frozen model whose weights differ across ranks (a loader's zeros, another node's
-    copy), by the float64 sum and absolute sum of its tensors. Collective."""
+    """Refuse on every rank a frozen model whose weights differ across ranks. Collective."""
     if not distributed():
         return
     parts = [
@@ -200,7 +196,6 @@ class RunTeacher:
         self._precompute: bool | None = None
 
     def image_processor(self, collator: Any) -> Any:
-        """The collator's teacher image processor, else loaded."""
         return getattr(collator, "hera_image_processor", None) or load_image_processor(self.hera_args.hera_teacher)
 
     def to(self, device: torch.device | str) -> bool:
@@ -224,8 +219,7 @@ class RunTeacher:
         return self._precompute
 
     def precompute(self, dataset: Any, collator: Any, args: Any, main_process: bool) -> None:
-        """Fill the cache with every training image's feature; move the teacher to the CPU when the steps need it no
-        more."""
+        """Fill the cache with every training image's feature."""
         if not self.precompute_decision(dataset, args):
             return
         if not _has_images(dataset) or not self.cache.enabled:

@@ -1,6 +1,4 @@
-"""LlamaBoard's HeRA panel, declared: fields, the ``hera_heads`` check, the loss plot (built by
-:mod:`llamafactory_hera.board.builder`). Other ``hera_*`` keys go in the "Extra arguments" JSON box, which wins.
-"""
+"""LlamaBoard's HeRA panel, declared: fields, the ``hera_heads`` check, the loss plot."""
 
 from __future__ import annotations
 
@@ -23,8 +21,7 @@ def normalize_heads(value: Any) -> str:
 
 
 def check_heads_geometry(args: HeraArguments, context: Mapping[str, Any]) -> str:
-    """The run's own :func:`~llamafactory_hera.heads.geometry.check_heads_fit` against LlamaBoard's model when its
-    config is local; "" when they fit, under ``auto``, or for an unknown model (the run checks again)."""
+    """The run's own heads check against LlamaBoard's model when its config is local; "" when they fit."""
     if args.auto_heads:
         return ""
     geometry = local_attention_geometry(context.get("model_path"))

@@ -1,5 +1,5 @@
-"""The GPUs plan knows: dense bf16 peak (no sparsity) from the datasheet named beside each row; allocatable memory,
-``nvidia-smi``'s total (MiB / 1024: an H100's 80 GB is 81,559 MiB, 79.65 GiB); the link between a node's GPUs."""
+"""The GPUs plan knows: dense bf16 peak from the datasheet named beside each row; allocatable memory, ``nvidia-smi``'s
+total (MiB / 1024); the link between a node's GPUs."""
 
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ class Card:
     link_gbs: float = 64.0  # its datasheet rate per GPU, GB/s, both directions together
 
     def holds(self, needed: float) -> bool:
-        """Whether ``needed`` bytes fit the allocatable memory."""
         return needed <= self.memory_gib * 2**30
 
 

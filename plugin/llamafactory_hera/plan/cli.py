@@ -28,7 +28,6 @@ LAUNCH_LINE = re.compile(r"accelerate launch --config_file (\S+)")  # a recipe h
 
 
 def add_verbs(commands: Any) -> dict[str, Callable[[argparse.Namespace], None]]:
-    """Add ``plan`` to ``llamafactory-hera``'s sub-commands; verb -> handler."""
     parser = commands.add_parser(
         "plan",
         help="a recipe's memory per GPU, fit, FLOPs, time and GPU-hours, before renting (docs/cost.md)",
@@ -297,8 +296,7 @@ def board_report(args: dict) -> str:
 
 
 def card_here() -> str:
-    """This machine's first GPU among :data:`CARDS` (by name, then memory); else the default card, which the report
-    names."""
+    """This machine's first GPU among :data:`CARDS` (by name, then memory); else the default card."""
     import torch  # lazy: seconds, which --help needs not
 
     if not torch.cuda.is_available():

@@ -1,5 +1,5 @@
-"""A recipe's micro-step at full model size: each arm (SFT, HeRA, with Liger) counted on a few-layer fake-tensor model,
-every figure scaled linearly to full depth by what one more decoder layer and vision block add."""
+"""A recipe's micro-step at full model size: each arm counted on a few-layer fake-tensor model, scaled linearly to
+full depth."""
 
 from __future__ import annotations
 
@@ -34,8 +34,7 @@ FIGURES = (
 
 @dataclass(frozen=True)
 class Shape:
-    """The micro-step: rows, length, image, adapters (or a full fine-tune's parts), 4-bit, Liger, checkpointing;
-    HARC's reference rows, RAH-LoRA's probe (``step.step``)."""
+    """The micro-step :func:`step.step` counts."""
 
     batch: int
     seq: int
@@ -93,8 +92,7 @@ def _attention_flops(flops: counter.StepFlops) -> int:
 
 
 def count(config: Any, shape: Shape) -> dict[str, float]:
-    """One unscaled micro-step: FLOPs (attention's apart), parameters, activations (alive at the forward's end) and
-    temporaries (the rest of the peak). Cached for plan's second look."""
+    """One unscaled micro-step's figures (:data:`FIGURES`); cached for plan's second look."""
     key = (config.to_json_string(), repr(shape))
     if key not in _COUNTED:
         _COUNTED[key] = _count(config, shape)
@@ -145,10 +143,9 @@ def _count(config: Any, shape: Shape) -> dict[str, float]:
 
 
 def scaled(config: Any, shapes: dict[str, Shape], head_layers: int) -> dict[str, dict[str, float]]:
-    """Each arm on a reduced model: HeRA's head layers (at least one, softmax-kind), one of the commonest kind
-    (HeRA's non-reentrant layers change the backward's peak until a reentrant one follows) and the tower's special
-    blocks; plus, counted on the last arm, one more layer of each kind and one more block, times those left out (a
-    headless layer and the frozen tower cost the same in every arm). I-SAL runs eager attention (for its weights)."""
+    """Each arm on a reduced model: HeRA's head layers, one of the commonest kind (HeRA's non-reentrant layers change
+    the backward's peak until a reentrant one follows) and the tower's special blocks; plus, counted on the last arm,
+    one more layer of each kind and one more block, times those left out (they cost the same in every arm)."""
     kinds = layer_types(config)
     full_v = depths(config)[2]  # the vision tower's blocks
     vision = getattr(config, "vision_config", None)
@@ -180,8 +177,8 @@ def scaled(config: Any, shapes: dict[str, Shape], head_layers: int) -> dict[str,
 
 
 def head_layers(heads: Any, num_heads: int, per_layer: int = 1) -> tuple[list[str], int]:
-    """HeRA's heads (names or parsed) moved into layers 0, 1, ..., and their layer count; ``auto``: ``num_heads``
-    heads packed into the fewest layers (its picks are known only after it ran)."""
+    """HeRA's heads moved into layers 0, 1, ..., and their layer count; ``auto``: ``num_heads`` heads packed into the
+    fewest layers."""
     if not isinstance(heads, list):
         return [f"L{i // per_layer}H{i % per_layer}" for i in range(num_heads)], -(-num_heads // per_layer)
     refs = [parse_head(head) for head in heads]

@@ -1,7 +1,6 @@
-"""One training step counted without weights or a GPU: FLOPs and peak tensor memory by category of a model under
-``FakeTensorMode`` (shapes and dtypes, no data), for plan; bench/cost_count.py adds each collective's bytes on a fake
-process group. Ops on real tensors only (token ids, image grids, position ids) run for real, so data-dependent index
-arithmetic works; whatever touches a weight stays fake.
+"""One training step counted without weights or a GPU: FLOPs and peak tensor memory of a model under
+``FakeTensorMode``. Ops on real tensors only (token ids, image grids) run for real, so data-dependent index
+arithmetic works.
 """
 
 from __future__ import annotations
@@ -24,9 +23,8 @@ def tensors_of(tree: object) -> list[torch.Tensor]:
 
 
 class RealIndexMode(TorchDispatchMode):
-    """Runs an op for real when no argument is fake and it is a view or small, as ``arange`` / ``linspace`` and
-    small integer tensors made from nothing (a floating one, a weight, stays fake); a real boolean mask selects a fake
-    tensor by its true count."""
+    """Runs an op for real when no argument is fake and it is a view or small (a floating one made from nothing, a
+    weight, stays fake); a real boolean mask selects a fake tensor by its true count."""
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         kwargs = kwargs or {}
@@ -118,9 +116,8 @@ def count_attention() -> None:
 
 
 class StepFlops(flop_counter.FlopCounterMode):
-    """``FlopCounterMode`` tracking no module: torch's module tracker hooks every forward's inputs and outputs, a
-    checkpointed recompute's too, keeping them alive to the backward's end: a peak inflated by a layer's hidden
-    states per layer."""
+    """``FlopCounterMode`` tracking no module: torch's module tracker keeps every forward's inputs and outputs alive
+    to the backward's end, inflating the peak."""
 
     def __init__(self) -> None:
         super().__init__(display=False)

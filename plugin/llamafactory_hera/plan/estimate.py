@@ -1,6 +1,5 @@
-"""A recipe's run before renting: its setup (:func:`setup_of`), memory per GPU by category (:func:`memory`), changes
-that would fit (:func:`fixes`), bytes exchanged (:func:`communicated`). Arithmetic on :mod:`.count`'s FLOPs and
-tensors; each engine's bytes per parameter: docs/cost.md ("What it counts").
+"""A recipe's run before renting: its setup, memory per GPU by category, changes that would fit, bytes exchanged
+(docs/cost.md, "What it counts").
 """
 
 from __future__ import annotations
@@ -55,8 +54,7 @@ class Setup:
 
 
 def found(path: str | Path, recipe_dir: Path) -> Path:
-    """A recipe's path from the working folder (as LLaMA-Factory reads it), else from the recipe's folder or the
-    first one above holding it (shipped recipes' paths are from the repository root)."""
+    """A recipe's path from the working folder, else from the recipe's folder or the first one above holding it."""
     path = Path(path)
     if path.is_absolute() or path.exists():
         return path
@@ -89,8 +87,7 @@ def _engine_of(zero: dict, where: str, notes: list[str]) -> str:
 
 
 def setup_of(recipe: dict, recipe_dir: Path, gpus: int | None, accelerate_config: Path | None) -> Setup:
-    """The recipe's setup: engine from ``deepspeed``, else the accelerate config, else DDP; GPUs from ``gpus``,
-    else ``num_processes``, else 1; what is planned as something else goes into :attr:`Setup.notes`."""
+    """The recipe's setup; what is planned as something else goes into :attr:`Setup.notes`."""
     engine = "ddp"
     default_gpus = 1
     live = 1e9
@@ -217,8 +214,7 @@ def fixes(
 
 def _changes(counts: dict[str, dict[str, float]], setup: Setup, card: Card, arm: str, image_tokens: int) -> list[tuple]:
     """Each change: (cost rank, command addition, arm suffix, setup changes, activations' divisor, shown alone,
-    kind). A cutoff only where the image and :data:`MIN_TEXT` text tokens stay whole (else the row fails); more GPUs
-    under FSDP2 (DDP LoRA) or ZeRO-3 (DDP full), alone only the fewest that fit."""
+    kind). A cutoff only where the image and :data:`MIN_TEXT` text tokens stay whole (else the row fails)."""
     out = []
     if f"{arm}+liger" in counts:
         out.append((1, "enable_liger_kernel=true", "+liger", {}, 1, True, "liger"))
@@ -262,9 +258,7 @@ def _changes(counts: dict[str, dict[str, float]], setup: Setup, card: Card, arm:
 
 
 def communicated(counts: dict[str, float], setup: Setup) -> tuple[float, float]:
-    """Bytes each GPU receives per micro-step and per optimizer step (a ring: ``(N - 1) / N`` of each whole), by
-    docs/cost.md's collectives (checkpointing's recompute reuses the backward's gather; DDP's all-reduce moves twice a
-    ring all-reduce's bytes)."""
+    """Bytes each GPU receives per micro-step and per optimizer step, by docs/cost.md's collectives."""
     n = setup.gpus
     total = counts["params"]
     trained = counts["trainable"]

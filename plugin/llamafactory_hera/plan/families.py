@@ -1,5 +1,4 @@
-"""What plan needs of a model family, from its config alone: a parameter's part, one row's image as the family's
-processor makes it, the config of a LLaVA-1.5 model ``llamafactory-hera compose`` has not built yet."""
+"""What plan needs of a model family, from its config alone."""
 
 from __future__ import annotations
 
@@ -86,8 +85,7 @@ COMPOSE_LINE = re.compile(r"llamafactory-hera compose --llm (\S+)(?: --vision (\
 
 
 def composed_config(recipe_text: str) -> Any | None:
-    """The config the compose command in the recipe's header builds (stage 2 trains stage 1's output, of the same
-    config), from local config.json files; None: no such command."""
+    """The config the compose command in the recipe's header builds; None: no such command."""
     from transformers import AutoConfig, LlavaConfig  # lazy: transformers only once a recipe is read
 
     if (found := COMPOSE_LINE.search(recipe_text)) is None:

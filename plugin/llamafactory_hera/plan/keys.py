@@ -1,5 +1,4 @@
-"""A recipe read as training reads it: through its checks (:func:`checked`), each unset key at training's default
-(:func:`with_defaults`), so no figure rests on a default of plan's own."""
+"""A recipe read as training reads it, so no figure rests on a default of plan's own."""
 
 from __future__ import annotations
 
@@ -8,8 +7,7 @@ from typing import Any
 
 
 def checked(recipe: dict) -> Any:
-    """``recipe`` through training's pre-parse checks but this machine's. Returns the method's arguments (None: a
-    LLaMA-Factory stage)."""
+    """``recipe`` through training's pre-parse checks but this machine's; the method's arguments (None: none)."""
     # lazy: these import LLaMA-Factory's and transformers' pieces
     from llamafactory_hera.recipe.raw_checks import check_raw_recipe
     from llamafactory_hera_patches.recipe.arguments import keys_of, split_args

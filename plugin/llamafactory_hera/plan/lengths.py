@@ -1,5 +1,5 @@
-"""The lengths plan counts a step at: a sample of the recipe's rows tokenized as training does; where that is not
-possible offline, the worst case, ``cutoff_len`` tokens with an image of ``image_max_pixels`` (docs/cost.md).
+"""The lengths plan counts a step at: a sample of the recipe's rows tokenized as training does, else the worst case
+(docs/cost.md).
 """
 
 from __future__ import annotations

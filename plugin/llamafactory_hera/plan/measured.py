@@ -1,15 +1,7 @@
 """The GPU leases' measurements plan times a run from (docs/cost.md, "Time: what the GPU leases measured").
 
-Every step row is bench/overhead.py's recipe on Qwen3-VL-8B: bf16, LoRA r 8 on every language-model linear layer
-(QLoRA: in 4 bits), micro-batch 8 of 230-token rows with one 448 px image each (196 image tokens), accumulation 1,
-reentrant checkpointing, ``dataloader_num_workers: 0``, a log (so a host sync) every step. Drawn from them:
-
-- an aten op's host cost (:func:`per_op`): the median step over its counted ops; their FLOPs are under a quarter of
-  the peak, so the step is taken as host work;
-- the share of the peak (:func:`efficiency`): the GPU's busy time was not measured, so a floor, the FLOPs over the
-  fastest step; a time from it is an upper bound;
-- the teacher's pass (:func:`teacher_start`, :func:`teacher_rate`), DINOv2's processor and forward together (the CPU
-  processor sets the rate).
+Every step row is bench/overhead.py's recipe on Qwen3-VL-8B (bf16, LoRA r 8, QLoRA in 4 bits, micro-batch 8 of
+230-token rows with one 448 px image each).
 """
 
 from __future__ import annotations
@@ -77,8 +69,6 @@ FASTEST = {
 
 @dataclass(frozen=True)
 class Spread:
-    """A figure's low, median and high over its rows, and what they are."""
-
     low: float
     median: float
     high: float
@@ -86,13 +76,12 @@ class Spread:
 
 
 def measured_kind(lora: bool, bits: int | None) -> str:
-    """``qlora`` (LoRA in 4 or 8 bits), else ``lora``; a full fine-tune is timed as LoRA (none measured; extra FLOPs
-    for the weights' gradients, ops about LoRA's)."""
+    """``qlora`` (LoRA in 4 or 8 bits), else ``lora``; a full fine-tune is timed as LoRA (none measured)."""
     return "qlora" if lora and bits else "lora"
 
 
 def per_op(kind: str) -> Spread:
-    """The host's seconds per aten op over the runs of ``kind``."""
+    """The host's seconds per aten op over the runs of ``kind`` (their FLOPs are under a quarter of the peak)."""
     rows = [step for step in STEPS if step.kind == kind]
     values = sorted(step.seconds_per_op for step in rows)
     leases = sorted({f"{step.lease.card} {step.lease.date}" for step in rows})
@@ -106,7 +95,7 @@ def per_op(kind: str) -> Spread:
 
 
 def efficiency(kind: str) -> tuple[float, str]:
-    """The floor of ``kind``'s share of the card's peak, and its source."""
+    """The floor of ``kind``'s share of the card's peak (the FLOPs over the fastest step), and its source."""
     lease = FASTEST[kind][0]
     ms = FASTEST[kind][2]
     flops = COUNTED[kind, "sft"][0]

@@ -1,5 +1,4 @@
-"""plan for stages that are not an SFT step: HARC's optimizer step (passes over harmful, harmless and pseudo-harmful
-rows, the KL reference pass, the directions' extractions) and RAH-LoRA's calibration (no training: probe passes)."""
+"""plan for stages that are not an SFT step: HARC's optimizer step and RAH-LoRA's calibration."""
 
 from __future__ import annotations
 

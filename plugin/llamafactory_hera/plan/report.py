@@ -1,5 +1,4 @@
-"""plan's text: memory per GPU by category, two-figure bands, and the time of a step, a run and HeRA's passes before
-step 1."""
+"""plan's text: memory per GPU by category and the time of a step, a run and HeRA's passes before step 1."""
 
 from __future__ import annotations
 
@@ -59,7 +58,6 @@ def duration(seconds: tuple) -> str:
 
 
 def fit_line(needed: float, card: Card) -> str:
-    """The verdict on ``needed`` bytes per GPU."""
     verdict = "fits" if card.holds(needed) else "does NOT fit"
     return f"  {verdict}: {needed / GiB:.2f} GiB needed of {card.memory_gib:g} GiB"
 

@@ -1,5 +1,5 @@
-"""One training micro-step of a weightless model under fake tensors, SFT or HeRA through the plugin's own code; only
-bitsandbytes (no fake tensors) and Liger (Triton, GPU only) are stood in for by their algorithm.
+"""One training micro-step of a weightless model under fake tensors through the plugin's own code; bitsandbytes and
+Liger are stood in for by their algorithm.
 """
 
 from __future__ import annotations
@@ -73,8 +73,8 @@ class Batch:
 
 
 def batch(config: Any, size: int, seq: int, max_pixels: int) -> Batch:
-    """``size`` rows of ``seq`` tokens, each with one square image of ``max_pixels`` (its tokens first) or none; the
-    text's second half is the answer. Integer inputs are real, made outside the fake mode."""
+    """``size`` rows of ``seq`` tokens, each with one square image of ``max_pixels`` or none; the text's second half
+    is the answer."""
     image = images(config, max_pixels)
     ids = torch.full((size, seq), 100, dtype=torch.long)
     tokens = image.tokens if image else 0
@@ -90,8 +90,7 @@ def batch(config: Any, size: int, seq: int, max_pixels: int) -> Batch:
 
 
 class Dequantized(torch.autograd.Function):
-    """bitsandbytes' 4-bit product: the weight dequantized (a clone) in forward and again in backward; only the
-    stored weight is kept (the caller counts its storage)."""
+    """bitsandbytes' 4-bit product: the weight dequantized (a clone) in forward and again in backward."""
 
     @staticmethod
     @override
@@ -111,7 +110,7 @@ UNQUANTIZED_COLUMNS = projection.base_weight_columns
 
 def four_bit_columns(base: nn.Module, columns: torch.Tensor | None = None) -> torch.Tensor:
     """``base_weight_columns`` for a 4-bit layer: the whole weight dequantized in bf16, the heads' columns cast to
-    float32; any other layer read as the plugin reads it."""
+    float32."""
     if not getattr(base, "four_bit", False):
         return UNQUANTIZED_COLUMNS(base, columns)
     full = base.weight.detach().clone()  # dequantize_4bit's [out, in] output, in the compute dtype
@@ -119,8 +118,7 @@ def four_bit_columns(base: nn.Module, columns: torch.Tensor | None = None) -> to
 
 
 def quantize_in_place(model: nn.Module) -> list[nn.Linear]:
-    """Every base ``nn.Linear`` but the output layer through :class:`Dequantized`, marked for
-    :func:`four_bit_columns` (which replaces ``projection.base_weight_columns``). Returns those layers."""
+    """Every base ``nn.Linear`` but the output layer through :class:`Dequantized`; those layers."""
     layers = [
         m for name, m in model.named_modules() if type(m) is nn.Linear and "lm_head" not in name and "lora_" not in name
     ]
@@ -132,9 +130,8 @@ def quantize_in_place(model: nn.Module) -> list[nn.Linear]:
 
 
 class ChunkedLinearCrossEntropy(torch.autograd.Function):
-    """Liger's fused linear cross-entropy: per chunk, logits, softmax gradient and its product with the weight made
-    in forward and dropped; only the hidden states' gradient ``[N, d]`` is kept (the output layer is frozen under
-    LoRA)."""
+    """Liger's fused linear cross-entropy: per chunk, logits and their gradient made in forward and dropped; only the
+    hidden states' gradient ``[N, d]`` is kept."""
 
     @staticmethod
     @override
@@ -160,7 +157,6 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
 
 
 def output_layer(model: nn.Module) -> nn.Module:
-    """The output layer (``lm_head``), PEFT-wrapped or not."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     return inner.lm_head
 
@@ -179,8 +175,7 @@ class HeraParts:
 
 
 def hera_parts(model: nn.Module, heads: list[str], recipe: dict) -> HeraParts:
-    """``HeadCapture`` and ``LayerCheckpointing`` for ``heads``, with the recipe's hera_* settings and
-    ``hera_candidates``, the contrastive set's size (``preparation_checks.contrastive_geometry``)."""
+    """``HeadCapture`` and ``LayerCheckpointing`` for ``heads``, with the recipe's hera_* settings."""
     refs = [parse_head(h) for h in heads]
     capture = HeadCapture(model, refs, attention_geometry(model.config))
     checkpointing = LayerCheckpointing(model, [ref.layer for ref in refs])
@@ -198,8 +193,7 @@ def hera_parts(model: nn.Module, heads: list[str], recipe: dict) -> HeraParts:
 
 def hera_term(parts: HeraParts, reps: torch.Tensor, teacher_dim: int = 1024) -> torch.Tensor:
     """HeraTrainer.hera_term at one rank, every sample an anchor, against cached teacher features; the candidates
-    beyond the micro-batch (the other ranks' anchors under ``hera_gather``, the queue) stand in without gradient
-    (bench/cost_models.py gathers the global batch over a fake process group)."""
+    beyond the micro-batch stand in without gradient."""
     size = reps.shape[1]
     others = max(parts.candidates - size, 0)
     candidates = torch.cat([reps, reps.new_zeros(reps.shape[0], others, reps.shape[2])], 1) if others else reps
@@ -227,9 +221,8 @@ def step(
     reference_rows: int = 0,
     probe: str | None = None,
 ) -> int:
-    """One bf16-autocast micro-step: forward (with HeRA's ``term``; ``reference_rows``: HARC's no-grad KL to the
-    adapter-disabled model), ``counter.mark()``, backward. ``probe``: RAH-LoRA's passes instead (``isal``: no-grad,
-    keeping attention weights; ``caf``: the last token's logits' backward). Returns HARC's reference FLOPs."""
+    """One bf16-autocast micro-step: forward (``reference_rows``: HARC's no-grad KL to the adapter-disabled model),
+    ``counter.mark()``, backward; ``probe``: RAH-LoRA's passes instead. Returns HARC's reference FLOPs."""
     inputs = dict(data.inputs)
     if data.pixels:
         inputs["pixel_values"] = torch.empty(data.pixels, dtype=torch.bfloat16)
@@ -271,7 +264,7 @@ def step(
 
 def train_mode(model: nn.Module, checkpointing: bool) -> None:
     """Training mode, inputs requiring grad; ``checkpointing``: reentrant, of layers with a trainable parameter, as
-    LLaMA-Factory does (a frozen one keeps its activations where a gradient passes, e.g. LLaVA-1.5's stage 1)."""
+    LLaMA-Factory does."""
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
         for module in model.modules():

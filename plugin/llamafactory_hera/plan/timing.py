@@ -1,8 +1,4 @@
-"""A run's time from :mod:`.measured` and its links. A micro-step takes the longest of three overlapping figures (the
-GPU runs queued kernels while the host queues more; engines gather the next layer while one computes): compute
-(FLOPs from the bf16 peak to the measured floor's share), host (counted ops times an op's measured cost) and
-communication (received bytes over the slowest link at the datasheet rate). The optimizer step adds what is
-exchanged once a step (DDP's all-reduce, ZeRO-2's gather)."""
+"""A run's time from :mod:`.measured` and its links (docs/cost.md, "Time: what the GPU leases measured")."""
 
 from __future__ import annotations
 
@@ -31,8 +27,7 @@ class Network:
 
 
 def link(card: Card, gpus: int, network: Network) -> tuple[str, float]:
-    """The slowest link a ring over ``gpus`` crosses, described, and its bytes/s each way (in a node, half the
-    card's two-way datasheet rate; between nodes, the network's)."""
+    """The slowest link a ring over ``gpus`` crosses, described, and its bytes/s each way."""
     within = card.link_gbs / 2 * 1e9
     said = f"{card.link} ({card.link_gbs:g} GB/s datasheet, half each way)"
     nodes = network.nodes(gpus)
@@ -62,8 +57,7 @@ def times(
     network: Network | None = None,
 ) -> dict[str, Any]:
     """A run's figures, each (fast, slow): the step (``accumulation`` micro-steps, each at least ``comm[0]`` bytes'
-    time, then ``comm[1]`` bytes'), an epoch of ``rows``, the run, GPU-hours, tokens/s; compute and host per step
-    (host at its median too), communication time, link."""
+    time, then ``comm[1]`` bytes'), an epoch of ``rows``, the run and more."""
     kind = measured_kind(setup.lora, setup.bits)
     peak = card.bf16_tflops * 1e12
     cost = per_op(kind)

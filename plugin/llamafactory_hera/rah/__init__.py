@@ -1,3 +1,2 @@
 """RAH-LoRA (``stage: rah``): training-free calibration of high-influence, weakly cross-modal attention heads, written
-as a PEFT LoRA adapter (docs/rah.md). Declared in :mod:`llamafactory_hera.methods`.
-"""
+as a PEFT LoRA adapter (docs/rah.md)."""

@@ -1,9 +1,8 @@
 """RAH-LoRA's calibration as a standard PEFT LoRA adapter (scaling 1, dropout 0) on the touched modules only.
 
-A head-slice rank-r update is a rank-r update of the whole matrix (placed by :func:`overlay.module_step`). For
-targets j = 1..m of one module with ``Delta_j = alpha_j U_j diag(S_j) Vh_j``, ``lora_A`` stacks ``sqrt(S_j) Vh_j``
-(rows ``j*r ...``) and ``lora_B`` places ``alpha_j U_j sqrt(S_j)`` (columns ``j*r ...``). Module names are the
-language model's exact ones: a bare ``v_proj`` would also match the vision tower's.
+For targets j = 1..m of one module with ``Delta_j = alpha_j U_j diag(S_j) Vh_j``, ``lora_A`` stacks
+``sqrt(S_j) Vh_j`` and ``lora_B`` places ``alpha_j U_j sqrt(S_j)``. Module names are the language model's exact ones:
+a bare ``v_proj`` would also match the vision tower's.
 """
 
 from __future__ import annotations
@@ -47,10 +46,9 @@ def save_adapter(
     dora: bool = False,
     overlay: WeightOverlay | None = None,
 ) -> list[str]:
-    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` (PEFT's ``save_pretrained``); return the target
-    names; ``model`` (plain weights hold ``W + BA``, ``overlay`` the others' steps) is left unchanged. ``dora`` writes
-    a DoRA adapter of the same calibration: ``m``, the calibrated weight's row norms, makes PEFT's
-    ``diag(m / ||W + BA||_row) (W + BA)`` equal ``W + BA`` (``m`` in the model's dtype: bf16: up to 2^-9 of a row)."""
+    """Write the adapter (PEFT's ``save_pretrained``); return the target names; ``model`` is left unchanged. ``dora``
+    writes a DoRA adapter of the same calibration: ``m``, the calibrated weight's row norms, makes PEFT's
+    ``diag(m / ||W + BA||_row) (W + BA)`` equal ``W + BA``."""
     if not factors:
         raise RecipeError(
             "RAH-LoRA: no head was calibrated (every target rolled back or none was found); there is "

@@ -1,8 +1,5 @@
-"""RAH-LoRA end to end on a loaded model: score heads, pick targets and anchors, calibrate each target.
-
-Each target's V rows (its KV group) and O columns move towards its anchors' trimmed mean by a rank-r step scaled by
-the largest alpha whose mean probe KL, relative to the model as calibrated so far, stays within delta (Eq. 6-15); a
-rolled-back head changes no weight. Tables are read on the target layer's device. V slice ``[d, D]``, O ``[D, d]``.
+"""RAH-LoRA end to end on a loaded model: score heads, pick targets and anchors, calibrate each target (Eq. 6-15).
+V slice ``[d, D]``, O ``[D, d]``.
 """
 
 from __future__ import annotations
@@ -87,8 +84,8 @@ class Calibration:
 def _probe_logits(
     model: nn.Module, batches: list[dict[str, Any]], positions: list[list[torch.Tensor]]
 ) -> list[torch.Tensor]:
-    """Float32 logits ``[n_positions, V]`` per sample at the probe's text positions after the image. ``positions``
-    are index tensors found once: indexing needs no host sync, where a boolean mask would sync at every alpha."""
+    """Float32 logits ``[n_positions, V]`` per sample at the probe's text positions after the image (index tensors:
+    a boolean mask would sync at every alpha)."""
     with torch.no_grad():
         logits = [model(**model_inputs(batch), use_cache=False).logits for batch in batches]
     return [
@@ -99,7 +96,6 @@ def _probe_logits(
 
 
 def _joined(tables: list[torch.Tensor]) -> torch.Tensor:
-    """Per-head tables of several layers concatenated along dim 0 (no copy for one)."""
     return tables[0] if len(tables) == 1 else torch.cat(tables)
 
 
@@ -114,9 +110,7 @@ def calibrate(
     plan: CalibrationPlan | None = None,
 ) -> Calibration:
     """Score, select and calibrate the layers of ``args.rah_layers`` (``plan``: the run's, else made here).
-    ``caf_batches`` hold one sample each; batches are on the model's input device. Steps are tried in an overlay
-    (overlay.py); a kept one is written into a plain weight, while a quantized or offloaded projection computes it
-    beside its weight."""
+    ``caf_batches`` hold one sample each. Steps are tried in an overlay (overlay.py)."""
     plan = plan or plan_calibration(model, args)
     geometry = plan.geometry
     modules = plan.modules
@@ -237,8 +231,7 @@ def _calibrate_head(
     masks: list[list[torch.Tensor]],
     reference: list[torch.Tensor],
 ) -> list[torch.Tensor]:
-    """Calibrate one target in ``overlay``, then settle it; return the probe logits of the model now. Anchors may sit
-    in another layer (the adjacent-layer fallback) or device: their slices are brought to the target's."""
+    """Calibrate one target in ``overlay``, then settle it; return the probe logits of the model now."""
     module = modules[update.layer]
     v_head, o_head = head_slices(overlay, module, [update.head], geometry)
     anchor_slices = [head_slices(overlay, modules[layer], [head], geometry) for layer, head, _ in update.anchors]
@@ -259,8 +252,8 @@ def _calibrate_head(
     last: dict[float, list[torch.Tensor]] = {}
 
     def set_alpha(alpha: float) -> None:
-        # As LLaMA-Factory loads the adapter: merged into a plain weight (``weight += B @ A`` in float32, rounded
-        # once to its dtype: the accepted model, docs/rah.md "What a run does"), beside a quantized or offloaded one.
+        # as LLaMA-Factory loads the adapter: merged into a plain weight in float32, rounded once to its dtype
+        # (docs/rah.md "What a run does"), beside a quantized or offloaded one
         for name in names:
             linear, index = targets[name][:2]
             b, a = lora_pair(*update.factors[name], alpha)

@@ -1,8 +1,4 @@
-"""``RahArguments``: every ``rah_*`` key of ``stage: rah`` with help text, the paper's default and checks.
-
-Defaults are the paper's (§3.6) where it states them, else the project's reading (rho, w_V, w_O, trim, beta, the CAF
-form and weight, the KL probe).
-"""
+"""``RahArguments``: every ``rah_*`` key of ``stage: rah`` with help text, the paper's default (§3.6) and checks."""
 
 from __future__ import annotations
 
@@ -109,8 +105,7 @@ class RahArguments:
 
     def layer_list(self, num_layers: int, calibratable: list[int] | None = None) -> list[int]:
         """Layers to calibrate of ``num_layers``, of which ``calibratable`` (default: all) have heads with their own V
-        and O: ``auto`` is the first half of those (at least one); named layers are checked against the depth
-        (RecipeError naming rah_layers)."""
+        and O: ``auto`` is the first half of those (at least one)."""
         if self.rah_layers == AUTO:
             usable = list(range(num_layers)) if calibratable is None else list(calibratable)
             return usable[: max(1, len(usable) // 2)]
@@ -151,7 +146,6 @@ def _coerce_layers(key: str, value: Any) -> str | list[int]:
 
 
 def parse_rah_arguments(raw: dict[str, Any]) -> RahArguments:
-    """Validated :class:`RahArguments` from ``rah_*`` keys; errors name the key, the value and what is allowed."""
     rest = {key: value for key, value in raw.items() if key != "rah_layers"}
     args = parse_keys(RahArguments, rest, "RAH-LoRA")
     if "rah_layers" in raw:  # auto, a range or a list: a grammar of its own, parsed here

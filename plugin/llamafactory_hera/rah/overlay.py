@@ -1,9 +1,7 @@
 """RAH-LoRA's trial steps of a head's V rows and O columns, kept out of the model's weights.
 
-A forward hook makes a projection compute a step as LLaMA-Factory will apply the adapter. A plain weight on its device
-(the adapter merges into it) computes with a copy whose head slice holds the merged step; a kept step is then written
-into the weight, exactly. A bitsandbytes 4-/8-bit or accelerate-offloaded weight (not merged into) adds
-``(x A^T) B^T`` in the model's dtype to its output; its kept steps stay here as rows of ``A`` and columns of ``B``.
+A forward hook makes a projection compute a step as LLaMA-Factory will apply the adapter: a plain weight with a merged
+copy; a quantized or offloaded one (not merged into) adds ``(x A^T) B^T`` to its output.
 """
 
 from __future__ import annotations
@@ -45,8 +43,7 @@ class WeightOverlay:
         self._hooks: dict[nn.Module, Any] = {}
 
     def current(self, linear: nn.Module) -> torch.Tensor:
-        """``linear``'s weight ``[out, in]`` with its kept steps merged (in its dtype), on its compute device: a plain
-        one as stored (not to be written), a quantized one dequantized in ``dtype``."""
+        """``linear``'s weight ``[out, in]`` with its kept steps merged, on its compute device (not to be written)."""
         with align_module_device(linear):
             weight = linear.weight.detach() if _plain(linear.weight) else base_weight_columns(linear).to(self.dtype)
         if linear not in self.kept:

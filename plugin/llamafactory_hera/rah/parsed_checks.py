@@ -1,6 +1,4 @@
-"""RAH-LoRA's checks of the parsed LLaMA-Factory 0.9.5 arguments and the model's config, before anything loads; sets
-eager attention. Before the parse: :mod:`.raw_checks`.
-"""
+"""RAH-LoRA's checks of the parsed arguments and the model's config, before anything loads."""
 
 from __future__ import annotations
 
@@ -25,7 +23,7 @@ def validate_host_args(
     generating_args: Any,
     rah_args: RahArguments,
 ) -> None:
-    """Checks on the parsed arguments and the model's config (seconds, before the model loads); eager attention."""
+    """Checks on the parsed arguments and the model's config; eager attention."""
     if getattr(training_args, "world_size", 1) > 1:
         raise RecipeError(f"{training_args.world_size} processes: {RAH_ONE_PROCESS}.")
     if model_args.adapter_name_or_path:

@@ -1,6 +1,5 @@
-"""The model as RAH-LoRA's calibration reads it, resolved once: head geometry, the calibratable decoder layers
-(softmax self-attention whose heads own their ``v_proj`` and output projection), those left out and why, and for a
-run's settings the layers and projections calibrated."""
+"""The model as RAH-LoRA's calibration reads it, resolved once: head geometry, the calibratable decoder layers, those
+left out and why, and the layers and projections calibrated."""
 
 from __future__ import annotations
 
@@ -40,9 +39,8 @@ class CalibrationPlan:
 
 
 def plan_calibration(model: nn.Module, args: RahArguments | None = None) -> CalibrationPlan:
-    """``model``'s plan for ``args`` (default: defaults): ``rah_layers`` (``auto``: first half of the calibratable
-    layers) and ``rah_update`` (``auto``: V and O under MHA, O only under GQA, where a V row block serves several
-    query heads)."""
+    """``model``'s plan for ``args`` (default: defaults); ``rah_update: auto`` is V and O under MHA, O only under GQA
+    (a V row block serves several query heads)."""
     args = args or RahArguments()
     shape = attention_geometry(model.config)
     layers = decoder_layers(model)

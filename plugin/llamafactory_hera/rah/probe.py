@@ -1,9 +1,7 @@
 """What RAH-LoRA measures: attention (I-SAL, text->image maps) and head-gate gradients (CAF), under eager attention.
 
-Batches are the SFT collator's (``input_ids`` / ``attention_mask`` ``[B, T]`` plus image tensors); answers are not
-labels. Shapes: I-SAL ``[B, L, H]`` over the scored layers, maps ``[L, H, P]`` over a sample's P image positions, gate
-gradients ``[L, H]`` per sample. The attention sink, each row's first attended position (BOS where the template adds
-one; LLaMA-Factory's ``llava`` adds none), is not a text position.
+Shapes: I-SAL ``[B, L, H]`` over the scored layers, maps ``[L, H, P]`` over a sample's P image positions, gate
+gradients ``[L, H]`` per sample. The attention sink, each row's first attended position, is not a text position.
 """
 
 from __future__ import annotations
@@ -38,8 +36,7 @@ def _on(device: torch.device, masks: dict[torch.device, tuple[torch.Tensor, ...]
 
 @contextlib.contextmanager
 def attention_weights(modules: dict[int, DecoderLayer], layers: list[int]) -> Iterator[dict[int, torch.Tensor]]:
-    """Layer -> attention weights ``[B, H, T, T]`` its self-attention returned (eager: second output) in the last
-    forward, read from the layers so a hybrid model keeps its own layer indices."""
+    """Layer -> attention weights ``[B, H, T, T]`` its self-attention returned in the last forward."""
     weights: dict[int, torch.Tensor] = {}
 
     def keep(layer: int):
@@ -65,8 +62,7 @@ class TokenKinds:
 
 
 def token_kinds(model: nn.Module, tokenizer: Any, processor: Any = None) -> TokenKinds:
-    """The config's image placeholder id (``image_token_id`` / ``image_token_index``) and other multimodal tokens;
-    RecipeError when it names no image token."""
+    """The config's image placeholder id and other multimodal tokens."""
     config = model.config
     image = {
         int(v)
@@ -103,13 +99,11 @@ def token_masks(
 
 
 def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
-    """``batch`` without labels (RAH-LoRA is label-free)."""
     return {k: v for k, v in batch.items() if k != "labels"}
 
 
 def image_layouts(batch: dict[str, Any], image: torch.Tensor) -> list[tuple[int, ...]]:
-    """Per row a key, its image-token count then, with ``image_grid_thw`` (Qwen's dynamic resolution), each image's
-    (t, h, w): rows with one key share their image grid. ``image`` ``[B, T]`` bool -> B keys."""
+    """``image`` ``[B, T]`` bool -> B keys: rows with one key share their image grid."""
     counts = [int(n) for n in image.sum(dim=1)]
     grids = batch.get("image_grid_thw")
     if grids is None or not counts or sum(counts) == 0:
@@ -171,7 +165,7 @@ def profile_attention(
 ) -> None:
     """One eager forward adding the batch's I-SAL and text->image maps to ``profile``. A row's map: mean attention to
     each image position over its text queries (``pairs``: ``paper`` all text, Eq. 3 and 10; ``visible`` text after the
-    image); none without text after the image. ``modules``: the plan's, else resolved. Read on each layer's device."""
+    image)."""
     with attention_weights(modules or attention_modules(model), layers) as attentions:
         model(**model_inputs(batch), output_attentions=True, use_cache=False)
     if any(attentions.get(layer) is None for layer in layers):
@@ -206,8 +200,7 @@ def head_gates(
     modules: dict[int, DecoderLayer], layers: list[int], num_heads: int, head_dim: int
 ) -> Iterator[dict[int, torch.Tensor]]:
     """Gates gamma ``[H]`` = 1 (requiring grad) multiplying each layer's ``o_proj`` input viewed as
-    ``[B, T, H, d_head]`` (Eq. 5): layer -> gate, made at the layer's first forward on its input's device. Removed on
-    exit."""
+    ``[B, T, H, d_head]`` (Eq. 5): layer -> gate."""
     gates: dict[int, torch.Tensor] = {}
 
     def pre_hook(module: nn.Module, args: tuple[Any, ...], layer: int) -> tuple[Any, ...]:
@@ -235,8 +228,7 @@ def gate_gradients(
     kinds: TokenKinds,
     modules: dict[int, DecoderLayer] | None = None,
 ) -> torch.Tensor:
-    """d(margin loss)/d(gate) of one sample at gamma = 1: ``[L, H]`` float32 on the CPU. With CPU-offloaded layers the
-    backward's saved tensors go to the CPU, else offloaded weights copied to the GPU stay there until the backward."""
+    """d(margin loss)/d(gate) of one sample at gamma = 1: ``[L, H]`` float32 on the CPU."""
     offloaded = any(at in ("cpu", "disk") for at in (getattr(model, "hf_device_map", None) or {}).values())
     kept = torch.autograd.graph.save_on_cpu() if offloaded else contextlib.nullcontext()
     with (

@@ -1,6 +1,5 @@
-"""RAH-LoRA's checks of a recipe before LLaMA-Factory parses it (nothing loaded): what a one-process, training-free
-calibration cannot run. After the parse: :mod:`.parsed_checks`.
-"""
+"""RAH-LoRA's checks of a recipe before LLaMA-Factory parses it: what a one-process, training-free calibration cannot
+run."""
 
 from __future__ import annotations
 
@@ -55,7 +54,7 @@ def validate_raw_host_args(host_args: dict[str, Any] | list[str], rah_args: RahA
         )
     if raw_value(host_args, "do_train") is not None and not truthy(raw_value(host_args, "do_train")):
         raise RecipeError("stage: rah calibrates with llamafactory-cli train; set do_train: true.")
-    # predict_with_generate alone does nothing without them: taken, as before, so a recipe that ran still runs
+    # predict_with_generate alone does nothing without them: taken, so a recipe that ran still runs
     for key in ("do_eval", "do_predict"):
         if truthy(raw_value(host_args, key)):
             raise RecipeError(

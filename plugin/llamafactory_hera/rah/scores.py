@@ -28,9 +28,8 @@ def isal(
     attn: torch.Tensor, image_mask: torch.Tensor, text_mask: torch.Tensor, pairs: str = "paper"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """I-SAL (Eq. 3): half the mean text->image attention plus half the mean image->text; returns (``[B, H]`` float32,
-    ``[B]`` bool: both halves present). ``paper``: text->image over all (text query, image key) pairs as Eq. 3 writes
-    it, image->text over the text each image query sees; ``visible``: both over visible pairs. A half with no pair is
-    left out (e.g. an image right after the sink, which ``text_mask`` excludes)."""
+    ``[B]`` bool: both halves present). ``paper``: text->image over all pairs as Eq. 3 writes it; ``visible``: both
+    over visible pairs. A half with no pair is left out."""
     if pairs not in ("paper", "visible"):
         raise ValueError(f"rah_isal_pairs: got {pairs!r}; allowed values are paper, visible.")
     t2i, t2i_pairs = _half(attn, text_mask, image_mask, visible_only=pairs == "visible")

@@ -31,8 +31,7 @@ def anchor_pool(
     layer: int, head: int, candidates: dict[int, list[int]], group: int = 1, own_group: bool = True, adjacent: int = 0
 ) -> tuple[int | None, list[tuple[int, int]]]:
     """(distance in layers, [(layer, head)]) of a target's anchor candidates; ``(None, [])`` when none. Own layer
-    first (Eq. 8), without its KV group's heads unless ``own_group`` (their V slice is the target's); if none, the
-    paper's fallback: distance 1 (``layer - 1``, ``layer + 1``), then 2, ... up to ``adjacent``."""
+    first (Eq. 8), without its KV group's heads unless ``own_group``; else distance 1, 2, ... up to ``adjacent``."""
     own = [h for h in candidates.get(layer, []) if own_group or h // group != head // group]
     if own:
         return 0, [(layer, h) for h in own]

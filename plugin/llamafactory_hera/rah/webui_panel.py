@@ -1,7 +1,5 @@
-"""RAH-LoRA's LlamaBoard panel, declared: fields (defaults from :class:`~llamafactory_hera.rah.config.RahArguments`,
-texts in ``panel_texts.yaml``), the ``rah_layers`` check against the model's depth, and the calibration's progress in
-place of the loss plot. No optimizer step is taken, so the command leaves out the Train tab's optimizer settings.
-See docs/rah.md, "LlamaBoard".
+"""RAH-LoRA's LlamaBoard panel, declared (docs/rah.md, "LlamaBoard"): fields, the ``rah_layers`` check against the
+model's depth, and the calibration's progress in place of the loss plot.
 """
 
 from __future__ import annotations
@@ -42,8 +40,7 @@ def normalize_layers(value: Any) -> Any:
 
 
 def check_layers_depth(args: RahArguments, context: Mapping[str, Any]) -> str:
-    """The error if ``rah_layers`` exceeds the ``num_hidden_layers`` of LlamaBoard's model; "" if not or if its config
-    cannot be read locally (the run checks again)."""
+    """The error if ``rah_layers`` exceeds the depth of LlamaBoard's model; "" if not or unreadable."""
     if args.rah_layers == AUTO:
         return ""
     depth = local_text_depth(context.get("model_path"))

@@ -1,6 +1,5 @@
 """``hera_heads: auto``: select heads once at the start of training on global rank 0, broadcast to the other ranks,
-cached (:func:`cache_dir`) by all the scores depend on; the random state is restored, so a cache hit and a miss
-train identically.
+cached; the random state is restored, so a cache hit and a miss train identically.
 """
 
 from __future__ import annotations

@@ -1,7 +1,5 @@
-"""Calibration data for head selection: image–caption pairs, every head's pooled ``o_proj`` inputs, teacher features.
-Modes (paper §3.3; docs/hera.md, "Choosing the heads"): ``text``, the caption alone through the LM (special tokens not
-pooled); ``multimodal``, image + caption through the MLLM via LLaMA-Factory's template and collator, pooled as
-``hera_pooling: assistant``.
+"""Calibration data for head selection: image–caption pairs, every head's pooled ``o_proj`` inputs, teacher features
+(paper §3.3; docs/hera.md, "Choosing the heads").
 """
 
 from __future__ import annotations
@@ -34,16 +32,13 @@ from llamafactory_hera.runtime.log import progress_file
 
 @dataclass(frozen=True)
 class CalibrationPair:
-    """One image–caption pair: dataset row, caption, image entries."""
-
     row: int
     caption: str
     images: tuple[Any, ...]
 
 
 def usable_pairs(rows: Iterable[dict[str, Any]]) -> list[CalibrationPair]:
-    """Aligned rows with an image and a non-empty answer that SFT tokenization keeps (odd prompt messages, one
-    response)."""
+    """Aligned rows with an image and a non-empty answer that SFT tokenization keeps."""
     pairs = []
     for index, row in enumerate(rows):
         images = tuple(row.get("_images") or ())
@@ -66,8 +61,7 @@ def _image_identity(image: Any) -> str:
 
 
 def distinct_image_pairs(pairs: list[CalibrationPair], seed: int) -> list[CalibrationPair]:
-    """One pair per distinct image set, drawn with ``seed``, in dataset order: rows sharing an image give identical
-    teacher rows (arbitrary ties)."""
+    """One pair per distinct image set, drawn with ``seed``: rows sharing an image tie in the teacher's kNN."""
     groups: dict[tuple[str, ...], list[CalibrationPair]] = {}
     for pair in pairs:
         groups.setdefault(tuple(_image_identity(image) for image in pair.images), []).append(pair)
@@ -77,7 +71,6 @@ def distinct_image_pairs(pairs: list[CalibrationPair], seed: int) -> list[Calibr
 
 
 def data_notes(usable: int, distinct: int, chosen: list[CalibrationPair], requested: int) -> dict[str, Any]:
-    """The record's notes on the calibration data."""
     captions = [pair.caption for pair in chosen]
     repeated = len(captions) - len(set(captions))
     return {
@@ -93,8 +86,7 @@ def data_notes(usable: int, distinct: int, chosen: list[CalibrationPair], reques
 def sample_pairs(
     pairs: list[CalibrationPair], num_samples: int, seed: int, k: int, source: str, usable_rows: int | None = None
 ) -> list[CalibrationPair]:
-    """Up to ``num_samples`` pairs drawn without replacement with ``seed``, in dataset order; fewer than ``k + 1``
-    (kNN needs k others) is a RecipeError counting ``usable_rows``."""
+    """Up to ``num_samples`` pairs drawn with ``seed``, in dataset order; fewer than ``k + 1`` is a RecipeError."""
     if len(pairs) < k + 1:
         rows = usable_rows if usable_rows is not None else len(pairs)
         shared = "; rows that share an image count once" if rows > len(pairs) else ""
@@ -110,9 +102,8 @@ def sample_pairs(
 
 
 class PooledInputRecorder:
-    """Hooks pooling each head layer's ``o_proj`` input ``[B, T, H*d_head]`` to ``[B, H*d_head]`` float32 on the
-    model's device; :meth:`flush` makes ONE host copy per forward (each waits for the device). A ``folder`` keeps each
-    batch's rows; a killed pass's are read back up to the first bad one (:meth:`remaining`)."""
+    """Hooks pooling each head layer's ``o_proj`` input ``[B, T, H*d_head]`` to ``[B, H*d_head]`` float32; a
+    ``folder`` keeps each batch's rows for a killed pass's rerun (:meth:`remaining`)."""
 
     def __init__(self, model: nn.Module, folder: Path | None = None) -> None:
         self.o_projs = head_projections(model)
@@ -146,7 +137,7 @@ class PooledInputRecorder:
         return hook
 
     def flush(self) -> None:
-        """After one forward: every layer's pooled rows, concatenated on the device, copied to the host once."""
+        """After one forward: every layer's pooled rows copied to the host at once (each copy waits)."""
         missing = [layer for layer, pooled in self._pending.items() if pooled is None]
         if missing:
             raise RuntimeError(f"o_proj of layer(s) {missing} did not run in the forward")
@@ -167,10 +158,11 @@ class PooledInputRecorder:
                 return
             save_signal.stop_before_step(f"head selection's first {len(self.batches)} batches kept")
 
-    def remaining(self, batches: list[Any], desc: str) -> list[Any]:
-        """``batches`` less those read back from the folder (said)."""
+    def remaining(self, items: list[Any], batch_size: int, desc: str, progress: bool) -> Iterable[list[Any]]:
+        """Batches of ``items`` less those read back from the folder (said), under a progress bar."""
+        batches = list(batches_of(items, batch_size))
         continuing(sum(map(len, batches[: len(self.batches)])), sum(map(len, batches)), desc)
-        return batches[len(self.batches) :]
+        return tqdm(batches[len(self.batches) :], desc=desc, disable=not progress, file=progress_file())
 
     def result(self) -> dict[int, torch.Tensor]:
         """Layer with heads -> ``[N, H*d_head]`` float32 on CPU, in feed order."""
@@ -181,7 +173,6 @@ class PooledInputRecorder:
         }
 
     def remove(self) -> None:
-        """Remove the hooks."""
         for handle in self._handles:
             handle.remove()
 
@@ -197,18 +188,11 @@ def collect_text(
     kept: Path | None = None,
 ) -> dict[int, torch.Tensor]:
     """Layer with heads -> ``[N, H*d_head]`` float32 (CPU) pooled ``o_proj`` inputs, captions alone through the text
-    decoder; ``kept``: :class:`PooledInputRecorder`'s folder. ``no_grad``, not ``inference_mode``: the tests' simulated
-    accelerator (llamafactory_hera_testing.accelerator) cannot make its tensors in inference mode."""
+    decoder. ``no_grad``, not ``inference_mode``: the tests' simulated accelerator cannot make its tensors there."""
     decoder = text_decoder(model)
     recorder = PooledInputRecorder(model, kept)
     try:
-        desc = "heads (captions through the LM)"
-        for batch in tqdm(
-            recorder.remaining(list(batches_of(pairs, batch_size)), desc),
-            desc=desc,
-            disable=not progress,
-            file=progress_file(),
-        ):
+        for batch in recorder.remaining(pairs, batch_size, "heads (captions through the LM)", progress):
             encoded = tokenizer(
                 [p.caption for p in batch], padding=True, return_tensors="pt", return_special_tokens_mask=True
             )
@@ -227,10 +211,8 @@ def collect_text(
 
 
 def through_root(model: nn.Module, decoder: nn.Module, **inputs: Any) -> Any:
-    """``decoder(**inputs)``; under FSDP2 through ``model``'s call with its ``forward`` set to the decoder's, resharded
-    after as a step leaves it: FSDP2 gathers the root's own parameters (embeddings, norm) only in the root's forward
-    hooks, and the first sharded module run is the root, so the decoder alone would mix DTensor shards with plain
-    tensors. Collective under FSDP2."""
+    """``decoder(**inputs)``; under FSDP2 through ``model``'s call with its ``forward`` set to the decoder's: FSDP2
+    gathers the root's own parameters (embeddings, norm) only in the root's forward hooks."""
     if not (torch.distributed.is_available() and hasattr(model, "reshard")):
         return decoder(**inputs)
     from torch.distributed.fsdp import FSDPModule  # lazy: only a model with reshard() can be one
@@ -266,13 +248,7 @@ def collect_multimodal(
         getattr(template, "mm_plugin", None),
     )
     try:
-        desc = "heads (image + caption through the MLLM)"
-        for batch_rows in tqdm(
-            recorder.remaining(list(batches_of(rows, batch_size)), desc),
-            desc=desc,
-            disable=not progress,
-            file=progress_file(),
-        ):
+        for batch_rows in recorder.remaining(rows, batch_size, "heads (image + caption through the MLLM)", progress):
             features = [dict(dataset[i]) for i in batch_rows]
             batch = collator(features)
             labels = batch.pop("labels")
@@ -297,8 +273,7 @@ def collect_teacher(
     store: TeacherFeatureStore | None = None,
     persist: bool = False,
 ) -> torch.Tensor:
-    """``[N, E]`` float32 teacher features (mean over each pair's images) on the teacher's device; a ``store``'s
-    images skip the teacher, the others are added (on disk with ``persist``)."""
+    """``[N, E]`` float32 teacher features (mean over each pair's images); a ``store``'s images skip the teacher."""
     images = [image for pair in pairs for image in pair.images]
     if store is not None:
         feats = stored_image_features(
@@ -311,8 +286,7 @@ def collect_teacher(
 
 
 def layer_weights(model: nn.Module) -> dict[int, torch.Tensor]:
-    """Layer with heads -> effective ``o_proj`` weight ``[d, H*d_head]`` (LoRA included), float32 on CPU (21 GB for
-    70B); offloaded weights are brought in to read."""
+    """Layer with heads -> effective ``o_proj`` weight ``[d, H*d_head]`` (LoRA included), float32 on CPU."""
     from accelerate.utils import align_module_device  # lazy: only where a model was loaded
 
     weights = {}
@@ -325,8 +299,7 @@ def layer_weights(model: nn.Module) -> dict[int, torch.Tensor]:
 
 
 def release_memory(device: Any) -> None:
-    """Collect garbage (a model in a reference cycle outlives its name), empty the device cache: free for what
-    loads next."""
+    """Collect garbage (a model in a reference cycle outlives its name), empty the device cache."""
     gc.collect()
     kind = torch.device(device).type
     backend = getattr(torch, kind, None)
@@ -335,8 +308,7 @@ def release_memory(device: Any) -> None:
 
 
 def _without_autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    """Autocast off (pooling stays float32 in a bf16 forward); a no-op for a device type autocast does not know
-    (the tests' ``meta`` accelerator)."""
+    """Autocast off (pooling stays float32 in a bf16 forward), where autocast knows the device type."""
     try:
         return torch.autocast(device.type, enabled=False)
     except RuntimeError:
@@ -344,8 +316,7 @@ def _without_autocast(device: torch.device) -> contextlib.AbstractContextManager
 
 
 def _last_logits_only(model: torch.nn.Module) -> dict[str, int]:
-    """``logits_to_keep=1`` where the (base) model's forward takes it: scoring never reads the full-vocabulary
-    logits (GBs on a 7B MLLM's batch)."""
+    """``logits_to_keep=1`` where the model's forward takes it: scoring never reads the logits."""
     base = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
     forward = getattr(base, "forward", None)
     try:

@@ -71,7 +71,6 @@ def heads_table(heads: list[str] | list[HeadRef], result: SelectionResult) -> st
 
 
 def run_select(args: Any) -> SelectionResult:
-    """The ``select`` command (:mod:`llamafactory_hera.hera.cli`)."""
     _, recipe = load_recipe(args.recipe)
     check_hera_recipe(args.recipe, recipe)
     target = args.output or args.recipe

@@ -1,8 +1,7 @@
-"""Whether a head's MKNN change is real (``select --report``).
+"""Whether a head's MKNN change is real (``select --report``; docs/hera.md, "Choosing the heads").
 
-MKNN on N pairs with k neighbours is a multiple of ``1 / (N k)``, the *resolution*: the smallest step a score (or a
-difference) moves. A difference is *within noise* when its paired bootstrap interval contains 0 or it is under one
-step. What the interval says: docs/hera.md ("Choosing the heads", after training).
+A difference is *within noise* when its paired bootstrap interval contains 0 or it is under ``1 / (N k)``, the
+smallest step MKNN on N pairs with k neighbours moves.
 """
 
 from __future__ import annotations
@@ -26,7 +25,6 @@ _CHUNK_ELEMENTS = 2**22  # elements of one [resamples, N] block of draws
 
 
 def resolution(num_pairs: int, k: int) -> float:
-    """``1 / (N k)``."""
     return 1.0 / (num_pairs * k)
 
 
@@ -50,7 +48,6 @@ class HeadChange:
 
     @property
     def delta(self) -> np.ndarray:
-        """``[L, H]`` after - before."""
         return self.after - self.before
 
 
@@ -62,11 +59,8 @@ def paired_bootstrap(
     resamples: int = RESAMPLES,
     confidence: float = CONFIDENCE,
 ) -> HeadChange:
-    """Each head's percentile interval of ``after - before`` over resampled pairs, and the within-noise mark.
-
-    Draws come from a CPU generator seeded with ``seed``, in chunks (which change no number); sums of whole
-    shared-neighbour counts in float64 make every difference exact.
-    """
+    """Each head's percentile interval of ``after - before`` over resampled pairs, and the within-noise mark
+    (float64 sums of whole counts make every difference exact)."""
     layers, heads, num = before.overlaps.shape
     # [L*H, N] shared neighbours after - before: whole
     gained = ((after.overlaps - before.overlaps) * k).round().double().reshape(layers * heads, num)

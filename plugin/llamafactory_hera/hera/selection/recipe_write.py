@@ -1,8 +1,4 @@
-"""``select``'s result (:class:`SelectionResult`) and its writing: heads into the recipe, the record, the heatmap.
-
-ruamel.yaml's round trip keeps the recipe's comments, key order and quoting. Files are replaced atomically; explicit
-heads or an existing output are overwritten only with ``--force``.
-"""
+"""``select``'s result (:class:`SelectionResult`) and its writing: heads into the recipe, the record, the heatmap."""
 
 from __future__ import annotations
 
@@ -49,7 +45,6 @@ class SelectionResult:
     record_version: int = RECORD_VERSION
 
     def to_json(self) -> str:
-        """The JSON record."""
         return json.dumps(asdict(self), indent=2)
 
 
@@ -90,9 +85,8 @@ def _has_explicit_heads(value: Any) -> bool:
 
 
 def set_hera_heads(text: str, heads: list[str]) -> str:
-    """``text`` with top-level ``hera_heads`` set to the flow list ``[L13H12, L7H6]`` (upper-case), the rest
-    unchanged. A new entry goes after ``stage:`` (else last); an ``auto`` line's comment (and its indented
-    continuation) becomes a note of the heads' origin. RecipeError for a head not ``L<layer>H<head>``."""
+    """``text`` with top-level ``hera_heads`` set to the flow list ``[L13H12, L7H6]``, the rest unchanged; an
+    ``auto`` line's comment becomes a note of the heads' origin."""
     chosen = CommentedSeq(str(parse_head(head)) for head in heads)
     chosen.fa.set_flow_style()
     data = _load(text)
@@ -113,8 +107,7 @@ def set_hera_heads(text: str, heads: list[str]) -> str:
 
 
 def check_writable(path: Path, *, force: bool = False, output: Path | None = None) -> Path:
-    """The file :func:`update_recipe` would write, or its refusal (cheap): PermissionError for a read-only recipe
-    in place; unless ``force``, HeadsExistError (explicit heads), FileExistsError (``output`` exists)."""
+    """The file :func:`update_recipe` would write, or its refusal (cheap)."""
     path = Path(path)
     if output is None or Path(output).resolve() == path.resolve():
         mode = stat.S_IMODE(path.stat().st_mode)
@@ -138,8 +131,7 @@ def check_writable(path: Path, *, force: bool = False, output: Path | None = Non
 
 
 def update_recipe(path: Path, heads: list[str], *, force: bool = False, output: Path | None = None) -> Path:
-    """Write the heads into the recipe, or into ``output`` (with the recipe's mode; the recipe unchanged). Refusals:
-    :func:`check_writable`. Returns the written path."""
+    """Write the heads into the recipe, or into ``output``; the written path."""
     path = Path(path)
     target = check_writable(path, force=force, output=output)
     text = path.read_text(encoding="utf-8")
@@ -155,8 +147,7 @@ def update_recipe(path: Path, heads: list[str], *, force: bool = False, output: 
 
 
 def write_text_atomic(path: Path, text: str, *, mode: int | None = None) -> None:
-    """Write via a temporary file and ``os.replace`` (on error the old file is untouched), following a symlink. An
-    existing file keeps its mode; a new one gets ``mode`` (default: per umask)."""
+    """Write via a temporary file and ``os.replace``, following a symlink; a new file gets ``mode``."""
     target = Path(os.path.realpath(path))
     if target.exists():
         mode = stat.S_IMODE(target.stat().st_mode)
@@ -177,8 +168,7 @@ def write_text_atomic(path: Path, text: str, *, mode: int | None = None) -> None
 
 
 def check_folder_writable(folder: Path, what: str) -> None:
-    """PermissionError (naming ``folder`` and ``what``) unless a file can be created there: a long scoring is never
-    lost to a refusal at the end."""
+    """PermissionError unless a file can be created in ``folder``: a long scoring is never lost at the end."""
     try:
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".hera_write_probe."):
             pass

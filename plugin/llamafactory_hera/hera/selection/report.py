@@ -1,6 +1,5 @@
-"""``llamafactory-hera select --report RUN_DIR``: every head's MKNN before (the start model, from ``hera_run.json``)
-and after a HeRA run, on the same pairs and teacher features, marked when within noise (:mod:`.noise`). Writes
-``hera_report.json``, ``.png`` and ``.log``.
+"""``llamafactory-hera select --report RUN_DIR``: every head's MKNN before and after a HeRA run, on the same pairs
+and teacher features, marked when within noise (:mod:`.noise`).
 """
 
 from __future__ import annotations

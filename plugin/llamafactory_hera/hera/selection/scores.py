@@ -2,9 +2,7 @@
 
 A head's representation is ``M_h = P_h @ W_h.T`` (``P_h`` ``[N, d_head]`` pooled inputs, ``W_h`` ``[d, d_head]`` its
 ``o_proj`` columns), so its Gram matrix ``P_h (W_h^T W_h) P_h^T`` needs only a ``d_head x d_head`` block. With PRH's
-outlier clamp (``clamp`` = q, ``remove_outliers``) ``M_h`` ``[N, d]`` is formed per chunk of heads, clamped and
-L2-normalised, the teacher features alike; ``clamp`` 0 or 1 uses the Gram form. Costs: docs/hera-design.md
-("Head selection").
+outlier clamp ``M_h`` ``[N, d]`` is formed per chunk of heads (docs/hera-design.md, "Head selection").
 """
 
 from __future__ import annotations
@@ -29,8 +27,8 @@ def ranked_similarity(gram: torch.Tensor) -> torch.Tensor:
 def row_quantile(values: torch.Tensor, q: float) -> torch.Tensor:
     """``[...]`` q-quantile of each row of ``values`` ``[..., D]``, interpolated linearly as ``torch.quantile``.
 
-    The two order statistics around ``q * (D - 1)`` come from one ``topk`` of the largest ``D - floor(q * (D - 1))``
-    values (5 % of the row at q = 0.95), cheaper than a sort; ``torch.quantile`` refuses over 2**24 elements.
+    The two order statistics around ``q * (D - 1)`` come from one ``topk``, cheaper than a sort; ``torch.quantile``
+    refuses over 2**24 elements.
     """
     width = values.shape[-1]
     position = q * (width - 1)

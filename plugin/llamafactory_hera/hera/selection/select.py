@@ -1,8 +1,5 @@
-"""Head selection end to end: recipe -> calibration pairs -> per-head MKNN -> chosen heads + record.
-
-Bad input fails before weights load (:func:`prepare`). ``select``, ``hera_heads: auto`` and ``--report`` score in
-one dtype (:func:`scoring_dtype`, docs/hera.md "One dtype"): the recipe's compute dtype, not LLaMA-Factory's
-device-dependent inference default; everything after the language model is float32.
+"""Head selection end to end: recipe -> calibration pairs -> per-head MKNN -> chosen heads + record. Bad input fails
+before weights load (:func:`prepare`); every path scores in one dtype (:func:`scoring_dtype`).
 """
 
 from __future__ import annotations
@@ -69,7 +66,6 @@ class SelectionOptions:
     dtype: str = "float32"  # the language model's scoring dtype (scoring_dtype)
 
     def validate(self) -> None:
-        """RecipeError for an option outside its allowed values."""
         if self.strategy not in STRATEGIES:
             raise RecipeError(f"--strategy: got {self.strategy!r}; allowed values are {', '.join(STRATEGIES)}.")
         if self.mode not in MODES:
@@ -92,8 +88,7 @@ class SelectionOptions:
 
     @classmethod
     def from_keys(cls, hera: Any, args: Any = None, **settings: Any) -> SelectionOptions:
-        """Options from ``hera``'s ``hera_select_*``, ``hera_k`` and teacher keys, each overridden by its option in
-        ``args`` when given (``--dataset`` too): every caller reads a recipe alike."""
+        """Options from ``hera``'s keys, each overridden by its option in ``args`` when given."""
         value = {
             key: getattr(hera, key) if getattr(args, dest(flag), None) is None else getattr(args, dest(flag))
             for flag, _, key, _ in RECIPE_BACKED
@@ -114,13 +109,12 @@ class SelectionOptions:
         )
 
     def resolved_device(self) -> str:
-        """``device``, else CUDA when available, else CPU."""
         return self.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def scoring_dtype(precision: Any) -> str:
-    """The scoring dtype from a recipe's precision keys (the mapping may hold ``model_name_or_path``); with none
-    set, the model's saved floating dtype, which LLaMA-Factory then trains in (no float32 copy of a bf16 7B model)."""
+    """The scoring dtype from a recipe's precision keys; with none set, the model's saved floating dtype, which
+    LLaMA-Factory then trains in (docs/hera.md "One dtype")."""
     if truthy(precision.get("bf16")) or truthy(precision.get("pure_bf16")):
         return "bfloat16"
     if truthy(precision.get("fp16")):
@@ -129,7 +123,7 @@ def scoring_dtype(precision: Any) -> str:
 
 
 def _saved_dtype(model_name_or_path: Any) -> str:
-    """The floating dtype ``config.json`` names (``dtype`` / ``torch_dtype``, top level or text config)."""
+    """The floating dtype ``config.json`` names."""
     if not model_name_or_path:
         return "float32"
     from transformers import AutoConfig  # lazy: only when a config is read
@@ -197,8 +191,7 @@ def identity_of(recipe_args: Any, options: SelectionOptions, pairs: list[collect
 
 
 def prepare(recipe_args: Any, options: SelectionOptions) -> tuple[list[collect.CalibrationPair], dict[str, Any]]:
-    """(calibration pairs, identity) after the cheap checks before weights load: options, teacher, data (>= k+1
-    pairs), model structure."""
+    """(calibration pairs, identity) after the cheap checks before weights load."""
     options.validate()
     model_args = recipe_args.model_args
     check_model_paths(
@@ -246,9 +239,8 @@ def tied_share(scores: torch.Tensor) -> float:
 def load_in_scoring_dtype(
     recipe_args: Any, device: str, dtype: str, device_map: dict[str, Any] | None = None
 ) -> tuple[Any, dict[str, Any], Any]:
-    """(model, tokenizer module, template) loaded as LLaMA-Factory does, with compute dtype ``dtype``, whole on
-    ``device`` or placed by ``device_map`` (:mod:`~llamafactory_hera.placement`). Floating weights in another dtype
-    are cast; a quantized model keeps its storage. ``recipe_args`` is not modified."""
+    """(model, tokenizer module, template) loaded as LLaMA-Factory does, in compute dtype ``dtype`` (a quantized
+    model keeps its storage), whole on ``device`` or placed by ``device_map``."""
 
     wanted = getattr(torch, dtype)
     args = copy.copy(recipe_args)
@@ -266,8 +258,7 @@ def load_in_scoring_dtype(
 def score_head_neighbours(
     recipe_args: Any, options: SelectionOptions, pairs: list[collect.CalibrationPair], kept: Path | None = None
 ) -> HeadNeighbours:
-    """``[L, H]`` MKNN scores and per-pair overlaps on CPU, model in ``options.dtype``; the LM pass keeps its
-    batches in ``kept`` and resumes from them."""
+    """``[L, H]`` MKNN scores and per-pair overlaps on CPU; the LM pass keeps its batches in ``kept``."""
     device = options.resolved_device()
     model_args = recipe_args.model_args
     meta = check_model_structure(model_args.model_name_or_path, model_args.trust_remote_code)
@@ -329,8 +320,7 @@ def score_head_neighbours(
 def run_selection(
     recipe_args: Any, options: SelectionOptions, cache: Path | None = None
 ) -> tuple[SelectionResult, bool]:
-    """Score and choose heads; a ``cache`` folder reuses or stores scores keyed by all that changes them.
-    Returns (result, whether cached)."""
+    """Score and choose heads, reusing a ``cache`` folder's scores; (result, whether cached)."""
     start = time.perf_counter()
     pairs, identity = prepare(recipe_args, options)
     # scoring options, plus device and batch size for the record
