@@ -1,9 +1,9 @@
 """A method registers itself by its declaration alone: stage, keys, checks, run, logs, web-UI stage and verbs.
 
-A toy method written here as a next method is written, one run class, a config and a trainer (not in the plugin), is
-added to ``DECLARATIONS`` and goes through the same patches as HeRA: LLaMA-Factory's real ``run_exp`` trains it on the
-tiny fixture, its metric reaches ``trainer_log.jsonl``, LlamaBoard's stage list offers it and ``llamafactory-hera`` runs
-its verb.
+A toy method written here as a next method is written, one run class, a config and a trainer of the base's hooks
+alone (not in the plugin), is added to ``DECLARATIONS`` and goes through the same patches as HeRA: LLaMA-Factory's real
+``run_exp`` trains it on the tiny fixture, its metric reaches ``trainer_log.jsonl``, LlamaBoard's stage list offers it
+and ``llamafactory-hera`` runs its verb.
 """
 
 from __future__ import annotations
@@ -24,7 +24,9 @@ from llamafactory_hera.recipe.keys import parse_keys, recipe_key
 from llamafactory_hera.recipe.run import MethodRun
 from llamafactory_hera.runtime.raw_recipe import RawRecipe
 from llamafactory_hera.runtime.stage_run import HostArguments
+from llamafactory_hera.training.trainer_base import MethodTrainer
 from llamafactory_hera_patches.recipe.arguments import keys_of, split_args
+from llamafactory_hera_patches.sft_classes import HostTrainer
 from llamafactory_hera_patches.webui import stage_list as webui
 
 CALLS: list[tuple[str, Any]] = []  # each phase of the toy's run, in the order it ran
@@ -35,19 +37,20 @@ class ToyArguments:  # the config: the method's recipe keys
     toy_scale: float = recipe_key(1.0, "What the toy metric multiplies the loss by.", min=0.0)
 
 
-class ToyTrainerMixin:  # the trainer: mixed in front of LLaMA-Factory's, which the run hands it
-    toy_scale = 1.0
+class ToyTrainer(MethodTrainer, HostTrainer):  # the trainer: the base's hooks alone, over LLaMA-Factory's trainer
     toy_metric = 0.0
 
-    def compute_loss(self, model: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
-        loss = super().compute_loss(model, inputs, *args, **kwargs)
+    def __init__(self, *args: Any, toy_scale: float, **kwargs: Any) -> None:  # the run's objects: keyword arguments
+        super().__init__(*args, **kwargs)
+        self.toy_scale = toy_scale
+
+    def method_loss(self, model: Any, inputs: Any, *args: Any) -> Any:
+        loss = self.host_loss(model, inputs, *args)
         self.toy_metric = self.toy_scale * (loss[0] if isinstance(loss, tuple) else loss).item()
         return loss
 
-    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
-        if "loss" in logs:
-            logs = {**logs, "toy_metric": self.toy_metric}
-        super().log(logs, *args, **kwargs)
+    def method_logs(self, logs: dict[str, float]) -> None:
+        logs["toy_metric"] = self.toy_metric
 
 
 class ToyRun(MethodRun[ToyArguments]):  # the run class: its phases, in order
@@ -66,8 +69,7 @@ class ToyRun(MethodRun[ToyArguments]):  # the run class: its phases, in order
 
     def train(self, host: Any, parsed: HostArguments, callbacks: list[Any]) -> None:
         CALLS.append(("run", host.collator.__name__))
-        trainer = type("ToyTrainer", (ToyTrainerMixin, host.trainer), {"toy_scale": self.args.toy_scale})
-        host.run(host.collator, trainer, *parsed, callbacks)
+        host.run(host.collator, ToyTrainer, *parsed, callbacks, trainer_kwargs={"toy_scale": self.args.toy_scale})
 
 
 def add_toy_verbs(commands: Any) -> dict[str, Any]:

@@ -77,20 +77,28 @@ def _swapped(module: ModuleType, **replacements: Any) -> Iterator[None]:
 class SFTWorkflow:
     """What a method's run gets of LLaMA-Factory's SFT workflow (0.9.5).
 
-    ``collator`` / ``trainer``: the stock classes, to subclass; ``get_dataset``: the host's (data tokenized before the
-    model loads); ``smooth``: the loss curves' smoothing. :meth:`run`: ``run_sft`` whole with collator, trainer and,
-    if given, ``get_dataset(template, model_args, data_args, training_args, stage, **tokenizer_module) ->
-    {"train_dataset": ..., "eval_dataset": ...}`` swapped in.
+    ``collator``: the stock class, to subclass (a trainer class extends ``sft_classes.HostTrainer`` where it is
+    defined); ``get_dataset``: the host's (data tokenized before the model loads); ``smooth``: the loss curves'
+    smoothing. :meth:`run`: ``run_sft`` whole with collator, trainer (built with ``trainer_kwargs`` beside the host's
+    arguments) and, if given, ``get_dataset(template, model_args, data_args, training_args, stage, **tokenizer_module)
+    -> {"train_dataset": ..., "eval_dataset": ...}`` swapped in.
     """
 
     def __init__(self) -> None:
         self.collator: type = sft_workflow.SFTDataCollatorWith4DAttentionMask
-        self.trainer: type = sft_workflow.CustomSeq2SeqTrainer
         self.get_dataset: Callable[..., Any] = sft_workflow.get_dataset
         self.smooth = ploting.smooth
 
-    def run(self, collator: type, trainer: type, *args: Any, get_dataset: Callable[..., Any] | None = None) -> None:
-        replaced = {"SFTDataCollatorWith4DAttentionMask": collator, "CustomSeq2SeqTrainer": trainer}
+    def run(
+        self,
+        collator: type,
+        trainer: type,
+        *args: Any,
+        get_dataset: Callable[..., Any] | None = None,
+        trainer_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        built = functools.partial(trainer, **trainer_kwargs) if trainer_kwargs else trainer
+        replaced = {"SFTDataCollatorWith4DAttentionMask": collator, "CustomSeq2SeqTrainer": built}
         if get_dataset is not None:
             replaced["get_dataset"] = get_dataset
         # run_sft reads these as module globals, not arguments
