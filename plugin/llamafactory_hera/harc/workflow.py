@@ -82,7 +82,7 @@ class HarcSeq2SeqTrainer(HarcTrainerMixin, MethodTrainer, HostTrainer):
         finish_run(self)  # the refusal evaluation, diagnostics, plots
 
 
-def train(harc_args: HarcArguments, host: Any, parsed: HostArguments, callbacks: Any) -> None:
+def train(harc_args: HarcArguments, host: Any, parsed: HostArguments, callbacks: Any, prepared: None) -> None:
     """LLaMA-Factory's SFT workflow with HARC's data, collator and trainer; after the steps, the trainer's
     :meth:`~HarcSeq2SeqTrainer.finish_run`, where the model is at hand."""
     run = RunContext(plot=bool(parsed.finetuning.plot_loss), smooth=host.smooth)

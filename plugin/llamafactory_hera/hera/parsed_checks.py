@@ -1,6 +1,6 @@
 """HeRA's checks after LLaMA-Factory parsed the recipe, before any model or dataset loads: unsupported settings,
 heads and teacher from their configs, an adapter's shapes against its base model. Run by
-:class:`llamafactory_hera.hera.run.HeraRun`; before the parse: :mod:`.raw_checks`; before the first step:
+its run (``recipe/run.py``, phase 2); before the parse: :mod:`.raw_checks`; before the first step:
 :mod:`.preparation_checks`.
 """
 

@@ -1,5 +1,5 @@
 """HeRA's checks before LLaMA-Factory parses the recipe (nothing loaded; also before torchrun starts the ranks). Run
-by :class:`llamafactory_hera.hera.run.HeraRun`; after the parse: :mod:`.parsed_checks`.
+by its run (``recipe/run.py``, phase 1); after the parse: :mod:`.parsed_checks`.
 """
 
 from __future__ import annotations

@@ -7,9 +7,8 @@ from __future__ import annotations
 
 import os
 import traceback
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from transformers import TrainerCallback
 from typing_extensions import override
@@ -21,24 +20,18 @@ from llamafactory_hera.hera.collator import HeraCollatorMixin, describe_image
 from llamafactory_hera.hera.config import HERA_RUN_RECORD, TRAINING_PLOT, HeraArguments
 from llamafactory_hera.hera.image_tokens import check_image_tokens
 from llamafactory_hera.hera.loss import TAU_MAX, TAU_MIN
-from llamafactory_hera.hera.monitor import MonitorCallback, probe_set
+from llamafactory_hera.hera.monitor import MonitorCallback
 from llamafactory_hera.hera.preparation_checks import (
-    ContrastiveGeometry,
     check_heads_train,
     check_same_heads_on_every_rank,
-    checked_contrastive_geometry,
-    checked_image_rows,
 )
-from llamafactory_hera.hera.selection.auto import resolve_auto_heads
-from llamafactory_hera.hera.selection.select import scoring_dtype
 from llamafactory_hera.hera.teacher import load_image_processor
 from llamafactory_hera.hera.teacher_cache import TeacherFeatureCache
 from llamafactory_hera.hera.trainer import HeraTrainer
 from llamafactory_hera.plots.training import plot_training
 from llamafactory_hera.recipe.dataset_info import describe_data, first_unreadable
-from llamafactory_hera.recipe.model_paths import hub_folder
 from llamafactory_hera.runtime.errors import RecipeError
-from llamafactory_hera.runtime.log import PREFIX, line, say_again_on_board
+from llamafactory_hera.runtime.log import PREFIX, line
 from llamafactory_hera.runtime.run_record import plain, write_record
 from llamafactory_hera.runtime.stage_run import HostArguments
 from llamafactory_hera.training import sections
@@ -46,6 +39,9 @@ from llamafactory_hera.training.eval_forward import keep_4bit_layout
 from llamafactory_hera.training.trainer_base import MethodTrainer
 from llamafactory_hera_patches.sft_classes import HostTrainer
 from llamafactory_hera_patches.tools.model_data import RecipeArgs
+
+if TYPE_CHECKING:  # the preparation's hand-over (phase 3's module)
+    from llamafactory_hera.hera.preparation import HeraPreparation
 
 
 class RunSummary(TrainerCallback):
@@ -245,52 +241,6 @@ def _write_run_record(output_dir: str, hera_args: HeraArguments, parsed: HostArg
     write_record(Path(output_dir) / HERA_RUN_RECORD, record)
 
 
-@dataclass(frozen=True)
-class HeraPreparation:
-    """Preparation's hand-over to the trainer (``counts``, ``aligned``: None when streaming)."""
-
-    rows: dict[str, int]
-    counts: Any
-    aligned: Any
-    contrastive: ContrastiveGeometry
-    auto: bool
-    probe: Any
-
-
-def prepare(hera_args: HeraArguments, parsed: HostArguments) -> HeraPreparation:
-    """Before the trainer (and model): data checks, contrastive sets, ``hera_heads: auto``, probe pairs."""
-    model_args, data_args, training_args, finetuning_args, _ = parsed
-    say_again_on_board()  # LlamaBoard's log box lost the recipe checks' lines (a host warning)
-    # data checks first: an image-less dataset is named so, not as too few pairs to select heads from
-    rows, counts, aligned = checked_image_rows(model_args, data_args, finetuning_args, training_args)
-    contrastive = checked_contrastive_geometry(hera_args, counts, data_args, training_args)
-    auto = hera_args.auto_heads
-    recipe_args = RecipeArgs(model_args, data_args, finetuning_args)
-    if auto:
-        precision = {
-            "bf16": training_args.bf16,
-            "fp16": training_args.fp16,
-            "pure_bf16": finetuning_args.pure_bf16,
-            "model_name_or_path": model_args.model_name_or_path,
-        }
-        # rank 0 scores (a first download's bytes arriving in the hub's cache are progress); the others wait in a
-        # collective
-        kind = "selection" if training_args.process_index == 0 else "wait"
-        downloaded = hub_folder(str(model_args.model_name_or_path), model_args.cache_dir)
-        with sections.section("head selection", kind, forwards=True, files=downloaded):
-            hera_args.hera_heads = resolve_auto_heads(
-                recipe_args,
-                hera_args,
-                training_args.seed,
-                str(training_args.device),
-                training_args.output_dir,
-                training_args.process_index == 0,
-                dtype=scoring_dtype(precision),
-            )
-    probe = probe_set(hera_args, recipe_args, aligned, training_args.seed)  # before the model loads
-    return HeraPreparation(rows, counts, aligned, contrastive, auto, probe)
-
-
 def train(
     hera_args: HeraArguments, host: Any, parsed: HostArguments, callbacks: Any, prepared: HeraPreparation
 ) -> None:
@@ -346,7 +296,9 @@ def train(
         ) from err
 
 
-def finish(host: Any, parsed: HostArguments) -> None:
+def finish(
+    hera_args: HeraArguments, host: Any, parsed: HostArguments, prepared: HeraPreparation, trained: None
+) -> None:
     """HeRA's training curves (``plot_loss``, by the main process)."""
     training_args = parsed.training
     if parsed.finetuning.plot_loss and training_args.process_index == 0:

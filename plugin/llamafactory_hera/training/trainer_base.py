@@ -1,8 +1,6 @@
-"""The plugin's trainer base (:class:`MethodTrainer`): every method's trainer class extends it, in front of the host's
-trainer class. Its :meth:`~MethodTrainer.train` lists what a run does around its steps, in order; a method gives hooks
-(its loss, its passes before step 1, its state beside a checkpoint, its finish), and the base holds the checkpoints
-(``checkpoints.py``), the resumed weights (``checkpoint_weights.py``) and the watchdog's sections and points
-(``sections.py``).
+"""The trainer base (:class:`MethodTrainer`) every method's trainer class extends, in front of the host's. Its
+:meth:`~MethodTrainer.train` lists a run's order around the steps; a method gives hooks, and the base holds the
+checkpoints (``checkpoints.py``, ``checkpoint_weights.py``) and the watchdog's sections and points (``sections.py``).
 """
 
 from __future__ import annotations
