@@ -142,7 +142,7 @@ class Rank:
             barrier()
 
     def select(self) -> None:
-        """``hera_heads: auto`` (plugin/llamafactory_hera/hera/workflow.py ``prepare``): rank 0 downloads its scoring
+        """``hera_heads: auto`` (plugin/llamafactory_hera/hera/preparation.py ``prepare``): rank 0 downloads its scoring
         model and scores, the others wait in a collective for its heads."""
         if not self.case.get("download"):
             return
