@@ -1,4 +1,5 @@
-"""``training/checkpoints.py`` on a tiny transformers ``Trainer`` in this process (no LLaMA-Factory, no launch): the
+"""The trainer base's checkpoints (``training/trainer_base.py``, ``training/checkpoints.py``) on a tiny transformers
+``Trainer`` in this process (no LLaMA-Factory, no launch): the
 signal stop's agreed step on ranks that learn of it a step apart, the stop's checkpoint kept from transformers' rotation
 after the stop, its line naming the signal that came, and the optimizer resumed on a CPU rank (``cpu:0``)."""
 
@@ -13,14 +14,15 @@ import torch
 import torch.distributed as dist
 from test_whole_checkpoints import _SignalAt
 from torch import nn
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import TrainerCallback, TrainingArguments
 
 from llamafactory_hera.runtime import save_signal
 from llamafactory_hera.runtime import whole_checkpoints as whole_checkpoints_module
 from llamafactory_hera.runtime.whole_checkpoints import MARKER, whole_checkpoints
 from llamafactory_hera.training import checkpoints, sections
-from llamafactory_hera.training.checkpoints import WholeCheckpoints, _StopOnSignal
+from llamafactory_hera.training.checkpoints import StopOnSignal
 from llamafactory_hera.training.sections import SectionKind, Where
+from llamafactory_hera.training.trainer_base import MethodTrainer
 
 
 class _Tiny(nn.Module):
@@ -32,7 +34,7 @@ class _Tiny(nn.Module):
         return {"loss": ((self.linear(x).squeeze(-1) - labels) ** 2).mean()}
 
 
-class _Trainer(sections.StepPoints, WholeCheckpoints, Trainer):
+class _Trainer(MethodTrainer):
     """A plugin trainer, as the methods' workflows build one: its save signal is the one its stage notes (here the
     test's ``save_signal.noting``)."""
 
@@ -65,7 +67,7 @@ def test_two_ranks_learning_of_the_stop_a_step_apart_stop_at_the_same_step(monke
     store = dist.HashStore()
     monkeypatch.setattr(checkpoints.dist, "is_initialized", lambda: True)
     monkeypatch.setattr(checkpoints.dist.distributed_c10d, "_get_default_store", lambda: store)
-    ranks = [_StopOnSignal("sigterm", "/out"), _StopOnSignal("sigterm", "/out")]
+    ranks = [StopOnSignal("sigterm", "/out"), StopOnSignal("sigterm", "/out")]
     stopped: dict[int, int] = {}
     for step in range(1, 6):
         state = type("State", (), {"global_step": step, "max_steps": 10})()
@@ -105,7 +107,7 @@ def test_each_rank_makes_its_files_durable_before_the_ranks_agree(tmp_path: Path
     agreed: list[set[Path]] = []
     fsync = whole_checkpoints_module._fsync
     monkeypatch.setattr(whole_checkpoints_module, "_fsync", lambda path: (synced.append(path), fsync(path)))
-    monkeypatch.setattr(checkpoints, "_every_rank_saved", lambda device: agreed.append(set(synced)))
+    monkeypatch.setattr(checkpoints, "every_rank_saved", lambda device: agreed.append(set(synced)))
     _trainer(tmp_path, max_steps=1).train()
     files = {path for path in (tmp_path / "checkpoint-1").rglob("*") if path.name != MARKER}
     assert len(agreed) == 1 and "optimizer.pt" in {path.name for path in files} and files <= agreed[0]
@@ -141,7 +143,7 @@ def test_a_step_is_watched_under_its_own_number(monkeypatch: pytest.MonkeyPatch)
     dog = _Recorder()
     monkeypatch.setattr(sections, "_running", [dog])
     for done in (0, 3):
-        _StopOnSignal("sigterm", "/out").on_step_begin(None, type("State", (), {"global_step": done})(), None)
+        StopOnSignal("sigterm", "/out").on_step_begin(None, type("State", (), {"global_step": done})(), None)
         assert dog.where() == (f"step {done + 1}", "step", done + 1)
 
 
@@ -218,3 +220,21 @@ def test_the_stop_in_the_steps_names_the_signal_that_came(tmp_path: Path, capsys
     assert stop.value.code == 0 and said == [
         f"[llamafactory-hera] SIGUSR1: saved the whole checkpoint {tmp_path}/checkpoint-2 and stopped; to go on, run "
         "the same command again."]
+
+
+def test_the_private_methods_a_plugin_trainer_overrides_are_the_trainers() -> None:
+    """Each private method of transformers' Trainer that the trainer base or a method's step overrides (marked
+    ``@override``) is still the Trainer's: renamed by transformers, this fails before the override silently stops
+    running. ``_run_epoch`` is transformers 5's alone."""
+    import transformers
+
+    from llamafactory_hera.harc.trainer import HarcTrainerMixin
+    from llamafactory_hera.hera.trainer import HeraTrainer
+
+    classes = (MethodTrainer, HeraTrainer, HarcTrainerMixin)
+    private = sorted({name for cls in classes for name, value in vars(cls).items()
+                      if name.startswith("_") and not name.startswith("__") and getattr(value, "__override__", False)})
+    assert private == ["_load_best_model", "_load_from_checkpoint", "_load_optimizer_and_scheduler", "_prepare_inputs",
+                       "_run_epoch", "_save_checkpoint"]
+    five = int(transformers.__version__.split(".")[0]) >= 5
+    assert [name for name in private if not hasattr(transformers.Trainer, name)] == ([] if five else ["_run_epoch"])

@@ -76,9 +76,9 @@ def test_the_checks_refuse_a_wrong_variable_before_the_recipe(tmp_path: Path, mo
     """Every rank's and the launcher's checks (a method's run, a host stage); not ``plan``'s (no machine)."""
     monkeypatch.setenv(START, "0")
     with pytest.raises(RecipeError, match=f"^{START}=0 must be above 0 seconds"):
-        raw_checks.start_run(None, {}, {})  # before the method is read
+        raw_checks.checked_run(None, {}, {})  # before the method is read
     with pytest.raises(AttributeError):
-        raw_checks.start_run(None, {}, {}, machine=False)  # not checked: on to the method (None here)
+        raw_checks.checked_run(None, {}, {}, machine=False)  # not checked: on to the method (None here)
     with pytest.raises(RecipeError, match=f"^{START}=0 "):
         raw_checks.check_host_stage({"stage": "sft"}, {START: "0"})
     from llamafactory_hera_patches.launch import check_before_ranks

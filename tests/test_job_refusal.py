@@ -180,6 +180,7 @@ def test_a_stock_stages_ranks_start_no_watch(agent_store: int, monkeypatch: pyte
     and a C++ frame dump in every rank. The start-up hook starts none (a stock stage's rank has none, as without the
     plugin); a method's first check does."""
     from llamafactory_hera.methods import declared_methods
+    from llamafactory_hera_patches.recipe.raw_checks import checked_run
 
     for key, value in _torchrun_env(agent_store, 1).items():
         monkeypatch.setenv(key, value)
@@ -192,7 +193,7 @@ def test_a_stock_stages_ranks_start_no_watch(agent_store: int, monkeypatch: pyte
     assert not job_refusal._watching
     hera = next(method for method in declared_methods() if method.stage == "hera")
     with pytest.raises(RecipeError):
-        hera.run(hera, None).check_raw({"stage": "hera", "fp16": True, "bf16": True})
+        checked_run(hera, {"hera_heads": ["L0H0"]}, {"stage": "hera", "fp16": True, "bf16": True}, machine=False)
     assert [thread.is_alive() for thread in job_refusal._watching] == [True]
 
 

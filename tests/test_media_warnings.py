@@ -75,7 +75,7 @@ def test_media_warnings_are_logged_as_the_host_logs_them_when_the_check_passes(a
 
 
 def test_hera_names_a_missing_image_without_the_converters_lines(assets: Any, tmp_path: Path, kept: Any) -> None:
-    """HeRA's own check of its training images (``hera/workflow.py``) holds them too; RAH-LoRA's, through the real
+    """HeRA's own check of its training images (``hera/preparation.py``) holds them too; RAH-LoRA's, through the real
     process: tests/test_host_key_refusals.py."""
     copy = tmp_path / "data"
     shutil.copytree(assets.dataset_dir, copy)

@@ -1,9 +1,9 @@
 """A method registers itself by its declaration alone: stage, keys, checks, run, logs, web-UI stage and verbs.
 
-A toy method written here as a next method is written, one run class, a config and a trainer (not in the plugin), is
-added to ``DECLARATIONS`` and goes through the same patches as HeRA: LLaMA-Factory's real ``run_exp`` trains it on the
-tiny fixture, its metric reaches ``trainer_log.jsonl``, LlamaBoard's stage list offers it and ``llamafactory-hera`` runs
-its verb.
+A toy method written here as a next method is written, a config, its checks and phases as module functions and a
+trainer of the base's hooks alone (not in the plugin), is added to ``DECLARATIONS`` and goes through the same patches
+as HeRA: LLaMA-Factory's real ``run_exp`` trains it on the tiny fixture, its metric reaches ``trainer_log.jsonl``,
+LlamaBoard's stage list offers it and ``llamafactory-hera`` runs its verb.
 """
 
 from __future__ import annotations
@@ -21,10 +21,11 @@ from conftest import REPO, base_recipe
 from llamafactory_hera import cli, methods
 from llamafactory_hera.recipe.declaration import Method
 from llamafactory_hera.recipe.keys import parse_keys, recipe_key
-from llamafactory_hera.recipe.run import MethodRun
 from llamafactory_hera.runtime.parsed_arguments import HostArguments
 from llamafactory_hera.runtime.raw_recipe import RawRecipe
+from llamafactory_hera.training.trainer_base import MethodTrainer
 from llamafactory_hera_patches.recipe.arguments import keys_of, split_args
+from llamafactory_hera_patches.sft_classes import HostTrainer
 from llamafactory_hera_patches.webui import stage_list as webui
 
 CALLS: list[tuple[str, Any]] = []  # each phase of the toy's run, in the order it ran
@@ -35,39 +36,48 @@ class ToyArguments:  # the config: the method's recipe keys
     toy_scale: float = recipe_key(1.0, "What the toy metric multiplies the loss by.", min=0.0)
 
 
-class ToyTrainerMixin:  # the trainer: mixed in front of LLaMA-Factory's, which the run hands it
-    toy_scale = 1.0
+class ToyTrainer(MethodTrainer, HostTrainer):  # the trainer: the base's hooks alone, over LLaMA-Factory's trainer
     toy_metric = 0.0
 
-    def compute_loss(self, model: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
-        loss = super().compute_loss(model, inputs, *args, **kwargs)
+    def __init__(self, *args: Any, toy_scale: float, **kwargs: Any) -> None:  # the run's objects: keyword arguments
+        super().__init__(*args, **kwargs)
+        self.toy_scale = toy_scale
+
+    def method_loss(self, model: Any, inputs: Any, *args: Any) -> Any:
+        loss = self.host_loss(model, inputs, *args)
         self.toy_metric = self.toy_scale * (loss[0] if isinstance(loss, tuple) else loss).item()
         return loss
 
-    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
-        if "loss" in logs:
-            logs = {**logs, "toy_metric": self.toy_metric}
-        super().log(logs, *args, **kwargs)
+    def method_logs(self, logs: dict[str, float]) -> None:
+        logs["toy_metric"] = self.toy_metric
 
 
-class ToyRun(MethodRun[ToyArguments]):  # the run class: its phases, in order
-    arguments = ToyArguments
+# the run's parts, as a method's modules hold them (its declaration names each function)
+def parse_toy_arguments(keys: dict[str, Any]) -> ToyArguments:
+    CALLS.append(("parse", dict(keys)))
+    return parse_keys(ToyArguments, keys, "Toy")
 
-    @staticmethod
-    def parse(keys: dict[str, Any]) -> ToyArguments:
-        CALLS.append(("parse", dict(keys)))
-        return parse_keys(ToyArguments, keys, "Toy")
 
-    def check_method_raw(self, host_args: RawRecipe) -> None:
-        CALLS.append(("check_raw", host_args["stage"]))
+def validate_raw_host_args(host_args: RawRecipe, toy_args: ToyArguments) -> None:  # phase 1
+    CALLS.append(("check_raw", host_args["stage"]))
 
-    def check_parsed(self, parsed: HostArguments) -> None:
-        CALLS.append(("check_parsed", parsed.finetuning.stage))
 
-    def train(self, host: Any, parsed: HostArguments, callbacks: list[Any]) -> None:
-        CALLS.append(("run", host.collator.__name__))
-        trainer = type("ToyTrainer", (ToyTrainerMixin, host.trainer), {"toy_scale": self.args.toy_scale})
-        host.run(host.collator, trainer, *parsed, callbacks)
+def validate_host_args(model: Any, data: Any, training: Any, finetuning: Any, generating: Any, toy_args: Any) -> None:
+    CALLS.append(("check_parsed", finetuning.stage))  # phase 2
+
+
+def prepare(toy_args: ToyArguments, parsed: HostArguments) -> str:  # phase 3
+    CALLS.append(("prepare", toy_args.toy_scale))
+    return "prepared"
+
+
+def train(toy_args: ToyArguments, host: Any, parsed: HostArguments, callbacks: list[Any], prepared: str) -> None:
+    CALLS.append(("train", host.collator.__name__))  # phase 4
+    host.run(host.collator, ToyTrainer, *parsed, callbacks, trainer_kwargs={"toy_scale": toy_args.toy_scale})
+
+
+def finish(toy_args: ToyArguments, host: Any, parsed: HostArguments, prepared: str, trained: None) -> None:
+    CALLS.append(("finish", prepared))  # phase 5
 
 
 def add_toy_verbs(commands: Any) -> dict[str, Any]:
@@ -75,7 +85,10 @@ def add_toy_verbs(commands: Any) -> dict[str, Any]:
     return {"toy-verb": lambda args: CALLS.append(("verb", args.value))}
 
 
-TOY = Method(stage="toy", label="Toy (registry test)", prefix="toy_", host_stage="sft", run=ToyRun,
+TOY = Method(stage="toy", label="Toy (registry test)", prefix="toy_", host_stage="sft", arguments=ToyArguments,
+             parse=parse_toy_arguments, check_raw=f"{__name__}:validate_raw_host_args",
+             check_parsed=f"{__name__}:validate_host_args", prepare=f"{__name__}:prepare", train=f"{__name__}:train",
+             finish=f"{__name__}:finish",
              log_keys=("toy_metric",), add_cli_verbs=add_toy_verbs)
 
 
@@ -103,9 +116,10 @@ def test_a_declared_method_trains_through_run_exp_and_logs_its_metric(toy_declar
     recipe = base_recipe(assets, "qwen2_5_vl", tmp_path / "out", max_steps=2)
     recipe = {k: v for k, v in recipe.items() if not k.startswith("hera_")} | {"stage": "toy", "toy_scale": 2.0}
     run_exp(recipe)
-    assert [name for name, _ in CALLS] == ["parse", "check_raw", "check_parsed", "run"]
-    assert CALLS[0][1] == {"toy_scale": 2.0} and CALLS[2][1] == "sft"
-    assert CALLS[3][1] == "SFTDataCollatorWith4DAttentionMask"  # the stock classes, for the method to extend
+    assert [name for name, _ in CALLS] == ["parse", "check_raw", "check_parsed", "prepare", "train", "finish"]
+    assert CALLS[0][1] == {"toy_scale": 2.0} and CALLS[2][1] == "sft" and CALLS[3][1] == 2.0
+    assert CALLS[4][1] == "SFTDataCollatorWith4DAttentionMask"  # the stock class, for the method to extend
+    assert CALLS[5][1] == "prepared"  # what prepare handed on
     lines = [json.loads(line) for line in (tmp_path / "out" / "trainer_log.jsonl").read_text().splitlines()]
     steps = [line for line in lines if "loss" in line]
     assert len(steps) == 2 and all(line["toy_metric"] == pytest.approx(2 * line["loss"]) for line in steps)

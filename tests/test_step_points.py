@@ -1,6 +1,6 @@
-"""The points of a training micro-step (llamafactory_hera/training/sections.py ``StepPoints``), on a tiny model
-through transformers' Trainer: each is progress, in the step's order, and says where the rank is; unwatched, nothing
-is hooked."""
+"""The points of a training micro-step (the trainer base's ``compute_loss``, ``sections.loss_returned`` and
+``sections.OptimizerPoints``), on a tiny model through transformers' Trainer: each is progress, in the step's order,
+and says where the rank is; unwatched, nothing is hooked."""
 
 from __future__ import annotations
 
@@ -10,10 +10,11 @@ from typing import Any
 
 import pytest
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import TrainingArguments
 
 from llamafactory_hera.runtime import job_store
 from llamafactory_hera.training import sections
+from llamafactory_hera.training.trainer_base import MethodTrainer
 from llamafactory_hera.training.watch_bounds import Place
 from llamafactory_hera.training.watchdog import Watchdog
 
@@ -27,8 +28,8 @@ class _Tiny(torch.nn.Module):
         return {"loss": ((self.linear(x).squeeze(-1) - labels) ** 2).mean()}
 
 
-class _Trainer(sections.StepPoints, Trainer):
-    """First in line, as in the methods' workflows."""
+class _Trainer(MethodTrainer):
+    """The trainer base over transformers' Trainer, as a method's trainer with no hook of its own."""
 
 
 class _Points:
@@ -60,7 +61,8 @@ def _trainer(tmp_path: Path, accumulation: int) -> _Trainer:
     return _Trainer(model=_Tiny(), args=args, train_dataset=rows)
 
 
-STEP = [sections.FORWARD, sections.BEFORE_BACKWARD, sections.BACKWARD, sections.AFTER_BACKWARD]
+# the loss's forward begun, then the model's (the base's train counts the model's forwards), returned, the backward
+STEP = [sections.FORWARD, sections.FORWARD, sections.BEFORE_BACKWARD, sections.BACKWARD, sections.AFTER_BACKWARD]
 
 
 @pytest.mark.parametrize("accumulation", [1, 2])

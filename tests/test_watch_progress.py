@@ -22,8 +22,8 @@ from transformers import Trainer
 from llamafactory_hera.recipe.model_paths import hub_folder
 from llamafactory_hera.runtime import job_store
 from llamafactory_hera.training import checkpoints, sections, watch_growth, watch_stack
-from llamafactory_hera.training.checkpoints import WholeCheckpoints
 from llamafactory_hera.training.sections import SectionKind, Where
+from llamafactory_hera.training.trainer_base import MethodTrainer
 from llamafactory_hera.training.watch_bounds import Place
 from llamafactory_hera.training.watch_growth import Growth
 from llamafactory_hera.training.watch_judge import Judge
@@ -261,7 +261,7 @@ def test_a_first_download_in_head_selection_is_not_named_while_its_bytes_arrive(
     assert dog.lines and "head selection" in dog.lines[0], dog.lines
 
 
-class _Generating(WholeCheckpoints, Trainer):
+class _Generating(MethodTrainer):
     """A plugin trainer whose host predicts and evaluates with ``generate`` (a forward a token, no hook on the model
     seeing it: here the module below the one the trainer holds)."""
 

@@ -73,7 +73,7 @@ class Job:
         self.stops = []
         for dog in self.dogs:
             dog.main = _Still()
-            stop = checkpoints._StopOnSignal("sigterm", "out")
+            stop = checkpoints.StopOnSignal("sigterm", "out")
             stop.agreeing = dog.stopping
             dog.stopping.sleep = self.pause  # the noting rank's wait: every main thread waits, the pulses go on
             stop.noted = lambda: False

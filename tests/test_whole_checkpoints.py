@@ -164,10 +164,10 @@ def test_the_save_agreement_waits_for_the_sum_of_every_rank(monkeypatch: pytest.
     monkeypatch.setattr(checkpoints.dist, "is_initialized", lambda: True)
     monkeypatch.setattr(checkpoints.dist, "get_world_size", lambda: 2)
     monkeypatch.setattr(checkpoints.dist, "all_reduce", lambda tensor: tensor.mul_(2))  # both ranks' ones summed
-    checkpoints._every_rank_saved(torch.device("cpu"))
+    checkpoints.every_rank_saved(torch.device("cpu"))
     monkeypatch.setattr(checkpoints.dist, "all_reduce", lambda tensor: None)  # queued, not summed
     with pytest.raises(RuntimeError, match="1 of 2 ranks saved"):
-        checkpoints._every_rank_saved(torch.device("cpu"))
+        checkpoints.every_rank_saved(torch.device("cpu"))
 
 
 def test_a_full_disk_at_the_first_save_is_told_by_the_free_space(tmp_path: Path,
@@ -184,7 +184,7 @@ def test_a_full_disk_at_the_first_save_is_told_by_the_free_space(tmp_path: Path,
                          "data/0: file write failed")
     for free, full in ((checkpoints.NEARLY_FULL - 1, True), (10 * checkpoints.NEARLY_FULL, False)):
         monkeypatch.setattr(checkpoints.shutil, "disk_usage", lambda path, free=free: usage(1 << 40, 0, free))
-        assert (checkpoints._full_line(tmp_path, tmp_path, error) is not None) is full
+        assert (checkpoints.full_line(tmp_path, tmp_path, error) is not None) is full
 
 
 def test_a_runs_first_checkpoint_is_whole_only_with_its_marker(tmp_path: Path) -> None:
@@ -218,7 +218,7 @@ def test_a_full_disks_text_is_a_full_disk_on_a_disk_with_free_space(error: Excep
     from llamafactory_hera.training import checkpoints
 
     assert shutil.disk_usage(tmp_path).free > checkpoints.NEARLY_FULL
-    assert checkpoints._full_line(tmp_path / "checkpoint-2", tmp_path, error).startswith("disk full: the checkpoint ")
+    assert checkpoints.full_line(tmp_path / "checkpoint-2", tmp_path, error).startswith("disk full: the checkpoint ")
 
 
 def test_every_file_of_a_checkpoint_is_made_durable_subfolders_too(tmp_path: Path,

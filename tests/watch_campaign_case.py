@@ -6,7 +6,7 @@ The run enters what a plugin run enters, in its order: LLaMA-Factory's load (``m
 while the others wait in its barrier), head selection (``hera_heads: auto``: rank 0 downloads and scores, the others
 wait for its heads), the steps (the Trainer's step begin, the plugin's ``compute_loss`` count, the model's forward
 under ``sections.counting_forwards``, DDP's backward, the optimizer's step), a checkpoint's save at the steps the case
-names (as ``WholeCheckpoints._save_checkpoint``: unmark, the files, make durable, every rank's agreement, the marker,
+names (as ``MethodTrainer._save_checkpoint``: unmark, the files, make durable, every rank's agreement, the marker,
 then the rotation of ``save_total_limit``), the final save on rank 0, predict after training, and ``watching``'s last
 barrier. Each function below that stands for plugin or host code names it: keep them in step with it.
 
@@ -142,7 +142,7 @@ class Rank:
             barrier()
 
     def select(self) -> None:
-        """``hera_heads: auto`` (plugin/llamafactory_hera/hera/workflow.py ``prepare``): rank 0 downloads its scoring
+        """``hera_heads: auto`` (plugin/llamafactory_hera/hera/preparation.py ``prepare``): rank 0 downloads its scoring
         model and scores, the others wait in a collective for its heads."""
         if not self.case.get("download"):
             return
@@ -160,19 +160,19 @@ class Rank:
             dist.broadcast_object_list(heads, src=0)
 
     def train(self, model: nn.Module) -> None:
-        """``WholeCheckpoints.train`` (plugin/llamafactory_hera/training/checkpoints.py) around the Trainer's loop."""
+        """``MethodTrainer.train`` (plugin/llamafactory_hera/training/trainer_base.py) around the Trainer's loop."""
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
         optimizer.register_step_pre_hook(self._optimizer_step)
         saves = [float(s) * self.bound for s in self.case.get("saves") or []]
         with sections.counting_forwards(model.module):
             for step in range(1, int(self.case.get("steps", 3)) + 1):
                 self.step = step
-                sections.enter(f"step {step}", "step", step)  # _StopOnSignal.on_step_begin
+                sections.enter(f"step {step}", "step", step)  # StopOnSignal.on_step_begin
                 if self.rank == 0 and step == 2:
                     model.module.recompile_s = self.seconds("recompile")
                 if self.at("sigstop") or self.at("forward"):  # as the Trainer prepares the inputs
                     self.act(f"before the forward of step {step}")
-                sections.reached(sections.FORWARD)  # StepPoints.compute_loss
+                sections.reached(sections.FORWARD)  # MethodTrainer.compute_loss
                 loss = model(torch.randn(4, 8)).pow(2).mean()
                 loss.register_hook(sections._backward_begun)
                 sections.reached(sections.BEFORE_BACKWARD)
@@ -192,7 +192,7 @@ class Rank:
             self.act(f"in the optimizer step of step {self.step}")
 
     def save_checkpoint(self, step: int, seconds: float) -> None:
-        """``WholeCheckpoints._save_checkpoint``: rank 0 writes the model and optimizer (``seconds``, growing), each
+        """``MethodTrainer._save_checkpoint``: rank 0 writes the model and optimizer (``seconds``, growing), each
         rank its RNG state; each stage done is progress; the ranks agree; rank 0 marks it whole, then rotates."""
         folder = self.out / f"{whole.CHECKPOINT_PREFIX}{step}"
         with sections.section(f"the save of {folder.name}", "save", files=str(folder)):

@@ -29,7 +29,7 @@ from llamafactory_hera.runtime.registry import method_for_stage
 from . import backends
 from .guard import require
 from .recipe.arguments import keys_of, split_args
-from .recipe.raw_checks import check_host_stage, start_run
+from .recipe.raw_checks import check_host_stage, checked_run
 from .recipe.recipe_file import launch_recipe
 
 _MISC_NAMES = ("is_env_enabled", "get_device_count", "use_ray", "use_kt", "check_dependencies", "find_available_port")
@@ -84,7 +84,7 @@ def check_before_ranks(argv: list[str]) -> Any:
     if method is None:
         check_host_stage(host_args, os.environ)
         return None
-    run = start_run(method, keys_of(method, method_raw)[0], host_args)
+    run = checked_run(method, keys_of(method, method_raw)[0], host_args)
     launch_signals.leave_to_ranks(run.controls.save_signal, given_keys(host_args).get("output_dir"))
     return run
 

@@ -2,8 +2,8 @@
 
 Checked on LLaMA-Factory 0.9.5: :func:`_check_shapes` verifies the host names used (module globals looked up at
 call time) before anything is patched. A method's stage maps to its host stage (``sft``) before LLaMA-Factory parses
-the arguments, so every host check, the data pipeline and the web UI treat the run as SFT. :func:`run_method` holds a
-method's steps in order. Nothing here names a method.
+the arguments, so every host check, the data pipeline and the web UI treat the run as SFT. :func:`run_method` lists a
+method's run in order, from the recipe to the record. Nothing here names a method.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from .engines.kv_sharing import reentrant_kv_note
 from .guard import require, warn_if_unchecked
 from .recipe import recipe_file
 from .recipe.arguments import keys_of, split_args
-from .recipe.raw_checks import check_host_stage, quiet_transformers, start_run
+from .recipe.raw_checks import check_host_stage, checked_run, quiet_transformers
 
 _TUNER_NAMES = ("_training_function", "_ray_training_function", "get_train_args", "run_sft")
 # bitsandbytes' CPU backend logs this at import without the ``kernels`` package; PEFT imports it in every LoRA run,
@@ -77,20 +77,28 @@ def _swapped(module: ModuleType, **replacements: Any) -> Iterator[None]:
 class SFTWorkflow:
     """What a method's run gets of LLaMA-Factory's SFT workflow (0.9.5).
 
-    ``collator`` / ``trainer``: the stock classes, to subclass; ``get_dataset``: the host's (data tokenized before the
-    model loads); ``smooth``: the loss curves' smoothing. :meth:`run`: ``run_sft`` whole with collator, trainer and,
-    if given, ``get_dataset(template, model_args, data_args, training_args, stage, **tokenizer_module) ->
-    {"train_dataset": ..., "eval_dataset": ...}`` swapped in.
+    ``collator``: the stock class, to subclass (a trainer class extends ``sft_classes.HostTrainer`` where it is
+    defined); ``get_dataset``: the host's (data tokenized before the model loads); ``smooth``: the loss curves'
+    smoothing. :meth:`run`: ``run_sft`` whole with collator, trainer (built with ``trainer_kwargs`` beside the host's
+    arguments) and, if given, ``get_dataset(template, model_args, data_args, training_args, stage, **tokenizer_module)
+    -> {"train_dataset": ..., "eval_dataset": ...}`` swapped in.
     """
 
     def __init__(self) -> None:
         self.collator: type = sft_workflow.SFTDataCollatorWith4DAttentionMask
-        self.trainer: type = sft_workflow.CustomSeq2SeqTrainer
         self.get_dataset: Callable[..., Any] = sft_workflow.get_dataset
         self.smooth = ploting.smooth
 
-    def run(self, collator: type, trainer: type, *args: Any, get_dataset: Callable[..., Any] | None = None) -> None:
-        replaced = {"SFTDataCollatorWith4DAttentionMask": collator, "CustomSeq2SeqTrainer": trainer}
+    def run(
+        self,
+        collator: type,
+        trainer: type,
+        *args: Any,
+        get_dataset: Callable[..., Any] | None = None,
+        trainer_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        built = functools.partial(trainer, **trainer_kwargs) if trainer_kwargs else trainer
+        replaced = {"SFTDataCollatorWith4DAttentionMask": collator, "CustomSeq2SeqTrainer": built}
         if get_dataset is not None:
             replaced["get_dataset"] = get_dataset
         # run_sft reads these as module globals, not arguments
@@ -132,18 +140,34 @@ def training_function(
 def run_method(
     tuner: ModuleType, host_training: Callable[[dict[str, Any]], None], config: dict[str, Any], method: Any, raw: dict
 ) -> None:
-    """A method's run (output_dir claimed). ``raw``: every method's keys of the recipe."""
+    """A method's run (output_dir claimed), from the recipe to the record, in order. ``raw``: every method's keys of
+    the recipe.
+
+    1. checks: a finished run refused (before the parse would resume it); the checks before the parse, nothing
+       loaded (:func:`checked_run`, which builds the run from the method's keys);
+    2. parse: LLaMA-Factory's, then the run's parsed checks; the host's steps: the bitsandbytes CPU note held back
+       unless the run quantizes, the shared-output probe, the overwrite (an earlier run's files moved aside); the
+       run's record: running;
+    3. to 5. prepare, train, finish: the run's (``MethodRun.in_place_of_sft``), where LLaMA-Factory's
+       ``_training_function`` calls ``run_sft``;
+    then the record: finished, stopped or failed. The save signal is noted from the parse to the last step.
+    """
     host_args = config["args"]
-    output_dir.refuse_finished(host_args)  # before the parse would resume it
-    run = start_run(method, _own_keys(method, raw), host_args)  # raw checks: nothing loaded
-    with run.noting_save_signal():  # through the parse, the load, the passes before step 1 and the steps
+    output_dir.refuse_finished(host_args)
+    run = checked_run(method, _own_keys(method, raw), host_args)
+    with run.noting_save_signal():
         record = None
         try:
-            parsed = _parse(host_args, method.stage, run, recorded=True)  # then the run's parsed checks
-            record = _started(parsed, method.stage, marks=True)  # the run's record: running
-            in_place_of_sft = functools.partial(_run_in_place_of_sft, run, SFTWorkflow())
+            parsed = hparams.get_train_args(host_args)
+            with quiet_transformers():
+                run.check_parsed(HostArguments(*parsed))
+            _hold_bitsandbytes_note(host_args)
+            _refuse_unshared(parsed)
+            output_dir.clear_for_overwrite(host_args, HostArguments(*parsed).training)
+            record = _started(parsed, method.stage, marks=True)
+            in_place_of_sft = functools.partial(_in_place_of_sft, run, SFTWorkflow())
             with _swapped(tuner, get_train_args=functools.partial(_parsed, parsed), run_sft=in_place_of_sft):
-                host_training(config)  # callbacks, the run's phases 3 to 5
+                host_training(config)  # callbacks, then the run's phases 3 to 5
         except BaseException as error:
             _ended(record, error, method.records)  # failed (or stopped on the save signal)
             raise
@@ -171,7 +195,12 @@ def run_host_stage(
     stage = str(raw_value(host_args, "stage") or "sft")
     record = None
     try:
-        parsed = _parse(host_args, stage, None, recorded=bool(raw))
+        parsed = hparams.get_train_args(host_args)
+        _hold_bitsandbytes_note(host_args)
+        if raw:  # recorded
+            _refuse_unshared(parsed)
+        output_dir.clear_for_overwrite(host_args, HostArguments(*parsed).training)
+        _say_stock_notes(parsed, stage)
         record = _started(parsed, stage, marks=False) if raw else None
         with _swapped(tuner, get_train_args=functools.partial(_parsed, parsed)):
             host_training(config)
@@ -193,30 +222,31 @@ def _own_keys(method: Any, raw: dict[str, Any]) -> dict[str, Any]:
     return own
 
 
-def _parse(host_args: RawRecipe, stage: str, run: Any, recorded: bool) -> tuple[Any, ...]:
-    """The host's parse, then ``run``'s parsed checks (None: a host stage's notes), the 4-bit CPU note held back
-    unless bitsandbytes quantizes, a ``recorded`` run's folder checked as shared by all nodes, an earlier run's files
-    moved aside under ``overwrite_output_dir``."""
-    parsed = hparams.get_train_args(host_args)
-    host = HostArguments(*parsed)
-    if run is not None:
-        with quiet_transformers():
-            run.check_parsed(host)
+def _hold_bitsandbytes_note(host_args: RawRecipe) -> None:
+    """The 4-bit CPU kernel's note held back (until the run ends) unless bitsandbytes quantizes."""
     if "bitsandbytes" not in sys.modules and not fsdp_loading.loads_bitsandbytes_weights(host_args):
-        _BITSANDBYTES_CPU.addFilter(_unquantized_note)  # said only where a run quantizes
-    training_args = host.training
-    main = getattr(training_args, "process_index", 0) == 0
-    training = getattr(training_args, "do_train", True)
-    if recorded and training:  # every node reads checkpoints and record
+        _BITSANDBYTES_CPU.addFilter(_unquantized_note)
+
+
+def _refuse_unshared(parsed: tuple[Any, ...]) -> None:
+    """A recorded training run's folder checked as one every node sees (every node reads checkpoints and record)."""
+    training_args = HostArguments(*parsed).training
+    if getattr(training_args, "do_train", True):
         shared_output.refuse_unshared(training_args)
-    output_dir.clear_for_overwrite(host_args, training_args)
-    if run is None and main:  # a stock stage: the host's gradient, what FSDP saves of it
-        with quiet_transformers():
-            note = reentrant_kv_note(host.model, training_args)
-        for line in (note, training and fsdp_adapter.unsaved_refusal(stage, os.environ, note=True)):
-            if line:
-                print(line, flush=True)
-    return parsed
+
+
+def _say_stock_notes(parsed: tuple[Any, ...], stage: str) -> None:
+    """A stock stage's notes (main process): the host's gradient and what FSDP saves of it."""
+    host = HostArguments(*parsed)
+    training_args = host.training
+    if getattr(training_args, "process_index", 0) != 0:
+        return
+    with quiet_transformers():
+        note = reentrant_kv_note(host.model, training_args)
+    training = getattr(training_args, "do_train", True)
+    for line in (note, training and fsdp_adapter.unsaved_refusal(stage, os.environ, note=True)):
+        if line:
+            print(line, flush=True)
 
 
 def _parsed(parsed: tuple[Any, ...], args: Any = None) -> tuple[Any, ...]:
@@ -224,7 +254,7 @@ def _parsed(parsed: tuple[Any, ...], args: Any = None) -> tuple[Any, ...]:
     return parsed
 
 
-def _run_in_place_of_sft(
+def _in_place_of_sft(
     run: Any,
     host: SFTWorkflow,
     model_args: Any,
@@ -235,7 +265,9 @@ def _run_in_place_of_sft(
     callbacks: Any = None,
 ) -> None:
     """``run_sft``'s stand-in: the run's phases 3 to 5."""
-    run.run(host, HostArguments(model_args, data_args, training_args, finetuning_args, generating_args), callbacks)
+    run.in_place_of_sft(
+        host, HostArguments(model_args, data_args, training_args, finetuning_args, generating_args), callbacks
+    )
 
 
 def _started(parsed: tuple[Any, ...], stage: str, marks: bool) -> Path | None:

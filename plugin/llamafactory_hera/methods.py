@@ -3,71 +3,40 @@
 :class:`~llamafactory_hera.recipe.declaration.Method` a stage, arguments and a LlamaBoard panel, and
 ``llamafactory-hera`` takes its verbs: a new method touches no patch.
 
-A declaration names its (light) run class; its panel, verbs and plan are the functions below, each importing what it
-builds only when called (gradio, torch, the verbs' and plan's modules: a training run or a one-line error needs none).
+A declaration names its parts as module strings, each imported only when used (gradio, torch, the verbs' and plan's
+modules: a training run or a one-line error needs none).
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
-from typing import Any
 
 from llamafactory_hera.harc import config as harc
-from llamafactory_hera.harc.run import HarcRun
 from llamafactory_hera.hera import config as hera
-from llamafactory_hera.hera.run import HeraRun
-from llamafactory_hera.rah.run import RahRun
-from llamafactory_hera.recipe.declaration import Method
+from llamafactory_hera.rah import config as rah
+from llamafactory_hera.recipe.declaration import Method, declared_function, declared_value
 
-
-def plan(args: dict[str, Any]) -> str:
-    """Every method's run planned alike (:func:`llamafactory_hera.plan.cli.board_report`)."""
-    from llamafactory_hera.plan.cli import board_report  # lazy
-
-    return board_report(args)
-
-
-def hera_panel() -> Any:
-    from llamafactory_hera.hera.webui_panel import PANEL  # lazy
-
-    return PANEL
-
-
-def rah_panel() -> Any:
-    from llamafactory_hera.rah.webui_panel import PANEL  # lazy
-
-    return PANEL
-
-
-def harc_panel() -> Any:
-    from llamafactory_hera.harc.webui_panel import PANEL  # lazy
-
-    return PANEL
-
-
-def hera_verbs(commands: Any) -> dict[str, Callable[[Any], None]]:
-    from llamafactory_hera.hera.cli import add_verbs  # lazy
-
-    return add_verbs(commands)
-
-
-def harc_verbs(commands: Any) -> dict[str, Callable[[Any], None]]:
-    from llamafactory_hera.harc.convert import add_verbs  # lazy
-
-    return add_verbs(commands)
-
+# every method's run planned alike
+PLAN = declared_function("llamafactory_hera.plan.cli:board_report")
 
 HERA = Method(
     stage="hera",
     label="HeRA (Head-wise Representation Alignment)",
     prefix="hera_",
     host_stage="sft",
-    run=HeraRun,
+    arguments=hera.HeraArguments,
+    parse=hera.parse_hera_arguments,
+    check_raw="llamafactory_hera.hera.raw_checks:validate_raw_host_args",
+    check_parsed="llamafactory_hera.hera.parsed_checks:validate_host_args",
+    prepare="llamafactory_hera.hera.preparation:prepare",
+    train="llamafactory_hera.hera.workflow:train",
+    finish="llamafactory_hera.hera.workflow:finish",
+    save_signal_key="hera_save_on_signal",
+    watchdog_key="hera_watchdog_timeout",
     log_keys=hera.LOG_KEYS,
-    panel=hera_panel,
-    plan=plan,
-    add_cli_verbs=hera_verbs,
+    panel=declared_value("llamafactory_hera.hera.webui_panel:PANEL"),
+    plan=PLAN,
+    add_cli_verbs=declared_function("llamafactory_hera.hera.cli:add_verbs"),
     records=("hera_run.json",),
 )
 
@@ -76,9 +45,15 @@ RAH = Method(
     label="RAH-LoRA (training-free head calibration)",
     prefix="rah_",
     host_stage="sft",
-    run=RahRun,
-    panel=rah_panel,
-    plan=plan,
+    arguments=rah.RahArguments,
+    parse=rah.parse_rah_arguments,
+    check_raw="llamafactory_hera.rah.raw_checks:validate_raw_host_args",
+    check_parsed="llamafactory_hera.rah.parsed_checks:validate_host_args",
+    prepare="llamafactory_hera.rah.workflow:prepare",
+    train="llamafactory_hera.rah.workflow:train",
+    finish="llamafactory_hera.rah.workflow:finish",
+    panel=declared_value("llamafactory_hera.rah.webui_panel:PANEL"),
+    plan=PLAN,
     records=("rah_profile.json",),
     one_process=True,
 )
@@ -88,11 +63,18 @@ HARC = Method(
     label="HARC (harmfulness-refusal coupling)",
     prefix="harc_",
     host_stage="sft",
-    run=HarcRun,
+    arguments=harc.HarcArguments,
+    parse=harc.parse_harc_arguments,
+    check_raw="llamafactory_hera.harc.raw_checks:validate_raw_host_args",
+    check_parsed="llamafactory_hera.harc.parsed_checks:validate_host_args",
+    prepare="llamafactory_hera.harc.workflow:prepare",
+    train="llamafactory_hera.harc.workflow:train",
+    save_signal_key="harc_save_on_signal",
+    watchdog_key="harc_watchdog_timeout",
     log_keys=harc.LOG_KEYS,
-    panel=harc_panel,
-    plan=plan,
-    add_cli_verbs=harc_verbs,
+    panel=declared_value("llamafactory_hera.harc.webui_panel:PANEL"),
+    plan=PLAN,
+    add_cli_verbs=declared_function("llamafactory_hera.harc.convert:add_verbs"),
     records=("harc_run.json",),
 )
 

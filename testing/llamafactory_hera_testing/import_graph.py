@@ -188,8 +188,12 @@ ENTRIES = ("hera.trainer", "hera.workflow", "rah.workflow", "harc.trainer", "har
 # shares with the launcher, nvidia-resiliency-ext's reporter) and its placement the quantized bytes a weight takes
 # (recipe/quantization.py, torch-free: plan reads it too); HeRA's trainer its per-log sums (hera/step_sums.py: the
 # values its step keeps and sums at the logging read), apart from the step, which keeps it under 400 lines; a
-# workflow the resumed weights' mixin apart from the checkpoints' (training/checkpoint_weights.py), likewise
-TRAINER_FILES, WORKFLOW_FILES = 21, 51
+# workflow the trainer base (training/trainer_base.py: a run's order around the steps, with the checkpoints' and the
+# resumed weights' helpers apart, each under 400 lines) and the host's trainer class it composes HeRA's over
+# (patches' sft_classes.py); HeRA's preparation, head selection with it, is a phase of its own (hera/preparation.py),
+# and what HeRA saves beside a checkpoint the workflow's class's hooks (hera/saved_state.py), not the step's
+TRAINER_FILES = 20
+WORKFLOW_FILES = 45
 # the most imports inside functions in the plugin and the patches: each is lazy for a reason its line says (start-up,
 # a one-line error before torch, an optional extra); any other import sits at its module's top
 INNER_IMPORTS = 200

@@ -3,7 +3,7 @@ residual entering each coupled layer with a forward pre-hook on the layer, i.e. 
 keeps its autograd graph under reentrant checkpointing too (only what is computed inside a reentrant layer's first
 forward has none).
 
-HarcTrainerMixin.compute_loss (its four terms, coupled layers 1 and 3 of the tiny Llama-3 with LoRA) then backward,
+HarcTrainerMixin.method_loss (its four terms, coupled layers 1 and 3 of the tiny Llama-3 with LoRA) then backward,
 under LLaMA-Factory's own checkpointing function: the gradient of every LoRA tensor with reentrant checkpointing in
 every layer equals the one with the coupled layers non-reentrant (the switch HARC had), non-reentrant everywhere, and
 no checkpointing; the coupling's own gradient reaches the reentrant layers below the coupled ones.
@@ -37,7 +37,7 @@ LAYERS = [1, 3]
 
 def _trainer(t: SimpleNamespace, reentrant: bool | None,
              weights: tuple[float, float, float, float] = (1.0, 1.0, 10.0, 1.0)) -> tuple[Any, Any, dict]:
-    """(HarcTrainerMixin with what compute_loss reads, the LoRA model under LLaMA-Factory's checkpointing function
+    """(HarcTrainerMixin with what method_loss reads, the LoRA model under LLaMA-Factory's checkpointing function
     (``None``: none), a micro-batch); the caller sets ``harc_checkpointing``."""
     from llamafactory.model.model_utils.checkpointing import get_custom_gradient_checkpointing_func
 
@@ -69,10 +69,10 @@ def _kinds(model: Any) -> list[str]:
 
 def _gradients(t: SimpleNamespace, reentrant: bool | None, switched: list[int],
                weights: tuple[float, float, float, float] = (1.0, 1.0, 10.0, 1.0)) -> tuple[dict, list[str]]:
-    """(LoRA gradients of one compute_loss + backward, each decoder layer's checkpointing kind in it)."""
+    """(LoRA gradients of one method_loss + backward, each decoder layer's checkpointing kind in it)."""
     trainer, model, batch = _trainer(t, reentrant, weights)
     trainer.harc_checkpointing = LayerCheckpointing(model, switched, "the test's layers")
-    trainer.compute_loss(model, batch).backward()
+    trainer.method_loss(model, batch).backward()
     return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}, _kinds(model)
 
 
@@ -98,10 +98,10 @@ def test_the_checkpointing_stays_the_recipes_through_a_refresh(tiny: dict[str, S
     on Llama), then a refresh moves the coupled layers: every layer checkpoints reentrantly in both steps."""
     trainer, model, batch = _trainer(tiny["llama3"], reentrant=True)
     trainer.harc_checkpointing = LayerCheckpointing(model, [], "HARC")
-    trainer.compute_loss(model, dict(batch)).backward()
+    trainer.method_loss(model, dict(batch)).backward()
     assert set(_kinds(model)) == {"reentrant"}, _kinds(model)
     trainer.harc_state.layers = [2]  # a refresh
-    trainer.compute_loss(model, dict(batch)).backward()
+    trainer.method_loss(model, dict(batch)).backward()
     assert set(_kinds(model)) == {"reentrant"}, _kinds(model)
     line = trainer.harc_checkpointing.line()
     assert line == "gradient checkpointing: reentrant (the recipe's) in every decoder layer", line
@@ -139,7 +139,7 @@ def test_the_residual_is_read_before_a_zero3_style_pre_hook_detaches_it(tiny: di
 
     for layer in text_decoder(model).layers:
         layer.register_forward_pre_hook(zero3_like, with_kwargs=True)
-    trainer.compute_loss(model, batch).backward()
+    trainer.method_loss(model, batch).backward()
     got = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
     assert copies and False in copies  # the copies made in the first forward of a reentrant layer had no graph
     assert got.keys() == want.keys()
@@ -180,7 +180,7 @@ def test_harc_gradient_on_a_kv_sharing_model_is_exact_with_a_coupled_source_laye
         trainer, model, batch = _trainer(t, reentrant)
         trainer.harc_checkpointing = LayerCheckpointing(model, [], "HARC") if harc else SimpleNamespace(
             ensure=lambda: None)  # LLaMA-Factory's reentrant kind in every layer
-        trainer.compute_loss(model, batch).backward()
+        trainer.method_loss(model, batch).backward()
         grads[name] = {key: p.grad.clone() for key, p in model.named_parameters() if p.grad is not None}
         if name == "harc":
             assert _kinds(model) == ["reentrant", "non-reentrant", "reentrant", "reentrant", "non-reentrant"]

@@ -61,9 +61,9 @@ def test_adapter_disabled_equals_a_separate_base_copy(tiny: dict[str, SimpleName
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_trainer_objective_term_by_term(tiny: dict[str, SimpleNamespace], family: str) -> None:
-    """HarcTrainerMixin.compute_loss on a micro-batch against every term recomputed from single-row forwards of the
+    """HarcTrainerMixin.method_loss on a micro-batch against every term recomputed from single-row forwards of the
     adapted model and of a separately loaded base (the reference's two copies). The Trainer itself is not built:
-    compute_loss only reads harc_args, harc_state, accelerator.unwrap_model, harc_checkpointing and _harc_sums."""
+    method_loss only reads harc_args, harc_state, accelerator.unwrap_model, harc_checkpointing and _harc_sums."""
     from llamafactory_hera.harc.trainer import HarcTrainerMixin
     from llamafactory_hera.training.layer_checkpointing import LayerCheckpointing
 
@@ -86,7 +86,7 @@ def test_trainer_objective_term_by_term(tiny: dict[str, SimpleNamespace], family
     trainer.harc_checkpointing = LayerCheckpointing(peft_model, [], "HARC")  # as the trainer: KV-sharing chains only
 
     batch = collate_rows(rows, t.tokenizer.pad_token_id)
-    total = trainer.compute_loss(peft_model, dict(batch))
+    total = trainer.method_loss(peft_model, dict(batch))
     couple, couple_resp, kl, ce, count = (float(v) for v in trainer._harc_sums)
     assert count == 1
 

@@ -10,10 +10,11 @@ import torch
 import transformers
 
 from llamafactory_hera.hera.trainer import HeraTrainer
+from llamafactory_hera.training.trainer_base import MethodTrainer
 
 
-class _Trainer(HeraTrainer, transformers.Trainer):
-    pass
+class _Trainer(HeraTrainer, MethodTrainer):
+    """HeRA's step on the trainer base, as the workflow's class (the host's trainer is transformers')."""
 
 
 def _deepspeed_bf16_trainer(cls: type) -> transformers.Trainer:

@@ -45,7 +45,7 @@ def split_dict(args: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], Me
 
 def method_fields(method: Method) -> tuple[dataclasses.Field, ...]:
     """``method``'s recipe keys: the fields of its run's arguments dataclass."""
-    return dataclasses.fields(method.run.arguments)
+    return dataclasses.fields(method.arguments)
 
 
 def split_list(args: list[str]) -> tuple[list[str], dict[str, Any], Method | None]:

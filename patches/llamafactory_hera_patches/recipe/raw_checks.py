@@ -1,6 +1,6 @@
 """A run's checks before the host parses its recipe (nothing loaded), for the stage patch, the launchers and
-``llamafactory-hera plan``: :func:`start_run` for a method, :func:`check_host_stage` for a host stage. An unknown stage
-is refused with the closest name.
+``llamafactory-hera plan``: :func:`checked_run` for a method, :func:`check_host_stage` for a host stage. An unknown
+stage is refused with the closest name.
 """
 
 from __future__ import annotations
@@ -23,16 +23,18 @@ from ..data.templates import host_stages
 from ..engines import fsdp_loading
 
 
-def start_run(method: Any, keys: dict[str, Any], host_args: RawRecipe, machine: bool = True) -> Any:
-    """``method``'s run from its ``keys``, after its raw checks: the plugin's environment variables, backend switches
-    (:mod:`..backends`), then :meth:`check_raw`. Run in every rank, once in the launcher, and by ``llamafactory-hera
-    plan`` (``machine`` false: no checks of this machine)."""
+def checked_run(method: Any, keys: dict[str, Any], host_args: RawRecipe, machine: bool = True) -> Any:
+    """``method``'s run of its ``keys``, after the checks before the parse, in order: the plugin's environment
+    variables, backend switches (:mod:`..backends`), the keys parsed, the watch that ends this rank when another
+    refuses, the run's :meth:`check_raw`. Run in every rank, once in the launcher, and by ``llamafactory-hera plan``
+    (``machine`` false: no checks of this machine)."""
     if machine:
         env_knobs.check(os.environ)
     refused = backends.refusal(method.stage, host_args, os.environ if machine else {})
     if refused:
         raise RecipeError(refused)
-    run = method.run(method, method.run.parse(keys))  # an error names the key
+    run = method.run_of(keys)  # an error names the key
+    run.watch_refusals()
     with quiet_transformers():  # may read config.json (HeRA's heads)
         run.check_raw(host_args, machine)
     return run

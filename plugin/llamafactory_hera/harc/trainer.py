@@ -1,4 +1,4 @@
-"""Trainer mixin for ``stage: harc``, in front of LLaMA-Factory's ``CustomSeq2SeqTrainer``. Per micro-batch::
+"""HARC's step, in front of the trainer base (``harc/workflow.py``'s ``HarcSeq2SeqTrainer``). Per micro-batch::
 
     loss = w_couple couple + w_couple_resp couple_resp + w_kl KL + w_ce CE
 
@@ -31,6 +31,9 @@ from llamafactory_hera.training.layer_checkpointing import LayerCheckpointing
 
 if TYPE_CHECKING:  # a signature's type: the state is the workflow's to build
     from llamafactory_hera.harc.state import HarcState
+    from llamafactory_hera.training.trainer_base import MethodTrainer as StepBase
+else:  # a mixin: the workflow's class puts the trainer base (its hooks) after it
+    StepBase = Trainer
 
 _TERMS = ("couple", "couple_resp", "kl", "ce")
 
@@ -66,12 +69,8 @@ class _StepEnd(TrainerCallback):
     @override
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         trainer = self.trainer
-        resumed = trainer.resumed_from
         model = trainer.accelerator.unwrap_model(trainer.model)
-        if resumed is not None:
-            trainer.harc_state.load(resumed)
-            trainer.harc_run.say(f"HARC: resumed directions and layers {trainer.harc_state.layers} from {resumed}")
-        else:
+        if trainer.resumed_from is None:  # else loaded (HarcTrainerMixin.load_method_state)
             with sections.section("HARC's direction extraction", "directions", forwards=True):
                 trainer.harc_state.start(model)
             trainer.harc_run.say(f"HARC: base directions extracted; coupling layers {trainer.harc_state.layers}")
@@ -87,8 +86,8 @@ class _StepEnd(TrainerCallback):
         trainer.harc_state.on_step_end(model, state.global_step, state.max_steps, trainer.harc_run.say)
 
 
-class HarcTrainerMixin(Trainer):
-    """HARC's step, in front of the host's trainer with the plugin's checkpoints (``training/checkpoints.py``)."""
+class HarcTrainerMixin(StepBase):
+    """HARC's step, in front of the trainer base and the host's trainer class."""
 
     harc_args: HarcArguments
     harc_run: Any  # harc/workflow.py's RunContext, state included
@@ -112,10 +111,15 @@ class HarcTrainerMixin(Trainer):
         self.add_callback(StreamEpochs(self.train_dataset))
 
     @override
-    def save_method_state(self, folder: str) -> None:
+    def save_method_state(self, folder: str, checkpoint: bool) -> None:
         """HARC's state into every checkpoint, ``save_only_model`` included: resume needs it."""
-        if self.args.should_save:
+        if checkpoint and self.args.should_save:
             self.harc_state.save(folder)
+
+    @override
+    def load_method_state(self, folder: str) -> None:
+        self.harc_state.load(folder)
+        self.harc_run.say(f"HARC: resumed directions and layers {self.harc_state.layers} from {folder}")
 
     @override
     def create_scheduler(self, num_training_steps: int, optimizer: Any = None) -> Any:
@@ -132,7 +136,7 @@ class HarcTrainerMixin(Trainer):
         return super().create_scheduler(num_training_steps, optimizer)
 
     @override
-    def compute_loss(
+    def method_loss(
         self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
     ) -> Any:
         extras = {key: inputs.pop(key) for key in BATCH_KEYS if key in inputs}
@@ -216,20 +220,19 @@ class HarcTrainerMixin(Trainer):
         return cached
 
     @override
-    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
-        if "loss" in logs:  # a training log: every rank logs at the same step, so the reduction is safe
-            sums = self._harc_sums.clone()
-            if torch.distributed.is_available() and torch.distributed.is_initialized():
-                device = self.args.device if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
-                sums = sums.to(device)
-                with sections.collective("HARC's all-reduce of the logged sums"):
-                    torch.distributed.all_reduce(sums)
-            sums = sums.cpu()
-            if sums[-1] > 0:
-                for index, term in enumerate(_TERMS):
-                    logs[f"harc_{term}"] = float(sums[index] / sums[-1])
-            # the logged step's layers: a ramp or refresh at its end has already changed the state's
-            layers = self.harc_state.layers if self._harc_step_layers is None else self._harc_step_layers
-            logs["harc_layers"] = ",".join(str(layer) for layer in layers)
-            self._harc_sums.zero_()
-        super().log(logs, *args, **kwargs)
+    def method_logs(self, logs: dict[str, float]) -> None:
+        """The terms' means since the last log, over every rank, and the logged step's layers."""
+        sums = self._harc_sums.clone()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            device = self.args.device if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
+            sums = sums.to(device)
+            with sections.collective("HARC's all-reduce of the logged sums"):
+                torch.distributed.all_reduce(sums)
+        sums = sums.cpu()
+        if sums[-1] > 0:
+            for index, term in enumerate(_TERMS):
+                logs[f"harc_{term}"] = float(sums[index] / sums[-1])
+        # the logged step's layers: a ramp or refresh at its end has already changed the state's
+        layers = self.harc_state.layers if self._harc_step_layers is None else self._harc_step_layers
+        logs["harc_layers"] = ",".join(str(layer) for layer in layers)
+        self._harc_sums.zero_()

@@ -9,6 +9,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from typing_extensions import override
+
 from llamafactory_hera import __version__
 from llamafactory_hera.harc.batches import ComposedMicroBatches, HarcCollator
 from llamafactory_hera.harc.config import HarcArguments
@@ -21,10 +23,9 @@ from llamafactory_hera.harc.trainer import HarcTrainerMixin
 from llamafactory_hera.runtime.log import progress_once, say_again_on_board, say_once
 from llamafactory_hera.runtime.parsed_arguments import HostArguments
 from llamafactory_hera.runtime.run_record import plain, write_record
-from llamafactory_hera.training.checkpoint_weights import RestoresCheckpointWeights
-from llamafactory_hera.training.checkpoints import WholeCheckpoints
 from llamafactory_hera.training.eval_forward import keep_4bit_layout
-from llamafactory_hera.training.sections import StepPoints
+from llamafactory_hera.training.trainer_base import MethodTrainer
+from llamafactory_hera_patches.sft_classes import HostTrainer
 from llamafactory_hera_patches.tools.model_data import RecipeArgs, load_aligned_rows
 
 
@@ -68,9 +69,22 @@ def prepare(harc_args: HarcArguments, parsed: HostArguments) -> None:
         write_run_record(harc_args, parsed.model, parsed.data, parsed.finetuning, parsed.training)
 
 
-def train(harc_args: HarcArguments, host: Any, parsed: HostArguments, callbacks: Any) -> None:
-    """LLaMA-Factory's SFT workflow with HARC's data, collator and trainer; its ``train`` ends with
-    :func:`~llamafactory_hera.harc.outputs.finish_run`, where the model is at hand."""
+class HarcSeq2SeqTrainer(HarcTrainerMixin, MethodTrainer, HostTrainer):
+    """HARC's trainer: its step (:class:`HarcTrainerMixin`, which takes ``harc_args`` and ``harc_run``, the run's
+    context) on the trainer base over LLaMA-Factory's trainer."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        keep_4bit_layout(self.model)  # through every eval forward: directions and the end-of-run generation
+
+    @override
+    def finish_run(self) -> None:
+        finish_run(self)  # the refusal evaluation, diagnostics, plots
+
+
+def train(harc_args: HarcArguments, host: Any, parsed: HostArguments, callbacks: Any, prepared: None) -> None:
+    """LLaMA-Factory's SFT workflow with HARC's data, collator and trainer; after the steps, the trainer's
+    :meth:`~HarcSeq2SeqTrainer.finish_run`, where the model is at hand."""
     run = RunContext(plot=bool(parsed.finetuning.plot_loss), smooth=host.smooth)
 
     def get_dataset(
@@ -131,14 +145,11 @@ def train(harc_args: HarcArguments, host: Any, parsed: HostArguments, callbacks:
         )
         return {"train_dataset": dataset, "eval_dataset": None}
 
-    class HarcSeq2SeqTrainer(StepPoints, HarcTrainerMixin, WholeCheckpoints, RestoresCheckpointWeights, host.trainer):
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, harc_args=harc_args, harc_run=run, **kwargs)
-            keep_4bit_layout(self.model)  # through every eval forward: directions and the end-of-run generation
-
-        def train(self, *args: Any, **kwargs: Any) -> Any:
-            result = super().train(*args, **kwargs)
-            finish_run(self)  # after the steps: the refusal evaluation, diagnostics, plots
-            return result
-
-    host.run(HarcCollator, HarcSeq2SeqTrainer, *parsed, callbacks, get_dataset=get_dataset)
+    host.run(
+        HarcCollator,
+        HarcSeq2SeqTrainer,
+        *parsed,
+        callbacks,
+        get_dataset=get_dataset,
+        trainer_kwargs={"harc_args": harc_args, "harc_run": run},
+    )

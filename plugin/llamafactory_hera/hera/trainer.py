@@ -1,11 +1,12 @@
 """HeRA's training step: ``loss = lm_loss + lambda * L_HeRA``, one class read top to bottom.
 
-:class:`HeraTrainer` is mixed in front of LLaMA-Factory's ``CustomSeq2SeqTrainer`` (``hera/workflow.py`` wires
-the rest). One step (:meth:`HeraTrainer.compute_loss`): the batch, built on the CPU (``hera/collator.py``); the LM
-forward with the heads' ``o_proj`` inputs captured, pooled and projected through ``W_O`` (``capture.HeadCapture``,
-``[H, B, d]``); the contrastive set (:meth:`HeraTrainer.hera_term`: local anchors, the global batch under
-``hera_gather``, the queue); the loss (``hera/loss.py``), 0 when not finite, scaled like the LM loss under gradient
-accumulation. Teacher features: ``teacher_run.RunTeacher``; per-log sums: ``step_sums.StepSums``.
+:class:`HeraTrainer` is HeRA's step in front of the trainer base (``hera/workflow.py``'s ``HeraSeq2SeqTrainer``
+wires the rest and gives the base's other hooks). One step (:meth:`HeraTrainer.method_loss`, the base's loss hook):
+the batch, built on the CPU (``hera/collator.py``); the LM forward with the heads' ``o_proj`` inputs captured, pooled
+and projected through ``W_O`` (``capture.HeadCapture``, ``[H, B, d]``); the contrastive set
+(:meth:`HeraTrainer.hera_term`: local anchors, the global batch under ``hera_gather``, the queue); the loss
+(``hera/loss.py``), 0 when not finite, scaled like the LM loss under gradient accumulation. Teacher features:
+``teacher_run.RunTeacher``; per-log sums: ``step_sums.StepSums``.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from typing_extensions import override
 
 from llamafactory_hera.heads.geometry import AttentionGeometry, attention_geometry
 from llamafactory_hera.heads.pooling import multimodal_token_ids, require_multimodal_ids
-from llamafactory_hera.hera import saved_state
 from llamafactory_hera.hera.capture import HeadCapture
 from llamafactory_hera.hera.collator import HERA_BATCH_KEYS, collator_token_sources
 from llamafactory_hera.hera.loss import (
@@ -37,17 +37,20 @@ from llamafactory_hera.hera.step_sums import StepSums
 from llamafactory_hera.hera.teacher_cache import TeacherFeatureCache
 from llamafactory_hera.hera.teacher_run import RunTeacher
 from llamafactory_hera.runtime.log import line
-from llamafactory_hera.training import sections
 from llamafactory_hera.training.layer_checkpointing import LayerCheckpointing
 
-if TYPE_CHECKING:  # the arguments' declaration is the workflow's to load, not the step's
+if TYPE_CHECKING:  # the arguments' declaration and the monitor are the workflow's to load, not the step's
     from llamafactory_hera.hera.config import HeraArguments
+    from llamafactory_hera.hera.monitor import MonitorCallback
+    from llamafactory_hera.training.trainer_base import MethodTrainer as StepBase
+else:  # a mixin: the workflow's class puts the trainer base (its hooks, the host's loss) after it
+    StepBase = Trainer
 
 __all__ = ["HeraTrainer", "StepSums"]
 
 
-class HeraTrainer(Trainer):
-    """HeRA's step, mixed in front of the host's trainer class (with ``training/checkpoints.py``'s checkpoints).
+class HeraTrainer(StepBase):
+    """HeRA's step, in front of the trainer base and the host's trainer class.
     ``__init__`` takes ``hera_args``, the run's feature cache and ``hera_queue``, the queue's capacity
     (``preparation_checks.contrastive_geometry``)."""
 
@@ -61,6 +64,7 @@ class HeraTrainer(Trainer):
     hera_temperature_lr: float
     hera_tau: TemperatureGradHandler  # the temperature's step (own optimizer under DeepSpeed, FSDP)
     hera_sums: StepSums
+    hera_monitor: MonitorCallback | None = None  # its point joins the step's log
     _hera_warned_small_batch: bool
 
     def __init__(
@@ -116,7 +120,7 @@ class HeraTrainer(Trainer):
 
     # --- the step
     @override
-    def compute_loss(
+    def method_loss(
         self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
     ) -> Any:
         """LM loss plus ``lambda * L_HeRA`` (evaluation and HeRA-less batches: LM only)."""
@@ -124,9 +128,7 @@ class HeraTrainer(Trainer):
             inputs.pop(key, None) for key in HERA_BATCH_KEYS
         )  # added by hera/collator.py
         if not model.training or counts is None:
-            return super().compute_loss(
-                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
-            )
+            return self.host_loss(model, inputs, return_outputs, num_items_in_batch)
         if pooling is None or anchor_index is None or sample_counts is None:
             raise RuntimeError(
                 "HeRA: the batch has no hera_pooling_weights / hera_anchor_index / hera_sample_counts; it "
@@ -139,7 +141,7 @@ class HeraTrainer(Trainer):
         self.hera_checkpointing.ensure()
         self.hera_capture.arm()
         try:
-            result = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+            result = self.host_loss(model, inputs, True, num_items_in_batch)
         except BaseException:  # the forward's own error (an OOM...) is the one raised
             self.hera_capture.drop()
             raise
@@ -295,51 +297,13 @@ class HeraTrainer(Trainer):
         return optimizer
 
     @override
-    def train(self, *args: Any, **kwargs: Any) -> Any:
-        """The teacher's pass before step 1 (``hera_teacher_precompute``), then the run."""
-        teacher = self.hera_teacher
-        with sections.section("the teacher's pass before step 1", "teacher", forwards=True):
-            teacher.precompute(self.train_dataset, self.data_collator, self.args, self.is_world_process_zero())
-        try:
-            return super().train(*args, **kwargs)
-        finally:
-            teacher.to(teacher.device)  # back where load_teacher put the process-wide teacher
-
-    @override
-    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
-        if "loss" in logs:  # a training log: same on every rank, so the reduction is safe
-            self.hera_sums.log_values(
-                logs,
-                self.hera_log_tau,
-                len(self.hera_queue) if self.hera_queue.capacity else None,
-                self.state.global_step,
-            )
-        super().log(logs, *args, **kwargs)
-
-    # --- checkpoints
-    @override
-    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        super().save_model(output_dir, _internal_call)
-        if self.args.should_save:
-            saved_state.save_state(output_dir or self.args.output_dir, self.hera_args, self.hera_log_tau)
-
-    @override
-    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
-        super()._save_optimizer_and_scheduler(output_dir)
-        saved_state.save_optimizer_state(
-            output_dir, self.hera_tau.own_optimizer, self.hera_queue, self.args.process_index, self.args.should_save
+    def method_logs(self, logs: dict[str, float]) -> None:
+        """The monitor's point, then the step's sums since the last log (the same on every rank)."""
+        if self.hera_monitor is not None:
+            self.hera_monitor.merge(logs, self.state.global_step)
+        self.hera_sums.log_values(
+            logs,
+            self.hera_log_tau,
+            len(self.hera_queue) if self.hera_queue.capacity else None,
+            self.state.global_step,
         )
-
-    @override
-    def _load_optimizer_and_scheduler(self, checkpoint_dir: str | None) -> None:
-        super()._load_optimizer_and_scheduler(checkpoint_dir)
-        if checkpoint_dir is not None:
-            saved_state.load_state(
-                checkpoint_dir,
-                self.hera_args,
-                self.hera_log_tau,
-                self.hera_tau.own_optimizer,
-                self.hera_queue,
-                self.args.process_index,
-                self.args.device,
-            )

@@ -7,45 +7,41 @@ from __future__ import annotations
 
 import os
 import traceback
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from transformers import TrainerCallback
 from typing_extensions import override
 
 from llamafactory_hera import __version__
 from llamafactory_hera.heads.geometry import head_names
+from llamafactory_hera.hera import saved_state
 from llamafactory_hera.hera.collator import HeraCollatorMixin, describe_image
 from llamafactory_hera.hera.config import HERA_RUN_RECORD, TRAINING_PLOT, HeraArguments
 from llamafactory_hera.hera.image_tokens import check_image_tokens
 from llamafactory_hera.hera.loss import TAU_MAX, TAU_MIN
-from llamafactory_hera.hera.monitor import MonitorCallback, probe_set
+from llamafactory_hera.hera.monitor import MonitorCallback
 from llamafactory_hera.hera.preparation_checks import (
-    ContrastiveGeometry,
     check_heads_train,
     check_same_heads_on_every_rank,
-    checked_contrastive_geometry,
-    checked_image_rows,
 )
-from llamafactory_hera.hera.selection.auto import resolve_auto_heads
-from llamafactory_hera.hera.selection.select import scoring_dtype
 from llamafactory_hera.hera.teacher import load_image_processor
 from llamafactory_hera.hera.teacher_cache import TeacherFeatureCache
 from llamafactory_hera.hera.trainer import HeraTrainer
 from llamafactory_hera.plots.training import plot_training
 from llamafactory_hera.recipe.dataset_info import describe_data, first_unreadable
-from llamafactory_hera.recipe.model_paths import hub_folder
 from llamafactory_hera.runtime.errors import RecipeError
-from llamafactory_hera.runtime.log import PREFIX, line, say_again_on_board
+from llamafactory_hera.runtime.log import PREFIX, line
 from llamafactory_hera.runtime.parsed_arguments import HostArguments
 from llamafactory_hera.runtime.run_record import plain, write_record
 from llamafactory_hera.training import sections
-from llamafactory_hera.training.checkpoint_weights import RestoresCheckpointWeights
-from llamafactory_hera.training.checkpoints import WholeCheckpoints
 from llamafactory_hera.training.eval_forward import keep_4bit_layout
-from llamafactory_hera.training.sections import StepPoints
+from llamafactory_hera.training.trainer_base import MethodTrainer
+from llamafactory_hera_patches.sft_classes import HostTrainer
 from llamafactory_hera_patches.tools.model_data import RecipeArgs
+
+if TYPE_CHECKING:  # the preparation's hand-over (phase 3's module)
+    from llamafactory_hera.hera.preparation import HeraPreparation
 
 
 class RunSummary(TrainerCallback):
@@ -140,62 +136,74 @@ class RunSummary(TrainerCallback):
         )
 
 
-def _hera_classes(
-    host: Any,
-    hera_args: HeraArguments,
-    image_rows: dict[str, int],
-    data_counts: Any,
-    contrastive: ContrastiveGeometry,
-    probe: Any,
-    recipe_args: Any,
-    auto: bool,
-) -> tuple[type, type]:
-    """The run's collator and trainer classes (``HeraTrainer`` with checks, start/end lines, monitor)."""
-    cache = TeacherFeatureCache(enabled=hera_args.hera_teacher_cache)  # shared by this run's collator and trainer
-    collator = type(
-        "HeraSFTDataCollator",
-        (HeraCollatorMixin, host.collator),
-        {
-            "hera_image_processor": load_image_processor(hera_args.hera_teacher),
-            "hera_feature_cache": cache,
-            "hera_image_rows": image_rows,
-        },
-    )
+class HeraSeq2SeqTrainer(HeraTrainer, MethodTrainer, HostTrainer):
+    """HeRA's trainer: its step (:class:`HeraTrainer`) on the trainer base over LLaMA-Factory's trainer, with the
+    base's hooks: the passes before step 1, the state beside each checkpoint. The run's objects arrive as keyword
+    arguments (``hera_args``, the preparation, the feature cache shared with the collator, the recipe's arguments)."""
 
-    class HeraSeq2SeqTrainer(StepPoints, HeraTrainer, WholeCheckpoints, RestoresCheckpointWeights, host.trainer):
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            if hera_args.auto_heads:  # prepare() resolves it; a trainer of no heads would align nothing
-                raise ValueError("hera_heads: auto has not been resolved yet")
-            # before the teacher loads: same heads on all ranks, each moved by a trainable weight
-            check_same_heads_on_every_rank(head_names(hera_args.hera_heads))
-            model = kwargs["model"] if "model" in kwargs else args[0]  # Trainer(model, args, ...)
-            check_heads_train(model, hera_args.hera_heads, auto, kwargs.get("finetuning_args"))
-            keep_4bit_layout(model)  # for every eval forward: the monitor's and the Trainer's
-            super().__init__(
-                *args, hera_args=hera_args, hera_feature_cache=cache, hera_queue=contrastive.queue, **kwargs
+    def __init__(
+        self,
+        *args: Any,
+        hera_args: HeraArguments,
+        hera_prepared: HeraPreparation,
+        hera_feature_cache: TeacherFeatureCache,
+        recipe_args: RecipeArgs,
+        **kwargs: Any,
+    ) -> None:
+        if hera_args.auto_heads:  # prepare() resolves it; a trainer of no heads would align nothing
+            raise ValueError("hera_heads: auto has not been resolved yet")
+        # before the teacher loads: same heads on all ranks, each moved by a trainable weight
+        check_same_heads_on_every_rank(head_names(hera_args.hera_heads))
+        model = kwargs["model"] if "model" in kwargs else args[0]  # Trainer(model, args, ...)
+        check_heads_train(model, hera_args.hera_heads, hera_prepared.auto, kwargs.get("finetuning_args"))
+        keep_4bit_layout(model)  # for every eval forward: the monitor's and the Trainer's
+        contrastive = hera_prepared.contrastive
+        super().__init__(
+            *args, hera_args=hera_args, hera_feature_cache=hera_feature_cache, hera_queue=contrastive.queue, **kwargs
+        )
+        probe = hera_prepared.probe
+        if probe is not None:
+            self.hera_monitor = MonitorCallback(self, hera_args, probe, self.hera_geometry, recipe_args)
+        # the start line before the monitor's step-0 point
+        self.add_callback(RunSummary(self, hera_args, hera_prepared.counts, contrastive, self.hera_monitor))
+        if self.hera_monitor is not None:
+            self.add_callback(self.hera_monitor)
+
+    @override
+    def before_steps(self) -> None:
+        """The probe pairs' teacher features (before the teacher may leave the device), then the teacher's pass."""
+        teacher = self.hera_teacher
+        if self.hera_monitor is not None:
+            self.hera_monitor.prepare_teacher(teacher.model, teacher.image_processor(self.data_collator))
+        with sections.section("the teacher's pass before step 1", "teacher", forwards=True):
+            teacher.precompute(self.train_dataset, self.data_collator, self.args, self.is_world_process_zero())
+
+    @override
+    def after_steps(self) -> None:
+        self.hera_teacher.to(self.hera_teacher.device)  # back where load_teacher put the process-wide teacher
+
+    @override
+    def save_method_state(self, folder: str, checkpoint: bool) -> None:
+        """``hera_state.json``; in a checkpoint with its optimizer, the temperature's own optimizer and this rank's
+        queue."""
+        if self.args.should_save:
+            saved_state.save_state(folder, self.hera_args, self.hera_log_tau)
+        if checkpoint and not self.args.save_only_model:
+            saved_state.save_optimizer_state(
+                folder, self.hera_tau.own_optimizer, self.hera_queue, self.args.process_index, self.args.should_save
             )
-            self.hera_monitor = (
-                None if probe is None else MonitorCallback(self, hera_args, probe, self.hera_geometry, recipe_args)
-            )
-            # the start line before the monitor's step-0 point
-            self.add_callback(RunSummary(self, hera_args, data_counts, contrastive, self.hera_monitor))
-            if self.hera_monitor is not None:
-                self.add_callback(self.hera_monitor)
 
-        def train(self, *args: Any, **kwargs: Any) -> Any:
-            if self.hera_monitor is not None:  # probe pairs' teacher features, before the teacher may leave
-                self.hera_monitor.prepare_teacher(
-                    self.hera_teacher.model,  # on the device (the precompute's pass)
-                    self.hera_teacher.image_processor(self.data_collator),
-                )
-            return super().train(*args, **kwargs)
-
-        def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
-            if self.hera_monitor is not None and "loss" in logs:  # the monitor's point joins the step's log
-                self.hera_monitor.merge(logs, self.state.global_step)
-            super().log(logs, *args, **kwargs)
-
-    return collator, HeraSeq2SeqTrainer
+    @override
+    def load_method_state(self, folder: str) -> None:
+        saved_state.load_state(
+            folder,
+            self.hera_args,
+            self.hera_log_tau,
+            self.hera_tau.own_optimizer,
+            self.hera_queue,
+            self.args.process_index,
+            self.args.device,
+        )
 
 
 def _from_pil(err: BaseException) -> bool:
@@ -235,62 +243,28 @@ def _write_run_record(output_dir: str, hera_args: HeraArguments, parsed: HostArg
     write_record(Path(output_dir) / HERA_RUN_RECORD, record)
 
 
-@dataclass(frozen=True)
-class HeraPreparation:
-    """Preparation's hand-over to the trainer (``counts``, ``aligned``: None when streaming)."""
-
-    rows: dict[str, int]
-    counts: Any
-    aligned: Any
-    contrastive: ContrastiveGeometry
-    auto: bool
-    probe: Any
-
-
-def prepare(hera_args: HeraArguments, parsed: HostArguments) -> HeraPreparation:
-    """Before the trainer (and model): data checks, contrastive sets, ``hera_heads: auto``, probe pairs."""
-    model_args, data_args, training_args, finetuning_args, _ = parsed
-    say_again_on_board()  # LlamaBoard's log box lost the recipe checks' lines (a host warning)
-    # data checks first: an image-less dataset is named so, not as too few pairs to select heads from
-    rows, counts, aligned = checked_image_rows(model_args, data_args, finetuning_args, training_args)
-    contrastive = checked_contrastive_geometry(hera_args, counts, data_args, training_args)
-    auto = hera_args.auto_heads
-    recipe_args = RecipeArgs(model_args, data_args, finetuning_args)
-    if auto:
-        precision = {
-            "bf16": training_args.bf16,
-            "fp16": training_args.fp16,
-            "pure_bf16": finetuning_args.pure_bf16,
-            "model_name_or_path": model_args.model_name_or_path,
-        }
-        # rank 0 scores (a first download's bytes arriving in the hub's cache are progress); the others wait in a
-        # collective
-        kind = "selection" if training_args.process_index == 0 else "wait"
-        downloaded = hub_folder(str(model_args.model_name_or_path), model_args.cache_dir)
-        with sections.section("head selection", kind, forwards=True, files=downloaded):
-            hera_args.hera_heads = resolve_auto_heads(
-                recipe_args,
-                hera_args,
-                training_args.seed,
-                str(training_args.device),
-                training_args.output_dir,
-                training_args.process_index == 0,
-                dtype=scoring_dtype(precision),
-            )
-    probe = probe_set(hera_args, recipe_args, aligned, training_args.seed)  # before the model loads
-    return HeraPreparation(rows, counts, aligned, contrastive, auto, probe)
-
-
 def train(
     hera_args: HeraArguments, host: Any, parsed: HostArguments, callbacks: Any, prepared: HeraPreparation
 ) -> None:
     """LLaMA-Factory's SFT workflow with HeRA's collator and trainer; the run record first."""
     model_args, data_args, training_args, finetuning_args, _ = parsed
-    recipe_args = RecipeArgs(model_args, data_args, finetuning_args)
     rows = prepared.rows
-    collator, trainer = _hera_classes(
-        host, hera_args, rows, prepared.counts, prepared.contrastive, prepared.probe, recipe_args, prepared.auto
+    cache = TeacherFeatureCache(enabled=hera_args.hera_teacher_cache)  # shared by this run's collator and trainer
+    collator = type(
+        "HeraSFTDataCollator",
+        (HeraCollatorMixin, host.collator),
+        {
+            "hera_image_processor": load_image_processor(hera_args.hera_teacher),
+            "hera_feature_cache": cache,
+            "hera_image_rows": rows,
+        },
     )
+    trainer_kwargs = {
+        "hera_args": hera_args,
+        "hera_prepared": prepared,
+        "hera_feature_cache": cache,
+        "recipe_args": RecipeArgs(model_args, data_args, finetuning_args),
+    }
     if training_args.should_save:
         _write_run_record(training_args.output_dir, hera_args, parsed)
 
@@ -309,7 +283,9 @@ def train(
         return module
 
     try:
-        host.run(collator, trainer, *parsed, callbacks, get_dataset=get_dataset)
+        host.run(
+            collator, HeraSeq2SeqTrainer, *parsed, callbacks, get_dataset=get_dataset, trainer_kwargs=trainer_kwargs
+        )
     except OSError as err:  # e.g. PIL's UnidentifiedImageError in the host's preprocessing
         culprit = next((path for path in rows if path in str(err)), None)
         if culprit is None:  # PIL's "Truncated File Read" names no file: the first that does not decode
@@ -322,7 +298,9 @@ def train(
         ) from err
 
 
-def finish(host: Any, parsed: HostArguments) -> None:
+def finish(
+    hera_args: HeraArguments, host: Any, parsed: HostArguments, prepared: HeraPreparation, trained: None
+) -> None:
     """HeRA's training curves (``plot_loss``, by the main process)."""
     training_args = parsed.training
     if parsed.finetuning.plot_loss and training_args.process_index == 0:

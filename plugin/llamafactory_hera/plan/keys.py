@@ -11,11 +11,11 @@ def checked(recipe: dict) -> Any:
     # lazy: these import LLaMA-Factory's and transformers' pieces
     from llamafactory_hera.recipe.raw_checks import check_raw_recipe
     from llamafactory_hera_patches.recipe.arguments import keys_of, split_args
-    from llamafactory_hera_patches.recipe.raw_checks import check_host_stage, start_run
+    from llamafactory_hera_patches.recipe.raw_checks import check_host_stage, checked_run
 
     host, own, method = split_args(dict(recipe))
     if method is not None:
-        return start_run(method, keys_of(method, own)[0], host, machine=False).args
+        return checked_run(method, keys_of(method, own)[0], host, machine=False).args
     check_host_stage(host, {})
     check_raw_recipe(host, str(host.get("stage") or "sft"), machine=False)
     return None

@@ -254,7 +254,9 @@ def prepare(rah_args: RahArguments, parsed: HostArguments) -> RahPreparation:
     return RahPreparation(started, recipe, rows)
 
 
-def calibrate_model(rah_args: RahArguments, parsed: HostArguments, prepared: RahPreparation) -> RahCalibrated:
+def train(
+    rah_args: RahArguments, host: Any, parsed: HostArguments, callbacks: Any, prepared: RahPreparation
+) -> RahCalibrated:
     """Load the model as LLaMA-Factory does, place it (:func:`placement`) and calibrate it on the rows."""
     recipe = prepared.recipe
     rows = prepared.rows
@@ -297,7 +299,9 @@ def calibrate_model(rah_args: RahArguments, parsed: HostArguments, prepared: Rah
     return RahCalibrated(model, calibration, plan, loaded)
 
 
-def finish(rah_args: RahArguments, parsed: HostArguments, prepared: RahPreparation, calibrated: RahCalibrated) -> None:
+def finish(
+    rah_args: RahArguments, host: Any, parsed: HostArguments, prepared: RahPreparation, calibrated: RahCalibrated
+) -> None:
     """Write the profile record and figure, then the adapter, to ``output_dir``; refuse a calibration that changed no
     weight."""
     model_args, data_args, training_args, finetuning_args, _ = parsed

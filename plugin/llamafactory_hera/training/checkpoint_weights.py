@@ -2,7 +2,8 @@
 disk, in the original format (``save_pretrained`` reverts ``from_pretrained``'s renaming: LLaVA's
 ``language_model.model.*``, Qwen2-VL's ``model.*``), so such a model resumed with no weight restored. Keys are renamed
 with transformers' own functions; restoring fewer tensors than the run trains is an error. LoRA adapters load through
-PEFT, checked alike; DeepSpeed and FSDP keep the Trainer's path.
+PEFT, checked alike; DeepSpeed and FSDP keep the Trainer's path. The trainer base (``trainer_base.py``) calls
+:func:`restored_here` where the Trainer loads a resumed or best checkpoint.
 """
 
 from __future__ import annotations
@@ -16,8 +17,6 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 from torch import nn
-from transformers import Trainer
-from typing_extensions import override
 
 from llamafactory_hera.runtime.errors import RecipeError
 
@@ -136,32 +135,17 @@ def check_restored(model: nn.Module, folder: str, loaded: set[str], unplaced: li
     )
 
 
-class RestoresCheckpointWeights(Trainer):
-    """A ``Trainer`` (mixed in front of the host's) whose resume and ``load_best_model_at_end`` restore weights under
-    the model's names, or fail."""
-
-    def _restores_itself(self, folder: str, model: nn.Module, adapters: bool) -> bool:
-        """Load ``folder`` here where the Trainer would not rename (whole-model files; adapters if ``adapters``); False:
-        the Trainer's path (DeepSpeed, FSDP, sharded adapters)."""
-        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+def restored_here(trainer: Any, folder: str, model: nn.Module, adapters: bool) -> bool:
+    """Load ``folder`` into ``model`` here where ``trainer`` would not rename (whole-model files; adapters if
+    ``adapters``); False: the Trainer's path (DeepSpeed, FSDP, sharded adapters)."""
+    if trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled:
+        return False
+    if hasattr(model, "peft_config") and hasattr(model, "load_adapter"):
+        if not adapters or not any(os.path.isfile(os.path.join(folder, name)) for name in ADAPTER_FILES):
             return False
-        if hasattr(model, "peft_config") and hasattr(model, "load_adapter"):
-            if not adapters or not any(os.path.isfile(os.path.join(folder, name)) for name in ADAPTER_FILES):
-                return False
-            restore_adapter(model, folder)
-            return True
-        if not weight_files(folder):
-            return False  # the Trainer's error names what is missing
-        restore_weights(model, folder)
+        restore_adapter(model, folder)
         return True
-
-    @override
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
-        if not self._restores_itself(resume_from_checkpoint, self.model if model is None else model, adapters=True):
-            super()._load_from_checkpoint(resume_from_checkpoint, model)
-
-    @override
-    def _load_best_model(self) -> None:
-        folder = self.state.best_model_checkpoint
-        if folder is None or not self._restores_itself(folder, self.model, adapters=False):
-            super()._load_best_model()
+    if not weight_files(folder):
+        return False  # the Trainer's error names what is missing
+    restore_weights(model, folder)
+    return True

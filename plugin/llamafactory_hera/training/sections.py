@@ -2,11 +2,12 @@
 
 A section's kind (:class:`SectionKind`, the one list of them) sets its bound and watch (``watch_bounds.py``,
 ``watch_judge.py``). Progress only grows while the rank
-works: the points of a training micro-step (:class:`StepPoints`: the forward begun and returned, the backward begun and
-ended, the optimizer step begun and ended; the plugin's collectives, :func:`collective`), forwards begun and done, save
-stages done, and the files of a folder being written growing (:func:`writing`, measured by ``watch_growth.py``). A point
-also says where the rank is until the next one, for the line that names it: a rank that stopped short of a collective
-stays behind the ranks waiting in it, and is named alone. Unwatched, nothing is hooked: a point costs an empty call.
+works: the points of a training micro-step (the forward begun and returned, the backward begun and ended:
+:func:`loss_returned`; the optimizer step begun and ended: :class:`OptimizerPoints`; the plugin's collectives,
+:func:`collective`), forwards begun and done, save stages done, and the files of a folder being written growing
+(:func:`writing`, measured by ``watch_growth.py``). A point also says where the rank is until the next one, for the
+line that names it: a rank that stopped short of a collective stays behind the ranks waiting in it, and is named
+alone. Unwatched, nothing is hooked: a point costs an empty call.
 Nothing here writes, syncs or runs a collective.
 """
 
@@ -19,7 +20,7 @@ from typing import Any, NamedTuple, Protocol
 
 import torch
 from torch.nn.modules import module as nn_module
-from transformers import Trainer, TrainerCallback
+from transformers import TrainerCallback
 from typing_extensions import override
 
 
@@ -186,7 +187,7 @@ OPTIMIZER = "in the optimizer step"
 AFTER_OPTIMIZER = "after the optimizer step"
 
 
-class _OptimizerPoints(TrainerCallback):
+class OptimizerPoints(TrainerCallback):
     """The optimizer step's two points (after the gradients' clipping and the callbacks before it)."""
 
     @override
@@ -198,26 +199,14 @@ class _OptimizerPoints(TrainerCallback):
         reached(AFTER_OPTIMIZER)
 
 
-class StepPoints(Trainer):
-    """First of a method's trainer classes: its ``compute_loss`` is the outermost, so the points enclose the method's
-    whole loss (its own gathers included) and hook the loss the backward starts from."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.add_callback(_OptimizerPoints())  # after the method's callbacks: their collectives come first
-
-    @override
-    def compute_loss(self, model: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
-        """The forward begun before the model's own collectives (DDP's buffer broadcast), and returned; a loss that
-        will go backward is hooked to mark the backward's begin and end."""
-        reached(FORWARD)
-        result = super().compute_loss(model, inputs, *args, **kwargs)
-        loss = result[0] if isinstance(result, tuple) else result
-        backward = watched() and isinstance(loss, torch.Tensor) and loss.requires_grad
-        if backward:
-            loss.register_hook(_backward_begun)
-        reached(BEFORE_BACKWARD if backward else AFTER_FORWARD)
-        return result
+def loss_returned(result: Any) -> None:
+    """A micro-step's loss returned (its forward begun was :data:`FORWARD`): a loss that will go backward is hooked to
+    mark the backward's begin and end."""
+    loss = result[0] if isinstance(result, tuple) else result
+    backward = watched() and isinstance(loss, torch.Tensor) and loss.requires_grad
+    if backward:
+        loss.register_hook(_backward_begun)
+    reached(BEFORE_BACKWARD if backward else AFTER_FORWARD)
 
 
 def _backward_begun(grad: torch.Tensor) -> None:

@@ -1,0 +1,231 @@
+"""The trainer base (:class:`MethodTrainer`) every method's trainer class extends, in front of the host's. Its
+:meth:`~MethodTrainer.train` lists a run's order around the steps; a method gives hooks, and the base holds the
+checkpoints (``checkpoints.py``, ``checkpoint_weights.py``) and the watchdog's sections and points (``sections.py``).
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+from transformers import Trainer, TrainerCallback
+from typing_extensions import override
+
+from llamafactory_hera.runtime import save_signal
+from llamafactory_hera.runtime import whole_checkpoints as whole
+from llamafactory_hera.runtime.errors import RecipeError
+from llamafactory_hera.training import checkpoints, sections
+from llamafactory_hera.training.checkpoint_weights import restored_here
+
+
+class _RunEnds(TrainerCallback):
+    """First of the callbacks: the method's state loaded from the resumed checkpoint before the others begin; the end of
+    training's callbacks (uploads among them) in a watched section."""
+
+    def __init__(self, trainer: MethodTrainer) -> None:
+        self.trainer = trainer
+
+    @override
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.trainer.resumed_from is not None:
+            self.trainer.load_method_state(self.trainer.resumed_from)
+
+    @override
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        sections.enter("the end of training (its callbacks)", "final")
+
+
+class MethodTrainer(Trainer):
+    """A method's trainer: checkpoints whole or known half-written, a stop on the save signal with one, only whole ones
+    rotated (transformers rotates in its own save, before the marker, counting half-written folders, so its copy of the
+    arguments lacks ``save_total_limit``, applied here after each whole save and at the end), weights resumed under the
+    model's names, every step, save and pass in a watched section."""
+
+    checkpoint_limit: int | None  # the recipe's
+    resumed_from: str | None = None  # this start's checkpoint
+    stop: checkpoints.StopOnSignal  # this start's stop on the save signal
+    lineage: str | None = None  # a pinned resume's, in each marker
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.checkpoint_limit = self.args.save_total_limit
+        self.args = copy.copy(self.args)  # the recipe's arguments stay as they are
+        self.args.save_total_limit = None
+
+    # --- a run's order
+    @override
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
+        """What a run does, in order:
+
+        1. :meth:`before_steps`: the method's passes before step 1;
+        2. the checkpoint resumed from, chosen whole (a line if it was saved with other settings);
+        3. the run's callbacks: the method's state loaded from that checkpoint first, the stop on the save signal, the
+           optimizer step's points;
+        4. the steps (the host's ``train``), the save signal noted and the model's forwards counted;
+        5. :meth:`after_steps`, even after an error or the stop;
+        6. the final save's rotation (the best checkpoint alone under ``save_total_limit: 1``), or the stop's line and
+           exit;
+        7. :meth:`finish_run`: the method's work after steps that ran to their end.
+        """
+        self.before_steps()
+        try:
+            self.args.save_total_limit = None  # the steps' rotation is this class's
+            main = self.is_world_process_zero()
+            resume = checkpoints.whole_resume(self.args.output_dir, resume_from_checkpoint, main)
+            self.resumed_from = resume.folder
+            self.lineage = resume.lineage
+            if self.resumed_from:
+                checkpoints.say_other_settings(Path(self.resumed_from), self.args)
+            self.stop = checkpoints.StopOnSignal(save_signal.noted_name() or "none", self.args.output_dir)
+            self.add_callback(self.stop)
+            self.add_callback(sections.OptimizerPoints())  # after the method's callbacks: their collectives first
+            self.callback_handler.callbacks.insert(0, _RunEnds(self))
+            with save_signal.noting(self.stop.name, steps=True), sections.counting_forwards(self.model):
+                result = super().train(self.resumed_from, *args, **kwargs)
+        finally:
+            self.after_steps()
+        # the final training_args.bin and the callbacks see the recipe's limit
+        self.args.save_total_limit = self.checkpoint_limit
+        sections.enter("the end of the run (final save)", "final")
+        if self.stop.stopped:
+            checkpoints.stop_and_exit(self.args, self.state.global_step, self.stop.name)
+        checkpoints.keep_the_best_alone(self.args, self.state.best_model_checkpoint, self.checkpoint_limit)
+        self.finish_run()
+        return result
+
+    # --- a method's hooks
+    def before_steps(self) -> None:
+        """The method's passes before step 1 (HeRA: the monitor's teacher features, the teacher's precompute)."""
+
+    def after_steps(self) -> None:
+        """After the steps, even when they failed or stopped (HeRA: the teacher back on its device)."""
+
+    def method_loss(
+        self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
+    ) -> Any:
+        """The method's loss of a micro-batch, as ``compute_loss`` returns it; the host's by default."""
+        return self.host_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    def method_logs(self, logs: dict[str, float]) -> None:
+        """The method's values added to a training log (``logs`` has ``loss``; every rank logs at the same step, so a
+        reduction over the ranks is safe)."""
+
+    def save_method_state(self, folder: str, checkpoint: bool) -> None:
+        """The method's own state, saved into ``folder`` on every rank: a checkpoint's (``save_only_model`` too) or,
+        ``checkpoint`` false, the final model's."""
+
+    def load_method_state(self, folder: str) -> None:
+        """The method's own state, loaded from the resumed checkpoint ``folder`` on every rank before the first step."""
+
+    def finish_run(self) -> None:
+        """After steps that ran to their end, the model at hand (HARC: the refusal evaluation, diagnostics, plots)."""
+
+    # --- the step
+    @override
+    def compute_loss(
+        self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
+    ) -> Any:
+        """:meth:`method_loss` between the micro-step's points: the forward begun before the model's own collectives
+        (DDP's buffer broadcast), then returned, the backward hooked."""
+        sections.reached(sections.FORWARD)
+        result = self.method_loss(model, inputs, return_outputs, num_items_in_batch)
+        sections.loss_returned(result)
+        return result
+
+    def host_loss(
+        self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
+    ) -> Any:
+        """The host trainer's loss (the LM loss)."""
+        return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+
+    @override
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        if "loss" in logs:  # a training log
+            self.method_logs(logs)
+        super().log(logs, *args, **kwargs)
+
+    @override
+    def evaluate(self, *args: Any, **kwargs: Any) -> Any:
+        """Every forward is progress (generate's too, which no hook on the model sees): between steps in the step's
+        section, after training (``do_eval``) in one of its own."""
+        if self.is_in_train:
+            with sections.counting_every_forward():
+                return super().evaluate(*args, **kwargs)
+        with sections.section("the evaluation (do_eval)", "final", forwards=True):
+            return super().evaluate(*args, **kwargs)
+
+    @override
+    def predict(self, *args: Any, **kwargs: Any) -> Any:
+        """``do_predict`` (``predict_with_generate``: one forward a token), every forward progress."""
+        with sections.section("the prediction (do_predict)", "final", forwards=True):
+            return super().predict(*args, **kwargs)
+
+    # --- checkpoints
+    @override
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        super().save_model(output_dir, _internal_call)
+        if not _internal_call:  # the final model (a checkpoint's state is saved in its whole save)
+            self.save_method_state(output_dir or self.args.output_dir, checkpoint=False)
+
+    # the Trainer's private methods below have no public hook: a test fails when transformers renames one
+    @override
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        """Private: the one place a checkpoint is written, so its marker, the method's state and the rotation."""
+        args = self.args
+        run = Path(self._get_output_dir(trial=trial))
+        folder = run / f"{whole.CHECKPOINT_PREFIX}{self.state.global_step}"
+        about = {whole.SETTINGS: whole.settings(args)}
+        if self.lineage:
+            about[whole.LINEAGE] = self.lineage
+        # each stage done is progress, and so are its files growing
+        with sections.section(f"the save of {folder.name}", "save", files=str(folder)):
+            try:
+                whole.unmark(folder)  # by every rank, before its own writes
+                super()._save_checkpoint(model, trial)
+                sections.progress()
+                self.save_method_state(str(folder), checkpoint=True)
+                sections.progress()
+                whole.make_durable(folder)  # this rank's files, before the ranks agree
+                sections.progress()
+                checkpoints.every_rank_saved(args.device)
+                if args.should_save:
+                    whole.write_marker(folder, self.state.global_step, args.world_size, about)
+            except Exception as error:
+                # said by this rank alone: under FSDP2 and ZeRO-3 the others may be in the save's gathers, which a
+                # collective here would not match (a hang); the launcher ends them when this process ends
+                line = checkpoints.full_line(folder, run, error)
+                raise (RecipeError(line) if line else error) from None
+            if args.should_save:
+                with sections.writing(str(run)):  # the rotation, in the save: the folders going is progress
+                    whole.rotate(run, self.checkpoint_limit, (self.state.best_model_checkpoint, folder))
+
+    @override
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        """Private: the optimizer's load, which CPU DDP ranks need onto ``cpu`` (``load_optimizer_on_cpu``)."""
+        if not checkpoints.load_optimizer_on_cpu(self, checkpoint):
+            super()._load_optimizer_and_scheduler(checkpoint)
+
+    @override
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        """Private: the resumed weights' load, restored under the model's names (``checkpoint_weights.py``)."""
+        if not restored_here(self, resume_from_checkpoint, self.model if model is None else model, adapters=True):
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    @override
+    def _load_best_model(self) -> None:
+        """Private: the best checkpoint's load after the last step, in a section of the end of the run (the step's
+        bound is no load's), restored under the model's names."""
+        sections.enter("the load of the best checkpoint", "final")
+        folder = self.state.best_model_checkpoint
+        if folder is None or not restored_here(self, folder, self.model, adapters=False):
+            super()._load_best_model()
+
+    @override
+    def _run_epoch(self, *args: Any, **kwargs: Any) -> Any:
+        """Private, transformers 5: no steps at ``max_steps``, so a run resumed from its last checkpoint (killed in its
+        final save) saves the final model from it, not a step past it."""
+        if self.state.global_step >= self.state.max_steps > 0:
+            return None
+        return super()._run_epoch(*args, **kwargs)
