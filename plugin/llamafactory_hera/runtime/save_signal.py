@@ -142,6 +142,19 @@ def keeping() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def steps_over() -> None:
+    """After the last step, with no stop taken: nothing is left for a signal to save, so torchrun's SIGTERM (the save
+    signal or taken for it) gets its default back, and one noted since the last step ends the rank now, as it would
+    have (a noted one would wait for the final save, evaluation or predict, then torchrun's SIGKILL)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGTERM) not in (_note, _note_other):
+        return
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if _noted.came == "SIGTERM":
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 @contextlib.contextmanager
 def deferred() -> Iterator[None]:
     """No stop in the block: a distributed pass's ranks stop together after it (``agreed``); one stopping alone would

@@ -34,6 +34,8 @@ class _RunEnds(TrainerCallback):
 
     @override
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if not self.trainer.stop.stopped:
+            save_signal.steps_over()  # SIGTERM from here ends the rank: nothing is left to save on it
         sections.enter("the end of training (its callbacks)", "final")
 
 
