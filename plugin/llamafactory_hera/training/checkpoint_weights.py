@@ -1,9 +1,8 @@
 """A resumed run's weights restored under the model's names: ``Trainer._load_from_checkpoint`` loads a state dict as on
 disk, in the original format (``save_pretrained`` reverts ``from_pretrained``'s renaming: LLaVA's
 ``language_model.model.*``, Qwen2-VL's ``model.*``), so such a model resumed with no weight restored. Keys are renamed
-with transformers' own functions; restoring fewer tensors than the run trains is an error. LoRA adapters load through
-PEFT, checked alike; DeepSpeed and FSDP keep the Trainer's path. The trainer base (``trainer_base.py``) calls
-:func:`restored_here` where the Trainer loads a resumed or best checkpoint.
+with transformers' own functions; restoring fewer tensors than the run trains is an error. DeepSpeed and FSDP keep the
+Trainer's path.
 """
 
 from __future__ import annotations

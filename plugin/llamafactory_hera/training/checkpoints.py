@@ -1,8 +1,5 @@
-"""A plugin run's checkpoints, as the trainer base (``trainer_base.py``) takes them: the one a start resumes from,
-chosen whole; a signal stop that saves one (docs/hera.md, "Killed, preempted, disk full"), the ranks agreeing on the
-stop step through their watchdog's beats, else the process group's store (host-side: no device sync); a full disk
-named; only whole checkpoints rotated.
-"""
+"""A run's checkpoints, for the trainer base: the one a start resumes from, chosen whole; a signal stop that saves
+one (docs/hera.md, "Killed, preempted, disk full"); a full disk named."""
 
 from __future__ import annotations
 
@@ -33,7 +30,7 @@ STOP_MARGIN = 1
 
 
 class StopOnSignal(TrainerCallback):
-    """Notes the signal; at each step's end sets the agreed stop step, and there asks to save and stop."""
+    """At each step's end, the agreed stop step; there, a save and the stop."""
 
     def __init__(self, name: str, output_dir: str) -> None:
         self.signum = getattr(signal, name.upper(), None)
@@ -68,7 +65,7 @@ class StopOnSignal(TrainerCallback):
 
 @dataclass(frozen=True)
 class Resume:
-    """The checkpoint a start resumes from (None: the start) and, for a pinned resume, its lineage (in each marker)."""
+    """The checkpoint a start resumes from (None: the start) and a pinned resume's lineage."""
 
     folder: str | None
     lineage: str | None = None
@@ -102,8 +99,7 @@ def whole_resume(output_dir: str, value: str | bool | None, main: bool) -> Resum
 
 
 def _since_pin(output_dir: str, pin: str, main: bool) -> Resume:
-    """The newest whole checkpoint saved since an earlier start took ``pin`` (else None), with the pin's lineage (a
-    first start records the pin)."""
+    """The newest whole checkpoint saved since an earlier start took ``pin`` (else None), with the pin's lineage."""
     out = Path(output_dir)
     entry = whole.taken(out, pin)
     if entry is None and main:
@@ -121,7 +117,6 @@ def _since_pin(output_dir: str, pin: str, main: bool) -> Resume:
 
 
 def say_other_settings(folder: Path, args: Any) -> None:
-    """One line when the checkpoint was saved with other settings than this run's."""
     marker = whole.read_marker(folder)
     line = whole.differences(folder, marker.get(whole.SETTINGS) or {}, whole.settings(args), marker.get("step"))
     if line:
@@ -141,7 +136,7 @@ def keep_the_best_alone(args: Any, best: str | None, limit: int | None) -> None:
 
 
 def stop_and_exit(args: Any, step: int, name: str) -> NoReturn:
-    """After the stop's save: its line, the ranks' last barrier, then exit 0 (the launcher's requeue resumes)."""
+    """After the stop's save: its line, the ranks' last barrier, exit 0 (the launcher's requeue resumes)."""
     moved = (
         " without overwrite_output_dir: true (which moves it aside)"
         if getattr(args, "overwrite_output_dir", False)  # LLaMA-Factory's key, not transformers'
@@ -175,8 +170,8 @@ def load_optimizer_on_cpu(trainer: Any, checkpoint: str | None) -> bool:
 
 
 def every_rank_saved(device: torch.device) -> None:
-    """Return once every rank's save returned (a failed rank never arrives and ends its job). The sum is read on the
-    host: NCCL only queues the call, and rank 0 would mark and rotate while another rank writes."""
+    """Return once every rank's save returned. The sum is read on the host: NCCL only queues the call, and rank 0
+    would mark and rotate while another rank writes."""
     if dist.is_initialized():
         saved = torch.ones(1, device=device)
         with sections.collective("the all-reduce that agrees every rank saved"):
@@ -189,8 +184,8 @@ NEARLY_FULL = 64 * 2**20  # free bytes below which a failed save means a full di
 
 
 def full_line(folder: Path, run: Path, error: BaseException) -> str | None:
-    """The disk-full line when a save failed for lack of space, else None. Free space is read too: torch.save says only
-    ``unexpected pos`` or ``file write failed``."""
+    """The disk-full line, else None. Free space is read too: torch.save says only ``unexpected pos`` or ``file write
+    failed``."""
     newest = whole.newest_whole(run)[0]
     needed = sum(path.stat().st_size for path in newest.rglob("*") if path.is_file()) if newest else None
     free = shutil.disk_usage(run).free

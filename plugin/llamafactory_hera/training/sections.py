@@ -1,14 +1,8 @@
 """Where a rank is in its run, told to its watchdog by the trainers and workflows: its section and progress.
 
-A section's kind (:class:`SectionKind`, the one list of them) sets its bound and watch (``watch_bounds.py``,
-``watch_judge.py``). Progress only grows while the rank
-works: the points of a training micro-step (the forward begun and returned, the backward begun and ended:
-:func:`loss_returned`; the optimizer step begun and ended: :class:`OptimizerPoints`; the plugin's collectives,
-:func:`collective`), forwards begun and done, save stages done, and the files of a folder being written growing
-(:func:`writing`, measured by ``watch_growth.py``). A point also says where the rank is until the next one, for the
-line that names it: a rank that stopped short of a collective stays behind the ranks waiting in it, and is named
-alone. Unwatched, nothing is hooked: a point costs an empty call.
-Nothing here writes, syncs or runs a collective.
+Progress only grows while the rank works: a micro-step's points, forwards, save stages, a folder's files growing. A
+point also says where the rank is until the next one: a rank that stopped short of a collective stays behind the
+ranks waiting in it, and is named alone. Unwatched, nothing is hooked: a point costs an empty call.
 """
 
 from __future__ import annotations
@@ -25,8 +19,8 @@ from typing_extensions import override
 
 
 class SectionKind(StrEnum):
-    """What a section is: it sets the section's first bound and how its progress is read. In the order of a kind's place
-    along a step (:attr:`place`: a rank's positions compare along the run, a save ends its step)."""
+    """What a section is: its first bound and how its progress is read. In the order of a kind's :attr:`place` along
+    a step (a rank's positions compare along the run)."""
 
     LOADING = "loading"  # LLaMA-Factory's load: its main thread's moves stand for progress (watch_stack.py)
     SELECTION = "selection"  # HeRA's head selection, rank 0's scoring
@@ -43,16 +37,12 @@ class SectionKind(StrEnum):
 
 
 class Where(NamedTuple):
-    """Where a rank is: its section's name, kind and step."""
-
     name: str
     kind: SectionKind
     step: int
 
 
 class Watched(Protocol):
-    """What a running watchdog takes from the run."""
-
     def enter(self, section: str, kind: SectionKind | str, step: int | None = None) -> None: ...
 
     def progress(self) -> None: ...
@@ -74,20 +64,19 @@ def failed_in(error: BaseException) -> str | None:
 
 
 def enter(section: str, kind: SectionKind | str, step: int | None = None) -> None:
-    """This rank is now in ``section`` of ``kind`` (a :class:`SectionKind` or its value; ``step``: default the
-    current); no-op unwatched."""
+    """This rank is now in ``section`` (``step``: default the current); no-op unwatched."""
     for dog in _running:
         dog.enter(section, kind, step)
 
 
 def progress(*_: Any) -> None:
-    """One unit of progress in the current section; ignores a hook's arguments."""
+    """One unit of progress; ignores a hook's arguments."""
     for dog in _running:
         dog.progress()
 
 
 def watched() -> bool:
-    """Whether a watchdog runs in this process (a hook that costs anything is set only then)."""
+    """Whether a watchdog runs in this process."""
     return bool(_running)
 
 
@@ -99,8 +88,7 @@ def reached(point: str) -> None:
 
 @contextlib.contextmanager
 def collective(name: str) -> Iterator[None]:
-    """A collective of the plugin's (``name``: ``"HeRA's all-gather of the batch sizes"``) for the block: a point as it
-    begins and as it returns, so a rank that never reaches it stays behind the ranks waiting in it."""
+    """A collective of the plugin's for the block: a point as it begins and as it returns."""
     reached(f"in {name}")
     yield
     reached(f"after {name}")
@@ -108,8 +96,8 @@ def collective(name: str) -> Iterator[None]:
 
 @contextlib.contextmanager
 def section(name: str, kind: SectionKind | str, *, forwards: bool = False, files: str | None = None) -> Iterator[None]:
-    """``name`` of ``kind`` for the block, then the previous section. ``forwards``: any module's forward is progress (a
-    pass whose model the caller does not hold); ``files``: a folder the block writes."""
+    """``name`` for the block, then the previous section. ``forwards``: any module's forward is progress; ``files``: a
+    folder the block writes."""
     before = [(dog, dog.where()) for dog in _running]
     enter(name, kind)
     try:
@@ -131,8 +119,7 @@ def section(name: str, kind: SectionKind | str, *, forwards: bool = False, files
 
 @contextlib.contextmanager
 def counting_every_forward() -> Iterator[None]:
-    """Every module's forward in the block is progress, in the current section (``generate`` runs the model inside
-    its own call, under no hook on the model)."""
+    """Every module's forward in the block is progress (``generate``'s are under no hook on the model)."""
     hook = nn_module.register_module_forward_pre_hook(progress) if _running else None
     try:
         yield
@@ -143,8 +130,7 @@ def counting_every_forward() -> Iterator[None]:
 
 @contextlib.contextmanager
 def writing(folder: str | None) -> Iterator[None]:
-    """``folder``'s files growing (or going) is progress in the block: a save's checkpoint folder, a download's cache
-    folder, a rotation's run folder (None: none)."""
+    """``folder``'s files growing (or going) is progress in the block (None: none)."""
     if folder is None:
         yield
         return
@@ -163,8 +149,7 @@ def written() -> str | None:
 
 @contextlib.contextmanager
 def counting_forwards(model: torch.nn.Module) -> Iterator[None]:
-    """Each forward of ``model`` counts twice, as it begins (a point: in its forward) and returns: a rank stuck in its
-    forward stays behind the ranks waiting in a collective."""
+    """Each forward of ``model`` counts twice, as it begins (a point) and returns."""
     handles = []
     if _running:
         handles = [model.register_forward_pre_hook(_forward_begun), model.register_forward_hook(progress)]
@@ -188,7 +173,7 @@ AFTER_OPTIMIZER = "after the optimizer step"
 
 
 class OptimizerPoints(TrainerCallback):
-    """The optimizer step's two points (after the gradients' clipping and the callbacks before it)."""
+    """The optimizer step's two points."""
 
     @override
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -200,8 +185,7 @@ class OptimizerPoints(TrainerCallback):
 
 
 def loss_returned(result: Any) -> None:
-    """A micro-step's loss returned (its forward begun was :data:`FORWARD`): a loss that will go backward is hooked to
-    mark the backward's begin and end."""
+    """A micro-step's loss returned: a loss that will go backward is hooked to mark the backward's begin and end."""
     loss = result[0] if isinstance(result, tuple) else result
     backward = watched() and isinstance(loss, torch.Tensor) and loss.requires_grad
     if backward:
@@ -210,8 +194,7 @@ def loss_returned(result: Any) -> None:
 
 
 def _backward_begun(grad: torch.Tensor) -> None:
-    """The loss's gradient: the backward has begun. Its end is a callback the autograd engine runs once the whole
-    backward is done (before DDP's wait for its gradients' all-reduce, queued later)."""
+    """The backward has begun; its end is queued with the autograd engine (before DDP's wait for its all-reduce)."""
     reached(BACKWARD)
     torch.autograd.Variable._execution_engine.queue_callback(_backward_ended)
 

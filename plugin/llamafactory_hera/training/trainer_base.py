@@ -1,7 +1,5 @@
-"""The trainer base (:class:`MethodTrainer`) every method's trainer class extends, in front of the host's. Its
-:meth:`~MethodTrainer.train` lists a run's order around the steps; a method gives hooks, and the base holds the
-checkpoints (``checkpoints.py``, ``checkpoint_weights.py``) and the watchdog's sections and points (``sections.py``).
-"""
+"""The trainer base every method's trainer class extends, in front of the host's: a run's order in its ``train``,
+the checkpoints and the watchdog's sections; a method gives hooks."""
 
 from __future__ import annotations
 
@@ -21,8 +19,7 @@ from llamafactory_hera.training.checkpoint_weights import restored_here
 
 
 class _RunEnds(TrainerCallback):
-    """First of the callbacks: the method's state loaded from the resumed checkpoint before the others begin; the end of
-    training's callbacks (uploads among them) in a watched section."""
+    """First of the callbacks: the method's state loaded before the others begin; the end's callbacks watched."""
 
     def __init__(self, trainer: MethodTrainer) -> None:
         self.trainer = trainer
@@ -40,10 +37,8 @@ class _RunEnds(TrainerCallback):
 
 
 class MethodTrainer(Trainer):
-    """A method's trainer: checkpoints whole or known half-written, a stop on the save signal with one, only whole ones
-    rotated (transformers rotates in its own save, before the marker, counting half-written folders, so its copy of the
-    arguments lacks ``save_total_limit``, applied here after each whole save and at the end), weights resumed under the
-    model's names, every step, save and pass in a watched section."""
+    """A method's trainer. transformers rotates in its own save, before the marker, counting half-written folders, so
+    its copy of the arguments lacks ``save_total_limit``, applied here after each whole save and at the end."""
 
     checkpoint_limit: int | None  # the recipe's
     resumed_from: str | None = None  # this start's checkpoint
@@ -56,7 +51,6 @@ class MethodTrainer(Trainer):
         self.args = copy.copy(self.args)  # the recipe's arguments stay as they are
         self.args.save_total_limit = None
 
-    # --- a run's order
     @override
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
         """What a run does, in order:
@@ -97,40 +91,35 @@ class MethodTrainer(Trainer):
         self.finish_run()
         return result
 
-    # --- a method's hooks
     def before_steps(self) -> None:
-        """The method's passes before step 1 (HeRA: the monitor's teacher features, the teacher's precompute)."""
+        """The method's passes before step 1."""
 
     def after_steps(self) -> None:
-        """After the steps, even when they failed or stopped (HeRA: the teacher back on its device)."""
+        """After the steps, even when they failed or stopped."""
 
     def method_loss(
         self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
     ) -> Any:
-        """The method's loss of a micro-batch, as ``compute_loss`` returns it; the host's by default."""
+        """The method's loss, as ``compute_loss`` returns it."""
         return self.host_loss(model, inputs, return_outputs, num_items_in_batch)
 
     def method_logs(self, logs: dict[str, float]) -> None:
-        """The method's values added to a training log (``logs`` has ``loss``; every rank logs at the same step, so a
-        reduction over the ranks is safe)."""
+        """The method's values added to a training log (every rank logs at the same step: a reduction is safe)."""
 
     def save_method_state(self, folder: str, checkpoint: bool) -> None:
-        """The method's own state, saved into ``folder`` on every rank: a checkpoint's (``save_only_model`` too) or,
-        ``checkpoint`` false, the final model's."""
+        """The method's own state, saved into ``folder`` on every rank: a checkpoint's or the final model's."""
 
     def load_method_state(self, folder: str) -> None:
-        """The method's own state, loaded from the resumed checkpoint ``folder`` on every rank before the first step."""
+        """The method's own state, loaded from the resumed checkpoint on every rank before the first step."""
 
     def finish_run(self) -> None:
-        """After steps that ran to their end, the model at hand (HARC: the refusal evaluation, diagnostics, plots)."""
+        """After steps that ran to their end, the model at hand."""
 
-    # --- the step
     @override
     def compute_loss(
         self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
     ) -> Any:
-        """:meth:`method_loss` between the micro-step's points: the forward begun before the model's own collectives
-        (DDP's buffer broadcast), then returned, the backward hooked."""
+        """:meth:`method_loss` between the micro-step's points (the forward begun before DDP's buffer broadcast)."""
         sections.reached(sections.FORWARD)
         result = self.method_loss(model, inputs, return_outputs, num_items_in_batch)
         sections.loss_returned(result)
@@ -139,7 +128,6 @@ class MethodTrainer(Trainer):
     def host_loss(
         self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
     ) -> Any:
-        """The host trainer's loss (the LM loss)."""
         return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
 
     @override
@@ -150,8 +138,7 @@ class MethodTrainer(Trainer):
 
     @override
     def evaluate(self, *args: Any, **kwargs: Any) -> Any:
-        """Every forward is progress (generate's too, which no hook on the model sees): between steps in the step's
-        section, after training (``do_eval``) in one of its own."""
+        """Every forward is progress (generate's too, which no hook on the model sees)."""
         if self.is_in_train:
             with sections.counting_every_forward():
                 return super().evaluate(*args, **kwargs)
@@ -160,11 +147,9 @@ class MethodTrainer(Trainer):
 
     @override
     def predict(self, *args: Any, **kwargs: Any) -> Any:
-        """``do_predict`` (``predict_with_generate``: one forward a token), every forward progress."""
         with sections.section("the prediction (do_predict)", "final", forwards=True):
             return super().predict(*args, **kwargs)
 
-    # --- checkpoints
     @override
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         super().save_model(output_dir, _internal_call)
@@ -174,7 +159,7 @@ class MethodTrainer(Trainer):
     # the Trainer's private methods below have no public hook: a test fails when transformers renames one
     @override
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
-        """Private: the one place a checkpoint is written, so its marker, the method's state and the rotation."""
+        """Private: the one place a checkpoint is written."""
         args = self.args
         run = Path(self._get_output_dir(trial=trial))
         folder = run / f"{whole.CHECKPOINT_PREFIX}{self.state.global_step}"
@@ -205,20 +190,19 @@ class MethodTrainer(Trainer):
 
     @override
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
-        """Private: the optimizer's load, which CPU DDP ranks need onto ``cpu`` (``load_optimizer_on_cpu``)."""
+        """Private: CPU DDP ranks need the optimizer loaded onto ``cpu``."""
         if not checkpoints.load_optimizer_on_cpu(self, checkpoint):
             super()._load_optimizer_and_scheduler(checkpoint)
 
     @override
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
-        """Private: the resumed weights' load, restored under the model's names (``checkpoint_weights.py``)."""
+        """Private: the resumed weights, restored under the model's names."""
         if not restored_here(self, resume_from_checkpoint, self.model if model is None else model, adapters=True):
             super()._load_from_checkpoint(resume_from_checkpoint, model)
 
     @override
     def _load_best_model(self) -> None:
-        """Private: the best checkpoint's load after the last step, in a section of the end of the run (the step's
-        bound is no load's), restored under the model's names."""
+        """Private: the best checkpoint's load, restored under the model's names (the step's bound is no load's)."""
         sections.enter("the load of the best checkpoint", "final")
         folder = self.state.best_model_checkpoint
         if folder is None or not restored_here(self, folder, self.model, adapters=False):
