@@ -1,8 +1,7 @@
 """``accelerate launch`` of the host's training (``-m llamafactory.launcher``, ``launcher.py``, ``src/train.py``,
 ``llamafactory-cli train``): :func:`.launch.check_before_ranks` runs in the launcher with the ranks' environment, so a
-refused recipe is one line and no rank starts; then a multi-GPU launch's start is watched as torchrun's
-(:class:`~llamafactory_hera.runtime.launch_watch.StartWatch` on the store its agent hosts at ``main_process_ip:
-main_process_port``; DeepSpeed's launcher and an elastic rendezvous have theirs elsewhere: unwatched).
+refused recipe is one line and no rank starts; then a multi-GPU launch's start is watched as torchrun's (DeepSpeed's
+launcher and an elastic rendezvous have their store elsewhere: unwatched).
 
 Checked on accelerate 1.11 (on another shape the ranks check the recipe themselves): ``accelerate.commands.launch``
 calls the :data:`_PREPARES` globals (``args``: command merged with config) just before starting the ranks; each

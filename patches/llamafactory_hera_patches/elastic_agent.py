@@ -2,11 +2,9 @@
 train`` starts; ``accelerate launch``; nvidia-resiliency-ext's ``ft_launcher``): the ranks it starts get a notes folder
 (:mod:`llamafactory_hera.runtime.agent_notes`). Once they ended:
 
-- a refusal a rank noted is the node's last line, exit code 1, instead of the launcher's report of failed ranks
-  (torch's ``ChildFailedError`` traceback, ft_launcher's error lines; the agent's log lines once the note is there);
-  a failure without one keeps that report;
-- a run record they left ``running`` (a rank killed by SIGKILL: ft_launcher's monitor, the agent's own SIGKILL 30 s
-  after its SIGTERM) is ended ``failed``, naming the rank and how it ended.
+- a refusal a rank noted is the node's last line, exit code 1, instead of the launcher's report of failed ranks; a
+  failure without one keeps that report;
+- a run record they left ``running`` (a rank killed by SIGKILL) is ended ``failed``, naming the rank and how it ended.
 
 Checked on torch 2.6 to 2.11 (``torch.distributed.launcher.api``) and nvidia-resiliency-ext 0.4
 (``fault_tolerance.launcher``): ``elastic_launch.__call__`` calls its module's ``launch_agent(config, entrypoint,

@@ -1,9 +1,8 @@
 """``llamafactory-cli train`` under torchrun: the recipe is checked once in the launcher before the ranks start
 (:func:`check_before_ranks`): one line and exit code 1, as without torchrun. A later failure ends with torchrun's
 report and exit code, no launcher traceback; ranks stopped on the save signal end with 0, the launcher surviving a
-SIGTERM meanwhile (:mod:`llamafactory_hera.runtime.launch_signals`). A ``one_process`` method (RAH-LoRA) gets a
-one-rank torchrun on a multi-GPU node unless ``FORCE_TORCHRUN`` is set. See also ``llamafactory_hera.job_refusal``
-(bare ``torchrun``), :mod:`.accelerate_launch`, :mod:`.v1`.
+SIGTERM meanwhile. A ``one_process`` method (RAH-LoRA) gets a one-rank torchrun on a multi-GPU node unless
+``FORCE_TORCHRUN`` is set.
 
 Checked on LLaMA-Factory 0.9.5 and main: ``launcher.launch()`` pops the command from ``sys.argv`` and runs ``torchrun
 ... launcher.py <args>`` with ``subprocess.run(check=True)`` when :func:`starts_torchrun`, else ``run_exp()``.

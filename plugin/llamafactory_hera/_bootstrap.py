@@ -1,10 +1,7 @@
 """Start-up hook, run by ``llamafactory_hera.pth`` in every Python process (``LLAMAFACTORY_HERA_DISABLE=1``: off).
 
 A meta-path finder watches a few modules; when one has executed, its patch in ``llamafactory_hera_patches`` runs, after
-the transformers check and :func:`register_methods`. Only LLaMA-Factory's processes are touched (accelerate's modules
-once ``llamafactory`` is imported; ``accelerate launch`` of its training; the elastic agent of a launcher of its
-training: torchrun, ``accelerate launch``, ``ft_launcher``). Then this module leaves ``sys.modules``; later calls
-import it afresh.
+the transformers check and :func:`register_methods`. Only LLaMA-Factory's processes are touched.
 
 Cheap start-up: a process that never imports LLaMA-Factory pays one dict lookup per import. Only ``os`` and ``sys``
 (loaded by ``site``) at import, ``importlib`` when patching; the finder and loader duck-type the import protocols

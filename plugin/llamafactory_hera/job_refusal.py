@@ -1,10 +1,8 @@
 """A :class:`~llamafactory_hera.runtime.errors.RecipeError` ends a training process with its one line (other errors
 keep Python's report); a refusal on any rank ends every rank within seconds, printed once per node (:func:`install`).
 
-A torchrun job's ranks share a flag in the c10d store of torchrun's agent: each rank watches it (:func:`watch`) and
-exits 1 once set by a refusing rank (:func:`announce`). Local rank 0 of each node leaves the report to its node's
-launcher where the launcher takes notes (``runtime/agent_notes.py``: printed as the node's last line), else prints it.
-With no store, each rank prints its own.
+A torchrun job's ranks share a flag in the c10d store of torchrun's agent: each rank watches it and exits 1 once a
+refusing rank set it. With no store, each rank prints its own report.
 """
 
 from __future__ import annotations
@@ -37,12 +35,10 @@ NODES_S = 5.0  # the first refuser waits this long for the other nodes to take t
 
 
 def raised_by_plugin(error: BaseException) -> bool:
-    """Whether ``error`` is a plugin user error (:class:`RecipeError`), printed alone."""
     return isinstance(error, RecipeError)
 
 
 def short_report(error: BaseException) -> str:
-    """How to get the traceback, then ``error: <message>``, the run's last line."""
     return (
         line(f"(raised by the plugin's checks; {TRACEBACK_ENV}=1 prints the full traceback)")
         + "\n"
@@ -52,8 +48,7 @@ def short_report(error: BaseException) -> str:
 
 
 def say(report: str, env: Mapping[str, str] | None = None) -> None:
-    """Leave ``report`` to this node's launcher, which prints it last (:mod:`~llamafactory_hera.runtime.agent_notes`);
-    print it where no launcher takes it."""
+    """Leave ``report`` to this node's launcher, which prints it last; print it where no launcher takes it."""
     if not agent_notes.note(agent_notes.REFUSAL, report, env):
         print(report, end="", file=sys.stderr, flush=True)
 
@@ -133,7 +128,6 @@ def _listening(job: Job) -> bool:
 
 
 def _store(job: Job) -> Any | None:
-    """A client of the job's store, None if unreachable."""
     if not _listening(job):
         return None
     # lazy: only in a job's rank, which loads torch anyway

@@ -1,17 +1,7 @@
-"""The folder a node's launcher (torch's elastic agent: torchrun, ``accelerate launch``, ``ft_launcher``; patched in
-``llamafactory_hera_patches.elastic_agent``) gives the ranks it starts, named in :data:`NOTES_ENV`, for what it says
-once they ended:
-
-- :data:`REFUSAL`: the refusal that ended the ranks (``job_refusal``), which the launcher prints as the node's last
-  line instead of torch's report of failed ranks;
-- :data:`RECORD`: the run record global rank 0 wrote ``running`` (the stage patch), which the launcher marks ended
-  where the ranks ended without marking it (a rank killed by SIGKILL: ft_launcher's monitor, torchrun's agent 30 s
-  after its SIGTERM).
-
-``llamafactory-cli train`` makes the folder before it starts torchrun, whose agent takes it: its start watch
-(``launch_watch``) stops at a refusal noted, before the job's store goes with the job (each call to a store gone
-prints c10d's C++ stack), and prints the refusal itself where torchrun's agent did not (killed first). A rank without
-the variable (no launcher, or one without the plugin) says and records everything itself. Imports nothing heavy.
+"""The folder a node's launcher (torch's elastic agent) gives the ranks it starts, named in :data:`NOTES_ENV`, for
+what it says once they ended: :data:`REFUSAL`, the refusal that ended the ranks, printed as the node's last line;
+:data:`RECORD`, the run record rank 0 wrote ``running``, marked ended where the ranks ended without marking it (a
+rank killed by SIGKILL). A rank without the variable says and records everything itself.
 """
 
 from __future__ import annotations
@@ -64,7 +54,6 @@ def say_refusal(folder: Path) -> bool:
 
 
 def read(folder: Path, name: str) -> str:
-    """Note ``name`` in ``folder``; empty where none was left."""
     try:
         return (folder / name).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError):

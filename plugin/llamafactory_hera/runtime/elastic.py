@@ -1,14 +1,9 @@
 """An elastic launch (``RDZV_ID``, ``MAX_RESTARTS``: LLaMA-Factory's launcher runs torchrun with a c10d rendezvous)
 gets a store of its own for each start of its ranks. Imports nothing heavy.
 
-Why: torch's c10d rendezvous (read in torch 2.11: ``torch/distributed/elastic/rendezvous/dynamic_rendezvous.py``
-``next_rendezvous``) makes the store the ranks share (``MASTER_ADDR:MASTER_PORT``) once, in the agent, and keeps it
-across restarts, while ``torch/distributed/rendezvous.py`` ``_create_c10d_store`` gives the ranks that store without a
-prefix per start. The process group's keys (``default_pg/0//cpu//0/<rank>``: each rank's gloo address) then survive a
-restart: a restarted rank that reads its peer's key before the peer wrote it again connects to the dead rank's address
-("Gloo connectFullMesh failed ... Connection refused"; NCCL's start reads its unique id there too). Stock
-LLaMA-Factory 0.9.5 and main fail so after a lost rank. With ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` (torch's own
-switch) the agent draws a port for each round and rank 0 hosts a new store there: nothing of the previous start is read.
+Why (docs/multinode.md): torch's c10d rendezvous keeps the ranks' store across restarts, with no prefix per start, so
+a restarted rank may read the dead rank's gloo address ("Gloo connectFullMesh failed ... Connection refused"). With
+``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` (torch's own switch) rank 0 hosts a new store for each round.
 """
 
 from __future__ import annotations

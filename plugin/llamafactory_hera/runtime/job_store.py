@@ -27,8 +27,7 @@ CONNECT_S = 30.0  # the longest a store client waits to connect
 
 
 def start_bound(env: Mapping[str, str] | None = None) -> float:
-    """Seconds a launch's nodes have to join and its ranks to start (:data:`START_ENV`; RecipeError where it is not
-    a number of seconds above 0)."""
+    """Seconds a launch's nodes have to join and its ranks to start (:data:`START_ENV`)."""
     return env_knobs.seconds(START_ENV, env)
 
 

@@ -42,8 +42,8 @@ def _note_in_launcher(signum: int, frame: Any) -> None:
 
 @contextlib.contextmanager
 def launching() -> Iterator[None]:
-    """With SIGTERM the save signal, ``llamafactory-cli`` outlives SIGTERM while its torchrun runs: under SLURM it is
-    the step's task, whose end kills the ranks mid-save. A handler, not an ignore: torchrun gets the default."""
+    """With SIGTERM the save signal, ``llamafactory-cli`` outlives SIGTERM while its torchrun runs (under SLURM its end
+    kills the ranks mid-save). A handler, not an ignore: torchrun gets the default."""
     if _launch["name"] != "SIGTERM" or threading.current_thread() is not threading.main_thread():
         yield
         return

@@ -3,12 +3,9 @@
 before their run give one line within ``LLAMAFACTORY_HERA_START_TIMEOUT`` (600 s), naming what is missing, in every
 node's log that reaches the job's store.
 
-Each node's launcher, once the store answers, marks its node and counts it joined. Node 0's reads the counts of nodes
-joined and ranks started (two calls a poll) and sets the verdict: the launch started, or, once the bound passed, the
-line naming what is missing. The others read the verdict alone (one call a poll), say a line and end their torchrun
-(SIGTERM: the agent ends its ranks); one whose node 0 set none :data:`FOLLOW_S` after the bound judges for itself. A
-watch stops once a rank of its node noted a refusal (``agent_notes``: the job ends, its store with it). An elastic
-launch (``RDZV_ID``) has its store elsewhere: unwatched.
+Node 0's launcher sets the verdict in the job's store: the launch started, or, once the bound passed, the line naming
+what is missing. The others read it, say a line and end their torchrun; one whose node 0 set none :data:`FOLLOW_S`
+after the bound judges for itself. An elastic launch (``RDZV_ID``) has its store elsewhere: unwatched.
 """
 
 from __future__ import annotations
@@ -55,7 +52,7 @@ def check_master_address(env: Mapping[str, str] | None = None, retry_s: float = 
 
 
 class StartWatch:
-    """One node's watch of its launch's start; ``ranks`` watchdogs must start (0 until :meth:`expect`)."""
+    """One node's watch of its launch's start."""
 
     def __init__(
         self,
@@ -102,7 +99,7 @@ class StartWatch:
 
     def _waited(self, seconds: float) -> bool:
         """Wait up to ``seconds``; True once the watch is done: stopped, or a rank of this node noted a refusal (a
-        store call once the store is gone prints c10d's C++ stack after the refusal)."""
+        store call once the store is gone prints c10d's C++ stack)."""
         deadline = time.monotonic() + seconds
         while not (self.done.is_set() or agent_notes.refused()):
             if time.monotonic() >= deadline:

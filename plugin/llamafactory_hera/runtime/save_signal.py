@@ -1,9 +1,6 @@
-"""A plugin stage's save signal (``<prefix>_save_on_signal``), noted from the stage's start (SIGTERM, torchrun's
-stop, from a pass that keeps something: :func:`keeping`): in the load and the passes before step 1, each stops after a
-batch it kept (:func:`stop_before_step`: one line on each node, exit 0); in the steps,
-``training/checkpoints.py`` saves a whole checkpoint. The other warning signal (the job's ``--signal`` and the recipe
-disagree) is said once and taken for it: its default would end every process unsaved. Launcher side:
-:mod:`.launch_signals`. Imports nothing heavy.
+"""A plugin stage's save signal (``<prefix>_save_on_signal``), noted from the stage's start: before step 1 a pass
+stops after a batch it kept; in the steps, ``training/checkpoints.py`` saves a whole checkpoint. The other warning
+signal is taken for it: its default would end every process unsaved. Launcher side: :mod:`.launch_signals`.
 """
 
 from __future__ import annotations
@@ -24,8 +21,6 @@ WARNINGS = ("SIGUSR1", "SIGUSR2")  # a scheduler's warnings (SLURM's --signal=US
 
 @dataclass
 class _Noted:
-    """This process's save signal as noted now."""
-
     name: str | None = None  # the save signal (``SIGTERM`` ...); None outside a noting block
     received: bool = False
     steps: bool = False  # in the steps: stopping is training/checkpoints.py's
@@ -48,12 +43,12 @@ def received() -> bool:
 
 
 def noted_name() -> str | None:
-    """The save signal noted now (``SIGTERM`` ...); None where none is (``none``, outside a plugin stage)."""
+    """The save signal noted now (``SIGTERM`` ...); None where none is."""
     return _noted.name
 
 
 def came() -> str | None:
-    """The signal that came (the save signal, or a warning signal taken for it); None before."""
+    """The signal that came; None before."""
     return _noted.came
 
 
@@ -63,7 +58,7 @@ def _note(signum: int, frame: Any) -> None:
 
 
 def _note_other(signum: int, frame: Any) -> None:
-    """A warning signal that is not the save signal: taken for it, said once by each node's local rank 0."""
+    """A warning signal that is not the save signal: taken for it, said once a node."""
     name = signal.Signals(signum).name
     _noted.received = True
     _noted.came = _noted.came or name
@@ -90,14 +85,12 @@ def signal_number(name: str | None) -> int | None:
 
 
 def others(name: str) -> list[int]:
-    """The warning signals other than ``name``."""
     return [getattr(signal, other) for other in WARNINGS if other != name and hasattr(signal, other)]
 
 
 @contextlib.contextmanager
 def noting(name: str | None, steps: bool = False, key: str | None = None) -> Iterator[None]:
-    """Note ``name`` for the block (main thread only), taking the other warning signals for it (``key``: named in their
-    line). In the steps (``steps``) stopping is ``training/checkpoints.py``'s."""
+    """Note ``name`` for the block (main thread only), taking the other warning signals for it."""
     signum = signal_number(name)
     if signum is None or threading.current_thread() is not threading.main_thread():
         yield
@@ -129,8 +122,8 @@ def noting(name: str | None, steps: bool = False, key: str | None = None) -> Ite
 
 @contextlib.contextmanager
 def keeping() -> Iterator[None]:
-    """A pass before step 1 that keeps what it computed (also a decorator): the save signal SIGTERM, which
-    :func:`noting` leaves to its default before the steps, noted in it, for :func:`stop_before_step`."""
+    """A pass before step 1 that keeps what it computed: SIGTERM, which :func:`noting` leaves to its default before the
+    steps, noted in it."""
     term = _noted.name == "SIGTERM" and signal.getsignal(signal.SIGTERM) is not _note
     if not term or threading.current_thread() is not threading.main_thread():
         yield
@@ -143,9 +136,8 @@ def keeping() -> Iterator[None]:
 
 
 def steps_over() -> None:
-    """After the last step, with no stop taken: nothing is left for a signal to save, so torchrun's SIGTERM (the save
-    signal or taken for it) gets its default back, and one noted since the last step ends the rank now, as it would
-    have (a noted one would wait for the final save, evaluation or predict, then torchrun's SIGKILL)."""
+    """After the last step, with no stop taken: SIGTERM gets its default back, and one noted since the last step ends
+    the rank now (else it would wait for the final save, evaluation or predict, then torchrun's SIGKILL)."""
     if threading.current_thread() is not threading.main_thread():
         return
     if signal.getsignal(signal.SIGTERM) not in (_note, _note_other):
@@ -157,8 +149,7 @@ def steps_over() -> None:
 
 @contextlib.contextmanager
 def deferred() -> Iterator[None]:
-    """No stop in the block: a distributed pass's ranks stop together after it (``agreed``); one stopping alone would
-    leave the others in the pass's gather."""
+    """No stop in the block: one rank stopping alone would leave the others in a distributed pass's gather."""
     before = _noted.deferred
     _noted.deferred = True
     try:
@@ -168,8 +159,8 @@ def deferred() -> Iterator[None]:
 
 
 def stop_before_step(kept: str, agreed: bool | None = None) -> None:
-    """After a kept batch of a pass before step 1: if the signal came (``agreed``: any rank noted it, decided together),
-    one line (each node's first rank) and :class:`Stopped`."""
+    """After a kept batch of a pass before step 1: if the signal came (``agreed``: decided together), one line and
+    :class:`Stopped`."""
     noted = _noted.received and not _noted.deferred if agreed is None else agreed
     if noted and not _noted.steps:
         say_on_each_node(
@@ -180,8 +171,8 @@ def stop_before_step(kept: str, agreed: bool | None = None) -> None:
 
 
 def _default_in_child() -> None:
-    """A forked worker leaves the save signal to its rank (a killed worker ends the rank unsaved): SIGTERM before the
-    steps gets its default back (``Pool.terminate()`` uses it); else ignored, as are the other warning signals."""
+    """A forked worker leaves the save signal to its rank: SIGTERM before the steps gets its default back
+    (``Pool.terminate()`` uses it); else ignored, as are the other warning signals."""
     name = _noted.name
     if not name:
         return
