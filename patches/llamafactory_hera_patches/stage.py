@@ -1,9 +1,7 @@
 """Registers every declared method's stage (``stage: hera``, ...) in LLaMA-Factory's trainer entry point.
 
-Checked on LLaMA-Factory 0.9.5: :func:`_check_shapes` verifies the host names used (module globals looked up at
-call time) before anything is patched. A method's stage maps to its host stage (``sft``) before LLaMA-Factory parses
-the arguments, so every host check, the data pipeline and the web UI treat the run as SFT. :func:`run_method` lists a
-method's run in order, from the recipe to the record. Nothing here names a method.
+A method's stage maps to its host stage (``sft``) before LLaMA-Factory parses the arguments, so every host check, the
+data pipeline and the web UI treat the run as SFT. Nothing here names a method.
 """
 
 from __future__ import annotations
@@ -63,7 +61,6 @@ def _check_shapes(tuner: ModuleType) -> None:
 
 @contextlib.contextmanager
 def _swapped(module: ModuleType, **replacements: Any) -> Iterator[None]:
-    """Replace module globals for the block; restored even on error."""
     saved = {name: getattr(module, name) for name in replacements}
     for name, value in replacements.items():
         setattr(module, name, value)
@@ -75,14 +72,9 @@ def _swapped(module: ModuleType, **replacements: Any) -> Iterator[None]:
 
 
 class SFTWorkflow:
-    """What a method's run gets of LLaMA-Factory's SFT workflow (0.9.5).
-
-    ``collator``: the stock class, to subclass (a trainer class extends ``sft_classes.HostTrainer`` where it is
-    defined); ``get_dataset``: the host's (data tokenized before the model loads); ``smooth``: the loss curves'
-    smoothing. :meth:`run`: ``run_sft`` whole with collator, trainer (built with ``trainer_kwargs`` beside the host's
-    arguments) and, if given, ``get_dataset(template, model_args, data_args, training_args, stage, **tokenizer_module)
-    -> {"train_dataset": ..., "eval_dataset": ...}`` swapped in.
-    """
+    """What a method's run gets of LLaMA-Factory's SFT workflow: the stock collator to subclass, the host's
+    ``get_dataset`` (data tokenized before the model loads), the loss curves' smoothing, and :meth:`run`: ``run_sft``
+    whole with collator, trainer (built with ``trainer_kwargs``) and ``get_dataset`` swapped in."""
 
     def __init__(self) -> None:
         self.collator: type = sft_workflow.SFTDataCollatorWith4DAttentionMask
@@ -107,7 +99,6 @@ class SFTWorkflow:
 
 
 def apply(tuner: ModuleType) -> None:
-    """Patch ``llamafactory.train.tuner`` (all or nothing)."""
     if getattr(tuner, "_llamafactory_hera_patched", False):
         return
     _check_shapes(tuner)
@@ -140,8 +131,7 @@ def training_function(
 def run_method(
     tuner: ModuleType, host_training: Callable[[dict[str, Any]], None], config: dict[str, Any], method: Any, raw: dict
 ) -> None:
-    """A method's run (output_dir claimed), from the recipe to the record, in order. ``raw``: every method's keys of
-    the recipe.
+    """A method's run (output_dir claimed), from the recipe to the record, in order.
 
     1. checks: a finished run refused (before the parse would resume it); the checks before the parse, nothing
        loaded (:func:`checked_run`, which builds the run from the method's keys);
@@ -213,7 +203,6 @@ def run_host_stage(
 
 
 def _own_keys(method: Any, raw: dict[str, Any]) -> dict[str, Any]:
-    """``method``'s keys of ``raw``; warns that another method's are ignored."""
     own, ignored = keys_of(method, raw)
     if ignored:
         warnings.warn(
@@ -250,7 +239,6 @@ def _say_stock_notes(parsed: tuple[Any, ...], stage: str) -> None:
 
 
 def _parsed(parsed: tuple[Any, ...], args: Any = None) -> tuple[Any, ...]:
-    """``get_train_args``'s stand-in: the stage's parse."""
     return parsed
 
 
@@ -285,8 +273,7 @@ def _started(parsed: tuple[Any, ...], stage: str, marks: bool) -> Path | None:
 
 
 def _ended(record: Path | None, error: BaseException | None, method_records: tuple[str, ...] = ()) -> None:
-    """Mark the record ``finished``, ``stopped`` or ``failed`` (with ``method_records``). None: nothing recorded; an
-    earlier run's record is left as it was."""
+    """Mark the record ended (None: nothing recorded; an earlier run's record is left as it was)."""
     if record is not None:
         run_record.write_ended(record, error, method_records)
 

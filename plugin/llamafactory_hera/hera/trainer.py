@@ -1,12 +1,8 @@
-"""HeRA's training step: ``loss = lm_loss + lambda * L_HeRA``, one class read top to bottom.
+"""HeRA's training step: ``loss = lm_loss + lambda * L_HeRA``, in front of the trainer base.
 
-:class:`HeraTrainer` is HeRA's step in front of the trainer base (``hera/workflow.py``'s ``HeraSeq2SeqTrainer``
-wires the rest and gives the base's other hooks). One step (:meth:`HeraTrainer.method_loss`, the base's loss hook):
-the batch, built on the CPU (``hera/collator.py``); the LM forward with the heads' ``o_proj`` inputs captured, pooled
-and projected through ``W_O`` (``capture.HeadCapture``, ``[H, B, d]``); the contrastive set
-(:meth:`HeraTrainer.hera_term`: local anchors, the global batch under ``hera_gather``, the queue); the loss
-(``hera/loss.py``), 0 when not finite, scaled like the LM loss under gradient accumulation. Teacher features:
-``teacher_run.RunTeacher``; per-log sums: ``step_sums.StepSums``.
+One step: the batch, built on the CPU (``hera/collator.py``); the LM forward with the heads' ``o_proj`` inputs
+captured, pooled and projected through ``W_O`` (``[H, B, d]``); the contrastive set (local anchors, the global batch
+under ``hera_gather``, the queue); the loss, 0 when not finite, scaled like the LM loss under gradient accumulation.
 """
 
 from __future__ import annotations
@@ -50,9 +46,7 @@ __all__ = ["HeraTrainer", "StepSums"]
 
 
 class HeraTrainer(StepBase):
-    """HeRA's step, in front of the trainer base and the host's trainer class.
-    ``__init__`` takes ``hera_args``, the run's feature cache and ``hera_queue``, the queue's capacity
-    (``preparation_checks.contrastive_geometry``)."""
+    """HeRA's step. ``hera_queue``: the queue's capacity (``preparation_checks.contrastive_geometry``)."""
 
     hera_args: HeraArguments
     hera_geometry: AttentionGeometry
@@ -261,11 +255,8 @@ class HeraTrainer(StepBase):
     @override
     def _prepare_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
         """The Trainer's input preparation, except for the teacher's pixels ``[N_img, C, H, W]`` and the pooling
-        weights ``[B, T]``.
-
-        DeepSpeed's cast to bf16 would make the teacher's features differ from the precomputed float32 ones, and
-        round the ``1 / n`` weights. Pixels stay float32 on the CPU; the weights go to the device in float32.
-        """
+        weights ``[B, T]``: DeepSpeed's cast to bf16 would change the teacher's features and round the ``1 / n``
+        weights."""
         has_pop = hasattr(inputs, "pop")  # dict or BatchFeature
         pixels = inputs.pop("hera_pixel_values", None) if has_pop else None
         pooling = inputs.pop("hera_pooling_weights", None) if has_pop else None

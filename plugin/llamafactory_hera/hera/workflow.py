@@ -1,6 +1,5 @@
-"""A ``stage: hera`` run: LLaMA-Factory's SFT workflow with HeRA's collator and trainer, called by the stage patch
-in place of ``run_sft`` (``host``: :class:`llamafactory_hera_patches.stage.SFTWorkflow`). Its start line and end count
-(:class:`RunSummary`) keep a run that trains less HeRA than it seems from being silent.
+"""A ``stage: hera`` run: LLaMA-Factory's SFT workflow with HeRA's collator and trainer, in place of ``run_sft``. Its
+start line and end count keep a run that trains less HeRA than it seems from being silent.
 """
 
 from __future__ import annotations
@@ -65,7 +64,6 @@ class RunSummary(TrainerCallback):
             print(self.start_line(), flush=True)
 
     def start_line(self) -> str:
-        """The run's HeRA settings in one line."""
         args = self.hera_args
         trainer = self.trainer
         geometry = self.contrastive
@@ -116,7 +114,7 @@ class RunSummary(TrainerCallback):
 
     @override
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        """Read the steps after the last log, then print the micro-batches with a HeRA term (this process)."""
+        """The micro-batches with a HeRA term (the steps after the last log read first)."""
         sums = self.trainer.hera_sums
         sums.read(self.trainer.hera_log_tau, reduce=False)
         if not state.is_world_process_zero or sums.micro_batches == 0:
@@ -137,9 +135,7 @@ class RunSummary(TrainerCallback):
 
 
 class HeraSeq2SeqTrainer(HeraTrainer, MethodTrainer, HostTrainer):
-    """HeRA's trainer: its step (:class:`HeraTrainer`) on the trainer base over LLaMA-Factory's trainer, with the
-    base's hooks: the passes before step 1, the state beside each checkpoint. The run's objects arrive as keyword
-    arguments (``hera_args``, the preparation, the feature cache shared with the collator, the recipe's arguments)."""
+    """HeRA's trainer: its step on the trainer base over LLaMA-Factory's trainer, with the base's hooks."""
 
     def __init__(
         self,
@@ -246,7 +242,6 @@ def _write_run_record(output_dir: str, hera_args: HeraArguments, parsed: HostArg
 def train(
     hera_args: HeraArguments, host: Any, parsed: HostArguments, callbacks: Any, prepared: HeraPreparation
 ) -> None:
-    """LLaMA-Factory's SFT workflow with HeRA's collator and trainer; the run record first."""
     model_args, data_args, training_args, finetuning_args, _ = parsed
     rows = prepared.rows
     cache = TeacherFeatureCache(enabled=hera_args.hera_teacher_cache)  # shared by this run's collator and trainer
@@ -301,7 +296,6 @@ def train(
 def finish(
     hera_args: HeraArguments, host: Any, parsed: HostArguments, prepared: HeraPreparation, trained: None
 ) -> None:
-    """HeRA's training curves (``plot_loss``, by the main process)."""
     training_args = parsed.training
     if parsed.finetuning.plot_loss and training_args.process_index == 0:
         path, missing = plot_training(training_args.output_dir, "hera", TRAINING_PLOT, host.smooth)

@@ -1,7 +1,5 @@
-"""A method's declaration (:class:`Method`), made once per method in :mod:`llamafactory_hera.methods`; the patches read
-only these fields. It imports no torch: its parts are named as ``"module"`` or ``"module:attribute"`` strings, each
-imported when first used (a training run or a one-line error needs no panel, verb or plan). A method's ``config.py``
-imports :mod:`.keys`, not this module, so its arguments do not bring its run's checks.
+"""A method's declaration, made once per method in :mod:`llamafactory_hera.methods`; the patches read only these fields.
+It imports no torch: its parts are named as ``"module:attribute"`` strings, each imported when first used.
 """
 
 from __future__ import annotations

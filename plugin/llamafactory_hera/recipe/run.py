@@ -1,6 +1,5 @@
-"""A method's run (:class:`MethodRun`): its arguments, controls and phases, all read from its declaration
-(:class:`~llamafactory_hera.recipe.declaration.Method`). The declaration is imported at every LLaMA-Factory start and by
-one-line errors that load no torch, so each phase imports the method's module when it runs.
+"""A method's run: its arguments, controls and phases, all read from its declaration. The declaration is imported at
+every LLaMA-Factory start and by one-line errors that load no torch, so each phase imports its module when it runs.
 """
 
 from __future__ import annotations
@@ -28,9 +27,7 @@ def declared(path: str) -> Any:
 
 @dataclass(frozen=True)
 class RunControls:
-    """What a whole run obeys beside the method's maths (docs/multinode.md): the save signal (noted by
-    :meth:`MethodRun.noting_save_signal`; left to the ranks by the launcher) and the watchdog
-    (:meth:`MethodRun.in_place_of_sft`)."""
+    """What a whole run obeys beside the method's maths (docs/multinode.md)."""
 
     save_signal: str | None = None  # sigterm, sigusr1, sigusr2 or none; None: the method saves no checkpoint
     save_signal_key: str | None = None  # its recipe key, for the lines
@@ -39,19 +36,7 @@ class RunControls:
 
 
 class MethodRun:
-    """One run of a declared method. The stage patch builds it from the keys, then runs its phases in order:
-
-    1. :meth:`check_raw`: before LLaMA-Factory's parse, nothing loaded (also before torchrun starts ranks), with the
-       method's ``check_raw``;
-    2. :meth:`check_parsed`: the method's ``check_parsed``, after the parse, before any model or dataset loads;
-    3. ``prepare``: before step 1, outside the trainer (head selection, data checks);
-    4. ``train``: LLaMA-Factory's SFT workflow (``host``: ``llamafactory_hera_patches.stage.SFTWorkflow``) with the
-       method's collator and trainer;
-    5. ``finish``: after the steps (plots).
-
-    Each is a function its declaration names (``"module:function"``, imported as the phase runs); 3 to 5 replace
-    ``run_sft`` (:meth:`in_place_of_sft`), watched across ranks where :attr:`controls` say so.
-    """
+    """One run of a declared method, its phases in the order the stage patch's ``run_method`` lists."""
 
     def __init__(self, method: Method, args: Any) -> None:
         self.method = method
@@ -61,12 +46,11 @@ class MethodRun:
 
     @property
     def stage(self) -> str:
-        """The method's ``stage:`` value."""
         return self.method.stage
 
     @property
     def controls(self) -> RunControls:
-        """The run-wide controls its keys set, by the keys its declaration names."""
+        """The run-wide controls its keys set."""
         signal_key = self.method.save_signal_key
         timeout_key = self.method.watchdog_key
         return RunControls(
@@ -77,12 +61,11 @@ class MethodRun:
         )
 
     def noting_save_signal(self) -> contextlib.AbstractContextManager[None]:
-        """The save signal noted for the block (the stage patch's: the parse, the load, the passes before step 1 and
-        the steps), for the trainer base (``training/trainer_base.py``) to save and stop on."""
+        """The save signal noted for the block (the parse, the load, the passes before step 1 and the steps)."""
         return save_signal.noting(self.controls.save_signal, key=self.controls.save_signal_key)
 
     def watch_refusals(self) -> None:
-        """A rank of a method's job ends when another refuses (stock stages left as they run); a thread, once."""
+        """A rank of a method's job ends when another refuses; a thread, once."""
         watch()
 
     def check_raw(self, host_args: RawRecipe, machine: bool = True) -> None:
@@ -114,7 +97,6 @@ class MethodRun:
 
     @contextlib.contextmanager
     def _watched(self, training_args: Any) -> Iterator[None]:
-        """Ranks watched with the run's timeout, for a method with several ranks."""
         if not self.controls.watched:
             yield
             return
