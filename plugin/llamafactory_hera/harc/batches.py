@@ -1,10 +1,8 @@
-"""HARC's micro-batches of ``harc_batch_harmful`` + ``harc_batch_harmless`` + ``harc_batch_pseudo`` rows (reference:
-6 + 4 + 2), so every optimizer step sees every role.
+"""HARC's micro-batches of every role (reference: 6 harmful + 4 harmless + 2 pseudo rows).
 
 Item ``i`` of epoch ``e`` is micro-batch ``g = e * len + i`` and takes positions ``[g * b, (g + 1) * b)`` of each
 role's endless seeded shuffle: it depends only on ``e``, ``i`` and the seed, under any sampler, workers or ranks.
-:class:`StreamEpochs` sets ``e`` in shared memory the dataloader workers read. Why epochs are whole optimizer steps:
-docs/harc.md ("Micro-batches").
+Why epochs are whole optimizer steps: docs/harc.md ("Micro-batches").
 """
 
 from __future__ import annotations
@@ -25,7 +23,7 @@ ROLE_NAMES = {ROLE_HARMFUL: "harmful", ROLE_HARMLESS: "harmless", ROLE_PSEUDO: "
 
 
 class ComposedMicroBatches(torch.utils.data.Dataset):
-    """``len`` micro-batches an epoch; item ``i`` -> ``{"harc_rows": [(role, EncodedRow), ...]}`` (harmful first)."""
+    """Item ``i`` -> ``{"harc_rows": [(role, EncodedRow), ...]}`` (harmful first)."""
 
     def __init__(
         self, rows: dict[int, list[EncodedRow]], sizes: dict[int, int], seed: int, step_items: int = 1
@@ -79,8 +77,7 @@ class ComposedMicroBatches(torch.utils.data.Dataset):
 
 
 class StreamEpochs(TrainerCallback):
-    """Sets the dataset's epoch from the optimizer steps taken as each epoch begins: the same on every rank and on
-    resume, whatever sampler or dataloader the engine built."""
+    """Sets the dataset's epoch from the optimizer steps taken: the same on every rank and on resume."""
 
     def __init__(self, dataset: ComposedMicroBatches) -> None:
         self.dataset = dataset
@@ -91,13 +88,9 @@ class StreamEpochs(TrainerCallback):
 
 
 def collate_rows(rows: list[tuple[int, EncodedRow]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded tensors of ``rows`` (B rows, T = longest prompt + response).
-
-    ``input_ids`` / ``attention_mask`` ``[B, T]``; ``labels`` ``[B, T]``: response ids on harmful rows (CE target,
-    unshifted), -100 elsewhere; ``harc_response_mask`` ``[B, T]``: 1 on response tokens; ``harc_t_inst`` /
-    ``harc_t_post`` / ``harc_role`` ``[B]`` (role 0 harmful, 1 harmless, 2 pseudo); ``harc_harmful_rows`` ``[H]`` /
-    ``harc_retain_rows`` ``[B - H]``: row indices, built on the host so the step never reads roles back from the device.
-    """
+    """Right-padded tensors, ``[B, T]`` or ``[B]``; ``labels``: response ids on harmful rows (unshifted), -100
+    elsewhere; ``harc_harmful_rows`` ``[H]`` / ``harc_retain_rows`` ``[B - H]``: row indices, built on the host so the
+    step never reads roles back from the device."""
     width = max(len(row.prompt_ids) + len(row.response_ids) for _, row in rows)
     size = len(rows)
     input_ids = torch.full((size, width), pad_id, dtype=torch.long)
@@ -134,8 +127,7 @@ def collate_rows(rows: list[tuple[int, EncodedRow]], pad_id: int) -> dict[str, t
 
 
 class HarcCollator:
-    """One :class:`ComposedMicroBatches` item -> :func:`collate_rows`'s tensors; of the stock collator's keyword
-    arguments only ``tokenizer`` is read."""
+    """One :class:`ComposedMicroBatches` item -> :func:`collate_rows`'s tensors."""
 
     def __init__(self, tokenizer: Any = None, **_: Any) -> None:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

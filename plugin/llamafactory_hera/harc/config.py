@@ -1,5 +1,4 @@
-"""``HarcArguments``: every ``harc_*`` key of ``stage: harc`` with help, reference default and checks; what a run logs
-and plots (:data:`LOG_KEYS`, :data:`TRAINING_PLOT`).
+"""``HarcArguments``: every ``harc_*`` key of ``stage: harc``, and what a run logs and plots.
 
 Defaults are the authors' (``microsoft/HARC`` ``main/configs/*.yaml``, which win over the code's, e.g. margin 0.5).
 Step counts are **optimizer steps**: the reference counts micro-steps at gradient accumulation 2, so its refresh every
@@ -125,7 +124,6 @@ class HarcArguments:
 
     @property
     def response_coupling(self) -> bool:
-        """Whether the response-side coupling runs (it needs harmful completions)."""
         return bool(self.harc_harmful_completions)
 
 
@@ -137,8 +135,9 @@ def moving_weights(args: HarcArguments) -> dict[str, float]:
     return {**weights, "harc_weight_ce": args.harc_weight_ce}
 
 
-def check_consistency(args: HarcArguments) -> None:
-    """Checks between keys; RecipeError naming the keys and the fix."""
+def parse_harc_arguments(raw: dict[str, Any]) -> HarcArguments:
+    """Validated :class:`HarcArguments` from ``harc_*`` keys, checked against each other."""
+    args = parse_keys(HarcArguments, raw, "HARC")
     if not args.harc_harmful:
         raise RecipeError(
             "harc_harmful: missing. stage: harc needs a dataset of harmful prompts with refusal "
@@ -171,12 +170,6 @@ def check_consistency(args: HarcArguments) -> None:
             f"harc_layers_final: {args.harc_layers_final} is fewer than harc_layers: "
             f"{args.harc_layers}; the ramp adds layers. Set harc_layers_final >= harc_layers."
         )
-
-
-def parse_harc_arguments(raw: dict[str, Any]) -> HarcArguments:
-    """Validated :class:`HarcArguments` from ``harc_*`` keys; errors name the key, the value and what is allowed."""
-    args = parse_keys(HarcArguments, raw, "HARC")
-    check_consistency(args)
     return args
 
 

@@ -1,10 +1,5 @@
-"""``llamafactory-hera harc-data``: the public sources HARC's authors train on, as LLaMA-Factory datasets.
-
-Each is written in alpaca format (``[{"instruction", "input": "", "output"}]``) under its recipe key's name
-(``harc_harmful: harc_harmful``) and listed in ``dataset_info.json`` by ``file_name`` alone. Each source
-(:data:`SOURCES`) is read as the reference (``microsoft/HARC`` ``main/data.py``, ``main/train.py``) reads it. Nothing
-is written before every source and the output folder pass.
-"""
+"""``llamafactory-hera harc-data``: the public sources HARC's authors train on, as alpaca-format LLaMA-Factory
+datasets named by their recipe keys, each read as the reference (``microsoft/HARC`` ``main/data.py``) reads it."""
 
 from __future__ import annotations
 
@@ -26,7 +21,7 @@ ADVBENCH_COLUMNS = ("bad_q", "goal", "prompt")
 
 @dataclass
 class Converted:
-    """One dataset to write: name (dataset_info.json entry, recipe key), alpaca rows, source rows skipped and a note."""
+    """One dataset to write; ``name`` is its dataset_info.json entry and recipe key."""
 
     name: str
     rows: list[dict[str, str]]
@@ -35,37 +30,29 @@ class Converted:
 
     @property
     def file_name(self) -> str:
-        """The data file's name inside ``--out``."""
         return f"{self.name}.json"
 
     def summary(self) -> str:
-        """One line: name, rows, skipped and the note."""
         note = f"; {self.note}" if self.note else ""
         return f"{self.name}: {len(self.rows)} rows, {self.skipped} skipped{note} -> {self.file_name}"
 
 
 def alpaca(prompt: str, response: str) -> dict[str, str]:
-    """One alpaca row: prompt -> instruction, empty input, response -> output."""
     return {"instruction": prompt, "input": "", "output": response}
 
 
 def _no_rows(where: str, what: str) -> RecipeError:
-    """The error for a source that yields no row: option, file and why."""
     return RecipeError(f"{where}: no usable row ({what}).")
 
 
-# ---------------------------------------------------------------- sources
-
-
-def convert_circuit_breakers(path: Path, option: str = "--circuit-breakers") -> tuple[Converted, Converted]:
-    """``harc_harmful`` (prompt -> llama3_output, the refusal) and ``harc_harmful_completions`` (prompt -> output),
-    row i of both from source row i, so a seeded split picks the same prompts, as the response-side directions need.
-    A row with an empty field is skipped in both."""
-    where = f"{option} {path}"
+def convert_circuit_breakers(path: Path) -> tuple[Converted, Converted]:
+    """``harc_harmful`` (prompt -> llama3_output) and ``harc_harmful_completions`` (prompt -> output), row i of both
+    from source row i, so a seeded split picks the same prompts, as the response-side directions need."""
+    where = f"--circuit-breakers {path}"
     refusals = []
     completions = []
     skipped = 0
-    for number, row in enumerate(read_rows(path, option), 1):
+    for number, row in enumerate(read_rows(path, "--circuit-breakers"), 1):
         prompt, refusal, completion = (
             column_text(row, number, c, where) for c in ("prompt", "llama3_output", "output")
         )
@@ -83,15 +70,14 @@ def convert_circuit_breakers(path: Path, option: str = "--circuit-breakers") -> 
     )
 
 
-def convert_xstest(path: Path, option: str = "--xstest") -> Converted:
-    """``harc_pseudo`` (prompt -> completion): rows labelled ``1_full_compliance``, as the reference keeps them, once
-    each in file order (the reference repeats them up to 1500; HARC's trainer cycles a role's rows just as often).
-    Empty prompt or completion: skipped."""
-    where = f"{option} {path}"
+def convert_xstest(path: Path) -> Converted:
+    """``harc_pseudo`` (prompt -> completion): rows labelled ``1_full_compliance``, once each (the reference repeats
+    them up to 1500; HARC's trainer cycles a role's rows just as often)."""
+    where = f"--xstest {path}"
     rows = []
     labelled = 0
     skipped = 0
-    source = read_rows(path, option)
+    source = read_rows(path, "--xstest")
     for number, row in enumerate(source, 1):
         label, prompt, completion = (
             column_text(row, number, c, where) for c in ("final_label", "prompt", "completion")
@@ -113,8 +99,7 @@ def convert_xstest(path: Path, option: str = "--xstest") -> Converted:
 
 
 def _first_pair(row: Row, number: int, where: str) -> tuple[str, str] | None:
-    """(first user turn, first assistant answer) of an UltraChat row; None unless the first two messages are user
-    then assistant (the reference's rule)."""
+    """(first user turn, first answer) of an UltraChat row; None unless it opens with user then assistant."""
     if "messages" not in row:
         raise missing_column(row, number, "messages", where)
     messages = row["messages"]
@@ -135,13 +120,11 @@ def _first_pair(row: Row, number: int, where: str) -> tuple[str, str] | None:
     return messages[0]["content"] or "", messages[1]["content"] or ""
 
 
-def convert_ultrachat(path: Path, seed: int = 0, limit: int = 5400, option: str = "--ultrachat") -> Converted:
-    """``harc_harmless`` (first user turn -> first answer) from UltraChat 200k ``test_sft``, shuffled with
-    ``random.Random(seed)`` and walked until ``limit`` rows are kept, as the reference does. ``skipped`` counts rows
-    before the cut not opening with non-empty user then assistant turns. Every row's ``messages`` is checked, so a
-    malformed file fails whatever the seed."""
-    where = f"{option} {path}"
-    source = read_rows(path, option)
+def convert_ultrachat(path: Path, seed: int, limit: int) -> Converted:
+    """``harc_harmless`` from UltraChat 200k ``test_sft``, shuffled with ``random.Random(seed)`` and walked until
+    ``limit`` rows are kept, as the reference does. Every row is checked: a malformed file fails whatever the seed."""
+    where = f"--ultrachat {path}"
+    source = read_rows(path, "--ultrachat")
     pairs = [_first_pair(row, number, where) for number, row in enumerate(source, 1)]
     order = list(range(len(source)))
     random.Random(seed).shuffle(order)
@@ -162,9 +145,8 @@ def convert_ultrachat(path: Path, seed: int = 0, limit: int = 5400, option: str 
 
 
 def convert_prompts(path: Path, option: str, name: str, columns: tuple[str, ...], limit: int) -> Converted:
-    """``name`` (prompt -> "") from the first ``limit`` non-empty prompts, in the first of ``columns`` row 1 has:
-    AdvBench (CSV ``goal``, or JSON / JSON Lines ``bad_q`` as the reference's ``advbench.json``, ``goal``,
-    ``prompt``) or Alpaca (``instruction``, a non-empty ``input`` appended after a blank line)."""
+    """``name`` (prompt -> "") from the first ``limit`` non-empty prompts, in the first of ``columns`` row 1 has;
+    Alpaca's non-empty ``input`` is appended after a blank line."""
     where = f"{option} {path}"
     source = read_rows(path, option)
     if not source:
@@ -196,18 +178,13 @@ def convert_prompts(path: Path, option: str, name: str, columns: tuple[str, ...]
     )
 
 
-# ---------------------------------------------------------------- writing
-
-
 def encode(data: Any) -> bytes:
-    """A JSON file's bytes (UTF-8, indented, final newline)."""
     return (json.dumps(data, ensure_ascii=False, indent=2) + "\n").encode("utf-8")
 
 
 def plan_output(out: Path, datasets: list[Converted], force: bool = False) -> dict[Path, bytes]:
-    """path -> bytes for every data file and the merged ``dataset_info.json`` of ``out`` (existing entries kept).
-    An entry or data file that exists with other content raises FileExistsError naming it, unless ``force``;
-    identical ones (a rerun) are no conflict."""
+    """path -> bytes of every data file and the merged ``dataset_info.json``; FileExistsError for an entry or file
+    that exists with other content, unless ``force`` (identical ones, a rerun, are no conflict)."""
     if out.exists() and not out.is_dir():
         raise RecipeError(f"--out {out}: not a folder.")
     info_path = out / "dataset_info.json"
@@ -244,15 +221,13 @@ def plan_output(out: Path, datasets: list[Converted], force: bool = False) -> di
 
 
 def write_output(writes: dict[Path, bytes]) -> None:
-    """Write each file via a temporary file and a rename; dataset_info.json last, so it never names a missing file."""
+    """Each file via a temporary file and a rename; dataset_info.json last, so it never names a missing file."""
     for path, data in writes.items():
         path.parent.mkdir(parents=True, exist_ok=True)
         temporary = path.with_name(f".{path.name}.tmp")
         temporary.write_bytes(data)
         os.replace(temporary, path)
 
-
-# ---------------------------------------------------------------- the verb
 
 # (flag, what it holds, what it gives)
 SOURCES: tuple[tuple[str, str, str], ...] = (
@@ -285,7 +260,6 @@ SOURCES: tuple[tuple[str, str, str], ...] = (
 
 
 def add_verbs(commands: Any) -> dict[str, Callable[[argparse.Namespace], None]]:
-    """Add ``harc-data`` to the ``llamafactory-hera`` sub-parsers; verb -> handler."""
     verb = commands.add_parser(
         "harc-data",
         help="Convert HARC's public data sources into LLaMA-Factory datasets for stage: harc.",
@@ -326,8 +300,7 @@ def add_verbs(commands: Any) -> dict[str, Callable[[argparse.Namespace], None]]:
 
 
 def convert_sources(args: argparse.Namespace) -> list[Converted]:
-    """Every dataset the given sources yield, in recipe order; RecipeError / FileNotFoundError on the first bad
-    option or source, before anything is written."""
+    """Every dataset the given sources yield; an error on the first bad option or source, before any write."""
     if all(getattr(args, flag[2:].replace("-", "_")) is None for flag, _, _ in SOURCES):
         raise RecipeError("harc-data: give at least one source: " + ", ".join(flag for flag, _, _ in SOURCES) + ".")
     for flag, rows in (("--harmless-rows", args.harmless_rows), ("--extract-rows", args.extract_rows)):
@@ -352,8 +325,6 @@ def convert_sources(args: argparse.Namespace) -> list[Converted]:
 
 
 def run_harc_data(args: argparse.Namespace) -> None:
-    """``harc-data``: check every source and --out, write the datasets and dataset_info.json, print a summary line
-    per dataset and the recipe lines."""
     datasets = convert_sources(args)
     write_output(plan_output(args.out, datasets, force=args.force))
     for dataset in datasets:

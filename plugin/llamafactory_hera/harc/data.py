@@ -1,7 +1,5 @@
-"""HARC's rows: each role tokenized with the recipe's template (``template.encode_oneturn``), the two prompt positions
-located and checked per row, and the seeded extraction / validation / training split. ``t_post`` is the last prompt
-token; ``t_inst = t_post - P``, ``P`` the template tokens after the content (docs/harc.md, "What a step computes").
-"""
+"""HARC's rows, tokenized with the recipe's template, and their seeded split. ``t_post`` is the last prompt token;
+``t_inst = t_post - P``, ``P`` the template tokens after the content (docs/harc.md, "What a step computes")."""
 
 from __future__ import annotations
 
@@ -19,8 +17,7 @@ _SENTINELS = ("Alpha", "zq 7")
 
 @dataclass(frozen=True)
 class EncodedRow:
-    """``prompt_ids`` (left-truncated), ``response_ids`` (right-truncated, then closed as the template closes it;
-    empty for prompt-only rows), ``t_inst`` (the user's last content token; ``t_post = len(prompt_ids) - 1``)."""
+    """A tokenized row; ``response_ids`` is empty for prompt-only rows."""
 
     prompt_ids: tuple[int, ...]
     response_ids: tuple[int, ...]
@@ -32,8 +29,7 @@ class EncodedRow:
 
 
 def _fixed_tail(template: Any, tokenizer: Any, side: int) -> tuple[int, ...]:
-    """The ids side ``side`` (0 prompt, 1 answer) of a one-turn encoding ends with whatever its content: the longest
-    common tail of two encodings."""
+    """The ids side ``side`` (0 prompt, 1 answer) of a one-turn encoding ends with whatever its content."""
     first, second = (
         list(
             template.encode_oneturn(
@@ -53,7 +49,7 @@ def _fixed_tail(template: Any, tokenizer: Any, side: int) -> tuple[int, ...]:
 
 
 def template_tail(template: Any, tokenizer: Any) -> tuple[int, ...]:
-    """Template ids between the user's content and the answer (the ``P`` tokens after ``t_inst``)."""
+    """The ``P`` template ids after ``t_inst``."""
     tail = _fixed_tail(template, tokenizer, 0)
     if not tail:
         raise RecipeError(
@@ -70,8 +66,7 @@ def answer_tail(template: Any, tokenizer: Any) -> tuple[int, ...]:
 
 
 def without_answer_tail(rows: list[EncodedRow], tail: tuple[int, ...]) -> list[EncodedRow]:
-    """``rows`` without the template's closing tokens at each answer's end: the reference extracts the response-side
-    directions from the bare answer (its training rows do end with EOS)."""
+    """``rows`` without the template's closing tokens: the reference extracts from the bare answer."""
     size = len(tail)
     return [
         EncodedRow(row.prompt_ids, row.response_ids[:-size], row.t_inst)
@@ -93,9 +88,8 @@ def encode_row(
     where: str,
     closing: tuple[int, ...] = (),
 ) -> EncodedRow:
-    """Tokenize one aligned row and locate ``t_inst``; ``where`` names it in errors. A prompt keeps its last
-    ``max_length`` tokens; an answer its first ``max_length`` then ``closing`` (:func:`answer_tail`), as the reference
-    cuts the answer and appends EOS."""
+    """One aligned row, ``t_inst`` located. An answer keeps its first ``max_length`` tokens then ``closing``, as the
+    reference cuts the answer and appends EOS."""
     if not prompt or prompt[-1].get("role") != "user" or not str(prompt[-1].get("content", "")).strip():
         raise RecipeError(f"{where}: the prompt has no user message with content; every HARC row needs one.")
     answer = response[:1] if response else [{"role": "assistant", "content": ""}]
@@ -128,8 +122,7 @@ def encode_rows(
     with_response: bool = True,
     closing: tuple[int, ...] = (),
 ) -> list[EncodedRow]:
-    """Rows ``indices`` of an aligned dataset (``_prompt``, ``_response``, ``_system``, ``_tools``), encoded;
-    ``with_response=False`` keeps prompts only (prompt-side extraction)."""
+    """Rows ``indices`` of an aligned dataset, encoded; ``with_response=False`` keeps prompts only."""
     rows = []
     for index in indices:
         row = aligned[index]
@@ -157,22 +150,18 @@ def encode_rows(
 
 @dataclass(frozen=True)
 class Split:
-    """One role's row numbers: held out for extraction, for validation, and for training."""
-
     extract: list[int]
     validate: list[int]
     train: list[int]
 
 
 def split_rows(num_rows: int, extract: int, validate: int, seed: int) -> Split:
-    """Seeded permutation of ``range(num_rows)``: the first ``extract`` rows, the next ``validate``, the rest."""
     order = list(range(num_rows))
     random.Random(seed).shuffle(order)
     return Split(order[:extract], order[extract : extract + validate], order[extract + validate :])
 
 
 def check_role_size(key: str, dataset: str, num_rows: int, needed: int, what: str) -> None:
-    """RecipeError naming the role key and dataset when it has fewer than ``needed`` rows."""
     if num_rows < needed:
         raise RecipeError(
             f"{key}: dataset '{dataset}' has {num_rows} rows; {what} need at least {needed}. Add rows "

@@ -64,9 +64,8 @@ def _hidden_sums(
     progress: Progress,
     label: str,
 ) -> dict[int, torch.Tensor]:
-    """layer -> float64 sum over ``rows`` of ``pick(layer, hidden [B, T, D], batch)`` (``[B, ...]``) at the residual
-    entering each of ``layers``; eval mode (as the reference), no grad, ``batch_size`` right-padded rows a forward.
-    Only the first ``answer_tokens`` answer tokens are fed: under causal attention the sums equal the whole rows'."""
+    """layer -> float64 sum over ``rows`` of ``pick(layer, hidden [B, T, D], batch)`` (``[B, ...]``), eval mode (as
+    the reference). Only the first ``answer_tokens`` answer tokens are fed: causal attention keeps the read ones."""
     sums: dict[int, torch.Tensor] = {}
     batch: dict[str, torch.Tensor] = {}
 
@@ -132,17 +131,17 @@ def response_means(
 class ExtractionRows:
     """Held-out extraction rows, fixed for the run (base and every refresh)."""
 
-    harmful_prompts: list[EncodedRow]  # prompt side, harmful
-    harmless_prompts: list[EncodedRow]  # prompt side, harmless
-    refusals: list[EncodedRow]  # harmful prompt + refusal (response side)
-    helpful: list[EncodedRow]  # harmless prompt + helpful answer (response side)
-    completions: list[EncodedRow] | None  # harmful prompt + harmful completion (response side); None: off
+    harmful_prompts: list[EncodedRow]
+    harmless_prompts: list[EncodedRow]
+    refusals: list[EncodedRow]  # harmful prompt + refusal
+    helpful: list[EncodedRow]  # harmless prompt + helpful answer
+    completions: list[EncodedRow] | None  # harmful prompt + harmful completion; None: response coupling off
 
 
 def extract(
     model: nn.Module, rows: ExtractionRows, num_tokens: int, batch_size: int, pad_id: int, progress: Progress
 ) -> Directions:
-    """Every direction of the module docstring on ``model`` now (float32 ``[L, D]``)."""
+    """Every direction of the module docstring, float32 ``[L, D]``."""
     harmful = prompt_means(model, rows.harmful_prompts, batch_size, pad_id, progress, "HARC directions: harmful")
     harmless = prompt_means(model, rows.harmless_prompts, batch_size, pad_id, progress, "HARC directions: harmless")
     prompt = unit(harmful - harmless).float()
@@ -163,7 +162,6 @@ def extract(
 
 
 def blended(base: Directions, fresh: Directions, beta: float) -> Directions:
-    """Each direction of ``fresh`` blended with ``base``'s (:func:`blend`)."""
     pairs = {name: blend(value, getattr(fresh, name), beta) for name, value in base.tensors().items()}
     return Directions(**pairs)
 
@@ -178,10 +176,8 @@ def validation_cosines(
     pad_id: int,
     progress: Progress,
 ) -> dict[str, dict[str, float]]:
-    """The reference's ``project_validation``: per coupled layer ``l``, the mean over held-out harmful (and harmless)
-    prompts of ``cos(h_l(t_post), v_ref[l])`` and ``cos(h_l(t_inst), v_harm[l])``, as ``{"<layer>": {"harmful_ref",
-    "harmless_ref", "harmful_harm", "harmless_harm"}}``. Coupling works when harmful means rise towards the margin
-    while harmless ones stay at or below zero."""
+    """The reference's ``project_validation``: per coupled layer ``l``, held-out harmful and harmless prompts' mean
+    ``cos(h_l(t_post), v_ref[l])`` (``<group>_ref``) and ``cos(h_l(t_inst), v_harm[l])`` (``<group>_harm``)."""
 
     def cosines(layer: int, hidden: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:  # [B, 2]
         post = at_positions(hidden, batch["harc_t_post"]).float()

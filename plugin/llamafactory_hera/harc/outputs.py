@@ -1,8 +1,5 @@
-"""What a ``stage: harc`` run adds to ``output_dir``: ``harc_directions.pt``, ``harc_layers.json``, ``harc_eval.json``
-(with ``harc_eval``, refusal rates of the trained model and with its adapter disabled), their plots and
-``training.png`` (docs/harc.md, "Outputs"). Computed on every rank in step (ZeRO-3 needs all ranks in each forward),
-written by rank 0.
-"""
+"""What a ``stage: harc`` run adds to ``output_dir`` (docs/harc.md, "Outputs"). Computed on every rank in step (ZeRO-3
+needs all ranks in each forward), written by rank 0."""
 
 from __future__ import annotations
 
@@ -50,7 +47,6 @@ def _refusals(trainer: Any, model: Any) -> dict[str, Any]:
 
 
 def finish_run(trainer: Any) -> None:
-    """End-of-run diagnostics, evaluation, files and plots."""
     state = trainer.harc_state
     run = trainer.harc_run
     args = trainer.harc_args

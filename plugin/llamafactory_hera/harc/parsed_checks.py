@@ -1,6 +1,4 @@
-"""HARC's checks of the parsed LLaMA-Factory 0.9.5 arguments and the model's config, before anything loads: role
-datasets, a text model, the layers the band leaves. Before the parse: :mod:`.raw_checks`.
-"""
+"""HARC's checks of the parsed arguments and the model's config, before anything loads."""
 
 from __future__ import annotations
 
@@ -26,7 +24,6 @@ def validate_host_args(
     generating_args: Any,
     harc_args: HarcArguments,
 ) -> None:
-    """Checks on the parsed arguments and the model's config (seconds, before the model loads)."""
     if not data_args.template:
         raise RecipeError(
             "template: stage: harc locates the instruction's last token and the assistant header with "

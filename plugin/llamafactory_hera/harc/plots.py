@@ -1,6 +1,4 @@
-"""HARC's figures, drawn headless (Agg, no pyplot state): ``harc_eval.png`` (refusal rates, base vs trained) and
-``harc_diagnostics.png`` (validation cosines over training).
-"""
+"""HARC's figures: ``harc_eval.png`` (refusal rates, base vs trained) and ``harc_diagnostics.png``."""
 
 from __future__ import annotations
 
@@ -13,13 +11,11 @@ from llamafactory_hera.plots.training import integer_steps
 _GROUPS = (("harmful", "held-out harmful\n(higher: safer)"), ("pseudo", "pseudo-harmful\n(lower: less over-refusal)"))
 _BEFORE_COLOR = "#9e9e9e"
 _AFTER_COLOR = "#1f77b4"
-_HARMFUL_COLOR = "#d62728"
-_HARMLESS_COLOR = "#2ca02c"
+_LINES = (("harmful", "#d62728", "-"), ("harmless", "#2ca02c", "--"))
 
 
 def plot_refusal(record: dict[str, Any], path: Path) -> Path:
-    """Bar chart of :func:`~llamafactory_hera.harc.evaluate.refusal_record`'s rates, held-out harmful vs pseudo-harmful
-    (counts under the bars, ``n/a`` when empty), beside the base model's if ``record["before"]`` has them."""
+    """Bar chart of a refusal record's rates, beside the base model's if ``record["before"]`` has them."""
     series = [("trained", record, _AFTER_COLOR)]
     before = record.get("before")
     if isinstance(before, dict) and all(f"refusal_rate_{group}" in before for group, _ in _GROUPS):
@@ -58,7 +54,6 @@ def plot_refusal(record: dict[str, Any], path: Path) -> Path:
 
 
 def _mean_cosines(entry: dict[str, Any]) -> dict[str, float] | None:
-    """One entry's four validation cosines averaged over its layers (None without validation)."""
     validation = entry.get("validation") or {}
     layers = [str(layer) for layer in entry.get("layers") or []]
     values = [validation[layer] for layer in layers if layer in validation] or list(validation.values())
@@ -71,10 +66,7 @@ def _mean_cosines(entry: dict[str, Any]) -> dict[str, float] | None:
 
 
 def plot_diagnostics(history: list[dict[str, Any]], path: Path) -> Path:
-    """Validation cosines per optimizer step: left ``cos(h(t_post), v_ref)``, right ``cos(h(t_inst), v_harm)``, held-out
-    harmful (solid) and harmless (dashed) means over the entry's coupled layers; dotted lines where the layers change,
-    listed below. ``history``: ``HarcState.record``'s entries; those without validation are skipped, ValueError when
-    none has it."""
+    """Validation cosines per optimizer step, averaged over each ``HarcState.record`` entry's coupled layers."""
     points = [
         (int(entry["step"]), [int(x) for x in entry.get("layers") or []], means)
         for entry in history
@@ -93,22 +85,9 @@ def plot_diagnostics(history: list[dict[str, Any]], path: Path) -> Path:
     for ax, key, name in zip(
         axes, ("ref", "harm"), ("prompt end t_post vs v_ref", "instruction t_inst vs v_harm"), strict=True
     ):
-        ax.plot(
-            steps,
-            [m[f"harmful_{key}"] for _, _, m in points],
-            color=_HARMFUL_COLOR,
-            linestyle="-",
-            label="held-out harmful",
-            **style,
-        )
-        ax.plot(
-            steps,
-            [m[f"harmless_{key}"] for _, _, m in points],
-            color=_HARMLESS_COLOR,
-            linestyle="--",
-            label="held-out harmless",
-            **style,
-        )
+        for group, color, line in _LINES:
+            means = [m[f"{group}_{key}"] for _, _, m in points]
+            ax.plot(steps, means, color=color, linestyle=line, label=f"held-out {group}", **style)
         ax.axhline(0.0, color="black", linewidth=0.6)
         for step, _ in changes[1:]:
             ax.axvline(step, color="#7f7f7f", linestyle=":", linewidth=0.8)

@@ -1,7 +1,5 @@
-"""HARC's checks of a recipe before LLaMA-Factory parses it (nothing loaded). Rows come from the ``harc_*`` role keys:
-an absent ``dataset`` is set to ``harc_harmful`` only for the parser; ``per_device_train_batch_size`` counts composed
-micro-batches (docs/harc.md, "Micro-batches"). After the parse: :mod:`.parsed_checks`.
-"""
+"""HARC's checks of a recipe before LLaMA-Factory parses it. An absent ``dataset`` is set to ``harc_harmful`` only for
+the parser: rows come from the ``harc_*`` role keys."""
 
 from __future__ import annotations
 
@@ -22,7 +20,7 @@ def _set(host_args: dict[str, Any] | list[str], key: str, value: Any) -> None:
 
 
 def validate_raw_host_args(host_args: dict[str, Any] | list[str], harc_args: HarcArguments) -> None:
-    """Refuse what HARC cannot run, naming the key and fix; fill ``dataset`` and the batch size when absent."""
+    """Refuse what HARC cannot run; fill ``dataset`` and the batch size when absent."""
     finetuning = str(raw_value(host_args, "finetuning_type") or "lora").strip().lower()
     if not any(moving_weights(harc_args).values()) and not raw_value(host_args, "adapter_name_or_path"):
         keys = ", ".join(f"{key}: {value:g}" for key, value in moving_weights(harc_args).items())

@@ -1,8 +1,5 @@
-"""The residual entering decoder layer ``l`` (the embeddings for l = 0), which HARC's directions and coupling act on,
-read by a forward pre-hook on ``text_decoder(model).layers[l]``. Why that keeps the coupling's gradient under every
-checkpointing: docs/harc.md ("What a step computes"). A kept input without gradient while training raises: the
-coupling would silently do nothing.
-"""
+"""The residual entering decoder layer ``l``, read by a forward pre-hook. Why that keeps the coupling's gradient under
+every checkpointing: docs/harc.md ("What a step computes")."""
 
 from __future__ import annotations
 
@@ -55,7 +52,7 @@ def response_window(response_mask: torch.Tensor, num_tokens: int) -> torch.Tenso
 class StepCapture:
     """One training forward's residuals at the selected layers. The hook only keeps each input ``[B, T, D]``: non-
     reentrant checkpointing needs the recompute to save exactly what the first forward saved. :meth:`read` gives
-    ``inst[l]`` / ``post[l]`` ``[B, D]`` and, with a window, ``response[l]`` ``[B, D]``, all in the autograd graph."""
+    ``inst[l]`` / ``post[l]`` / ``response[l]`` ``[B, D]``, in the autograd graph."""
 
     def __init__(
         self, t_inst: torch.Tensor, t_post: torch.Tensor, window: torch.Tensor | None, require_grad: bool
@@ -73,7 +70,6 @@ class StepCapture:
         self.hidden.setdefault(layer, hidden)  # a recomputation during backward passes again: keep the first
 
     def read(self, layers: list[int]) -> None:
-        """Fill ``inst`` / ``post`` / ``response`` for ``layers`` from the kept inputs, after the forward."""
         for layer in layers:
             if layer not in self.hidden:
                 raise RuntimeError(

@@ -1,7 +1,6 @@
-"""HARC's role datasets, loaded by LLaMA-Factory's loader, split (seeded, per role, docs/harc.md) and tokenized.
-Harmful completions feed only the response-side direction: their first ``harc_extract_samples`` rows in the same
-seeded order, so with the converter's row-aligned files the same prompts as the harmful extraction.
-"""
+"""HARC's role datasets, loaded by LLaMA-Factory's loader, split and tokenized. Harmful completions feed only the
+response-side direction: their rows in the same seeded order, so with row-aligned files the harmful extraction's
+prompts."""
 
 from __future__ import annotations
 
@@ -29,8 +28,6 @@ Loader = Callable[[str], Any]  # dataset name -> aligned rows (columns _prompt, 
 
 @dataclass
 class RoleRows:
-    """Everything the run reads, encoded."""
-
     train: dict[int, list[EncodedRow]]  # role -> training rows
     extraction: ExtractionRows
     validate_harmful: list[EncodedRow]
@@ -42,7 +39,7 @@ class RoleRows:
 def load_role_rows(
     args: HarcArguments, load: Loader, template: Any, tokenizer: Any, seed: int, say: Callable[[str], None]
 ) -> RoleRows:
-    """Read, check, split and encode every role; errors name the role key, the dataset and the fix."""
+    """Read, check, split and encode every role."""
     tail = template_tail(template, tokenizer)
     closing = answer_tail(template, tokenizer)  # cut answers still end with it; removed again for the response means
     size = args.harc_max_length

@@ -1,5 +1,4 @@
-"""``harc-data``'s source files as rows: .json (a list, one object, or JSON Lines), .jsonl, .csv with a header,
-.parquet. Every error names the option and the file."""
+"""``harc-data``'s source files as rows; every error names the option and the file."""
 
 from __future__ import annotations
 
@@ -15,8 +14,7 @@ READABLE = (".json", ".jsonl", ".csv", ".parquet")
 
 
 def _parse_json(text: str, where: str) -> list[Any]:
-    """A JSON file's records: a list as is, one object as one record; else JSON Lines (the reference's
-    ``advbench.json`` is JSON Lines under a .json name)."""
+    """A JSON file's records, else JSON Lines (the reference's ``advbench.json`` is JSON Lines under a .json name)."""
     try:
         data = json.loads(text)
     except json.JSONDecodeError as err:
@@ -27,7 +25,6 @@ def _parse_json(text: str, where: str) -> list[Any]:
 
 
 def _parse_jsonl(text: str, where: str) -> list[Any]:
-    """One record per non-blank line."""
     records = []
     for number, line in enumerate(text.splitlines(), 1):
         if line.strip():
@@ -39,7 +36,6 @@ def _parse_jsonl(text: str, where: str) -> list[Any]:
 
 
 def read_text(path: Path, where: str) -> str:
-    """UTF-8 text, byte-order mark dropped; another encoding raises one line naming it."""
     try:
         return path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as err:
@@ -53,8 +49,7 @@ def _not_utf8(where: str, err: UnicodeDecodeError) -> RecipeError:
 
 
 def read_csv(path: Path, where: str) -> list[tuple[int, Row]]:
-    """A CSV file's rows, each with the line it starts on (a quoted field may span lines); blank lines skipped as
-    csv.DictReader does. Too many or too few fields, or a bad quote, raises one line naming the row, line and fix."""
+    """A CSV file's rows, each with the line it starts on (a quoted field may span lines)."""
     rows: list[tuple[int, Row]] = []
     try:
         with path.open(encoding="utf-8-sig", newline="") as handle:
@@ -92,8 +87,6 @@ def read_csv(path: Path, where: str) -> list[tuple[int, Row]]:
 
 
 def read_rows(path: Path, option: str) -> list[Row]:
-    """A source file's rows, each a dict. Errors name ``option`` and the path: FileNotFoundError for a missing file;
-    RecipeError for a folder, another suffix, unparsable text or a record that is not an object."""
     where = f"{option} {path}"
     if not path.exists():
         raise FileNotFoundError(f"{option}: no such file: {path}")
@@ -122,13 +115,11 @@ def read_rows(path: Path, option: str) -> list[Row]:
 
 
 def missing_column(row: Row, number: int | str, column: str, where: str) -> RecipeError:
-    """The error for a row without ``column``: file, 1-based row number, column and the row's columns."""
     return RecipeError(f"{where}: row {number} has no column '{column}' (its columns: {', '.join(map(str, row))}).")
 
 
 def column_text(row: Row, number: int | str, column: str, where: str) -> str:
-    """The text in ``column`` of row ``number`` (1-based, or as "3 (line 4)"); "" for a null. RecipeError for a
-    missing column or a value that is not text."""
+    """The text in ``column`` of row ``number``; "" for a null."""
     if column not in row:
         raise missing_column(row, number, column, where)
     value = row[column]

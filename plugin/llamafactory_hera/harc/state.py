@@ -32,7 +32,6 @@ STATE_FILE = "harc_state.pt"
 
 
 def _broadcast(value: Any) -> Any:
-    """Rank 0's ``value`` on every rank (unchanged without torch.distributed)."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return value
     box = [value]
@@ -43,8 +42,7 @@ def _broadcast(value: Any) -> Any:
 
 @dataclass
 class HarcState:
-    """Directions (CPU float32), coupled layers and ``history`` (one entry per base extraction, ramp or refresh, with
-    the validation cosines)."""
+    """Directions (CPU float32), coupled layers and ``history`` (an entry per extraction, ramp or refresh)."""
 
     args: HarcArguments
     rows: ExtractionRows
@@ -67,7 +65,6 @@ class HarcState:
         return Directions(**_broadcast({k: v.cpu() for k, v in found.tensors().items()}))
 
     def scores(self) -> torch.Tensor:
-        """``[L]`` layer scores of the current directions."""
         d = self.current
         return layer_scores(d.v_ref, d.v_harm, d.v_ref_resp, d.v_harm_resp)
 
@@ -75,7 +72,6 @@ class HarcState:
         self.layers = select_layers(self.scores(), self.count, self.args.harc_band)
 
     def record(self, model: nn.Module, step: int, event: str, seconds: float) -> None:
-        """Append a history entry for ``event``: layers, scores, validation cosines (every rank)."""
         cosines = validation_cosines(
             model,
             *self.validation,
@@ -109,11 +105,9 @@ class HarcState:
         }
 
     def save(self, folder: str) -> None:
-        """Write :data:`STATE_FILE` into a checkpoint folder."""
         torch.save(self.as_record(), Path(folder) / STATE_FILE)
 
     def load(self, folder: str) -> None:
-        """Take a checkpoint's state (resuming); RecipeError naming the file when absent."""
         path = Path(folder) / STATE_FILE
         if not path.is_file():
             raise RecipeError(
@@ -139,13 +133,13 @@ class HarcState:
         self._select()
         self.record(model, 0, "base", time.perf_counter() - started)
 
-    def on_step_end(self, model: nn.Module, step: int, max_steps: int, say: Callable[[str], None]) -> bool:
-        """Ramp and refresh due after optimizer step ``step``; True when the layers or directions changed."""
+    def on_step_end(self, model: nn.Module, step: int, max_steps: int, say: Callable[[str], None]) -> None:
+        """Ramp and refresh due after optimizer step ``step``."""
         args = self.args
         ramp = step == args.harc_layers_ramp_step and self.count != args.harc_layers_final
         refresh = bool(args.harc_refresh_steps) and step % args.harc_refresh_steps == 0 and step < max_steps
         if not (ramp or refresh):
-            return False
+            return
         started = time.perf_counter()
         before = list(self.layers)
         if ramp:
@@ -160,4 +154,3 @@ class HarcState:
             self.refreshes += 1
         what = " and ".join(e for e, on in (("ramp", ramp), ("refresh", refresh)) if on)
         say(f"HARC step {step}: {what}; layers {before} -> {self.layers} ({seconds:.1f} s)")
-        return True

@@ -1,10 +1,8 @@
-"""HARC's step, in front of the trainer base (``harc/workflow.py``'s ``HarcSeq2SeqTrainer``). Per micro-batch::
+"""HARC's step, in front of the trainer base. Per micro-batch::
 
     loss = w_couple couple + w_couple_resp couple_resp + w_kl KL + w_ce CE
 
-from one forward with grad (residuals entering the coupled layers, logits) and, for the KL, one without grad and
-adapter on the retain rows; the Trainer divides by the accumulation steps. After each optimizer step the state ramps
-/ refreshes when due, every rank in step. Terms and logs: docs/harc.md.
+from one forward with grad and, for the KL, one without grad and adapter on the retain rows. Terms: docs/harc.md.
 """
 
 from __future__ import annotations
@@ -39,9 +37,8 @@ _TERMS = ("couple", "couple_resp", "kl", "ce")
 
 
 class AdapterSwitch:
-    """The adapter layers (LoRA, ``modules_to_save`` wrappers), found once; :meth:`off` disables them as
-    ``PeftModel.disable_adapter()`` does, minus its walk over every module and parameter (107k Python calls per
-    micro-batch on an 8-layer Llama, ``bench/step_counts.py --method harc``; 54 ms -> 7.6 ms on a 32-layer one)."""
+    """The adapter layers, found once; :meth:`off` disables them as ``PeftModel.disable_adapter()`` does, minus its
+    walk over every module and parameter (54 ms -> 7.6 ms a micro-batch on a 32-layer Llama)."""
 
     def __init__(self, model: nn.Module) -> None:
         self.layers = [
@@ -60,8 +57,7 @@ class AdapterSwitch:
 
 
 class _StepEnd(TrainerCallback):
-    """On every rank: base directions once the model is wrapped (or the checkpoint's on resume), ramp / refresh
-    after each optimizer step."""
+    """On every rank: base directions once the model is wrapped, ramp / refresh after each optimizer step."""
 
     def __init__(self, trainer: HarcTrainerMixin) -> None:
         self.trainer = trainer
@@ -87,8 +83,6 @@ class _StepEnd(TrainerCallback):
 
 
 class HarcTrainerMixin(StepBase):
-    """HARC's step, in front of the trainer base and the host's trainer class."""
-
     harc_args: HarcArguments
     harc_run: Any  # harc/workflow.py's RunContext, state included
     harc_state: HarcState  # directions and coupled layers
@@ -193,13 +187,12 @@ class HarcTrainerMixin(StepBase):
         return (total, outputs) if return_outputs else total
 
     def _harc_adapters(self, inner: nn.Module) -> AdapterSwitch:
-        """``inner``'s adapter switch (found at the first reference forward)."""
         if self._harc_switch is None or self._harc_switch[0] is not inner:
             self._harc_switch = (inner, AdapterSwitch(inner))
         return self._harc_switch[1]
 
     def _harc_directions(self, device: torch.device) -> Directions:
-        """The state's CPU directions on ``device``, copied in one transfer when they change (base, refresh, resume)."""
+        """The state's directions on ``device``, copied in one transfer when they change."""
         current = self.harc_state.current
         cached = self._harc_on_device
         if cached is None or cached[0] is not current or cached[1] != device:
@@ -209,7 +202,6 @@ class HarcTrainerMixin(StepBase):
         return cached[2]
 
     def _harc_weights(self, device: torch.device) -> torch.Tensor:
-        """``[4]`` float32 weights of :data:`_TERMS` on ``device``, copied once."""
         cached = self._harc_weight_tensor
         if cached is None or cached.device != device:
             args = self.harc_args

@@ -1,8 +1,7 @@
-"""HARC's LlamaBoard panel, declared: fields (defaults from :class:`~llamafactory_hera.harc.config.HarcArguments`,
-texts in ``panel_texts.yaml``), the ``harc_band`` check against the model's depth, and the loss plot's HARC terms.
-Keys without a field (``harc_extract_harmful``, ``harc_extract_harmless``, ``harc_response_tokens``,
-``harc_refresh_beta``, ``harc_max_length``, ``harc_extract_batch_size``, ``harc_eval_max_new_tokens``,
-``harc_save_on_signal``, ``harc_watchdog_timeout``) go into "Extra arguments". See docs/harc.md, "LlamaBoard"."""
+"""HARC's LlamaBoard panel (texts in ``panel_texts.yaml``). Keys without a field (``harc_extract_harmful``,
+``harc_extract_harmless``, ``harc_response_tokens``, ``harc_refresh_beta``, ``harc_max_length``,
+``harc_extract_batch_size``, ``harc_eval_max_new_tokens``, ``harc_save_on_signal``, ``harc_watchdog_timeout``) go into
+"Extra arguments". See docs/harc.md, "LlamaBoard"."""
 
 from __future__ import annotations
 
@@ -21,8 +20,7 @@ TERMS = ("harc_ce", "harc_kl", "harc_couple", "harc_couple_resp")
 
 
 def check_band_depth(args: HarcArguments, context: Mapping[str, Any]) -> str:
-    """The error if ``harc_band`` leaves fewer than ``harc_layers_final`` layers of LlamaBoard's model to couple;
-    "" if not or if the depth cannot be read locally."""
+    """The error if ``harc_band`` leaves too few layers of LlamaBoard's model; "" if not or if the depth is unknown."""
     depth = local_text_depth(context.get("model_path"))
     if depth is None:
         return ""

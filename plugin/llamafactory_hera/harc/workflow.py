@@ -1,6 +1,4 @@
-"""A ``stage: harc`` run in place of ``run_sft``: LLaMA-Factory's SFT workflow (model, LoRA, optimizer, schedule,
-checkpoints, DDP / DeepSpeed, saved adapter) with HARC's composed micro-batches and HARC's trainer.
-"""
+"""A ``stage: harc`` run: LLaMA-Factory's SFT workflow with HARC's composed micro-batches and HARC's trainer."""
 
 from __future__ import annotations
 
@@ -31,7 +29,7 @@ from llamafactory_hera_patches.tools.model_data import RecipeArgs, load_aligned_
 
 @dataclass
 class RunContext:
-    """What the trainer needs beyond the state: evaluation rows, tokenizer, stop ids, plotting."""
+    """What the trainer needs beyond its arguments, set as the datasets load."""
 
     rows: Any = None
     tokenizer: Any = None
@@ -53,8 +51,7 @@ _HOST_KEYS = (
 
 
 def write_run_record(harc_args: HarcArguments, *holders: Any) -> None:
-    """``harc_run.json`` in ``output_dir``: the HARC keys and the host keys that reload the model and role data (read
-    by ``llamafactory-hera eval``). ``holders``: model, data, fine-tuning and training arguments."""
+    """``harc_run.json``: the keys that reload the model and role data (read by ``llamafactory-hera eval``)."""
     host = {
         key: plain(getattr(holder, key, None)) for holder, keys in zip(holders, _HOST_KEYS, strict=True) for key in keys
     }
@@ -63,15 +60,13 @@ def write_run_record(harc_args: HarcArguments, *holders: Any) -> None:
 
 
 def prepare(harc_args: HarcArguments, parsed: HostArguments) -> None:
-    """Before the trainer: repeat the lines LlamaBoard lost, write the run's record."""
     say_again_on_board()  # LlamaBoard's log box lost the recipe checks' lines (a host warning)
     if parsed.training.should_save:
         write_run_record(harc_args, parsed.model, parsed.data, parsed.finetuning, parsed.training)
 
 
 class HarcSeq2SeqTrainer(HarcTrainerMixin, MethodTrainer, HostTrainer):
-    """HARC's trainer: its step (:class:`HarcTrainerMixin`, which takes ``harc_args`` and ``harc_run``, the run's
-    context) on the trainer base over LLaMA-Factory's trainer."""
+    """HARC's step on the trainer base over LLaMA-Factory's trainer."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -83,8 +78,6 @@ class HarcSeq2SeqTrainer(HarcTrainerMixin, MethodTrainer, HostTrainer):
 
 
 def train(harc_args: HarcArguments, host: Any, parsed: HostArguments, callbacks: Any, prepared: None) -> None:
-    """LLaMA-Factory's SFT workflow with HARC's data, collator and trainer; after the steps, the trainer's
-    :meth:`~HarcSeq2SeqTrainer.finish_run`, where the model is at hand."""
     run = RunContext(plot=bool(parsed.finetuning.plot_loss), smooth=host.smooth)
 
     def get_dataset(
