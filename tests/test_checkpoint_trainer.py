@@ -15,6 +15,7 @@ import torch.distributed as dist
 from test_whole_checkpoints import _SignalAt
 from torch import nn
 from transformers import TrainerCallback, TrainingArguments
+from typing_extensions import override
 
 from llamafactory_hera.runtime import save_signal
 from llamafactory_hera.runtime import whole_checkpoints as whole_checkpoints_module
@@ -238,3 +239,33 @@ def test_the_private_methods_a_plugin_trainer_overrides_are_the_trainers() -> No
                        "_run_epoch", "_save_checkpoint"]
     five = int(transformers.__version__.split(".")[0]) >= 5
     assert [name for name in private if not hasattr(transformers.Trainer, name)] == ([] if five else ["_run_epoch"])
+
+
+class _StateTrainer(_Trainer):
+    """A method's trainer saving its state beside the model, as HeRA's ``hera_state.json``."""
+
+    @override
+    def save_method_state(self, folder: str, checkpoint: bool) -> None:
+        (Path(folder) / ("method_checkpoint.json" if checkpoint else "method_final.json")).write_text("{}")
+
+
+def test_the_methods_state_is_in_a_checkpoint_before_transformers_pushes_it(tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """``push_to_hub`` with ``hub_strategy: checkpoint`` uploads the folder within transformers' save: the method's
+    state must be there by then, or a resume from the hub's ``last-checkpoint`` misses it."""
+    seen: list[list[str]] = []
+    monkeypatch.setattr(_StateTrainer, "_push_from_checkpoint",
+                        lambda self, folder: seen.append(sorted(path.name for path in Path(folder).iterdir())),
+                        raising=False)
+    torch.manual_seed(0)
+    rows = [{"x": torch.randn(2), "labels": torch.randn(())} for _ in range(8)]
+    args = TrainingArguments(str(tmp_path), per_device_train_batch_size=2, save_strategy="steps", save_steps=1,
+                             max_steps=1, report_to=[], use_cpu=True, disable_tqdm=True)
+    trainer = _StateTrainer(model=_Tiny(), args=args, train_dataset=rows)
+    trainer.args.push_to_hub = True  # after the Trainer's start, which would make the hub's repository; push stubbed
+    monkeypatch.setattr(_StateTrainer, "_finish_current_push", lambda self: None, raising=False)
+    trainer.train()
+    assert seen and "method_checkpoint.json" in seen[0] and "method_final.json" not in seen[0]
+    trainer.args.push_to_hub = False  # the final save's own push is the host's
+    trainer.save_model()
+    assert (tmp_path / "method_final.json").exists()

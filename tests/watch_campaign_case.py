@@ -214,7 +214,7 @@ class Rank:
             sections.progress()
             if self.at("collective"):
                 self.act(f"before the save's agreement of {folder.name}")
-            with sections.collective("the all-reduce that agrees every rank saved"):  # _every_rank_saved
+            with sections.collective("the all-reduce that agrees every rank saved"):  # every_rank_saved
                 dist.all_reduce(torch.ones(1))
             if self.rank == 0:
                 whole.write_marker(folder, step, self.world, {})
@@ -226,7 +226,7 @@ class Rank:
     def final(self, model: nn.Module) -> None:
         """After ``super().train``: the final save (rank 0), then predict after training (LLaMA-Factory's workflow:
         ``trainer.predict``, each batch gathered over the ranks)."""
-        sections.enter("the end of training (its callbacks)", "final")  # _EndOfTraining
+        sections.enter("the end of training (its callbacks)", "final")  # _RunEnds
         sections.enter("the end of the run (final save)", "final")
         if self.rank == 0:
             torch.save(model.state_dict(), self.out / "adapter_model.bin")

@@ -136,15 +136,12 @@ def keeping() -> Iterator[None]:
 
 
 def steps_over() -> None:
-    """After the last step, with no stop taken: SIGTERM gets its default back, and one noted since the last step ends
-    the rank now (else it would wait for the final save, evaluation or predict, then torchrun's SIGKILL)."""
+    """After the last step, with no stop taken: SIGTERM gets its default back, so one from here ends the rank at once;
+    one noted in the last steps, too late for a stop, goes on to the final save it asked for."""
     if threading.current_thread() is not threading.main_thread():
         return
-    if signal.getsignal(signal.SIGTERM) not in (_note, _note_other):
-        return
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    if _noted.came == "SIGTERM":
-        os.kill(os.getpid(), signal.SIGTERM)
+    if signal.getsignal(signal.SIGTERM) in (_note, _note_other):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 @contextlib.contextmanager

@@ -43,6 +43,7 @@ class MethodTrainer(Trainer):
     checkpoint_limit: int | None  # the recipe's
     resumed_from: str | None = None  # this start's checkpoint
     stop: checkpoints.StopOnSignal  # this start's stop on the save signal
+    in_checkpoint: bool = False  # in a checkpoint's save
     lineage: str | None = None  # a pinned resume's, in each marker
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -59,7 +60,8 @@ class MethodTrainer(Trainer):
         2. the checkpoint resumed from, chosen whole (a line if it was saved with other settings);
         3. the run's callbacks: the method's state loaded from that checkpoint first, the stop on the save signal, the
            optimizer step's points;
-        4. the steps (the host's ``train``), the save signal noted and the model's forwards counted;
+        4. the steps (the host's ``train``), the save signal noted and the model's forwards counted; at their end, with
+           no stop taken, SIGTERM its default again (nothing is left for it to save);
         5. :meth:`after_steps`, even after an error or the stop;
         6. the final save's rotation (the best checkpoint alone under ``save_total_limit: 1``), or the stop's line and
            exit;
@@ -153,8 +155,9 @@ class MethodTrainer(Trainer):
     @override
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         super().save_model(output_dir, _internal_call)
-        if not _internal_call:  # the final model (a checkpoint's state is saved in its whole save)
-            self.save_method_state(output_dir or self.args.output_dir, checkpoint=False)
+        # with the model: a checkpoint's state is in it before transformers pushes it (hub_strategy: checkpoint)
+        self.save_method_state(output_dir or self.args.output_dir, checkpoint=self.in_checkpoint)
+        sections.progress()  # in a checkpoint's save: one of its stages done
 
     # the Trainer's private methods below have no public hook: a test fails when transformers renames one
     @override
@@ -170,9 +173,11 @@ class MethodTrainer(Trainer):
         with sections.section(f"the save of {folder.name}", "save", files=str(folder)):
             try:
                 whole.unmark(folder)  # by every rank, before its own writes
-                super()._save_checkpoint(model, trial)
-                sections.progress()
-                self.save_method_state(str(folder), checkpoint=True)
+                self.in_checkpoint = True  # its save_model saves the method's state with the model
+                try:
+                    super()._save_checkpoint(model, trial)
+                finally:
+                    self.in_checkpoint = False
                 sections.progress()
                 whole.make_durable(folder)  # this rank's files, before the ranks agree
                 sections.progress()
