@@ -14,8 +14,10 @@ from __future__ import annotations
 
 from conftest import REPO
 from llamafactory_hera_testing.import_graph import (
+    CHARACTERS_A_LINE,
     ENTRIES,
     INNER_IMPORTS,
+    PACKAGE_CHARACTERS,
     PATCHES,
     PLUGIN,
     RUNTIME,
@@ -30,6 +32,7 @@ from llamafactory_hera_testing.import_graph import (
     imported_names,
     lazy_imports,
     modules,
+    package_size,
     reach,
     within,
 )
@@ -140,3 +143,12 @@ def test_imports_inside_functions_stay_within_their_budget_and_say_why() -> None
     offenders = {module: lines for module, path in modules(REPO).items() if not within(module, TESTING)
                  for lines in [[line for line, why in lazy_imports(path) if not why]] if lines}
     assert offenders == {}
+
+
+def test_the_package_stays_within_its_size() -> None:
+    """The package users install (plugin and patches) in non-blank characters, and their mean a line: a budget met by
+    removing code, never by packing lines (a packed line raises the mean)."""
+    characters, lines = package_size(REPO)
+    assert lines > 20_000  # the count reaches the package
+    assert characters <= PACKAGE_CHARACTERS, characters
+    assert characters / lines <= CHARACTERS_A_LINE, characters / lines

@@ -197,6 +197,10 @@ WORKFLOW_FILES = 45
 # the most imports inside functions in the plugin and the patches: each is lazy for a reason its line says (start-up,
 # a one-line error before torch, an optional extra); any other import sits at its module's top
 INNER_IMPORTS = 200
+# the package's size in non-blank characters (a line's indentation included, its end not), and their mean a non-blank
+# line: met by removing code, never by packing it
+PACKAGE_CHARACTERS = 1_330_000
+CHARACTERS_A_LINE = 55
 
 
 def _lines(path: Path) -> int:
@@ -224,6 +228,17 @@ def import_counts(repo: Path) -> tuple[int, int]:
     return statements, inside
 
 
+def package_size(repo: Path) -> tuple[int, int]:
+    """(non-blank characters, non-blank lines) of the package users install (plugin and patches)."""
+    characters = lines = 0
+    for module, path in modules(repo).items():
+        if within(module, PLUGIN) or within(module, PATCHES):
+            filled = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            characters += sum(len(line) for line in filled)
+            lines += len(filled)
+    return characters, lines
+
+
 def house(repo: Path) -> str:
     """The measures of the plugin's house as text: each run's import closure (the plugin's files and lines it imports,
     counted from the file heads alone and with lazy imports and declarations), imports inside functions, cycles, the
@@ -243,6 +258,9 @@ def house(repo: Path) -> str:
     statements, inside = import_counts(repo)
     out.append(f"import statements (plugin and patches): {statements}, inside functions: {inside} (at most "
                f"{INNER_IMPORTS})")
+    characters, lines = package_size(repo)
+    out.append(f"non-blank characters (plugin and patches): {characters:,} (at most {PACKAGE_CHARACTERS:,}), "
+               f"{characters / lines:.1f} a line (at most {CHARACTERS_A_LINE})")
     out.append(f"module cycles: {len(cycles(full))}; folder cycles: {len(cycles(folder_graph(full)))}")
     folders: dict[str, list[int]] = {}
     for module in plugin:
