@@ -36,19 +36,29 @@ RUN = {"harc_eval": False, "max_steps": 4, "save_steps": 2, "gradient_accumulati
 
 
 def test_an_elastic_launch_gets_a_store_for_each_start_of_its_ranks() -> None:
-    """Under RDZV_ID the torchrun started gets torch's switch set to 1, a value the user set to 1 is kept, another
-    is one line naming it, MAX_RESTARTS and the fix; without RDZV_ID nothing is set."""
-    plain: dict[str, str] = {}
-    elastic.store_per_start(plain)
-    assert plain == {}
-    env = {"RDZV_ID": "job"}
-    elastic.store_per_start(env)
-    assert env[elastic.SWITCH] == "1"
+    """Under RDZV_ID with restarts possible (MAX_RESTARTS > 0, or a node range) a plugin stage's torchrun gets torch's
+    switch set to 1, a value the user set to 1 is kept, another is one line naming it, MAX_RESTARTS and the fix;
+    without RDZV_ID, without restarts or for a host stage nothing is set and nothing refused."""
+    fixed_nodes = {"RDZV_ID": "job", "MAX_RESTARTS": "0", "MIN_NNODES": "2", "MAX_NNODES": "2"}
+    for plain in ({}, {"RDZV_ID": "job"}, fixed_nodes):
+        unchanged = dict(plain)
+        elastic.store_per_start(True, plain)
+        assert plain == unchanged
+    host = {"RDZV_ID": "job", "MAX_RESTARTS": "1", elastic.SWITCH: "0"}
+    elastic.store_per_start(False, host)  # stock sft with the switch set to 0 by hand: the host's run
+    assert host[elastic.SWITCH] == "0"
+    stock = {"RDZV_ID": "job", "MAX_RESTARTS": "1"}
+    elastic.store_per_start(False, stock)
+    assert elastic.SWITCH not in stock
+    for env in ({"RDZV_ID": "job", "MAX_RESTARTS": "2"}, {"RDZV_ID": "job", "MIN_NNODES": "1", "MAX_NNODES": "2"}):
+        elastic.store_per_start(True, env)
+        assert env[elastic.SWITCH] == "1"
     with pytest.raises(RecipeError) as refused:
-        elastic.store_per_start({"RDZV_ID": "job", "MAX_RESTARTS": "1", elastic.SWITCH: "0"})
+        elastic.store_per_start(True, {"RDZV_ID": "job", "MAX_RESTARTS": "1", elastic.SWITCH: "0"})
     said = str(refused.value)
     assert said.startswith(f"{elastic.SWITCH}=0 with RDZV_ID=job: torch ") and "MAX_RESTARTS=1" in said, said
     assert said.endswith(f"Unset {elastic.SWITCH} (the plugin then sets it to 1) or set it to 1."), said
+    elastic.store_per_start(True, {"RDZV_ID": "job", elastic.SWITCH: "0"})  # never restarts: not refused
 
 
 @pytest.mark.parametrize(("env", "key"), [

@@ -523,3 +523,42 @@ def test_the_launching_process_leaves_the_schedulers_signals_to_the_ranks(assets
     finally:
         for number, handler in before.items():
             signal.signal(number, handler)
+
+
+@pytest.mark.parametrize(("plugin_stage", "restarts", "ran"), [
+    (False, "1", True),  # stock sft, the switch set to 0 by hand: the host's run, as without the plugin
+    (True, "0", True),  # a plugin stage that never restarts: torch's default is no hazard
+    (True, "1", False),  # a plugin stage that restarts: one line before the ranks start
+])
+def test_the_store_switch_set_by_hand_is_refused_only_for_a_plugin_stage_that_restarts(
+        plugin_stage: bool, restarts: str, ran: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``llamafactory-cli train`` under an elastic torchrun (patches/.../launch.py, the recipe's check and torchrun
+    stood in): TORCH_DISABLE_SHARE_RDZV_TCP_STORE=0 set by hand is kept, and refused only where it can harm."""
+    import contextlib
+    import os
+    from types import SimpleNamespace
+
+    from llamafactory_hera.runtime import elastic
+    from llamafactory_hera_patches import launch
+
+    run = SimpleNamespace(method=SimpleNamespace(one_process=False)) if plugin_stage else None
+    monkeypatch.setattr(launch, "starts_torchrun", lambda argv: True)
+    monkeypatch.setattr(launch, "check_before_ranks", lambda argv: run)
+    monkeypatch.setattr(launch.launch_watch, "watching", lambda *args: contextlib.nullcontext())
+    monkeypatch.setattr(launch.launch_watch, "check_master_address", lambda: None)
+    monkeypatch.setattr(launch.launch_signals, "launching", contextlib.nullcontext)
+    monkeypatch.setenv("RDZV_ID", "job")
+    monkeypatch.setenv("MAX_RESTARTS", restarts)
+    monkeypatch.setenv(elastic.SWITCH, "0")
+    started: list[str] = []
+
+    def torchrun() -> None:
+        started.append(os.environ[elastic.SWITCH])
+
+    if ran:
+        launch.launch(torchrun)
+        assert started == ["0"]
+        return
+    with pytest.raises(RecipeError, match=f"^{elastic.SWITCH}=0 with RDZV_ID=job: "):
+        launch.launch(torchrun)
+    assert started == []

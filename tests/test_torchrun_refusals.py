@@ -17,6 +17,7 @@ under any launcher) is left by the ranks to their node's elastic agent, which pr
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sys
 from pathlib import Path
@@ -373,10 +374,12 @@ def test_the_agent_says_a_noted_refusal_last_and_keeps_any_other_failures_report
     crash = ChildFailedError("launcher.py", {1: failure})
     seen: list[str] = []
 
+    monkeypatch.delenv("TORCHELASTIC_RESTART_COUNT", raising=False)
+
     def agent(refuses: bool) -> None:
         seen.append(os.environ[agent_notes.NOTES_ENV])
         if refuses:
-            assert agent_notes.note(agent_notes.REFUSAL, "[llamafactory-hera] error: the line\n")
+            assert agent_notes.note_refusal("[llamafactory-hera] error: the line\n")
         raise crash
 
     with pytest.raises(SystemExit) as ended:
@@ -386,12 +389,105 @@ def test_the_agent_says_a_noted_refusal_last_and_keeps_any_other_failures_report
         elastic_agent.launch_agent(lambda config, entry, args: agent(False), None, "launcher.py", [])
     assert raised.value is crash and capsys.readouterr().err == ""
     assert agent_notes.NOTES_ENV not in os.environ and not [folder for folder in seen if Path(folder).exists()]
-    with agent_notes.taking() as notes:  # as llamafactory-cli holds it: its torchrun's agent killed before it said
-        assert agent_notes.note(agent_notes.REFUSAL, "[llamafactory-hera] error: the line\n")
+    with pytest.raises(ChildFailedError), agent_notes.taking(0) as notes:  # as llamafactory-cli holds it: its
+        assert agent_notes.note_refusal("[llamafactory-hera] error: the line\n")  # torchrun's agent killed first
+        raise crash
     assert capsys.readouterr().err == "[llamafactory-hera] error: the line\n" and not notes.exists()
+    with agent_notes.taking(0):  # the launch ended well: nothing stale said
+        assert agent_notes.note_refusal("[llamafactory-hera] error: the line\n")
+    assert capsys.readouterr().err == ""
     assert elastic_agent.ended_how(crash) == "rank 1 exited with code 1"
     killed = ChildFailedError("launcher.py", {0: ProcessFailure(local_rank=0, pid=8, exitcode=-9, error_file="none")})
     assert elastic_agent.ended_how(killed) == "rank 0 was killed by SIGKILL"
+
+
+def test_a_refusal_ends_the_job_only_from_the_last_start_of_the_ranks(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """MAX_RESTARTS=2 (a stand-in agent): a refusal noted by start 0 quiets no later agent log line, and is not said
+    when start 1 succeeds nor when a later start crashes (the crash's report stays); one noted by start 2 (no restart
+    left) is said, exit code 1. A record the agent cannot end is one line, the ranks' failure still raised."""
+    from types import SimpleNamespace
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    from llamafactory_hera.runtime import agent_notes, run_record
+    from llamafactory_hera_patches import elastic_agent
+
+    monkeypatch.delenv(agent_notes.NOTES_ENV, raising=False)
+    crash = ChildFailedError("launcher.py", {1: ProcessFailure(local_rank=1, pid=7, exitcode=1, error_file="none")})
+    config = SimpleNamespace(max_restarts=2, min_nodes=1, max_nodes=1)
+    agent_log = logging.getLogger("torch.distributed.elastic.agent.server.api")
+
+    def starts(refusing: str, ends: str) -> Any:
+        def original(config: Any, entrypoint: Any, args: Any) -> str:
+            for start in ("0", "1", "2"):
+                monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", start)
+                if start == refusing:
+                    assert agent_notes.note_refusal("[llamafactory-hera] error: the line\n")
+                quiet = not agent_log.filter(logging.makeLogRecord({"msg": "worker group FAILED"}))
+                assert quiet == (refusing == "2" and start == "2")
+                if ends == "success" and start == "1":
+                    return "ok"
+            raise crash
+
+        return original
+
+    assert elastic_agent.launch_agent(starts("0", "success"), config, "python", []) == "ok"
+    assert capsys.readouterr().err == ""
+    with pytest.raises(ChildFailedError) as raised:
+        elastic_agent.launch_agent(starts("0", "crash"), config, "python", [])
+    assert raised.value is crash and capsys.readouterr().err == ""
+    with pytest.raises(SystemExit) as ended:
+        elastic_agent.launch_agent(starts("2", "crash"), config, "python", [])
+    assert ended.value.code == 1 and capsys.readouterr().err == "[llamafactory-hera] error: the line\n"
+
+    def unwritable(*args: Any) -> None:
+        raise OSError("read-only file system")
+
+    def record_named(config: Any, entrypoint: Any, args: Any) -> None:
+        assert agent_notes.note(agent_notes.RECORD, "/nowhere/llamafactory_hera_run.json")
+        raise crash
+
+    monkeypatch.setattr(run_record, "end_unended", unwritable)
+    with pytest.raises(ChildFailedError) as raised:
+        elastic_agent.launch_agent(record_named, None, "python", [])
+    said = capsys.readouterr().err
+    assert raised.value is crash and said.count("\n") == 1 and "read-only file system" in said, said
+
+
+@pytest.mark.parametrize(("stage", "restarts", "nodes", "switch"), [
+    ("harc", 1, (1, 1), "1"),  # a plugin stage that can restart: a store for each start
+    ("harc", 0, (1, 2), "1"),  # a node joining restarts the ranks too
+    ("harc", 0, (1, 1), None),  # never restarts: torch's default
+    ("sft", 1, (1, 1), None),  # a host stage: as without the plugin
+])
+def test_the_agent_gives_a_restarting_plugin_stage_a_store_for_each_start(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stage: str, restarts: int, nodes: tuple[int, int],
+        switch: str | None) -> None:
+    """torchrun's, accelerate's and ft_launcher's agent (patches/.../elastic_agent.py) sets
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 before torch's rendezvous reads it, only where it runs a plugin stage that
+    can restart; a value set by hand is kept."""
+    from types import SimpleNamespace
+
+    from llamafactory_hera.runtime import agent_notes, elastic
+    from llamafactory_hera_patches import elastic_agent
+
+    monkeypatch.delenv(agent_notes.NOTES_ENV, raising=False)
+    monkeypatch.delenv(elastic.SWITCH, raising=False)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"stage": "sft", "output_dir": str(tmp_path)}), encoding="utf-8")
+    config = SimpleNamespace(max_restarts=restarts, min_nodes=nodes[0], max_nodes=nodes[1])
+    seen: list[str | None] = []
+
+    def original(config: Any, entrypoint: Any, args: Any) -> None:
+        seen.append(os.environ.get(elastic.SWITCH))
+
+    # torchrun's arguments: python -u launcher.py recipe.yaml key=value
+    elastic_agent.launch_agent(original, config, sys.executable, ["-u", "launcher.py", str(recipe), f"stage={stage}"])
+    assert seen == [switch]
+    monkeypatch.setenv(elastic.SWITCH, "0")
+    elastic_agent.launch_agent(original, config, sys.executable, ["-u", "launcher.py", "--stage", stage])
+    assert seen == [switch, "0"]
 
 
 def test_a_rank_0_killed_by_sigkill_leaves_its_run_recorded_failed(harc_assets: Any, tmp_path: Path) -> None:

@@ -8,9 +8,8 @@ Apply modules (:mod:`.stage`, :mod:`.launch`, :mod:`.accelerate_launch`, :mod:`.
 sit over :mod:`.recipe`, :mod:`.engines`, :mod:`.data`, :mod:`.tools` and :mod:`.backends`; :mod:`.guard` and
 :mod:`.stacks` check the host and its stack.
 
-Apply modules import LLaMA-Factory at their top (the hook imports each after its host module ran). The others import
-it inside the functions that read it ("lazy"): the plugin's light modules (checks before the host loads,
-``llamafactory-hera``'s verbs) import them, and importing LLaMA-Factory takes seconds and runs its version checks.
+Apply modules import LLaMA-Factory at their top; the others inside the functions that read it ("lazy"): the plugin's
+light modules import them, and importing LLaMA-Factory takes seconds and runs its version checks.
 """
 
 CHECKED_VERSIONS = ("0.9.5", "0.9.6.dev0")

@@ -1,7 +1,7 @@
 """The host's backend switches: recipe keys and environment variables under which an SFT run uses another workflow
 or model loader than the SFT trainer the plugin's stages extend. A plugin stage is refused under each by name
-(:func:`refusal`) before the host parses the recipe: in every rank, and by the launchers. An environment switch counts
-only where the host reads it (:func:`known`): ``USE_MEGATRON_BRIDGE`` is main's only.
+(:func:`refusal`) before the host parses the recipe. An environment switch counts only where the host reads it
+(:func:`known`): ``USE_MEGATRON_BRIDGE`` is main's only.
 
 Checked on LLaMA-Factory 0.9.5 and main: ``_training_function`` hands an ``sft`` run to another workflow before its
 ``stage == "sft"`` branch under ``use_hyper_parallel``, ``use_mca`` and main's ``use_megatron_bridge``; ``use_kt`` and

@@ -94,6 +94,12 @@ def _int_env(name: str, default: int) -> int | None:
     return int(value) if value.isdigit() else None
 
 
+def _max_restarts() -> int:
+    """The restarts torchrun's agent is given: ``MAX_RESTARTS`` under ``RDZV_ID`` (the launcher's elastic torchrun),
+    else none (torchrun's default)."""
+    return (_int_env("MAX_RESTARTS", 0) or 0) if os.environ.get("RDZV_ID") is not None else 0
+
+
 def watched_ranks(run: Any, ranks: int) -> int:
     """Of a launch's ``ranks``, those starting a watchdog: all of a method's run unless ``<prefix>watchdog_timeout:
     0``; none for a host stage or a one-process method."""
@@ -120,12 +126,12 @@ def launch(original: Any) -> None:
             # checked here first, it is one line before any worker
             check_before_ranks(sys.argv)
         return original()
-    elastic.store_per_start()  # a restart's ranks must not read the previous start's store
     nodes = _int_env("NNODES", 1)
     # watched until the ranks start, on a port chosen now
     with launch_watch.watching(misc.find_available_port, nodes, _int_env("NODE_RANK", 0)) as start:
         launch_watch.check_master_address()
         run = check_before_ranks(sys.argv)
+        elastic.store_per_start(run is not None)  # a plugin stage's restarted ranks: not the last start's store
         if start is not None:
             per_node = int(os.environ.get("NPROC_PER_NODE") or misc.get_device_count())
             start.expect(watched_ranks(run, (nodes or 1) * per_node))
@@ -136,7 +142,7 @@ def launch(original: Any) -> None:
             os.environ["NPROC_PER_NODE"] = "1"
         try:
             # the ranks' notes folder, made here for the start watch to see a refusal (runtime/agent_notes.py)
-            with launch_signals.launching(), agent_notes.taking():
+            with launch_signals.launching(), agent_notes.taking(_max_restarts()):
                 return original()
         except subprocess.CalledProcessError as error:  # torchrun reported: its exit code, no traceback
             code = 1 if start is not None and start.ended else error.returncode

@@ -49,7 +49,7 @@ def short_report(error: BaseException) -> str:
 
 def say(report: str, env: Mapping[str, str] | None = None) -> None:
     """Leave ``report`` to this node's launcher, which prints it last; print it where no launcher takes it."""
-    if not agent_notes.note(agent_notes.REFUSAL, report, env):
+    if not agent_notes.note_refusal(report, env):
         print(report, end="", file=sys.stderr, flush=True)
 
 

@@ -1,10 +1,9 @@
 """A LoRA adapter saved and loaded whole under FSDP2 (``FULL_STATE_DICT``), for every stage.
 
 Before accelerate 1.15.0, ``save_fsdp_model`` / ``load_fsdp_model`` with ``adapter_only=True`` write rank 0's DTensor
-shard of each matrix and restore nothing on other ranks: a resumed LoRA run continues from another adapter
-(docs/configurations.md, N13). There this patch gets and sets the adapter with torch's gathered state dict functions,
-as the fix does. Applied right after ``accelerate.utils.fsdp_utils`` executes (its savers look the helpers up at call
-time).
+shard of each matrix and restore nothing on other ranks (docs/configurations.md, N13). There this patch gets and sets
+the adapter with torch's gathered state dict functions, as the fix does, right after ``accelerate.utils.fsdp_utils``
+executes (its savers look the helpers up at call time).
 
 The file holds whole tensors under PEFT's names (``...lora_A.weight``), as accelerate 1.11 names its shards: a reader
 without the plugin refuses it rather than reset the adapter; a file of rank 0's shards is refused here.

@@ -6,8 +6,7 @@ accelerate's ``fsdp2_prepare_model`` upcasts every non-float32 parameter to floa
 through ``Module._apply``, guarded for the call), then refuses what the forward would still convert
 (:func:`check_codes_reach_the_forward`, :func:`check_at_first_forward`).
 
-Applied right after ``accelerate.utils.fsdp_utils`` executes, before ``accelerate.utils`` and the Accelerator bind the
-function, on every accelerate with ``fsdp2_prepare_model``.
+Applied right after ``accelerate.utils.fsdp_utils`` executes, before the Accelerator binds the function.
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ from pathlib import Path
 NOTES_ENV = "LLAMAFACTORY_HERA_AGENT_NOTES"
 REFUSAL = "refusal"
 SAID = "refusal.said"  # the refusal once the launcher printed it
+START = "refusal.start"  # the start of the ranks (torchrun's restart count) that noted the refusal
 RECORD = "record"
 
 
@@ -43,8 +44,23 @@ def refused(env: Mapping[str, str] | None = None) -> bool:
     return bool(env.get(NOTES_ENV)) and ((folder / REFUSAL).is_file() or (folder / SAID).is_file())
 
 
-def say_refusal(folder: Path) -> bool:
-    """Print the refusal noted in ``folder`` (to stderr, where the ranks would have), once; False where none."""
+def note_refusal(report: str, env: Mapping[str, str] | None = None) -> bool:
+    """Note ``report`` as this start's refusal (:func:`note`): the start first, the refusal whole after it."""
+    env = os.environ if env is None else env
+    return note(START, env.get("TORCHELASTIC_RESTART_COUNT", "0"), env) and note(REFUSAL, report, env)
+
+
+def last_refusal(folder: Path, max_restarts: int) -> bool:
+    """Whether ``folder`` holds a refusal noted by the start after which the agent restarts no more (restart count
+    ``max_restarts``). One an earlier start noted does not end the job: the ranks restarted after it."""
+    return (folder / REFUSAL).is_file() and read(folder, START).strip() == str(max_restarts)
+
+
+def say_refusal(folder: Path, max_restarts: int) -> bool:
+    """Print the last start's refusal noted in ``folder`` (to stderr, where the ranks would have), once; False where
+    none (an earlier start's is not this failure's cause)."""
+    if not last_refusal(folder, max_restarts):
+        return False
     refusal = read(folder, REFUSAL)
     if refusal:
         print(refusal, end="", file=sys.stderr, flush=True)
@@ -61,10 +77,11 @@ def read(folder: Path, name: str) -> str:
 
 
 @contextlib.contextmanager
-def taking() -> Iterator[Path]:
+def taking(max_restarts: int | None = None) -> Iterator[Path]:
     """The notes folder of the ranks started in the block (their environment is this process's): the one this process
-    was started with (by ``llamafactory-cli``), else a fresh one, removed after the block, its refusal printed if no
-    launcher did."""
+    was started with (by ``llamafactory-cli``), else a fresh one, removed after the block. Given ``max_restarts``, a
+    block that raised (the launch failed) prints the last start's refusal if no launcher did; one that returned prints
+    nothing."""
     given = os.environ.get(NOTES_ENV)
     if given and Path(given).is_dir():
         yield Path(given)
@@ -73,10 +90,13 @@ def taking() -> Iterator[Path]:
     os.environ[NOTES_ENV] = str(folder)
     try:
         yield folder
+    except BaseException:
+        if max_restarts is not None:
+            say_refusal(folder, max_restarts)
+        raise
     finally:
         if given is None:
             os.environ.pop(NOTES_ENV, None)
         else:
             os.environ[NOTES_ENV] = given
-        say_refusal(folder)
         shutil.rmtree(folder, ignore_errors=True)

@@ -1,9 +1,9 @@
 """An elastic launch (``RDZV_ID``, ``MAX_RESTARTS``: LLaMA-Factory's launcher runs torchrun with a c10d rendezvous)
 gets a store of its own for each start of its ranks. Imports nothing heavy.
 
-Why (docs/multinode.md): torch's c10d rendezvous keeps the ranks' store across restarts, with no prefix per start, so
-a restarted rank may read the dead rank's gloo address ("Gloo connectFullMesh failed ... Connection refused"). With
-``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` (torch's own switch) rank 0 hosts a new store for each round.
+Why (docs/multinode.md): torch's c10d rendezvous keeps the ranks' store across restarts, so a restarted rank may read
+the dead rank's gloo address. ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` (torch's switch) gives each round a new store,
+at a cost (a port drawn then freed; the store ends with rank 0): set only for a plugin stage whose ranks can restart.
 """
 
 from __future__ import annotations
@@ -17,11 +17,24 @@ from .errors import RecipeError
 SWITCH = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"
 
 
-def store_per_start(env: MutableMapping[str, str] | None = None) -> None:
-    """Under ``RDZV_ID``, :data:`SWITCH` set to 1 for the torchrun started from here (unset); RecipeError where the
-    user set another value."""
+def restarts_possible(env: Mapping[str, str]) -> bool:
+    """Whether LLaMA-Factory's elastic launch can restart the ranks: ``MAX_RESTARTS`` > 0 (its launcher passes it to
+    torchrun's ``--max-restarts``, default 0) or an elastic node range (``MIN_NNODES`` < ``MAX_NNODES``: a node joining
+    restarts every rank without counting)."""
+    restarts = env.get("MAX_RESTARTS") or "0"
+    if restarts.isdigit() and int(restarts) > 0:
+        return True
+    lowest = env.get("MIN_NNODES")
+    highest = env.get("MAX_NNODES")
+    return lowest is not None and highest is not None and lowest != highest  # the launcher's range needs both
+
+
+def store_per_start(plugin_stage: bool, env: MutableMapping[str, str] | None = None) -> None:
+    """Under ``RDZV_ID`` with restarts possible, a plugin stage's torchrun (started from here) gets :data:`SWITCH` set
+    to 1 where unset; RecipeError where the user set another value. A host stage, or a launch that never restarts,
+    keeps torch's default (the host as without the plugin)."""
     env = os.environ if env is None else env
-    if env.get("RDZV_ID") is None:
+    if env.get("RDZV_ID") is None or not plugin_stage or not restarts_possible(env):
         return
     value = env.setdefault(SWITCH, "1")
     if value != "1":  # torch shares the store unless the value is exactly "1"

@@ -1,11 +1,10 @@
 """Whether the files a rank writes grow, as its watchdog's pulse sees them: a save that writes for longer than its
 bound still makes progress while its bytes arrive, and so does a download into the hub's cache.
 
-Two measures: this process's ``write_bytes`` (``/proc/self/io``), read at no cost to the file system; and a walk of
-the folder being written (``sections.writing``; in the final save, ``output_dir`` outside its checkpoints) for what
-bytes miss: files going (a rotation), a file system that charges no pages. The walk is each node's first rank's alone,
-in a thread of its own, at most :data:`WALKED` stats, and only where nothing else moves: at 4,096 ranks every rank
-walking a ZeRO-3 checkpoint of 8,000 files would ask a metadata server millions of stats a second.
+Two measures: this process's ``write_bytes`` (``/proc/self/io``), free to the file system; and a walk of the folder
+being written (``sections.writing``) for what bytes miss (a rotation's files going). Only each node's first rank walks,
+at most :data:`WALKED` stats, where nothing else moves: 4,096 ranks walking a ZeRO-3 checkpoint of 8,000 files would
+ask a metadata server millions of stats a second.
 """
 
 from __future__ import annotations

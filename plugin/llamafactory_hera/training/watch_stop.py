@@ -2,12 +2,9 @@
 rank that noted the signal says so in its beat; rank 0, which reads every beat, puts the step in its own; every rank
 reads it there, says in its own beat that it heard it, and ``training/checkpoints.py`` stops at it.
 
-The rank that noted it waits at its step's end until rank 0 has read that every rank heard the step. Meanwhile no rank
-passes the step after (a collective a step needs the waiting rank), and every rank knows the step before it ends the
-one after: the stop step can be the one rank 0 is in, at least the one after the noting rank's, and every rank stops
-at that one, however late its pulse thread reads (a stop step one rank misses hangs the others in the save's
-collectives). While a stop is being agreed, rank 0 and the rank that noted it read a tenth of a pulse apart: a few
-seconds' more store calls of two ranks, once.
+The rank that noted it waits at its step's end until rank 0 has read that every rank heard the step: no rank passes
+the step after, so every rank stops at the agreed one however late its pulse thread reads (a stop step one rank
+misses hangs the others in the save's collectives). Meanwhile rank 0 and the noting rank read a tenth of a pulse apart.
 """
 
 from __future__ import annotations
